@@ -1,0 +1,193 @@
+"""The ``lufreplay`` command line: doctor, record, info, simulate, report, workload, schema.
+
+Heavy modules are imported inside each command so ``lufreplay --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Record kernel memory-management events with eBPF and replay them through a model of LUF"
+    " (Lazy Unmap Flush) to count the TLB shootdowns it would save.",
+    rich_markup_mode="markdown",
+)
+
+#: The bundled sample trace that `simulate` and `report` use when no trace is given.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TRACE = REPO_ROOT / "traces" / "mmap-stream"
+
+
+def fail(msg: str, code: int = 1) -> typer.Exit:
+    """Print a one-line error on stderr and return the Exit to raise."""
+    typer.echo(f"lufreplay: error: {msg}", err=True)
+    return typer.Exit(code)
+
+
+def emit_json(doc: object) -> None:
+    typer.echo(json.dumps(doc, indent=1, sort_keys=False, default=str))
+
+
+@app.command()
+def doctor(
+    json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Probe this host: what `record` can capture, at which fidelity, and how to fix what is missing.
+
+    Every capability is found by trying it (load a program, attach a probe), never from version strings.
+    """
+    from lufreplay.capture.doctor import run_doctor
+
+    raise typer.Exit(run_doctor(json_out=json_out))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def record(
+    ctx: typer.Context,
+    output: Annotated[Path, typer.Option("-o", "--output", help="trace directory to create")] = Path("lufreplay.data"),
+    pid: Annotated[list[int] | None, typer.Option("-p", "--pid", help="attach to running process(es)")] = None,
+    cgroup: Annotated[Path | None, typer.Option("--cgroup", help="trace the processes of this cgroup")] = None,
+    all_cpus: Annotated[bool, typer.Option("-a", "--all", help="system-wide")] = False,
+    duration: Annotated[float | None, typer.Option("-d", "--duration", help="stop after SECONDS")] = None,
+    memory_limit: Annotated[
+        str | None, typer.Option("--memory-limit", help="run CMD in a memory cgroup limited to SIZE (e.g. 1G)")
+    ] = None,
+    workload: Annotated[
+        str | None, typer.Option("--workload", help="run a built-in workload (see `lufreplay workload --help`)")
+    ] = None,
+    buffer_size: Annotated[
+        str, typer.Option("--buffer-size", help="BPF ring buffer size (power of two, e.g. 64M)")
+    ] = "64M",
+    segment_seconds: Annotated[
+        float, typer.Option("--segment-seconds", help="rotate Parquet segments every N seconds")
+    ] = 2.0,
+    strict: Annotated[bool, typer.Option("--strict", help="exit non-zero if any event was lost")] = False,
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing output directory")] = False,
+    dump_bpf: Annotated[bool, typer.Option("--dump-bpf", hidden=True, help="print the BPF program and exit")] = False,
+) -> None:
+    """Record a workload's memory-management events into a trace directory (root).
+
+    Examples:
+
+        sudo lufreplay record -o T --memory-limit 1G -- ./my-inference-server --model m.gguf
+
+        sudo lufreplay record -o T -p 1234 -d 30
+
+        sudo lufreplay record -o T -a -d 10
+
+        sudo lufreplay record -o T --memory-limit 1G --workload mmap-stream
+    """
+    from lufreplay.capture.recorder import RecordOptions, run_record
+
+    opts = RecordOptions(
+        output=output,
+        command=list(ctx.args),
+        pids=list(pid or []),
+        cgroup=cgroup,
+        system_wide=all_cpus,
+        duration=duration,
+        memory_limit=memory_limit,
+        workload=workload,
+        buffer_size=buffer_size,
+        segment_seconds=segment_seconds,
+        strict=strict,
+        force=force,
+        dump_bpf=dump_bpf,
+    )
+    raise typer.Exit(run_record(opts))
+
+
+@app.command()
+def info(
+    trace: Annotated[Path, typer.Argument(help="trace directory")],
+    json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Show a trace's metadata, event counts, losses, and its reconciliation with the kernel's own counters."""
+    from lufreplay.trace.info import run_info
+
+    raise typer.Exit(run_info(trace, json_out=json_out))
+
+
+@app.command()
+def simulate(
+    trace: Annotated[Path, typer.Argument(help="trace directory (default: the bundled sample trace)")] = DEFAULT_TRACE,
+    model: Annotated[list[str] | None, typer.Option("-m", "--model", help="model(s) to run; default: all")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="model option NAME=VALUE (see --list-options)")
+    ] = None,
+    list_options: Annotated[
+        bool, typer.Option("--list-options", help="list every model option with its default and exit")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="write every flush decision as Parquet into DIR")] = None,
+) -> None:
+    """Replay a trace through vanilla, LUF v12, LUF v11, hold-before-free and oracle models; report shootdowns avoided.
+
+    Examples:
+
+        lufreplay simulate                         # the bundled sample trace
+
+        lufreplay simulate T --json | jq .models
+
+        lufreplay simulate T -m luf-v12 --set credit_natural_flushes=true --out decisions/
+    """
+    from lufreplay.report.simulate_cmd import run_simulate
+
+    raise typer.Exit(
+        run_simulate(trace, models=model, settings=set_ or [], list_options=list_options, json_out=json_out, out=out)
+    )
+
+
+@app.command()
+def report(
+    trace: Annotated[Path, typer.Argument(help="trace directory (default: the bundled sample trace)")] = DEFAULT_TRACE,
+    output: Annotated[Path, typer.Option("-o", "--output", help="directory for report.html and the PNGs")] = Path(
+        "lufreplay-report"
+    ),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="model option NAME=VALUE")] = None,
+) -> None:
+    """Write a self-contained HTML report (plus PNGs) of a simulation."""
+    from lufreplay.report.html import run_report
+
+    raise typer.Exit(run_report(trace, output, settings=set_ or []))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def workload(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="mmap-stream | anon-churn | cow-fork | mixed-file | compact")],
+) -> None:
+    """Run a built-in workload that reproduces a memory behaviour LUF cares about (`lufreplay workload NAME --help`)."""
+    from lufreplay.workloads import run_workload
+
+    raise typer.Exit(run_workload(name, list(ctx.args)))
+
+
+@app.command()
+def schema(markdown: Annotated[bool, typer.Option("--markdown", help="print docs/trace-format.md")] = False) -> None:
+    """Print the trace format (table, column, type) or its Markdown documentation."""
+    from lufreplay import schema as s
+
+    if markdown:
+        typer.echo(s.markdown())
+        return
+    for t in s.TABLES.values():
+        typer.echo(f"{t.name}: " + ", ".join(f"{f.name}:{f.type}" for f in t.schema))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("lufreplay: interrupted", err=True)
+        sys.exit(130)
+
+
+__all__ = ["DEFAULT_TRACE", "REPO_ROOT", "Optional", "app", "emit_json", "fail", "main"]
