@@ -1,0 +1,5 @@
+"""python -m lufreplay."""
+
+from lufreplay.cli import main
+
+main()
