@@ -1,0 +1,1 @@
+"""Recording: probes, ring-buffer transport, procfs/cgroup plumbing, host capability detection."""

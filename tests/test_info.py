@@ -1,0 +1,249 @@
+"""``lufreplay info`` on synthetic traces built with TraceWriter: counts, losses, reconciliation math, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from lufreplay import schema
+from lufreplay.trace.info import rel_error
+from lufreplay.trace.writer import TraceWriter, prepare_output
+
+START_NS, END_NS = 1_000_000_000, 3_000_000_000  # a 2 s window
+
+# Kernel counters at start and end of the window.
+TLB_START, TLB_END = [1000, 2000], [1100, 2250]  # deltas 100 and 250
+VMSTAT_START = {"pgalloc_normal": 5000, "pgalloc_dma32": 10, "pgfree": 7000, "pgsteal_anon": 0, "pgsteal_file": 300}
+VMSTAT_END = {"pgalloc_normal": 5900, "pgalloc_dma32": 110, "pgfree": 8000, "pgsteal_anon": 20, "pgsteal_file": 700}
+# pgsteal_kswapd/direct stay 0: memcg reclaim counts in neither, so info must use anon + file.
+for d in (VMSTAT_START, VMSTAT_END):
+    d.update(pgsteal_kswapd=0, pgsteal_direct=0)
+RECORDER_END = {"pages_allocated": 990, "pages_freed": 1010}
+
+
+def _counters(phase: int, ts: int, tlb: list[int], vm: dict[str, int], rec: dict[str, int]) -> pa.Table:
+    names = ["TLB", "TLB", "CAL", "CAL", *vm, *rec]
+    cpus = [0, 1, 0, 1] + [-1] * (len(vm) + len(rec))
+    values = [*tlb, 5, 6, *vm.values(), *rec.values()]
+    src = [0] * 4 + [1] * len(vm) + [3] * len(rec)
+    n = len(names)
+    return schema.from_columns(
+        "counters",
+        {"ts_ns": [ts] * n, "phase": [phase] * n, "source": src, "name": names, "cpu": cpus, "value": values},
+    )
+
+
+def _task(n: int, ts0: int, cpu: list[int] | None = None) -> dict[str, list[int]]:
+    return {
+        "ts_ns": [ts0 + i for i in range(n)],
+        "cpu": cpu if cpu is not None else [0] * n,
+        "pid": [42] * n,
+        "tgid": [42] * n,
+    }
+
+
+def _shootdowns(targets: list[int], ts0: int) -> pa.Table:
+    n = len(targets)
+    # Rows on one source CPU, time-ordered: the target alternates.
+    return schema.from_columns(
+        "shootdown", {**_task(n, ts0), "target_cpu": targets, "callsite": ["arch_tlbbatch_flush+0x1"] * n}
+    )
+
+
+def _reclaim(events: list[int], reclaimed: list[int], ts0: int) -> pa.Table:
+    n = len(events)
+    neg = [-1] * n
+    zero = [0] * n
+    return schema.from_columns(
+        "reclaim",
+        {
+            **_task(n, ts0),
+            "event": events,
+            "nid": neg,
+            "order": neg,
+            "gfp_flags": zero,
+            "nr_scanned": reclaimed,
+            "nr_reclaimed": reclaimed,
+            "nr_unmap_fail": zero,
+            "nr_ref_keep": zero,
+            "nr_dirty": zero,
+            "reclaim_flags": zero,
+            "pfn": neg,
+        },
+    )
+
+
+def _losses(rows: list[tuple[int, str, int, int]]) -> pa.Table:
+    return schema.from_columns(
+        "losses",
+        {
+            "ts_start_ns": [START_NS] * len(rows),
+            "ts_end_ns": [END_NS] * len(rows),
+            "cpu": [r[0] for r in rows],
+            "probe": [r[1] for r in rows],
+            "source": [r[2] for r in rows],
+            "lost": [r[3] for r in rows],
+        },
+    )
+
+
+def make_trace(path: Path, losses: list[tuple[int, str, int, int]] | None = None) -> Path:
+    """Two segments; shootdowns 98 to CPU0 and 252 to CPU1 (vs TLB deltas 100 and 250)."""
+    prepare_output(path, force=False)
+    w = TraceWriter(path, {"run_id": "synthetic", "host": {"nr_cpus": 2, "hostname": "h"}})
+    w.add("counters", _counters(0, START_NS, TLB_START, VMSTAT_START, {}))
+    w.add("shootdown", _shootdowns([0] * 50 + [1] * 100, START_NS + 10))
+    w.add("reclaim", _reclaim([2, 10, 10, 3, 11], [0, 200, 150, 210, 50], START_NS + 20))
+    w.rotate()
+    w.add("shootdown", _shootdowns([0] * 48 + [1] * 152, START_NS + 500))
+    w.add("reclaim", _reclaim([10, 0, 1], [30, 0, 999], START_NS + 600))  # direct_end's nr_reclaimed not summed
+    if losses:
+        w.add("losses", _losses(losses))
+    w.add("counters", _counters(1, END_NS, TLB_END, VMSTAT_END, RECORDER_END))
+    w.close()
+    return path
+
+
+def run_info(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lufreplay", "info", *args], capture_output=True, text=True)
+
+
+def test_info_json_reconciliation_math(tmp_path: Path) -> None:
+    p = make_trace(tmp_path / "t")
+    r = run_info(str(p), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert set(doc) == {"meta", "counts", "losses", "reconciliation"}
+    assert doc["meta"]["run_id"] == "synthetic"
+
+    tlb = doc["reconciliation"]["tlb_shootdowns"]
+    assert tlb["recorded"] == [98, 252]
+    assert tlb["proc_interrupts"] == [100, 250]
+    assert tlb["rel_error"] == pytest.approx([-2 / 100, 2 / 250])
+    assert tlb["max_rel_error"] == pytest.approx(0.02)
+
+    pages = doc["reconciliation"]["pages"]
+    assert pages["allocated"]["vmstat"] == (5900 - 5000) + (110 - 10)
+    assert pages["allocated"]["recorded"] == 990
+    assert pages["allocated"]["rel_error"] == pytest.approx((990 - 1000) / 1000)
+    assert pages["freed"]["vmstat"] == 1000
+    assert pages["freed"]["rel_error"] == pytest.approx(10 / 1000)
+
+    rec = doc["reconciliation"]["reclaim"]
+    assert rec["recorded"] == 200 + 150 + 50 + 30  # shrink_inactive + reclaim_pages only
+    assert rec["vmstat"] == 20 + 400  # pgsteal_anon + pgsteal_file deltas
+    assert rec["rel_error"] == pytest.approx((430 - 420) / 420)
+    assert doc["reconciliation"]["window_ns"] == END_NS - START_NS
+
+    c = doc["counts"]
+    assert c["shootdown"]["rows"] == 350
+    assert c["reclaim"]["by_event"] == {"shrink_inactive": 3, "memcg_begin": 1, "memcg_end": 1,
+                                        "reclaim_pages": 1, "direct_begin": 1, "direct_end": 1}  # fmt: skip
+    assert c["counters"]["by_phase"] == {"start": 4 + len(VMSTAT_START), "end": 4 + len(VMSTAT_END) + 2}
+    assert c["_total"]["kernel_events"] == 350 + 8
+    assert c["_total"]["events_per_s"] == pytest.approx(358 / 2.0)
+    assert doc["losses"]["total"] == 0 and doc["losses"]["warning"] is None
+
+
+def test_info_losses_warn_and_shout(tmp_path: Path) -> None:
+    small = make_trace(tmp_path / "small", losses=[(0, "shootdown", 0, 2), (1, "tlb_flush", 1, 1)])
+    doc = json.loads(run_info(str(small), "--json").stdout)
+    lo = doc["losses"]
+    assert lo["total"] == 3
+    assert lo["by_probe"] == {"shootdown": 2, "tlb_flush": 1}
+    assert lo["by_cpu"] == {"0": 2, "1": 1}
+    assert lo["by_source"] == {"ringbuf_reserve": 2, "recursion_miss": 1}
+    assert lo["fraction"] == pytest.approx(3 / (358 + 3))
+    assert lo["warning"].startswith("3 events lost")
+
+    big = make_trace(tmp_path / "big", losses=[(0, "page", 0, 100)])
+    r = run_info(str(big))
+    assert r.returncode == 0
+    assert "HEAVY LOSS" in r.stdout and "100 events lost" in r.stdout
+
+
+def test_info_human_output(tmp_path: Path) -> None:
+    p = make_trace(tmp_path / "t")
+    r = run_info(str(p))
+    assert r.returncode == 0, r.stderr
+    assert "remote shootdowns CPU1" in r.stdout
+    assert "+0.80%" in r.stdout and "-2.00%" in r.stdout  # per-CPU rel. errors of the TLB rows
+    assert "losses: none" in r.stdout
+
+
+def test_info_unfinished_trace_has_no_reference(tmp_path: Path) -> None:
+    """A recorder killed before its end snapshot: counts still shown, reconciliation says why it is empty."""
+    p = tmp_path / "t"
+    prepare_output(p, force=False)
+    w = TraceWriter(p, {"run_id": "killed"})
+    w.add("counters", _counters(0, START_NS, TLB_START, VMSTAT_START, {}))
+    w.add("shootdown", _shootdowns([0, 1, 1], START_NS))
+    w.rotate()  # no close(): no end snapshot
+    doc = json.loads(run_info(str(p), "--json").stdout)
+    tlb = doc["reconciliation"]["tlb_shootdowns"]
+    assert tlb["recorded"] == [1, 2] and tlb["proc_interrupts"] is None
+    assert "did not finish" in tlb["note"]
+    assert doc["reconciliation"]["pages"]["freed"]["rel_error"] is None
+
+
+@pytest.mark.parametrize("damage", ["no_meta_dir", "bad_json", "truncated_segment", "missing_dir", "wrong_version"])
+def test_info_malformed_trace(tmp_path: Path, damage: str) -> None:
+    p = make_trace(tmp_path / "t")
+    if damage == "no_meta_dir":
+        p = tmp_path / "empty"
+        p.mkdir()
+    elif damage == "bad_json":
+        (p / schema.META_FILE).write_text("{not json")
+    elif damage == "truncated_segment":
+        f = p / "shootdown" / schema.segment_name(0)
+        f.write_bytes(f.read_bytes()[:100])
+    elif damage == "missing_dir":
+        p = tmp_path / "nope"
+    elif damage == "wrong_version":
+        meta = json.loads((p / schema.META_FILE).read_text())
+        meta["format_version"] = 999
+        (p / schema.META_FILE).write_text(json.dumps(meta))
+    r = run_info(str(p), "--json")
+    assert r.returncode == 2
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lufreplay: error: "), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_rel_error_definition() -> None:
+    assert rel_error(98, 100) == pytest.approx(-0.02)
+    assert rel_error(5, 0) == 5.0  # denominator at least 1: finite, and loud
+    assert rel_error(0, 0) == 0.0
+    assert np.isfinite(rel_error(1, 0))
+
+
+@pytest.mark.bpf
+def test_info_reconciles_a_real_recording(tmp_path: Path) -> None:
+    """Record a short memcg-reclaim workload for real; the recorded counts match the kernel's counters."""
+    out = tmp_path / "rec"
+    r = subprocess.run(
+        [sys.executable, "-m", "lufreplay", "record", "-o", str(out), "--memory-limit", "128M",
+         "--workload", "mmap-stream", "--", "--file-size", "384M", "--sparse", "--duration", "2",
+         "--dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = run_info(str(out), "--json")
+    assert info.returncode == 0, info.stderr
+    doc = json.loads(info.stdout)
+    rec = doc["reconciliation"]
+    tlb = rec["tlb_shootdowns"]
+    assert len(tlb["recorded"]) == len(tlb["proc_interrupts"]) == doc["meta"]["host"]["nr_cpus"]
+    assert sum(tlb["proc_interrupts"]) > 0  # reclaim under the limit really shot down TLBs
+    assert tlb["max_rel_error"] <= 0.01
+    assert abs(rec["reclaim"]["rel_error"]) <= 0.02 and rec["reclaim"]["vmstat"] > 0
+    assert abs(rec["pages"]["allocated"]["rel_error"]) <= 0.02
+    assert abs(rec["pages"]["freed"]["rel_error"]) <= 0.02
+    assert doc["counts"]["_total"]["kernel_events"] > 0
