@@ -296,7 +296,7 @@ def _table(name: str, doc: str, *cols: Column, source: str = "kernel", task: boo
 
 TLB_FLUSH = _table(
     "tlb_flush",
-    "Sender-side and local TLB flushes (tlb:tlb_flush). Receiving-side reasons 1 and 5 are lossy (IRQ context, BPF recursion) and are kept for latency only.",
+    "Sender-side and local TLB flushes (tlb:tlb_flush). Receiving-side reasons 1 and 5 (IRQ context, lossy by design and under BPF recursion) are not recorded; the shootdown table is the remote count.",
     _c("reason", pa.uint8(), "tlb_flush_reason", enum=TLB_FLUSH_REASON),
     _c("pages", pa.int64(), "pages flushed; -1 = TLB_FLUSH_ALL", "pages"),
 )

@@ -92,7 +92,10 @@ class TraceWriter:
                 table = table.sort_by(t.sort_by)
             table = table.replace_schema_metadata({**(table.schema.metadata or {}), schema.META_KEY: meta_bytes})
             f = self.path / name / schema.segment_name(self.segment)
-            fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            # Write under a hidden temporary name and rename when the footer is on disk, so a crash never
+            # leaves a truncated part-*.parquet behind.
+            tmp = f.with_name(f".{f.name}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as fh:
                 pq.write_table(
                     table,
@@ -102,6 +105,7 @@ class TraceWriter:
                     sorting_columns=[pq.SortingColumn(table.schema.get_field_index(t.sort_by))],
                     write_page_index=True,
                 )
+            os.replace(tmp, f)
             self.bytes_written += f.stat().st_size
             self.rows[name] += table.num_rows
         self.segment += 1

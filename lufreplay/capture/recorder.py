@@ -1,0 +1,800 @@
+"""``lufreplay record``: load the probes, run or attach to the workload, stream the ring into Parquet.
+
+Threads: the main thread polls the ring buffer every ~25 ms (one bulk copy per poll, no callback per
+event), reads loss counters every second and takes maps snapshots; a writer thread cuts the raw stream
+into time segments, decodes each segment in bulk and writes it through TraceWriter.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import resource
+import shutil
+import signal
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+import lufreplay
+from lufreplay import schema
+from lufreplay.capture import decode, probes
+from lufreplay.capture.ringbuf import RingConsumer
+
+POLL_S = 0.025
+LOSS_READ_S = 1.0
+MAPS_MIN_INTERVAL_S = 0.1
+#: Events newer than (segment end - margin) wait for the next segment: per-CPU ring reservations race
+#: by microseconds, so a segment is cut only once the ring has been drained past its end plus this.
+HOLD_BACK_NS = 50_000_000
+PF_KTHREAD = 0x00200000
+MAPPING_SYSCALLS = (0, 1, 2, 3, 4)  # mmap, munmap, mprotect, madvise, mremap
+#: The program whose recursion misses lose no recorded row (see probes/lufreplay.bpf.c).
+IGNORED_MISS_SUFFIX = "tlb_flush"
+
+
+class RecordError(Exception):
+    """A one-line, user-facing reason why recording cannot start or finish."""
+
+    def __init__(self, msg: str, code: int = 1) -> None:
+        super().__init__(msg)
+        self.code = code
+
+
+@dataclass
+class RecordOptions:
+    """What ``lufreplay record`` was asked to do (built by cli.record)."""
+
+    output: Path = Path("lufreplay.data")
+    command: list[str] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)
+    cgroup: Path | None = None
+    system_wide: bool = False
+    duration: float | None = None
+    memory_limit: str | None = None
+    workload: str | None = None
+    buffer_size: str = "64M"
+    segment_seconds: float = 2.0
+    strict: bool = False
+    force: bool = False
+    dump_bpf: bool = False
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _monotonic_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def parse_buffer_size(text: str) -> int:
+    """--buffer-size → bytes; a power of two of at least one page."""
+    from lufreplay.capture.cgroup import parse_size
+
+    try:
+        n = parse_size(text)
+    except ValueError as e:
+        raise RecordError(f"--buffer-size: {e}") from None
+    page = os.sysconf("SC_PAGE_SIZE")
+    if n < page or n & (n - 1):
+        raise RecordError(f"--buffer-size must be a power of two of at least {page} bytes, not {text!r}")
+    return n
+
+
+class KthreadCache:
+    """pid → "is a kernel thread" (PF_KTHREAD in /proc/PID/stat), cached; pid 0 (idle) counts as one."""
+
+    def __init__(self) -> None:
+        self._known: dict[int, bool] = {0: True}
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                self.lookup(int(d.name))
+
+    def lookup(self, pid: int) -> bool:
+        v = self._known.get(pid)
+        if v is None:
+            v = False
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                # Field 9 (flags) follows the parenthesised comm, which may itself hold spaces.
+                v = bool(int(stat.rsplit(")", 1)[1].split()[6]) & PF_KTHREAD)
+            except (OSError, IndexError, ValueError):
+                pass  # exited before we looked: a user task is by far the likelier case
+            self._known[pid] = v
+        return v
+
+    def __call__(self, pids: np.ndarray) -> np.ndarray:
+        uniq, inv = np.unique(pids, return_inverse=True)
+        vals = np.array([self.lookup(int(p)) for p in uniq.tolist()], dtype=bool)
+        return vals[inv.reshape(-1)]
+
+
+def _recorder_usage() -> dict[str, int]:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {"recorder_cpu_ns": int((ru.ru_utime + ru.ru_stime) * 1e9), "recorder_max_rss_kb": int(ru.ru_maxrss)}
+
+
+def recorder_counter_rows(phase: int, ts_ns: int, values: dict[str, int]) -> pa.Table:
+    """``counters`` rows with source=recorder."""
+    n = len(values)
+    return schema.from_columns(
+        "counters",
+        {
+            "ts_ns": np.full(n, ts_ns, dtype=np.int64),
+            "phase": np.full(n, phase, dtype=np.uint8),
+            "source": np.full(n, 3, dtype=np.uint8),
+            "name": list(values),
+            "cpu": np.full(n, -1, dtype=np.int16),
+            "value": np.asarray(list(values.values()), dtype=np.int64),
+        },
+    )
+
+
+def loss_rows(rows: list[tuple[int, int, int, str, int, int]]) -> pa.Table:
+    """(ts_start, ts_end, cpu, probe, source, lost) tuples → ``losses`` table."""
+    cols = list(zip(*rows, strict=True)) if rows else [[]] * 6
+    return schema.from_columns(
+        "losses",
+        {
+            "ts_start_ns": np.asarray(cols[0], dtype=np.int64),
+            "ts_end_ns": np.asarray(cols[1], dtype=np.int64),
+            "cpu": np.asarray(cols[2], dtype=np.int16),
+            "probe": list(cols[3]),
+            "source": np.asarray(cols[4], dtype=np.uint8),
+            "lost": np.asarray(cols[5], dtype=np.int64),
+        },
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The spawned command
+# --------------------------------------------------------------------------------------------------
+
+
+class Child:
+    """A command forked now but held before exec until the probes are attached and it is in its cgroup."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        go_r, self._go_w = os.pipe()
+        self._err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover - child
+            try:
+                os.close(self._go_w)
+                os.close(self._err_r)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                os.read(go_r, 1)
+                os.close(go_r)
+                os.execvp(argv[0], argv)
+            except BaseException as e:
+                try:
+                    os.write(err_w, f"{argv[0]}: {getattr(e, 'strerror', None) or e}".encode())
+                finally:
+                    os._exit(127)
+        os.close(go_r)
+        os.close(err_w)
+        self.started_ns = 0
+        self.status: int | None = None
+        self.ended_ns = 0
+
+    def release(self) -> None:
+        """Let the child exec; raise RecordError if exec fails."""
+        self.started_ns = _monotonic_ns()
+        os.write(self._go_w, b"x")
+        os.close(self._go_w)
+        msg = b""
+        while chunk := os.read(self._err_r, 4096):  # EOF at exec (CLOEXEC) or after the error text
+            msg += chunk
+        os.close(self._err_r)
+        if msg:
+            self.wait(block=True)
+            raise RecordError(f"cannot start command: {msg.decode(errors='replace')}", code=127)
+
+    def poll(self) -> bool:
+        """True once the child has exited."""
+        return self.wait(block=False)
+
+    def wait(self, block: bool) -> bool:
+        if self.status is not None:
+            return True
+        try:
+            pid, st = os.waitpid(self.pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            self.status, self.ended_ns = -1, _monotonic_ns()
+            return True
+        if pid == 0:
+            return False
+        self.ended_ns = _monotonic_ns()
+        self.status = os.waitstatus_to_exitcode(st)
+        return True
+
+    def terminate(self, grace_s: float = 2.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace_s``; reaps the child."""
+        if self.poll():
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline:
+                if self.poll():
+                    return
+                time.sleep(0.02)
+        self.wait(block=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The writer thread
+# --------------------------------------------------------------------------------------------------
+
+
+class SegmentWriter(threading.Thread):
+    """Receives raw record arrays and user tables; cuts, decodes and writes one segment per time window."""
+
+    def __init__(self, writer: Any, ctx: decode.DecodeContext, start_ns: int, segment_ns: int) -> None:
+        super().__init__(name="lufreplay-writer", daemon=True)
+        self.writer = writer
+        self.ctx = ctx
+        self.seg_end = start_ns + segment_ns
+        self.segment_ns = segment_ns
+        self.q: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self.pending: list[np.ndarray] = []
+        self.error: BaseException | None = None
+        self.events = 0
+        self.unknown = 0
+
+    def put_raw(self, recs: np.ndarray, drained_ns: int) -> None:
+        self.q.put(("raw", recs, drained_ns))
+
+    def put_table(self, name: str, table: pa.Table) -> None:
+        self.q.put(("table", name, table))
+
+    def finish(self) -> None:
+        self.q.put(("finish",))
+
+    def _emit(self, recs: np.ndarray) -> None:
+        self.unknown += decode.unknown_kinds(recs)
+        for name, table in decode.decode(recs, self.ctx).items():
+            self.writer.add(name, table)
+        self.events += len(recs)
+
+    def _cut(self, cut_ns: int | None) -> None:
+        allr = np.concatenate(self.pending) if len(self.pending) > 1 else (self.pending[0] if self.pending else None)
+        if allr is None or len(allr) == 0:
+            self.pending = []
+            return
+        if cut_ns is None:
+            self._emit(allr)
+            self.pending = []
+            return
+        mask = allr["ts"] < np.uint64(cut_ns)
+        self._emit(allr[mask])
+        rest = allr[~mask]
+        self.pending = [rest] if len(rest) else []
+
+    def run(self) -> None:
+        try:
+            while True:
+                msg = self.q.get()
+                if msg[0] == "raw":
+                    _, recs, drained = msg
+                    if len(recs):
+                        self.pending.append(recs)
+                    while drained >= self.seg_end + HOLD_BACK_NS:
+                        self._cut(self.seg_end)
+                        self.writer.rotate()
+                        self.seg_end += self.segment_ns
+                elif msg[0] == "table":
+                    self.writer.add(msg[1], msg[2])
+                else:
+                    self._cut(None)
+                    return
+        except BaseException as e:  # ENOSPC and friends: the main thread stops and reports
+            self.error = e
+
+
+# --------------------------------------------------------------------------------------------------
+# Progress line
+# --------------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """One transient status line on stderr (only on a TTY)."""
+
+    def __init__(self) -> None:
+        self.live = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.live import Live
+
+            self.live = Live("", console=Console(stderr=True), transient=True, refresh_per_second=4)
+            self.live.start()
+        self._last_t = time.monotonic()
+        self._last_n = 0
+        self.rate = 0.0
+
+    def update(self, elapsed: float, events: int, mb: float, lost: int) -> None:
+        now = time.monotonic()
+        if now - self._last_t >= 1.0:
+            self.rate = (events - self._last_n) / (now - self._last_t)
+            self._last_t, self._last_n = now, events
+        if self.live is not None:
+            self.live.update(
+                f"recording {elapsed:6.1f} s  {self.rate / 1000:8.1f} k events/s  {events:>11,} events"
+                f"  {mb:8.1f} MB written  {lost:,} lost"
+            )
+
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+
+# --------------------------------------------------------------------------------------------------
+# run_record
+# --------------------------------------------------------------------------------------------------
+
+
+def run_record(opts: RecordOptions) -> int:
+    """Entry point of ``lufreplay record``; returns the exit code."""
+    from lufreplay.cli import fail
+
+    try:
+        return Recorder(opts).run()
+    except RecordError as e:
+        raise fail(str(e), e.code) from None
+
+
+class Recorder:
+    """One recording session."""
+
+    def __init__(self, opts: RecordOptions) -> None:
+        self.opts = opts
+        self.stop_event = threading.Event()
+        self.stop_reason = ""
+        self.sigints = 0
+        self.child: Child | None = None
+        self.cgroup: Any = None
+        self.prog: probes.LoadedProgram | None = None
+        self.writer: Any = None
+        self.seg: SegmentWriter | None = None
+        self.loss_rows: list[tuple[int, int, int, str, int, int]] = []
+        self.maps_snapshot = 0
+        self.maps_last: dict[int, float] = {}
+        self.maps_dirty: set[int] = set()
+
+    # ---- validation -------------------------------------------------------------------------------
+
+    def _command(self) -> list[str]:
+        o = self.opts
+        if o.workload:
+            return [sys.executable, "-m", "lufreplay", "workload", o.workload, *o.command]
+        return list(o.command)
+
+    def _mode(self) -> str:
+        o = self.opts
+        cmd = bool(o.command or o.workload)
+        chosen = [m for m, on in (("command", cmd), ("pid", bool(o.pids)), ("cgroup", o.cgroup is not None)) if on]
+        if o.system_wide:
+            chosen.append("system")
+        if len(chosen) > 1:
+            raise RecordError("give only one of: -- CMD / --workload, -p PID, --cgroup PATH, -a")
+        if not chosen:
+            raise RecordError("nothing to record: give -- CMD, --workload NAME, -p PID, --cgroup PATH or -a")
+        if o.memory_limit and chosen[0] != "command":
+            raise RecordError("--memory-limit needs a command to run (-- CMD or --workload)")
+        if o.duration is not None and o.duration <= 0:
+            raise RecordError(f"-d/--duration must be positive, not {o.duration}")
+        if o.segment_seconds <= 0:
+            raise RecordError(f"--segment-seconds must be positive, not {o.segment_seconds}")
+        return chosen[0]
+
+    def _flush_func(self) -> int:
+        from lufreplay.capture.procfs import Symbols
+
+        name = probes.FLUSH_FUNC.get(os.uname().machine, "flush_tlb_func")
+        try:
+            return Symbols().address(name)
+        except (KeyError, OSError) as e:
+            raise RecordError(f"cannot find the TLB flush function: {e}") from None
+
+    # ---- main -----------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        o = self.opts
+        rb_bytes = parse_buffer_size(o.buffer_size)
+        if o.dump_bpf:
+            build = probes.BuildOptions(rb_bytes=rb_bytes, filter_tgid=not o.system_wide)
+            try:
+                build.flush_tlb_func = self._flush_func()
+            except RecordError:
+                build.flush_tlb_func = 0  # not root: the address is hidden; the rest of the program is the same
+            sys.stdout.write(probes.program_text(build))
+            return 0
+        mode = self._mode()
+        build = probes.BuildOptions(rb_bytes=rb_bytes, filter_tgid=(mode != "system"))
+        if os.geteuid() != 0:
+            raise RecordError("recording needs root (BPF and tracefs); run with sudo")
+        from lufreplay.capture import features
+
+        if features.tracefs_path() is None:
+            raise RecordError("tracefs is not mounted and could not be mounted at /sys/kernel/tracing")
+        try:
+            probes.import_bcc()
+        except probes.ProbeError as e:
+            raise RecordError(str(e)) from None
+        argv = self._command()
+        target_pids: list[int] = []
+        cgroup_path: Path | None = None
+        if mode == "command":
+            if not argv:
+                raise RecordError("empty command")
+            if shutil.which(argv[0]) is None:
+                raise RecordError(f"cannot start command: {argv[0]}: command not found", code=127)
+        elif mode == "pid":
+            for p in o.pids:
+                if p <= 0 or not Path(f"/proc/{p}").is_dir():
+                    raise RecordError(f"-p {p}: no such process")
+            target_pids = sorted(set(o.pids))
+        elif mode == "cgroup":
+            from lufreplay.capture.cgroup import CgroupError, cgroup_pids, resolve_cgroup
+
+            try:
+                cgroup_path = resolve_cgroup(o.cgroup)  # type: ignore[arg-type]
+                target_pids = cgroup_pids(cgroup_path)
+            except CgroupError as e:
+                raise RecordError(str(e)) from None
+        limit = None
+        if o.memory_limit:
+            from lufreplay.capture.cgroup import parse_size
+
+            try:
+                limit = parse_size(o.memory_limit)
+            except ValueError as e:
+                raise RecordError(f"--memory-limit: {e}") from None
+
+        from lufreplay.trace.writer import TraceExistsError, prepare_output
+
+        try:
+            prepare_output(o.output, o.force)
+        except TraceExistsError as e:
+            raise RecordError(str(e)) from None
+        except OSError as e:
+            raise RecordError(f"{o.output}: cannot create ({e.strerror})") from None
+
+        build.flush_tlb_func = self._flush_func()
+        old_int = signal.signal(signal.SIGINT, self._on_sigint)
+        old_term = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            return self._record(mode, argv, target_pids, cgroup_path, limit, build)
+        except KeyboardInterrupt:
+            self._abort()
+            sys.stderr.write("lufreplay: aborted; completed segments are kept\n")
+            return 130
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.sigints += 1
+        if self.sigints >= 2:
+            raise KeyboardInterrupt
+        self.stop_reason = self.stop_reason or "interrupted"
+        self.stop_event.set()
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.stop_reason = self.stop_reason or "terminated"
+        self.stop_event.set()
+
+    def _abort(self) -> None:
+        if self.prog is not None:
+            try:
+                self.prog.set_state(2)
+            except Exception:
+                pass
+        if self.child is not None:
+            self.child.terminate(grace_s=0.5)
+        if self.cgroup is not None:
+            try:
+                self.cgroup.close()
+            except Exception:
+                pass
+
+    def _record(
+        self,
+        mode: str,
+        argv: list[str],
+        target_pids: list[int],
+        cgroup_path: Path | None,
+        limit: int | None,
+        build: probes.BuildOptions,
+    ) -> int:
+        from lufreplay.capture import features, procfs
+        from lufreplay.capture.cgroup import CgroupError, MemoryCgroup
+        from lufreplay.trace.writer import TraceWriter
+
+        o = self.opts
+        t_load = time.monotonic()
+        try:
+            self.prog = probes.load(build)
+        except probes.ProbeError as e:
+            raise RecordError(str(e)) from None
+        load_s = time.monotonic() - t_load
+        prog = self.prog
+        try:
+            if mode == "command":
+                self.child = Child(argv)
+                target_pids = [self.child.pid]
+                if limit is not None:
+                    try:
+                        self.cgroup = MemoryCgroup.create(limit, name=f"lufreplay-rec-{os.getpid()}")
+                        self.cgroup.add(self.child.pid)
+                    except CgroupError as e:
+                        raise RecordError(str(e)) from None
+            if mode != "system":
+                prog.add_targets(target_pids)
+
+            cal = build.calibration
+            sym = procfs.Symbols()
+            ctx = decode.DecodeContext(resolve=sym.resolve, calibration=cal, is_kthread=KthreadCache())
+            formats = {tp: features.tracepoint_format(tp) for tp in probes.TRACEPOINTS}
+            meta: dict[str, Any] = {
+                "tool": "lufreplay",
+                "tool_version": lufreplay.__version__,
+                "run_id": str(uuid.uuid4()),
+                "created": datetime.now(timezone.utc).isoformat(),
+                "host": procfs.host_facts(),
+                "clock": procfs.clock_anchor(),
+                "command_line": list(sys.argv),
+                "target": {
+                    "mode": mode,
+                    "command": argv if mode == "command" else None,
+                    "workload": o.workload,
+                    "pids": target_pids,
+                    "cgroup": str(cgroup_path or (self.cgroup.path if self.cgroup else "")) or None,
+                    "memory_limit": limit,
+                    "memory_cgroup_version": self.cgroup.version if self.cgroup else None,
+                },
+                "probes": probes.probes_meta(build.raw_ipi),
+                "tracepoint_formats": formats,
+                "enums": {
+                    "tlb_flush_reason": schema.TLB_FLUSH_REASON,
+                    **{f"{t.name}.{c.name}": c.enum for t in schema.TABLES.values() for c in t.enum_columns},
+                },
+                "raw_kinds": schema.RAW_KIND,
+                "migration_decode": cal,
+                "flush_function": {"name": probes.FLUSH_FUNC.get(os.uname().machine), "compiled_in": True},
+                "buffer_size": build.rb_bytes,
+                "segment_seconds": o.segment_seconds,
+                "bpf_load_s": round(load_s, 3),
+                "complete": False,
+            }
+            self.writer = TraceWriter(o.output, meta)
+            consumer = RingConsumer(prog.ring_fd(), build.rb_bytes)
+
+            # Open the window: probes on, then the start snapshot right away (the end mirrors this).
+            prog.set_state(1)
+            start_ns = _monotonic_ns()
+            start_counters = procfs.counter_rows(0, start_ns)
+            misses0 = prog.recursion_misses()
+            self.seg = SegmentWriter(self.writer, ctx, start_ns, int(o.segment_seconds * 1e9))
+            self.seg.start()
+            self.seg.put_table("counters", start_counters)
+            self.seg.put_table("counters", recorder_counter_rows(0, start_ns, _recorder_usage()))
+            for pid in target_pids:
+                self._snapshot_maps(pid)
+            if self.child is not None:
+                self.child.release()
+
+            self._loop(consumer, start_ns, target_pids, mode)
+
+            # Close the window: stop flag first, then the counters at once.
+            prog.set_state(2)
+            end_ns = _monotonic_ns()
+            end_counters = procfs.counter_rows(1, end_ns)
+            extra = {**prog.totals(), **_recorder_usage()}
+            misses1 = prog.recursion_misses()
+            self.seg.put_table("counters", end_counters)
+            self.seg.put_table("counters", recorder_counter_rows(1, end_ns, extra))
+            time.sleep(0.01)  # let programs that passed the state check before the flip commit their records
+            self.seg.put_raw(consumer.drain(), end_ns)
+            self._read_losses(end_ns)
+            ignored: dict[str, int] = {}
+            for name, m in misses1.items():
+                d = m - misses0.get(name, 0)
+                if d <= 0:
+                    continue
+                if name.endswith(IGNORED_MISS_SUFFIX):
+                    ignored[name] = d  # nested = receiving-side flushes, which are not recorded anyway
+                else:
+                    self.loss_rows.append((start_ns, end_ns, -1, name, 1, d))
+            if self.loss_rows:
+                self.seg.put_table("losses", loss_rows(self.loss_rows))
+            for pid in sorted(set(target_pids) | set(prog.targets() if mode != "system" else [])):
+                self._snapshot_maps(pid, force=True)
+            if self.child is not None:
+                if not self.child.poll():
+                    self.child.terminate()
+            self.seg.finish()
+            self.seg.join()
+            consumer.close()
+
+            by_probe: dict[str, int] = {}
+            for r in self.loss_rows:
+                by_probe[r[3]] = by_probe.get(r[3], 0) + r[5]
+            total_lost = sum(by_probe.values())
+            usage = _recorder_usage()
+            final = {
+                "window": {"start_ns": start_ns, "end_ns": end_ns},
+                "stop_reason": self.stop_reason or "unknown",
+                "losses": {
+                    "total": total_lost,
+                    "by_probe": by_probe,
+                    "ignored_recursion_misses": ignored,
+                    "ignored_why": "a skipped (nested) tlb_flush run is an IPI-context receiving-side flush"
+                    " (reasons 1/5), which is not recorded; no recorded row is missing",
+                },
+                "events": self.seg.events,
+                "unknown_records": self.seg.unknown,
+                "recorder": {"cpu_ns": usage["recorder_cpu_ns"], "max_rss_kb": usage["recorder_max_rss_kb"]},
+                "pages": prog.totals(),
+                "workload": self._workload_meta(),
+                "targets_final": prog.targets() if mode != "system" else None,
+            }
+            if self.seg.error is not None:
+                return self._writer_failed(final)
+            try:
+                self.writer.close(final)
+            except OSError as e:
+                self.seg.error = e
+                return self._writer_failed(final)
+            return self._report(total_lost, by_probe)
+        finally:
+            if self.child is not None:
+                self.child.terminate(grace_s=0.5)
+            if self.cgroup is not None:
+                try:
+                    self.cgroup.close()
+                except Exception as e:
+                    sys.stderr.write(f"lufreplay: warning: {e}\n")
+            if self.prog is not None:
+                try:
+                    self.prog.close()
+                except Exception:
+                    pass
+
+    def _workload_meta(self) -> dict[str, Any] | None:
+        c = self.child
+        if c is None:
+            return None
+        return {
+            "pid": c.pid,
+            "exit_status": c.status,
+            "runtime_s": round((c.ended_ns - c.started_ns) / 1e9, 3) if c.ended_ns else None,
+        }
+
+    def _writer_failed(self, final: dict[str, Any]) -> int:
+        from lufreplay.cli import fail
+
+        e = self.seg.error if self.seg else None
+        try:
+            self.writer.meta.update(final)
+            self.writer.meta["complete"] = False
+            from lufreplay.trace.writer import write_meta
+
+            write_meta(self.writer.path, self.writer._full_meta())
+        except Exception:
+            pass
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            msg = f"{self.opts.output}: no space left on device; recording stopped, completed segments are readable"
+        else:
+            msg = f"{self.opts.output}: writing the trace failed ({e}); completed segments are readable"
+        fail(msg)
+        return 1
+
+    def _report(self, total_lost: int, by_probe: dict[str, int]) -> int:
+        if total_lost:
+            worst = ", ".join(f"{k} {v}" for k, v in sorted(by_probe.items(), key=lambda kv: -kv[1])[:4])
+            sys.stderr.write(f"lufreplay: warning: {total_lost} events lost ({worst}); see the losses table\n")
+        ev = self.seg.events if self.seg else 0
+        sys.stderr.write(
+            f"lufreplay: recorded {ev:,} events into {self.opts.output} ({self.writer.bytes_written / 1e6:.1f} MB,"
+            f" {self.writer.segment} segments)\n"
+        )
+        if self.child is not None and self.child.status not in (0, None):
+            sys.stderr.write(f"lufreplay: note: the command exited with status {self.child.status}\n")
+        if total_lost and self.opts.strict:
+            return 2
+        return 0
+
+    def _loop(self, consumer: RingConsumer, start_ns: int, target_pids: list[int], mode: str) -> tuple[int, int]:
+        o = self.opts
+        assert self.seg is not None and self.prog is not None
+        self._loss_prev = self.prog.lost_per_cpu()
+        self._loss_prev_ns = start_ns
+        next_loss = time.monotonic() + LOSS_READ_S
+        t0 = time.monotonic()
+        progress = Progress()
+        total = 0
+        lost = 0
+        try:
+            while not self.stop_event.is_set():
+                time.sleep(POLL_S)
+                now_ns = _monotonic_ns()
+                recs = consumer.drain()
+                total += len(recs)
+                self.seg.put_raw(recs, now_ns)
+                if len(recs):
+                    self._note_mapping_syscalls(recs)
+                self._flush_maps()
+                if time.monotonic() >= next_loss:
+                    lost = self._read_losses(now_ns)
+                    next_loss += LOSS_READ_S
+                progress.update(time.monotonic() - t0, total, self.writer.bytes_written / 1e6, lost)
+                if self.seg.error is not None:
+                    self.stop_reason = "writer error"
+                    break
+                if self.child is not None and self.child.poll():
+                    self.stop_reason = "command exited"
+                    break
+                if o.duration is not None and time.monotonic() - t0 >= o.duration:
+                    self.stop_reason = "duration"
+                    break
+                if mode == "pid" and not any(Path(f"/proc/{p}").is_dir() for p in target_pids):
+                    self.stop_reason = "processes exited"
+                    break
+        finally:
+            progress.stop()
+        return _monotonic_ns(), lost
+
+    def _read_losses(self, now_ns: int) -> int:
+        """Ring reserve failures since the last read, per CPU and kind, as loss rows; returns the total so far."""
+        assert self.prog is not None
+        cur = self.prog.lost_per_cpu()
+        names = {v: k for k, v in schema.RAW_KIND.items()}
+        for kid, per_cpu in cur.items():
+            prev = self._loss_prev.get(kid, [0] * len(per_cpu))
+            for cpu, (a, b) in enumerate(zip(per_cpu, prev, strict=False)):
+                if a > b:
+                    self.loss_rows.append((self._loss_prev_ns, now_ns, cpu, names[kid], 0, a - b))
+        self._loss_prev, self._loss_prev_ns = cur, now_ns
+        return sum(r[5] for r in self.loss_rows if r[4] == 0)
+
+    def _note_mapping_syscalls(self, recs: np.ndarray) -> None:
+        m = (recs["kind"] == schema.RAW_KIND["syscall"]) & np.isin(recs["x"] & 0xFF, MAPPING_SYSCALLS)
+        if m.any():
+            self.maps_dirty.update(int(t) for t in np.unique(recs["tgid"][m]))
+
+    def _flush_maps(self) -> None:
+        if not self.maps_dirty:
+            return
+        now = time.monotonic()
+        limit = MAPS_MIN_INTERVAL_S if not self.opts.system_wide else 1.0
+        for tgid in list(self.maps_dirty):
+            if now - self.maps_last.get(tgid, 0.0) >= limit:
+                self.maps_dirty.discard(tgid)
+                self._snapshot_maps(tgid)
+
+    def _snapshot_maps(self, tgid: int, force: bool = False) -> None:
+        from lufreplay.capture.procfs import read_maps
+
+        assert self.seg is not None
+        t = read_maps(tgid, _monotonic_ns(), self.maps_snapshot)
+        self.maps_last[tgid] = time.monotonic()
+        if t.num_rows:
+            self.maps_snapshot += 1
+            self.seg.put_table("maps", t)

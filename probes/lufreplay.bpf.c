@@ -1,0 +1,972 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * lufreplay recorder probes (bcc). One fixed 64-byte record per event goes into one BPF ring buffer;
+ * userspace decodes whole spans with numpy. Only tracepoint arguments are read: bcc compiles against
+ * headers that need not match the running kernel, so no kernel struct is ever dereferenced.
+ *
+ * Compiled-in flags (set by lufreplay/capture/probes.py):
+ *   K_<KIND>          kind ids, from lufreplay.schema.RAW_KIND
+ *   LR_NKINDS         size of the per-CPU loss array (max kind id + 1)
+ *   LR_RB_PAGES       ring buffer size in pages
+ *   LR_FLUSH_TLB_FUNC address of the kernel's TLB flush function (kallsyms)
+ *   LR_FILTER         defined: per-target families only for tgids in `targets`
+ *   LR_SELF_TGID      the recorder itself (never traced in per-target or file families)
+ *   LR_RAW_IPI        defined: tlb/csd/ipi probes are raw tracepoints (per-program recursion guard)
+ *   LR_SWP_PFN_BITS, LR_MIG_READ  migration-entry decoding constants (host-probing §4.5)
+ */
+#include <uapi/linux/ptrace.h>
+#include <linux/sched.h>
+#include <linux/migrate_mode.h>
+#include <linux/mmzone.h>
+
+struct lr_rec {
+    u64 ts;
+    u32 pid;
+    u32 tgid;
+    u16 cpu;
+    u16 kind;
+    u32 x;
+    u64 a, b, c, d, e;
+};
+
+/* Sub-event ids (lufreplay.schema enums). */
+#define RE_DIRECT_BEGIN 0
+#define RE_DIRECT_END 1
+#define RE_MEMCG_BEGIN 2
+#define RE_MEMCG_END 3
+#define RE_SOFT_BEGIN 4
+#define RE_SOFT_END 5
+#define RE_NODE_BEGIN 6
+#define RE_NODE_END 7
+#define RE_KSWAPD_WAKE 8
+#define RE_KSWAPD_SLEEP 9
+#define RE_SHRINK_INACTIVE 10
+#define RE_RECLAIM_PAGES 11
+#define RE_WRITE_FOLIO 12
+
+#define CTX_DIRECT 1
+#define CTX_MEMCG 2
+#define CTX_NODE 3
+#define CTX_KSWAPD 4
+#define CTX_PROACTIVE 5
+#define CTX_MIGRATION 6
+
+#define ME_SET_PTE 0
+#define ME_REMOVE_PTE 1
+#define ME_SET_PMD 2
+#define ME_REMOVE_PMD 3
+#define ME_START 4
+#define ME_END 5
+#define ME_COMPACTION 6
+
+#define PE_FREE 0
+#define PE_ALLOC 1
+#define PE_PCPU_DRAIN 2
+#define PE_ZONE_LOCKED 3
+
+#define SRC_PAGE_CACHE 1
+#define SRC_MIGRATION 2
+#define SRC_RECLAIM_OTHER 3
+
+#define FE_WRITE_BEGIN 0
+#define FE_TRUNCATE 1
+#define FE_DIRTY_FOLIO 2
+
+#define PR_FORK 0
+#define PR_EXEC 1
+#define PR_EXIT 2
+
+#define LR_CLONE_THREAD 0x00010000ULL
+
+BPF_RINGBUF_OUTPUT(events, LR_RB_PAGES);
+BPF_PERCPU_ARRAY(lost, u64, LR_NKINDS);      /* ring reserve failures per kind */
+BPF_ARRAY(ctl, u64, 1);                      /* 0: not started, 1: recording, 2: stopped */
+BPF_PERCPU_ARRAY(totals, u64, 2);            /* 0: pages allocated, 1: pages freed (2^order summed) */
+BPF_HASH(targets, u32, u8, 65536);           /* traced tgids */
+struct task_ctx_t {
+    u8 ctx;
+    u8 saved;
+};
+BPF_HASH(task_ctx, u32, struct task_ctx_t, 65536); /* tid -> UNMAP_CTX while in reclaim/migration */
+BPF_TABLE("lru_hash", u64, s64, rss_prev, 65536);  /* (mm_id << 8 | member) -> last size */
+BPF_TABLE("lru_hash", u64, u8, mm_seen, 65536);    /* (mm_id << 32 | tgid) already emitted */
+BPF_TABLE("lru_hash", u64, u8, victims, 65536);    /* head pfns removed from the page cache by reclaim */
+BPF_TABLE("lru_hash", u64, u8, migsrc, 65536);     /* head pfns that were migration sources */
+struct bits_t {
+    u64 w[8];
+};
+BPF_HASH(pending, u64, struct bits_t, 65536);      /* pfn >> 9 -> bitmap of its 512 pfns */
+struct sc_t {
+    u64 ts;
+    u64 a0, a1, a2, a3;
+    u32 nr;
+};
+BPF_HASH(sc_enter, u32, struct sc_t, 16384);       /* tid -> pending syscall entry */
+
+static __always_inline int recording(void)
+{
+    int k = 0;
+    u64 *v = ctl.lookup(&k);
+    return v && *v == 1;
+}
+
+static __always_inline int traced(void)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (tgid == LR_SELF_TGID)
+        return 0;
+#ifdef LR_FILTER
+    return targets.lookup(&tgid) != 0;
+#else
+    return 1;
+#endif
+}
+
+static __always_inline int not_self(void)
+{
+    return (bpf_get_current_pid_tgid() >> 32) != LR_SELF_TGID;
+}
+
+static __always_inline void emit(struct lr_rec *r, u16 kind)
+{
+    u64 pt = bpf_get_current_pid_tgid();
+    r->ts = bpf_ktime_get_ns();
+    r->pid = (u32)pt;
+    r->tgid = pt >> 32;
+    r->cpu = bpf_get_smp_processor_id();
+    r->kind = kind;
+    if (events.ringbuf_output(r, sizeof(*r), BPF_RB_NO_WAKEUP) < 0) {
+        u32 k = kind;
+        u64 *v = lost.lookup(&k);
+        if (v)
+            (*v)++;
+    }
+}
+
+static __always_inline void total_add(int idx, u32 order)
+{
+    u64 *v = totals.lookup(&idx);
+    if (v)
+        *v += 1ULL << (order & 31);
+}
+
+static __always_inline u8 cur_ctx(void)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    struct task_ctx_t *c = task_ctx.lookup(&tid);
+    return c ? c->ctx : 0;
+}
+
+static __always_inline void ctx_begin(u8 ctx)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    struct task_ctx_t n = {};
+    struct task_ctx_t *c = task_ctx.lookup(&tid);
+    n.ctx = ctx;
+    n.saved = c ? c->ctx : 0;
+    task_ctx.update(&tid, &n);
+}
+
+static __always_inline void ctx_end(void)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    struct task_ctx_t *c = task_ctx.lookup(&tid);
+    if (!c)
+        return;
+    if (c->saved) {
+        struct task_ctx_t n = {};
+        n.ctx = c->saved;
+        task_ctx.update(&tid, &n);
+    } else {
+        task_ctx.delete(&tid);
+    }
+}
+
+/* ---------------------------------------------------------------- TLB flushes, shootdowns, IPIs */
+
+/* Receiving-side reasons run in the flush IPI and are not recorded: they undercount by design (untraced
+ * early returns) and csd_queue_cpu is the authoritative remote count. A run of the tlb_flush program
+ * that the kernel skips for recursion is always such a nested, IRQ-context (receiving-side) event. */
+#define TLB_REASON_REMOTE_SHOOTDOWN 1
+#define TLB_REASON_REMOTE_WRONG_CPU 5
+
+#ifdef LR_RAW_IPI
+RAW_TRACEPOINT_PROBE(tlb_flush)
+{
+    if (!recording())
+        return 0;
+    u32 reason = (u32)ctx->args[0];
+    if (reason == TLB_REASON_REMOTE_SHOOTDOWN || reason == TLB_REASON_REMOTE_WRONG_CPU)
+        return 0;
+    struct lr_rec r = {};
+    r.a = reason;
+    r.b = ctx->args[1];
+    emit(&r, K_TLB_FLUSH);
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(csd_queue_cpu)
+{
+    if (!recording() || ctx->args[2] != LR_FLUSH_TLB_FUNC)
+        return 0;
+    struct lr_rec r = {};
+    r.a = (u32)ctx->args[0];
+    r.b = ctx->args[1];
+    emit(&r, K_CSD_QUEUE_CPU);
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(ipi_send_cpu)
+{
+    if (!recording())
+        return 0;
+    struct lr_rec r = {};
+    r.a = 1ULL << ((u32)ctx->args[0] & 63);
+    r.b = ctx->args[2];
+    r.c = ctx->args[1];
+    emit(&r, K_IPI_SEND_CPU);
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(ipi_send_cpumask)
+{
+    if (!recording())
+        return 0;
+    struct lr_rec r = {};
+    u64 mask = 0;
+    bpf_probe_read_kernel(&mask, sizeof(mask), (void *)ctx->args[0]);
+    r.a = mask;
+    r.b = ctx->args[2];
+    r.c = ctx->args[1];
+    emit(&r, K_IPI_SEND_CPUMASK);
+    return 0;
+}
+#else
+TRACEPOINT_PROBE(tlb, tlb_flush)
+{
+    if (!recording())
+        return 0;
+    u32 reason = (u32)args->reason;
+    if (reason == TLB_REASON_REMOTE_SHOOTDOWN || reason == TLB_REASON_REMOTE_WRONG_CPU)
+        return 0;
+    struct lr_rec r = {};
+    r.a = reason;
+    r.b = args->pages;
+    emit(&r, K_TLB_FLUSH);
+    return 0;
+}
+
+TRACEPOINT_PROBE(csd, csd_queue_cpu)
+{
+    if (!recording() || (u64)args->func != LR_FLUSH_TLB_FUNC)
+        return 0;
+    struct lr_rec r = {};
+    r.a = args->cpu;
+    r.b = (u64)args->callsite;
+    emit(&r, K_CSD_QUEUE_CPU);
+    return 0;
+}
+
+TRACEPOINT_PROBE(ipi, ipi_send_cpu)
+{
+    if (!recording())
+        return 0;
+    struct lr_rec r = {};
+    r.a = 1ULL << (args->cpu & 63);
+    r.b = (u64)args->callback;
+    r.c = (u64)args->callsite;
+    emit(&r, K_IPI_SEND_CPU);
+    return 0;
+}
+
+TRACEPOINT_PROBE(ipi, ipi_send_cpumask)
+{
+    if (!recording())
+        return 0;
+    struct lr_rec r = {};
+    u32 dl = 0;
+    u64 mask = 0;
+    bpf_probe_read_kernel(&dl, sizeof(dl), (void *)args + 8);
+    bpf_probe_read_kernel(&mask, sizeof(mask), (void *)args + (dl & 0xffff));
+    r.a = mask;
+    r.b = (u64)args->callback;
+    r.c = (u64)args->callsite;
+    emit(&r, K_IPI_SEND_CPUMASK);
+    return 0;
+}
+#endif
+
+/* ---------------------------------------------------------------- reclaim context */
+
+/* x = event | flags << 8 | (nid + 1) << 16 (0: no nid). Layout of a..e depends on the event (decode.py). */
+static __always_inline void reclaim_rec(u32 event, u32 flags, int nid, u64 a, u64 b, u64 c, u64 d, u64 e)
+{
+    struct lr_rec r = {};
+    r.x = event | ((flags & 0xff) << 8) | (((u32)(nid + 1) & 0xffff) << 16);
+    r.a = a;
+    r.b = b;
+    r.c = c;
+    r.d = d;
+    r.e = e;
+    emit(&r, K_RECLAIM);
+}
+
+TRACEPOINT_PROBE(vmscan, mm_vmscan_direct_reclaim_begin)
+{
+    if (!recording())
+        return 0;
+    ctx_begin(CTX_DIRECT);
+    reclaim_rec(RE_DIRECT_BEGIN, 0, -1, args->order, args->gfp_flags, 0, 0, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(vmscan, mm_vmscan_direct_reclaim_end)
+{
+    if (!recording())
+        return 0;
+    ctx_end();
+    reclaim_rec(RE_DIRECT_END, 0, -1, 0, 0, 0, args->nr_reclaimed, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_reclaim_begin)
+{
+    if (!recording())
+        return 0;
+    ctx_begin(CTX_MEMCG);
+    reclaim_rec(RE_MEMCG_BEGIN, 0, -1, args->order, args->gfp_flags, 0, 0, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_reclaim_end)
+{
+    if (!recording())
+        return 0;
+    ctx_end();
+    reclaim_rec(RE_MEMCG_END, 0, -1, 0, 0, 0, args->nr_reclaimed, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_softlimit_reclaim_begin)
+{
+    if (!recording())
+        return 0;
+    ctx_begin(CTX_MEMCG);
+    reclaim_rec(RE_SOFT_BEGIN, 0, -1, args->order, args->gfp_flags, 0, 0, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_softlimit_reclaim_end)
+{
+    if (!recording())
+        return 0;
+    ctx_end();
+    reclaim_rec(RE_SOFT_END, 0, -1, 0, 0, 0, args->nr_reclaimed, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(vmscan, mm_vmscan_node_reclaim_begin)
+{
+    if (!recording())
+        return 0;
+    ctx_begin(CTX_NODE);
+    reclaim_rec(RE_NODE_BEGIN, 0, args->nid, args->order, args->gfp_flags, 0, 0, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(vmscan, mm_vmscan_node_reclaim_end)
+{
+    if (!recording())
+        return 0;
+    ctx_end();
+    reclaim_rec(RE_NODE_END, 0, -1, 0, 0, 0, args->nr_reclaimed, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(vmscan, mm_vmscan_kswapd_wake)
+{
+    if (!recording())
+        return 0;
+    reclaim_rec(RE_KSWAPD_WAKE, 0, args->nid, args->order, 0, 0, 0, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(vmscan, mm_vmscan_kswapd_sleep)
+{
+    if (!recording())
+        return 0;
+    reclaim_rec(RE_KSWAPD_SLEEP, 0, args->nid, 0, 0, 0, 0, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(vmscan, mm_vmscan_lru_shrink_inactive)
+{
+    if (!recording())
+        return 0;
+    reclaim_rec(RE_SHRINK_INACTIVE, args->reclaim_flags, args->nid, args->nr_unmap_fail, args->nr_ref_keep,
+                args->nr_scanned, args->nr_reclaimed, args->nr_dirty);
+    return 0;
+}
+
+TRACEPOINT_PROBE(vmscan, mm_vmscan_reclaim_pages)
+{
+    if (!recording())
+        return 0;
+    reclaim_rec(RE_RECLAIM_PAGES, 0, args->nid, args->nr_unmap_fail, args->nr_ref_keep, args->nr_scanned,
+                args->nr_reclaimed, args->nr_dirty);
+    return 0;
+}
+
+TRACEPOINT_PROBE(vmscan, mm_vmscan_write_folio)
+{
+    if (!recording())
+        return 0;
+    reclaim_rec(RE_WRITE_FOLIO, args->reclaim_flags, -1, args->pfn, 0, 0, 0, 0);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- unmapped mms, mm ids, page cache */
+
+TRACEPOINT_PROBE(kmem, rss_stat)
+{
+    if (!recording())
+        return 0;
+    u32 mm_id = args->mm_id;
+    u32 member = args->member;
+    s64 size = args->size;
+    u64 key = ((u64)mm_id << 8) | (member & 0xff);
+    s64 *prev = rss_prev.lookup(&key);
+    s64 delta = prev ? size - *prev : 0;
+    rss_prev.update(&key, &size);
+    if (args->curr) {
+        u64 mk = ((u64)mm_id << 32) | (bpf_get_current_pid_tgid() >> 32);
+        if (!mm_seen.lookup(&mk)) {
+            u8 one = 1;
+            mm_seen.update(&mk, &one);
+            struct lr_rec m = {};
+            m.a = mm_id;
+            emit(&m, K_MM);
+        }
+    }
+    u8 c = cur_ctx();
+    if (c) {
+        struct lr_rec r = {};
+        r.x = c;
+        r.a = mm_id;
+        r.b = member;
+        r.c = (u64)delta;
+        emit(&r, K_RSS_STAT);
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(filemap, mm_filemap_delete_from_page_cache)
+{
+    if (!recording())
+        return 0;
+    u8 c = cur_ctx();
+    u64 pfn = args->pfn;
+    if (c && c != CTX_MIGRATION) {
+        u8 one = 1;
+        victims.update(&pfn, &one);
+    }
+    struct lr_rec r = {};
+    r.x = (u32)args->order | ((u32)c << 8);
+    r.a = pfn;
+    r.b = args->i_ino;
+    r.c = args->index;
+    r.d = args->s_dev;
+    emit(&r, K_FILEMAP_DELETE);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- migration */
+
+static __always_inline void mark_migsrc(u64 entry, u32 order)
+{
+    u32 type = entry >> 59;
+    if (type < LR_MIG_READ || type > LR_MIG_READ + 2)
+        return;
+    u64 off = (~entry << 5) >> 14;
+    u64 pfn = off & ((1ULL << LR_SWP_PFN_BITS) - 1);
+    if (order < 31)
+        pfn &= ~((1ULL << order) - 1);
+    u8 one = 1;
+    migsrc.update(&pfn, &one);
+}
+
+static __always_inline void mig_rec(u32 event, u64 a, u64 b, u64 c, u64 d)
+{
+    struct lr_rec r = {};
+    r.x = event;
+    r.a = a;
+    r.b = b;
+    r.c = c;
+    r.d = d;
+    emit(&r, K_MIGRATE);
+}
+
+TRACEPOINT_PROBE(migrate, set_migration_pte)
+{
+    if (!recording())
+        return 0;
+    mark_migsrc(args->pte, args->order);
+    mig_rec(ME_SET_PTE, args->addr, args->pte, args->order, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(migrate, remove_migration_pte)
+{
+    if (!recording())
+        return 0;
+    mig_rec(ME_REMOVE_PTE, args->addr, args->pte, args->order, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(thp, set_migration_pmd)
+{
+    if (!recording())
+        return 0;
+    mark_migsrc(args->pmd, 9);
+    mig_rec(ME_SET_PMD, args->addr, args->pmd, 9, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(thp, remove_migration_pmd)
+{
+    if (!recording())
+        return 0;
+    mig_rec(ME_REMOVE_PMD, args->addr, args->pmd, 9, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(migrate, mm_migrate_pages_start)
+{
+    if (!recording())
+        return 0;
+    ctx_begin(CTX_MIGRATION);
+    mig_rec(ME_START, args->mode, args->reason, 0, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(migrate, mm_migrate_pages)
+{
+    if (!recording())
+        return 0;
+    ctx_end();
+    mig_rec(ME_END, args->succeeded, args->failed, args->mode, args->reason);
+    return 0;
+}
+
+TRACEPOINT_PROBE(compaction, mm_compaction_migratepages)
+{
+    if (!recording())
+        return 0;
+    mig_rec(ME_COMPACTION, args->nr_migrated, args->nr_failed, 0, 0);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- page allocator: free -> re-allocation */
+
+/* One op on the 512-bit block `key` for bits [s, s + n): 0 set, 1 test, 2 test and clear.
+ * Returns how many of those bits were set before. At most 8 word operations. */
+static __always_inline u32 block_op(u64 key, u32 s, u32 n, int op)
+{
+    struct bits_t *b = pending.lookup(&key);
+    if (!b) {
+        if (op != 0)
+            return 0;
+        struct bits_t z = {};
+        pending.update(&key, &z);
+        b = pending.lookup(&key);
+        if (!b)
+            return 0;
+    }
+    u32 cnt = 0;
+    u64 left = 0;
+    u32 end = s + n;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        u32 lo = i * 64;
+        u32 st = s > lo ? s : lo;
+        u32 en = end < lo + 64 ? end : lo + 64;
+        if (st < en) {
+            u32 width = en - st;
+            u64 m = width >= 64 ? ~0ULL : (((1ULL << width) - 1) << (st - lo));
+            if (op == 0) {
+                __sync_fetch_and_or(&b->w[i], m);
+            } else {
+                u64 w = b->w[i];
+                cnt += __builtin_popcountll(w & m);
+                if (op == 2 && (w & m))
+                    __sync_fetch_and_and(&b->w[i], ~m);
+            }
+        }
+        if (op == 2)
+            left |= b->w[i];
+    }
+    if (op == 2 && cnt && !left)
+        pending.delete(&key);
+    return cnt;
+}
+
+/* A buddy block is aligned to its order, so an order <= 9 block lies in one key; order 10 spans two. */
+static __always_inline u32 range_op(u64 pfn, u32 order, int op)
+{
+    if (order > 10)
+        return 0;
+    u32 n = 1U << order;
+    u32 cnt = 0;
+    if (n <= 512)
+        return block_op(pfn >> 9, pfn & 511, n, op);
+    cnt += block_op(pfn >> 9, 0, 512, op);
+    cnt += block_op((pfn >> 9) + 1, 0, 512, op);
+    return cnt;
+}
+
+static __always_inline void page_rec(u32 event, u32 source, u32 order, u64 pfn, u64 gfp, s64 mt, u64 refill, u32 cnt)
+{
+    struct lr_rec r = {};
+    r.x = event | ((source & 0xff) << 8) | ((order & 0xff) << 16);
+    r.a = pfn;
+    r.b = gfp;
+    r.c = (u64)mt;
+    r.d = refill;
+    r.e = cnt;
+    emit(&r, K_PAGE);
+}
+
+TRACEPOINT_PROBE(kmem, mm_page_free)
+{
+    if (!recording())
+        return 0;
+    u64 pfn = (u64)args->pfn;
+    u32 order = (u32)args->order;
+    total_add(1, order);
+    u32 src = 0;
+    if (victims.lookup(&pfn)) {
+        src = SRC_PAGE_CACHE;
+        victims.delete(&pfn);
+    } else if (migsrc.lookup(&pfn)) {
+        src = SRC_MIGRATION;
+        migsrc.delete(&pfn);
+    } else {
+        u8 c = cur_ctx();
+        if (c && c != CTX_MIGRATION)
+            src = SRC_RECLAIM_OTHER;
+    }
+    if (!src)
+        return 0;
+    range_op(pfn, order, 0);
+    page_rec(PE_FREE, src, order, pfn, 0, -1, 0, order <= 10 ? (1U << order) : 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(kmem, mm_page_alloc)
+{
+    if (!recording())
+        return 0;
+    if (args->pfn == (unsigned long)-1)
+        return 0; /* failed allocation */
+    u64 pfn = (u64)args->pfn;
+    u32 order = (u32)args->order;
+    total_add(0, order);
+    u32 cnt = range_op(pfn, order, 2);
+    if (cnt)
+        page_rec(PE_ALLOC, 0, order, pfn, args->gfp_flags, args->migratetype, 0, cnt);
+    return 0;
+}
+
+TRACEPOINT_PROBE(kmem, mm_page_pcpu_drain)
+{
+    if (!recording())
+        return 0;
+    u64 pfn = (u64)args->pfn;
+    u32 order = (u32)args->order;
+    u32 cnt = range_op(pfn, order, 1);
+    if (cnt)
+        page_rec(PE_PCPU_DRAIN, 0, order, pfn, 0, args->migratetype, 0, cnt);
+    return 0;
+}
+
+TRACEPOINT_PROBE(kmem, mm_page_alloc_zone_locked)
+{
+    if (!recording())
+        return 0;
+    u64 pfn = (u64)args->pfn;
+    u32 order = (u32)args->order;
+    u32 cnt = range_op(pfn, order, 1);
+    if (cnt)
+        page_rec(PE_ZONE_LOCKED, 0, order, pfn, 0, args->migratetype, args->percpu_refill, cnt);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- per-target: faults and syscalls */
+
+TRACEPOINT_PROBE(exceptions, page_fault_user)
+{
+    if (!recording() || !traced())
+        return 0;
+    struct lr_rec r = {};
+    r.a = args->address;
+    r.b = args->error_code;
+    emit(&r, K_FAULT);
+    return 0;
+}
+
+static __always_inline void sc_begin(u32 nr, u64 a0, u64 a1, u64 a2, u64 a3)
+{
+    if (!recording() || !traced())
+        return;
+    u32 tid = bpf_get_current_pid_tgid();
+    struct sc_t s = {};
+    s.ts = bpf_ktime_get_ns();
+    s.nr = nr;
+    s.a0 = a0;
+    s.a1 = a1;
+    s.a2 = a2;
+    s.a3 = a3;
+    sc_enter.update(&tid, &s);
+}
+
+/* x = nr | (arg3 & 0xffffff) << 8; e = duration (40 bits) | (arg3 >> 24) << 40. */
+static __always_inline void sc_finish(u32 nr, long ret)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    struct sc_t *s = sc_enter.lookup(&tid);
+    if (!s)
+        return;
+    if (s->nr == nr && recording()) {
+        struct lr_rec r = {};
+        u64 now = bpf_ktime_get_ns();
+        u64 dur = now - s->ts;
+        if (dur > 0xffffffffffULL)
+            dur = 0xffffffffffULL;
+        r.x = nr | (((u32)s->a3 & 0xffffff) << 8);
+        r.a = s->a0;
+        r.b = s->a1;
+        r.c = s->a2;
+        r.d = (u64)ret;
+        r.e = dur | ((((u64)s->a3 >> 24) & 0xff) << 40);
+        emit(&r, K_SYSCALL);
+    }
+    sc_enter.delete(&tid);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
+{
+    sc_begin(0, args->addr, args->len, args->prot, args->flags);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_mmap)
+{
+    sc_finish(0, args->ret);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_munmap)
+{
+    sc_begin(1, args->addr, args->len, 0, 0);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_munmap)
+{
+    sc_finish(1, args->ret);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_mprotect)
+{
+    sc_begin(2, args->start, args->len, args->prot, 0);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_mprotect)
+{
+    sc_finish(2, args->ret);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_madvise)
+{
+    sc_begin(3, args->start, args->len_in, (u64)(u32)args->behavior, 0);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_madvise)
+{
+    sc_finish(3, args->ret);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_mremap)
+{
+    sc_begin(4, args->addr, args->old_len, args->new_len, args->flags);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_mremap)
+{
+    sc_finish(4, args->ret);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_write)
+{
+    sc_begin(5, (u32)args->fd, args->count, 0, 0);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_write)
+{
+    sc_finish(5, args->ret);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_pwrite64)
+{
+    sc_begin(6, (u32)args->fd, args->count, args->pos, 0);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_pwrite64)
+{
+    sc_finish(6, args->ret);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_ftruncate)
+{
+    sc_begin(7, (u32)args->fd, args->length, 0, 0);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_ftruncate)
+{
+    sc_finish(7, args->ret);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_fallocate)
+{
+    sc_begin(8, (u32)args->fd, args->len, args->offset, (u32)args->mode);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_fallocate)
+{
+    sc_finish(8, args->ret);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- file content changes (any writer) */
+
+static __always_inline void file_rec(u32 event, u64 dev, u64 ino, s64 pos, s64 len)
+{
+    struct lr_rec r = {};
+    r.x = event;
+    r.a = dev;
+    r.b = ino;
+    r.c = (u64)pos;
+    r.d = (u64)len;
+    emit(&r, K_FILE);
+}
+
+TRACEPOINT_PROBE(ext4, ext4_write_begin)
+{
+    if (!recording() || !not_self())
+        return 0;
+    file_rec(FE_WRITE_BEGIN, args->dev, args->ino, args->pos, args->len);
+    return 0;
+}
+
+TRACEPOINT_PROBE(ext4, ext4_da_write_begin)
+{
+    if (!recording() || !not_self())
+        return 0;
+    file_rec(FE_WRITE_BEGIN, args->dev, args->ino, args->pos, args->len);
+    return 0;
+}
+
+TRACEPOINT_PROBE(ext4, ext4_truncate_enter)
+{
+    if (!recording() || !not_self())
+        return 0;
+    file_rec(FE_TRUNCATE, args->dev, args->ino, -1, -1);
+    return 0;
+}
+
+TRACEPOINT_PROBE(writeback, writeback_dirty_folio)
+{
+    if (!recording() || !not_self())
+        return 0;
+    file_rec(FE_DIRTY_FOLIO, 0, args->ino, args->index, -1);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- scheduling and process lifecycle */
+
+TRACEPOINT_PROBE(sched, sched_switch)
+{
+    if (!recording())
+        return 0;
+    /* kswapd and kdamond never enter a reclaim bracket: tag them by comm when they are switched in. */
+    char nc[8] = {};
+    bpf_probe_read_kernel(&nc, sizeof(nc), args->next_comm);
+    u8 tag = 0;
+    if (nc[0] == 'k' && nc[1] == 's' && nc[2] == 'w' && nc[3] == 'a' && nc[4] == 'p' && nc[5] == 'd')
+        tag = CTX_KSWAPD;
+    else if (nc[0] == 'k' && nc[1] == 'd' && nc[2] == 'a' && nc[3] == 'm' && nc[4] == 'o' && nc[5] == 'n' &&
+             nc[6] == 'd')
+        tag = CTX_PROACTIVE;
+    if (tag) {
+        u32 npid = args->next_pid;
+        if (!task_ctx.lookup(&npid)) {
+            struct task_ctx_t n = {};
+            n.ctx = tag;
+            task_ctx.update(&npid, &n);
+        }
+    }
+    struct lr_rec r = {};
+    r.a = (u32)args->next_pid;
+    r.b = (u64)args->prev_state;
+    bpf_probe_read_kernel(&r.c, 16, args->prev_comm);
+    emit(&r, K_SCHED_SWITCH);
+    return 0;
+}
+
+TRACEPOINT_PROBE(task, task_newtask)
+{
+    if (!recording())
+        return 0;
+    u32 parent_tgid = bpf_get_current_pid_tgid() >> 32;
+    u32 child = args->pid;
+    int thread = (args->clone_flags & LR_CLONE_THREAD) != 0;
+#ifdef LR_FILTER
+    if (!thread && targets.lookup(&parent_tgid)) {
+        u8 one = 1;
+        targets.update(&child, &one);
+    }
+#endif
+    struct lr_rec r = {};
+    r.x = PR_FORK;
+    r.a = child;
+    r.b = thread ? parent_tgid : child;
+    bpf_probe_read_kernel(&r.c, 16, args->comm);
+    emit(&r, K_PROC);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    if (!recording())
+        return 0;
+    struct lr_rec r = {};
+    r.x = PR_EXEC;
+    r.a = (u64)-1;
+    r.b = (u64)-1;
+    bpf_get_current_comm(&r.c, 16);
+    emit(&r, K_PROC);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    if (!recording())
+        return 0;
+    u32 tid = bpf_get_current_pid_tgid();
+    task_ctx.delete(&tid);
+    sc_enter.delete(&tid);
+    struct lr_rec r = {};
+    r.x = PR_EXIT;
+    r.a = (u64)-1;
+    r.b = (u64)-1;
+    bpf_probe_read_kernel(&r.c, 16, args->comm);
+    emit(&r, K_PROC);
+    return 0;
+}

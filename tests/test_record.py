@@ -1,0 +1,427 @@
+"""`lufreplay record`: real recordings (root + BPF), bad input, crash safety, and the raw-record decoder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lufreplay import open_trace, schema
+from lufreplay.capture import decode
+
+# A read-only MAP_SHARED stream: two threads pinned to different CPUs touch one byte per page, so the
+# mm is live on both CPUs and reclaim's unmaps need remote shootdowns.
+STREAM = textwrap.dedent(
+    """
+    import mmap, os, sys, threading, time
+    import numpy as np
+    f = open(sys.argv[1], "rb")
+    m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED)
+    a = np.frombuffer(m, dtype=np.uint8)
+    stop = time.monotonic() + float(sys.argv[2])
+    def run(i):
+        os.sched_setaffinity(0, {i % os.cpu_count()})
+        while time.monotonic() < stop:
+            for s in range(0, len(a), 64 << 20):
+                a[s:s + (64 << 20):4096].sum()
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    """
+)
+
+# Three regions with known PTE permissions, their pages allocated right after a compaction (so the next
+# compaction has work in them): anon written (RW), anon written then mprotect(PROT_READ), file PROT_READ.
+MIGWORK = textwrap.dedent(
+    """
+    import ctypes, json, mmap, os, sys, time
+    size, ready, done, fpath = int(sys.argv[1]) << 20, sys.argv[2], sys.argv[3], sys.argv[4]
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    with open("/proc/sys/vm/compact_memory", "w") as f:
+        f.write("1")
+    rw = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    ro = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    fd = os.open(fpath, os.O_RDONLY)
+    fm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    s = 0
+    for off in range(0, size, 4096):  # interleaved, so all three land in the same pageblocks
+        rw[off] = 1
+        ro[off] = 2
+        s += fm[off]
+    a_rw = ctypes.addressof(ctypes.c_char.from_buffer(rw))
+    a_ro = ctypes.addressof(ctypes.c_char.from_buffer(ro))
+    assert libc.mprotect(a_ro, size, 1) == 0
+    a_f = next(int(ln.split("-")[0], 16) for ln in open("/proc/self/maps") if fpath in ln)
+    with open(ready + ".tmp", "w") as f:
+        json.dump({"rw": [a_rw, a_rw + size], "ro": [a_ro, a_ro + size], "file_ro": [a_f, a_f + size]}, f)
+    os.rename(ready + ".tmp", ready)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(done) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    """
+)
+
+
+def lr_record(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """Run `lufreplay record ARGS` as a subprocess (exit codes and stderr as a user sees them)."""
+    return subprocess.run(
+        [sys.executable, "-m", "lufreplay", "record", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def lr_scratch(name: str) -> Path:
+    """A scratch directory on a disk file system (page cache, not tmpfs), unique to this test run."""
+    d = Path("/var/tmp") / f"lufreplay-test-record-{os.getpid()}-{name}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def counter_delta(trace, source: str, name: str) -> np.ndarray:
+    c = trace.pandas("counters")
+    c = c[(c["source_name"] == source) & (c["name"] == name)]
+    pv = c.pivot_table(index="cpu", columns="phase_name", values="value", observed=True)
+    return (pv["end"] - pv["start"]).to_numpy()
+
+
+@pytest.fixture(scope="module")
+def stream_trace(tmp_path_factory: pytest.TempPathFactory):
+    """One recording of a 768 MiB read-only mmap stream under a 256 MiB memory cgroup."""
+    scratch = lr_scratch("stream")
+    data = scratch / "ro.bin"
+    with open(data, "wb") as f:
+        f.truncate(768 << 20)  # a hole: reclaim is CPU-bound and no disk I/O is needed
+    script = scratch / "stream.py"
+    script.write_text(STREAM)
+    out = tmp_path_factory.mktemp("rec") / "T"
+    try:
+        r = lr_record("-o", str(out), "--memory-limit", "256M", "--", sys.executable, str(script), str(data), "4")
+    finally:
+        data.unlink()
+        script.unlink()
+        scratch.rmdir()
+    assert r.returncode == 0, r.stderr
+    st = os.stat(out)
+    return out, r, st
+
+
+@pytest.mark.bpf
+def test_stream_recording_is_complete_and_reconciles(stream_trace) -> None:
+    out, r, _ = stream_trace
+    t = open_trace(out, validate=True)
+    m = t.meta
+    assert m["complete"] is True and m["stop_reason"] == "command exited"
+    assert m["workload"]["exit_status"] == 0
+    assert m["target"]["memory_limit"] == 256 << 20
+    assert len(m["target"]["pids"]) == 1
+    assert "recorded" in r.stderr and "events" in r.stderr
+
+    # Remote shootdowns per target CPU agree with the TLB row of /proc/interrupts within 1%.
+    tlb = counter_delta(t, "interrupts", "TLB")
+    sd = t.pandas("shootdown")
+    recorded = np.bincount(sd["target_cpu"].to_numpy(), minlength=len(tlb))
+    assert tlb.sum() > 100
+    assert np.all(np.abs(recorded - tlb) <= np.maximum(0.01 * tlb, 2)), (recorded, tlb)
+    assert sd["callsite"].str.contains(r"\+0x").all()
+
+    # In-kernel page totals agree with vmstat (window edges line up through the stop flag).
+    c = t.pandas("counters")
+    rec = c[(c["source_name"] == "recorder") & (c["phase_name"] == "end")].set_index("name")["value"]
+    vm = c[c["source_name"] == "vmstat"].pivot_table(index="name", columns="phase_name", values="value")
+    pgalloc = sum(vm.loc[n, "end"] - vm.loc[n, "start"] for n in vm.index if n.startswith("pgalloc_"))
+    assert abs(rec["pages_allocated"] - pgalloc) <= 0.01 * pgalloc
+    assert abs(rec["pages_freed"] - (vm.loc["pgfree", "end"] - vm.loc["pgfree", "start"])) <= 0.01 * pgalloc
+    assert rec["recorder_cpu_ns"] > 0 and rec["recorder_max_rss_kb"] > 0
+
+    # Losses: the summary in meta is the losses table.
+    losses = t.pandas("losses")
+    assert m["losses"]["total"] == int(losses["lost"].sum())
+
+
+@pytest.mark.bpf
+def test_stream_recording_reclaim_unmap_and_page_linking(stream_trace) -> None:
+    out, _, _ = stream_trace
+    t = open_trace(out)
+    tgid = t.meta["target"]["pids"][0]
+
+    # Other memory-heavy work on the host reclaims too: look at what the workload's own threads did.
+    rc = t.pandas("reclaim")
+    rc = rc[rc["tgid"] == tgid]
+    ev = rc["event_name"].astype(str)
+    begins, ends = (ev == "memcg_begin").sum(), (ev == "memcg_end").sum()
+    assert begins > 10 and abs(int(begins) - int(ends)) <= 2
+    # Brackets alternate per thread: never two begins without an end in between.
+    for _, g in rc[ev.isin(["memcg_begin", "memcg_end"])].sort_values("ts_ns").groupby("pid"):
+        seq = (g["event_name"].astype(str) == "memcg_begin").to_numpy().astype(int)
+        assert not np.any((seq[1:] == 1) & (seq[:-1] == 1))
+    assert (rc.loc[ev == "shrink_inactive", "nr_reclaimed"] > 0).any()
+
+    pc = t.pandas("page_cache")
+    in_rec_all = pc[pc["ctx_name"] == "memcg_reclaim"]
+    in_rec = in_rec_all[in_rec_all["tgid"] == tgid]
+    assert len(in_rec) > 100
+    assert in_rec["ino"].nunique() >= 1 and (in_rec["pfn"] > 0).all()
+
+    # Unmaps inside reclaim carry the workload's mm, which the mm table maps back to its tgid.
+    un = t.pandas("unmap")
+    un = un[(un["ctx_name"] == "memcg_reclaim") & (un["tgid"] == tgid)]
+    assert len(un) > 100
+    mm = t.pandas("mm")
+    wl_mm = set(mm.loc[mm["tgid"] == tgid, "mm_id"])
+    assert wl_mm, "the workload's mm_id was never seen"
+    assert un["mm_id"].isin(wl_mm).mean() > 0.9
+    assert (un["delta"] < 0).mean() > 0.9
+    assert (un["member_name"] == "file").mean() > 0.9
+
+    # Tracked frees (page-cache reclaim) and later allocations of the same pfns.
+    pg = t.pandas("page")
+    frees = pg[(pg["event_name"] == "free") & (pg["source_name"] == "page_cache_reclaim")]
+    allocs = pg[pg["event_name"] == "alloc"]
+    assert len(frees) > 100 and len(allocs) > 100
+    assert (allocs["tracked_pages"] > 0).all()
+    assert (allocs["tracked_pages"] <= 2 ** allocs["order"].astype(int)).all()
+    assert allocs["ts_ns"].max() > frees["ts_ns"].min()
+    # Every tracked free's head pfn was removed from the page cache by reclaim.
+    assert frees["pfn"].isin(set(in_rec_all["pfn"])).mean() > 0.99
+
+    # Maps snapshots of the workload show its read-only shared file mapping.
+    maps = t.pandas("maps")
+    mine = maps[maps["tgid"] == tgid]
+    assert (mine["path"].str.endswith("ro.bin") & (mine["perms"] == "r--s")).any()
+    assert mine["snapshot"].nunique() >= 2  # start and end at least
+
+    # Context switches of the workload and its process lifecycle.
+    sched = t.pandas("sched")
+    assert (sched["tgid"] == tgid).any() and sched["prev_kthread"].any()
+    proc = t.pandas("proc")
+    assert ((proc["event_name"] == "exec") & (proc["pid"] == tgid)).any()
+    sc = t.pandas("syscall")
+    assert ((sc["tgid"] == tgid) & (sc["nr_name"] == "mmap") & (sc["ret"] > 0)).any()
+
+
+@pytest.mark.bpf
+def test_trace_opens_in_plain_pandas_and_files_are_private(stream_trace) -> None:
+    out, _, st = stream_trace
+    t = open_trace(out)
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        import pandas as pd
+        rows = {{}}
+        for name in {list(schema.TABLES)!r}:
+            rows[name] = len(pd.read_parquet({str(out)!r} + "/" + name))
+        assert not any(m.startswith("lufreplay") for m in sys.modules)
+        print(json.dumps(rows))
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    for name in schema.TABLES:
+        assert rows[name] == t.table(name).num_rows, name
+    assert st.st_mode & 0o777 == 0o700
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert f.stat().st_mode & 0o777 == 0o600, f
+
+
+@pytest.mark.bpf
+def test_compaction_migration_rows_match_mapping_permissions(tmp_path: Path) -> None:
+    scratch = lr_scratch("mig")
+    data, script = scratch / "file.bin", scratch / "migwork.py"
+    ready, done = scratch / "ready.json", scratch / "done"
+    with open(data, "wb") as f:
+        f.truncate(64 << 20)
+    script.write_text(MIGWORK)
+    out = tmp_path / "T"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "lufreplay", "record", "-o", str(out), "--", sys.executable, str(script), "64",
+         str(ready), str(done), str(data)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert p.poll() is None, p.communicate()[1]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        Path("/proc/sys/vm/compact_memory").write_text("1")
+        time.sleep(0.3)
+        done.touch()
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        regions = json.loads(ready.read_text())
+    finally:
+        if p.poll() is None:
+            p.kill()
+        for f in (data, script, ready, done):
+            f.unlink(missing_ok=True)
+        scratch.rmdir()
+    t = open_trace(out)
+    mig = t.pandas("migrate")
+    ev = mig["event_name"].astype(str)
+    assert (ev == "start").any() and (ev == "end").any()
+    assert (mig.loc[ev == "start", "reason_name"] == "compaction").all()
+    sets, removes = mig[ev == "set_pte"], mig[ev == "remove_pte"]
+    for name, (lo, hi) in regions.items():
+        s = sets[(sets["addr"] >= lo) & (sets["addr"] < hi)]
+        rm = removes[(removes["addr"] >= lo) & (removes["addr"] < hi)]
+        assert len(s) > 0, f"no page of region {name} was migrated"
+        types = set(s["mig_type_name"].astype(str))
+        if name == "rw":
+            assert types == {"write"} and s["writable"].all() and rm["writable"].all()
+        else:
+            assert types <= {"read", "read_exclusive"} and not s["writable"].any() and not rm["writable"].any()
+        # old and new pfns are real and differ (the page moved)
+        assert (s["pfn"] > 0).all() and (rm["pfn"] > 0).all()
+        assert not set(rm["pfn"]) & set(s["pfn"])
+    assert t.meta["migration_decode"]["mig_read"] in (28, 29, 30, 26, 27)
+
+
+@pytest.mark.bpf
+def test_sigkill_leaves_a_readable_trace(tmp_path: Path) -> None:
+    out = tmp_path / "T"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "lufreplay", "record", "-o", str(out), "--segment-seconds", "0.5", "--",
+         "sleep", "60"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while len(list((out / "sched").glob(schema.SEGMENT_GLOB))) < 3:
+            assert p.poll() is None, p.communicate()[1]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        # The orphaned `sleep` child: its pid is in the metadata written at start.
+        meta = json.loads((out / schema.META_FILE).read_text()) if (out / schema.META_FILE).exists() else {}
+        for pid in meta.get("target", {}).get("pids", []):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    t = open_trace(out, validate=True)
+    assert t.n_segments >= 3
+    assert t.meta.get("complete") is not True
+    assert t.table("sched").num_rows > 0
+    assert not list(out.rglob("*.tmp")) or all(f.name.startswith(".") for f in out.rglob("*.tmp"))
+
+
+@pytest.mark.bpf
+def test_bad_input_gives_one_line_errors(tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    r = lr_record("-o", str(tmp_path / "a"), "-p", str(dead.pid))
+    assert r.returncode != 0 and r.stderr.strip() == f"lufreplay: error: -p {dead.pid}: no such process"
+    assert not (tmp_path / "a").exists()
+
+    existing = tmp_path / "b"
+    existing.mkdir()
+    (existing / "keep").write_text("x")
+    r = lr_record("-o", str(existing), "--", "true")
+    assert r.returncode != 0 and "already exists" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (existing / "keep").read_text() == "x"
+
+    r = lr_record("-o", str(tmp_path / "c"), "--", "/nonexistent/lufreplay-no-such-command")
+    assert r.returncode == 127 and "cannot start command" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+    r = lr_record("-o", str(tmp_path / "d"))
+    assert r.returncode != 0 and "nothing to record" in r.stderr
+
+    r = lr_record("-o", str(tmp_path / "e"), "--buffer-size", "3M", "--", "true")
+    assert r.returncode != 0 and "power of two" in r.stderr
+
+
+def test_dump_bpf_prints_the_program_with_its_flags() -> None:
+    r = lr_record("--dump-bpf", timeout=60)
+    assert r.returncode == 0, r.stderr
+    for name, kid in schema.RAW_KIND.items():
+        assert f"#define K_{name.upper()} {kid}\n" in r.stdout
+    assert "TRACEPOINT_PROBE(kmem, mm_page_free)" in r.stdout
+    assert "#define LR_FILTER 1" in r.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# The decoder on hand-built records (no BPF needed)
+# --------------------------------------------------------------------------------------------------
+
+
+def _recs(n: int, kind: str) -> np.ndarray:
+    r = np.zeros(n, dtype=schema.RAW_RECORD)
+    r["ts"] = np.arange(1, n + 1) * 1000
+    r["kind"] = schema.RAW_KIND[kind]
+    r["pid"] = r["tgid"] = 42
+    return r
+
+
+CAL = {"type_shift": 59, "mig_read": 28, "swp_pfn_bits": 34}
+
+
+def _mig_entry(typ: int, pfn: int, dirty: bool) -> int:
+    offset = pfn | (int(dirty) << 35)
+    return ((typ << 59) | (((~offset) & ((1 << 50) - 1)) << 9)) & ((1 << 64) - 1)
+
+
+def test_decode_migration_entries_and_present_ptes() -> None:
+    r = _recs(4, "migrate")
+    r["x"] = [0, 0, 1, 4]
+    r["a"] = [0x7F0000001000, 0x7F0000002000, 0x7F0000001000, 2]
+    r["b"] = [_mig_entry(30, 0x12345, True), _mig_entry(28, 0x777, False), (0x54321 << 12) | 0x67 | (1 << 63), 0]
+    r["c"] = [0, 0, 0, 0]
+    out = decode.decode(r, decode.DecodeContext(calibration=CAL))["migrate"].to_pandas()
+    assert list(out["mig_type_name"].astype(str)[:2]) == ["write", "read"]
+    assert list(out["pfn"]) == [0x12345, 0x777, 0x54321, -1]
+    assert list(out["writable"]) == [True, False, True, False]
+    assert list(out["dirty"][:2]) == [True, False]
+    assert out["mode_name"].astype(str).iloc[3] == "sync" and out["mode"].iloc[0] == -1
+
+
+def test_decode_syscall_packing_and_task_columns() -> None:
+    r = _recs(2, "syscall")
+    flags = 0x7C000022  # MAP_HUGE_* bits above 24 must survive the split packing
+    dur = 123_456_789
+    r["x"] = [0 | ((flags & 0xFFFFFF) << 8), 1]
+    r["e"] = [dur | ((flags >> 24) << 40), 5]
+    r["d"] = np.array([-12, 0], dtype=np.int64).view(np.uint64)
+    out = decode.decode(r, decode.DecodeContext())["syscall"].to_pandas()
+    assert list(out["nr_name"].astype(str)) == ["mmap", "munmap"]
+    assert out["arg3"].iloc[0] == flags and out["duration_ns"].iloc[0] == dur
+    assert list(out["ret"]) == [-12, 0]
+    assert list(out["ts_ns"]) == [1000, 2000] and list(out["tgid"]) == [42, 42]
+
+
+def test_decode_splits_kinds_into_tables_and_resolves_symbols() -> None:
+    a, b, c = _recs(3, "csd_queue_cpu"), _recs(2, "sched_switch"), _recs(1, "ipi_send_cpumask")
+    a["a"], a["b"] = [1, 0, 1], [0x1000, 0x1000, 0x2000]
+    b["c"] = np.frombuffer(b"kswapd0\0\0\0\0\0\0\0\0\0" + b"python3\0garbage!", dtype=np.uint64)[[0, 2]]
+    b["d"] = np.frombuffer(b"kswapd0\0\0\0\0\0\0\0\0\0" + b"python3\0garbage!", dtype=np.uint64)[[1, 3]]
+    c["a"] = 0b1011
+    seen: list[int] = []
+
+    def resolve(addr: int) -> str:
+        seen.append(addr)
+        return f"fn{addr:x}+0x0"
+
+    ctx = decode.DecodeContext(resolve=resolve, is_kthread=lambda pids: np.ones(len(pids), bool))
+    out = decode.decode(np.concatenate([a, b, c]), ctx)
+    assert set(out) == {"shootdown", "sched", "ipi"}
+    assert list(out["shootdown"].column("callsite").to_pylist()) == ["fn1000+0x0", "fn1000+0x0", "fn2000+0x0"]
+    assert sorted(seen) == [0, 0x1000, 0x2000]  # each address resolved once (the ipi callback is 0)
+    assert out["sched"].column("prev_comm").to_pylist() == ["kswapd0", "python3"]
+    assert out["ipi"].column("nr_targets").to_pylist() == [3]
