@@ -159,12 +159,20 @@ def report(
     raise typer.Exit(run_report(trace, output, settings=set_ or []))
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,  # `workload NAME --help` belongs to the workload's own parser
+)
 def workload(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="mmap-stream | anon-churn | cow-fork | mixed-file | compact")],
+    name: Annotated[
+        str | None, typer.Argument(help="mmap-stream | anon-churn | cow-fork | mixed-file | compact")
+    ] = None,
 ) -> None:
     """Run a built-in workload that reproduces a memory behaviour LUF cares about (`lufreplay workload NAME --help`)."""
+    if name is None or name in ("-h", "--help"):
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0 if name else 2)
     from lufreplay.workloads import run_workload
 
     raise typer.Exit(run_workload(name, list(ctx.args)))
