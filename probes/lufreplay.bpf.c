@@ -12,6 +12,8 @@
  *   LR_FILTER         defined: per-target families only for tgids in `targets`
  *   LR_SELF_TGID      the recorder itself (never traced in per-target or file families)
  *   LR_RAW_IPI        defined: tlb/csd/ipi probes are raw tracepoints (per-program recursion guard)
+ *   LR_RAW_PAGE       defined: page allocator probes are raw tracepoints; with
+ *   LR_VMEMMAP_BASE, LR_STRUCT_PAGE_SIZE  page pointer -> pfn constants (calibrated at record start)
  *   LR_SWP_PFN_BITS, LR_MIG_READ  migration-entry decoding constants (host-probing §4.5)
  */
 #include <uapi/linux/ptrace.h>
@@ -636,12 +638,8 @@ static __always_inline void page_rec(u32 event, u32 source, u32 order, u64 pfn, 
     emit(&r, K_PAGE);
 }
 
-TRACEPOINT_PROBE(kmem, mm_page_free)
+static __always_inline void on_page_free(u64 pfn, u32 order)
 {
-    if (!recording())
-        return 0;
-    u64 pfn = (u64)args->pfn;
-    u32 order = (u32)args->order;
     total_add(1, order);
     u32 src = 0;
     if (victims.lookup(&pfn)) {
@@ -656,24 +654,177 @@ TRACEPOINT_PROBE(kmem, mm_page_free)
             src = SRC_RECLAIM_OTHER;
     }
     if (!src)
-        return 0;
+        return;
     range_op(pfn, order, 0);
     page_rec(PE_FREE, src, order, pfn, 0, -1, 0, order <= 10 ? (1U << order) : 0);
+}
+
+static __always_inline void on_page_alloc(u64 pfn, u32 order, u64 gfp, s64 mt)
+{
+    total_add(0, order);
+    u32 cnt = range_op(pfn, order, 2);
+    if (cnt)
+        page_rec(PE_ALLOC, 0, order, pfn, gfp, mt, 0, cnt);
+}
+
+static __always_inline void on_page_pcpu_drain(u64 pfn, u32 order, s64 mt)
+{
+    u32 cnt = range_op(pfn, order, 1);
+    if (cnt)
+        page_rec(PE_PCPU_DRAIN, 0, order, pfn, 0, mt, 0, cnt);
+}
+
+static __always_inline void on_page_zone_locked(u64 pfn, u32 order, s64 mt, u64 refill)
+{
+    u32 cnt = range_op(pfn, order, 1);
+    if (cnt)
+        page_rec(PE_ZONE_LOCKED, 0, order, pfn, 0, mt, refill, cnt);
+}
+
+#ifdef LR_RAW_PAGE
+/* Raw tracepoints: a per-program recursion guard instead of the per-CPU one all classic tracepoint
+ * programs share, so a page freed in IRQ context is not lost because some other program was running.
+ * They get `struct page *`; pfn = (page - vmemmap_base) / sizeof(struct page), both measured at record
+ * start (lufreplay/capture/calibrate.py). Pointer arithmetic only: nothing is dereferenced.
+ *
+ * A raw program is still skipped when an IRQ-context event interrupts that same program. So each page
+ * tracepoint gets a second program, attached after the first (it runs second on every hit): it does the
+ * work only when the first one is mid-run on this CPU, i.e. when the kernel skipped the first for this
+ * nested event. Losses are then the first program's recursion misses minus `rescued`. */
+#define PAGE_PFN(p) (((u64)(p) - LR_VMEMMAP_BASE) / LR_STRUCT_PAGE_SIZE)
+#define PG_FREE 0
+#define PG_ALLOC 1
+#define PG_PCPU_DRAIN 2
+#define PG_ZONE_LOCKED 3
+
+BPF_PERCPU_ARRAY(page_busy, u32, 4); /* the first program of page probe i is running on this CPU */
+BPF_PERCPU_ARRAY(rescued, u64, 4);   /* nested events handled by the second program */
+
+static __always_inline u32 *page_enter(int i)
+{
+    u32 *b = page_busy.lookup(&i);
+    if (b)
+        *b = 1;
+    return b;
+}
+
+static __always_inline int page_nested(int i)
+{
+    u32 *b = page_busy.lookup(&i);
+    if (!b || !*b)
+        return 0;
+    u64 *r = rescued.lookup(&i);
+    if (r)
+        (*r)++;
+    return 1;
+}
+
+static __always_inline void raw_page_free(struct bpf_raw_tracepoint_args *ctx)
+{
+    u64 page = ctx->args[0];
+    if (recording() && page)
+        on_page_free(PAGE_PFN(page), (u32)ctx->args[1]);
+}
+
+static __always_inline void raw_page_alloc(struct bpf_raw_tracepoint_args *ctx)
+{
+    u64 page = ctx->args[0];
+    if (recording() && page) /* NULL: failed allocation */
+        on_page_alloc(PAGE_PFN(page), (u32)ctx->args[1], (u32)ctx->args[2], (s32)ctx->args[3]);
+}
+
+static __always_inline void raw_page_pcpu_drain(struct bpf_raw_tracepoint_args *ctx)
+{
+    u64 page = ctx->args[0];
+    if (recording() && page)
+        on_page_pcpu_drain(PAGE_PFN(page), (u32)ctx->args[1], (s32)ctx->args[2]);
+}
+
+static __always_inline void raw_page_zone_locked(struct bpf_raw_tracepoint_args *ctx)
+{
+    u64 page = ctx->args[0];
+    if (recording() && page)
+        on_page_zone_locked(PAGE_PFN(page), (u32)ctx->args[1], (s32)ctx->args[2], (s32)ctx->args[3]);
+}
+
+RAW_TRACEPOINT_PROBE(mm_page_free)
+{
+    u32 *b = page_enter(PG_FREE);
+    raw_page_free(ctx);
+    if (b)
+        *b = 0;
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(mm_page_alloc)
+{
+    u32 *b = page_enter(PG_ALLOC);
+    raw_page_alloc(ctx);
+    if (b)
+        *b = 0;
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(mm_page_pcpu_drain)
+{
+    u32 *b = page_enter(PG_PCPU_DRAIN);
+    raw_page_pcpu_drain(ctx);
+    if (b)
+        *b = 0;
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(mm_page_alloc_zone_locked)
+{
+    u32 *b = page_enter(PG_ZONE_LOCKED);
+    raw_page_zone_locked(ctx);
+    if (b)
+        *b = 0;
+    return 0;
+}
+
+/* The second programs (attached by lufreplay/capture/probes.py after the ones above). */
+int lr_nested_mm_page_free(struct bpf_raw_tracepoint_args *ctx)
+{
+    if (page_nested(PG_FREE))
+        raw_page_free(ctx);
+    return 0;
+}
+
+int lr_nested_mm_page_alloc(struct bpf_raw_tracepoint_args *ctx)
+{
+    if (page_nested(PG_ALLOC))
+        raw_page_alloc(ctx);
+    return 0;
+}
+
+int lr_nested_mm_page_pcpu_drain(struct bpf_raw_tracepoint_args *ctx)
+{
+    if (page_nested(PG_PCPU_DRAIN))
+        raw_page_pcpu_drain(ctx);
+    return 0;
+}
+
+int lr_nested_mm_page_alloc_zone_locked(struct bpf_raw_tracepoint_args *ctx)
+{
+    if (page_nested(PG_ZONE_LOCKED))
+        raw_page_zone_locked(ctx);
+    return 0;
+}
+#else
+TRACEPOINT_PROBE(kmem, mm_page_free)
+{
+    if (!recording())
+        return 0;
+    on_page_free((u64)args->pfn, (u32)args->order);
     return 0;
 }
 
 TRACEPOINT_PROBE(kmem, mm_page_alloc)
 {
-    if (!recording())
-        return 0;
-    if (args->pfn == (unsigned long)-1)
+    if (!recording() || args->pfn == (unsigned long)-1)
         return 0; /* failed allocation */
-    u64 pfn = (u64)args->pfn;
-    u32 order = (u32)args->order;
-    total_add(0, order);
-    u32 cnt = range_op(pfn, order, 2);
-    if (cnt)
-        page_rec(PE_ALLOC, 0, order, pfn, args->gfp_flags, args->migratetype, 0, cnt);
+    on_page_alloc((u64)args->pfn, (u32)args->order, args->gfp_flags, args->migratetype);
     return 0;
 }
 
@@ -681,11 +832,7 @@ TRACEPOINT_PROBE(kmem, mm_page_pcpu_drain)
 {
     if (!recording())
         return 0;
-    u64 pfn = (u64)args->pfn;
-    u32 order = (u32)args->order;
-    u32 cnt = range_op(pfn, order, 1);
-    if (cnt)
-        page_rec(PE_PCPU_DRAIN, 0, order, pfn, 0, args->migratetype, 0, cnt);
+    on_page_pcpu_drain((u64)args->pfn, (u32)args->order, args->migratetype);
     return 0;
 }
 
@@ -693,13 +840,10 @@ TRACEPOINT_PROBE(kmem, mm_page_alloc_zone_locked)
 {
     if (!recording())
         return 0;
-    u64 pfn = (u64)args->pfn;
-    u32 order = (u32)args->order;
-    u32 cnt = range_op(pfn, order, 1);
-    if (cnt)
-        page_rec(PE_ZONE_LOCKED, 0, order, pfn, 0, args->migratetype, args->percpu_refill, cnt);
+    on_page_zone_locked((u64)args->pfn, (u32)args->order, args->migratetype, args->percpu_refill);
     return 0;
 }
+#endif
 
 /* ---------------------------------------------------------------- per-target: faults and syscalls */
 

@@ -95,7 +95,10 @@ def checks(det: dict[str, Any]) -> list[dict[str, Any]]:
     )
     att = det["attach"]
     for kind, fix in (
-        ("raw_tracepoint", "the flush/IPI probes fall back to classic tracepoints (more recursion misses)"),
+        (
+            "raw_tracepoint",
+            "the flush/IPI and page allocator probes fall back to classic tracepoints (more recursion misses)",
+        ),
         ("tp_btf", "not needed: classic tracepoints are used"),
         ("fentry", "would give exact reclaim unmap identity; needs a kernel allowing BPF trampolines"),
         ("kprobe", "needs CONFIG_KPROBES=y; would give exact batch cpumasks (arch_tlbbatch_flush)"),
@@ -103,6 +106,22 @@ def checks(det: dict[str, Any]) -> list[dict[str, Any]]:
         a = att[kind]
         detail = a.get("error") or ("loaded and attached" + (f", fired {a['fired']} times" if "fired" in a else ""))
         out.append(_check(f"attach {kind}", a.get("ok"), detail, "" if a.get("ok") else fix))
+    cal = det.get("page_pfn", {})
+    out.append(
+        _check(
+            "struct page → pfn calibration",
+            cal.get("ok"),
+            (
+                f"{cal.get('agreeing')}/{cal.get('pairs')} classic/raw mm_page_alloc pairs agree on one vmemmap base;"
+                f" sizeof(struct page) = {cal.get('struct_page_size')}"
+            )
+            if cal.get("ok")
+            else str(cal.get("error") or "not tried"),
+            ""
+            if cal.get("ok")
+            else "page allocator probes use classic tracepoints: page frees in IRQ context may be lost",
+        )
+    )
     btf = det["btf"]
     out.append(_check("BTF", btf["vmlinux"], btf["path"] if btf["vmlinux"] else "no /sys/kernel/btf/vmlinux", ""))
     pmu = det["pmu_tlb"]
@@ -173,12 +192,13 @@ def checks(det: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _attach_types(raw_ok: bool) -> dict[str, str]:
-    """Tracepoint → attach type the recorder will use (it prefers raw tracepoints where they work)."""
+def _attach_types(raw_ok: bool, page_ok: bool) -> dict[str, str]:
+    """Tracepoint → attach type the recorder will use (it prefers raw tracepoints where they work; the page
+    allocator ones also need the struct page pointer → pfn calibration)."""
     try:
         from lufreplay.capture import probes
 
-        return probes.attach_types(raw_ok)
+        return probes.attach_types(raw_ok, raw_ok and page_ok)
     except Exception:
         return {}
 
@@ -204,7 +224,8 @@ def families(det: dict[str, Any]) -> list[dict[str, Any]]:
     def add(name: str, fidelity: str, attach: str, source: str, note: str = "", fix: str = "") -> None:
         out.append({"family": name, "fidelity": fidelity, "attach": attach, "source": source, "note": note, "fix": fix})
 
-    attach_of = _attach_types(bool(det["attach"]["raw_tracepoint"].get("ok")))
+    page_cal = det.get("page_pfn", {})
+    attach_of = _attach_types(bool(det["attach"]["raw_tracepoint"].get("ok")), bool(page_cal.get("ok")))
 
     def attach(fam: str) -> str:
         return "+".join(sorted({attach_of.get(tp, "tracepoint") for tp in features.TRACEPOINTS.get(fam, ())}))
@@ -247,7 +268,12 @@ def families(det: dict[str, Any]) -> list[dict[str, Any]]:
     )
     tp_family("page_cache", "page-cache removals (pfn, dev, ino, index, order)")
     tp_family("migration", "migration (old/new pfn, READ/READ_EXCLUSIVE/WRITE)", "decoded from migration entries")
-    tp_family("page", "page frees and re-allocation of tracked pfns", "linked in kernel, O(1) per event")
+    tp_family(
+        "page",
+        "page frees and re-allocation of tracked pfns",
+        "linked in kernel, O(1) per event"
+        + ("; pfn from the struct page pointer (calibrated at record start)" if page_cal.get("ok") else ""),
+    )
     tp_family("fault", "user page faults (address, write)")
     tp_family("syscall", "mapping syscalls and file writes (with results)")
     tp_family(

@@ -277,12 +277,12 @@ def kernel_headers() -> dict[str, Any]:
     return out
 
 
-def _run_trial(which: str, timeout: float) -> dict[str, Any]:
-    """Run one ``_trials.py`` group in a child process with a deadline."""
+def _run_trial(which: str, timeout: float, argv: list[str] | None = None) -> dict[str, Any]:
+    """Run one ``_trials.py`` group (or ``argv``) in a child process with a deadline."""
     t0 = time.monotonic()
     try:
         p = subprocess.run(
-            [sys.executable, str(TRIALS), which], capture_output=True, text=True, timeout=timeout, check=False
+            argv or [sys.executable, str(TRIALS), which], capture_output=True, text=True, timeout=timeout, check=False
         )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s", "elapsed_s": round(time.monotonic() - t0, 3)}
@@ -321,12 +321,15 @@ def detect(trials: bool = True) -> dict[str, Any]:
     t0 = time.monotonic()
     root = os.geteuid() == 0
     det: dict[str, Any] = {"root": root, "euid": os.geteuid()}
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=3)
     futures: dict[str, concurrent.futures.Future[dict[str, Any]]] = {}
     if trials and root:
         # The bcc compile takes seconds: start both trials first and read files meanwhile.
         futures["bcc"] = pool.submit(_run_trial, "bcc", BCC_TIMEOUT_S)
         futures["bpf"] = pool.submit(_run_trial, "bpf", BPF_TIMEOUT_S)
+        # The struct page → pfn calibration `record` runs before loading: it decides raw vs classic page probes.
+        calib = [sys.executable, "-m", "lufreplay.capture.calibrate"]
+        futures["page_pfn"] = pool.submit(_run_trial, "page_pfn", BCC_TIMEOUT_S, calib)
     try:
         det["capabilities"] = capabilities()
         det["sysctl"] = sysctls()
@@ -355,12 +358,14 @@ def detect(trials: bool = True) -> dict[str, Any]:
         if futures:
             bcc = futures["bcc"].result()
             bpf = futures["bpf"].result()
+            page_pfn = futures["page_pfn"].result()
         else:
             bcc = {
                 "import": _bcc_importable(),
                 "error": "not tried: " + ("needs root" if trials else "trials disabled"),
             }
             bpf = {}
+            page_pfn = {}
     finally:
         pool.shutdown(wait=True)
 
@@ -381,6 +386,7 @@ def detect(trials: bool = True) -> dict[str, Any]:
         "kprobe": bcc.get("kprobe") or skipped("loading a BPF program", bcc),
     }
     det["ringbuf"] = bpf.get("ringbuf") or skipped("creating a BPF map", bpf)
+    det["page_pfn"] = page_pfn if "ok" in page_pfn else {**skipped("loading a BPF program", page_pfn)}
     det["pmu_tlb"] = bpf.get("pmu_tlb") or skipped("perf_event_open of a hardware event", bpf)
     det["libbpf"] = bpf.get("libbpf")
     det["detect_s"] = round(time.monotonic() - t0, 3)

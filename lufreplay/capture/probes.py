@@ -25,9 +25,9 @@ BCC_PATH = "/usr/lib/python3/dist-packages"
 #: The TLB flush function whose csd_queue_cpu events are remote shootdowns, per architecture.
 FLUSH_FUNC = {"x86_64": "flush_tlb_func"}
 
-#: Every tracepoint the program attaches to, with the raw kind its records carry. The first four may be
-#: attached as raw tracepoints (per-program recursion guard: an IPI-context run is not skipped just
-#: because another BPF program was running on that CPU).
+#: Every tracepoint the program attaches to, with the raw kind its records carry. The IPI-side ones and
+#: the page allocator ones may be attached as raw tracepoints (per-program recursion guard: an IRQ-context
+#: run is not skipped just because another BPF program was running on that CPU).
 TRACEPOINTS: dict[str, str] = {
     "tlb:tlb_flush": "tlb_flush",
     "csd:csd_queue_cpu": "csd_queue_cpu",
@@ -75,6 +75,12 @@ TRACEPOINTS: dict[str, str] = {
     "sched:sched_process_exit": "proc",
 }
 RAW_CAPABLE = ("tlb:tlb_flush", "csd:csd_queue_cpu", "ipi:ipi_send_cpu", "ipi:ipi_send_cpumask")
+#: Page allocator tracepoints: raw only with a vmemmap calibration (they carry ``struct page *``, not pfn).
+#: Order = index of the ``rescued`` map in probes/lufreplay.bpf.c (PG_FREE ...).
+RAW_PAGE = ("kmem:mm_page_free", "kmem:mm_page_alloc", "kmem:mm_page_pcpu_drain", "kmem:mm_page_alloc_zone_locked")
+#: Name prefix of the second program of each raw page probe, which only runs the nested events the first
+#: program was skipped for; its own recursion misses lose nothing (see probes/lufreplay.bpf.c).
+NESTED_PREFIX = "lr_nested_"
 #: Which ``schema`` table each raw kind feeds (rss_stat feeds ``unmap``, also ``mm`` via its own kind).
 KIND_TABLE = {
     "tlb_flush": "tlb_flush",
@@ -188,6 +194,12 @@ class BuildOptions:
     self_tgid: int = field(default_factory=os.getpid)
     raw_ipi: bool = True
     calibration: dict[str, Any] = field(default_factory=migration_calibration)
+    #: (vmemmap base, sizeof(struct page)) from ``calibrate``; None keeps the page probes classic.
+    page_pfn: tuple[int, int] | None = None
+
+    @property
+    def raw_page(self) -> bool:
+        return self.page_pfn is not None
 
 
 def cflags(opts: BuildOptions) -> list[str]:
@@ -205,6 +217,9 @@ def cflags(opts: BuildOptions) -> list[str]:
         flags.append("-DLR_FILTER=1")
     if opts.raw_ipi:
         flags.append("-DLR_RAW_IPI=1")
+    if opts.page_pfn is not None:
+        base, size = opts.page_pfn
+        flags += ["-DLR_RAW_PAGE=1", f"-DLR_VMEMMAP_BASE={base:#x}ULL", f"-DLR_STRUCT_PAGE_SIZE={size}ULL"]
     return flags
 
 
@@ -214,18 +229,26 @@ def program_text(opts: BuildOptions) -> str:
     for f in cflags(opts):
         name, _, value = f[2:].partition("=")
         defines.append(f"#define {name} {value}")
-    head = "/* lufreplay: compiled-in flags */\n" + "\n".join(defines) + "\n\n"
+    note = ""
+    if opts.page_pfn is None:
+        note = "/* record adds LR_RAW_PAGE, LR_VMEMMAP_BASE and LR_STRUCT_PAGE_SIZE once calibrated at start */\n"
+    head = "/* lufreplay: compiled-in flags */\n" + note + "\n".join(defines) + "\n\n"
     return head + PROBE_SOURCE.read_text()
 
 
-def attach_types(raw_ipi: bool) -> dict[str, str]:
-    """tracepoint ("group:name") → attach type used."""
-    return {tp: ("raw_tracepoint" if raw_ipi and tp in RAW_CAPABLE else "tracepoint") for tp in TRACEPOINTS}
+def attach_types(raw_ipi: bool, raw_page: bool = False) -> dict[str, str]:
+    """tracepoint ("group:name") → attach type used, given which raw groups load (``raw_page`` also
+    needs a successful vmemmap calibration)."""
+
+    def raw(tp: str) -> bool:
+        return (raw_ipi and tp in RAW_CAPABLE) or (raw_page and tp in RAW_PAGE)
+
+    return {tp: ("raw_tracepoint" if raw(tp) else "tracepoint") for tp in TRACEPOINTS}
 
 
-def probes_meta(raw_ipi: bool) -> dict[str, dict[str, Any]]:
+def probes_meta(raw_ipi: bool, raw_page: bool = False) -> dict[str, dict[str, Any]]:
     """``meta.probes``: per raw kind, its tracepoints and the attach type used."""
-    at = attach_types(raw_ipi)
+    at = attach_types(raw_ipi, raw_page)
     out: dict[str, dict[str, Any]] = {}
     for tp, kind in TRACEPOINTS.items():
         d = out.setdefault(kind, {"tracepoint": tp, "tracepoints": [], "attach": at[tp], "table": KIND_TABLE[kind]})
@@ -237,13 +260,15 @@ def probes_meta(raw_ipi: bool) -> dict[str, dict[str, Any]]:
 class LoadedProgram:
     """A loaded and attached program: the bcc object plus what was compiled in."""
 
-    def __init__(self, bpf: Any, opts: BuildOptions) -> None:
+    def __init__(self, bpf: Any, opts: BuildOptions, load_errors: list[str] | None = None) -> None:
         self.bpf = bpf
         self.opts = opts
+        #: Why the builds tried before this one failed (raw tracepoints refused, say).
+        self.load_errors = load_errors or []
 
     @property
     def attach(self) -> dict[str, str]:
-        return attach_types(self.opts.raw_ipi)
+        return attach_types(self.opts.raw_ipi, self.opts.raw_page)
 
     def set_state(self, state: int) -> None:
         """0 not started, 1 recording, 2 stopped (every program checks this first)."""
@@ -265,6 +290,13 @@ class LoadedProgram:
     def totals(self) -> dict[str, int]:
         arr = self.bpf["totals"]
         return {"pages_allocated": int(sum(arr[ct.c_int(0)])), "pages_freed": int(sum(arr[ct.c_int(1)]))}
+
+    def rescued(self) -> dict[str, int]:
+        """Raw page probe program name → nested events its second program handled (0s when classic)."""
+        if not self.opts.raw_page:
+            return {}
+        arr = self.bpf[b"rescued"]
+        return {f"raw_tracepoint__{tp.split(':', 1)[1]}": int(sum(arr[ct.c_int(i)])) for i, tp in enumerate(RAW_PAGE)}
 
     def ring_fd(self) -> int:
         return int(self.bpf["events"].map_fd)
@@ -289,18 +321,44 @@ class LoadedProgram:
 
 
 def load(opts: BuildOptions) -> LoadedProgram:
-    """Compile, load and attach. Raw tracepoints are tried first for the IPI-side probes; on failure the
-    program is rebuilt with classic tracepoints (found by trying, never from version strings)."""
+    """Compile, load and attach. Raw tracepoints are tried first (IPI side, and the page allocator if
+    calibrated); on failure the program is rebuilt with classic tracepoints (found by trying, never from
+    version strings). ``opts`` is left describing what was loaded."""
     bcc = import_bcc()
     errors: list[str] = []
-    for raw in [True, False] if opts.raw_ipi else [False]:
-        opts.raw_ipi = raw
+    page_pfn = opts.page_pfn
+    tries = [(opts.raw_ipi, page_pfn)]
+    if page_pfn is not None:
+        tries.append((opts.raw_ipi, None))
+    if opts.raw_ipi:
+        tries.append((False, None))
+    for raw, pfn in tries:
+        opts.raw_ipi, opts.page_pfn = raw, pfn
+        bpf = None
         try:
             bpf = bcc.BPF(src_file=str(PROBE_SOURCE).encode(), cflags=cflags(opts))
-            return LoadedProgram(bpf, opts)
+            if opts.raw_page:
+                _attach_nested(bcc, bpf)
+            return LoadedProgram(bpf, opts, errors)
         except Exception as e:  # bcc raises bare Exception for compile, load and attach failures
             errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            if bpf is not None:
+                bpf.cleanup()
     raise ProbeError(f"cannot load the BPF program: {errors[-1]}")
+
+
+def _attach_nested(bcc: Any, bpf: Any) -> None:
+    """Attach the second program of each raw page probe, after the first (so it runs second on a hit).
+
+    bcc keeps one raw tracepoint per name, so the link goes in under its own key; ``cleanup`` closes it.
+    """
+    for tp in RAW_PAGE:
+        name = tp.split(":", 1)[1]
+        fn = bpf.load_func(f"{NESTED_PREFIX}{name}".encode(), bcc.BPF.RAW_TRACEPOINT)
+        fd = bcc.libbcc.lib.bpf_attach_raw_tracepoint(fn.fd, name.encode())
+        if fd < 0:
+            raise ProbeError(f"cannot attach the second raw tracepoint program of {tp}")
+        bpf.raw_tracepoint_fds[f"{name}/nested".encode()] = fd
 
 
 # --------------------------------------------------------------------------------------------------

@@ -40,6 +40,11 @@ PF_KTHREAD = 0x00200000
 MAPPING_SYSCALLS = (0, 1, 2, 3, 4)  # mmap, munmap, mprotect, madvise, mremap
 #: The program whose recursion misses lose no recorded row (see probes/lufreplay.bpf.c).
 IGNORED_MISS_SUFFIX = "tlb_flush"
+IGNORED_WHY = (
+    "a skipped (nested) tlb_flush run is an IPI-context receiving-side flush (reasons 1/5), which is not"
+    " recorded; a skipped lr_nested_* run is an event its first program handled (or, nested twice, one"
+    " counted in that program's losses); no recorded row is missing"
+)
 
 
 class RecordError(Exception):
@@ -528,6 +533,7 @@ class Recorder:
         from lufreplay.trace.writer import TraceWriter
 
         o = self.opts
+        page_pfn = self._calibrate_page_pfn(build)
         t_load = time.monotonic()
         try:
             self.prog = probes.load(build)
@@ -535,6 +541,12 @@ class Recorder:
             raise RecordError(str(e)) from None
         load_s = time.monotonic() - t_load
         prog = self.prog
+        if page_pfn.get("ok") and not build.raw_page:
+            page_pfn["attach"] = "tracepoint"
+            page_pfn["fallback"] = f"raw page probes did not load: {prog.load_errors[0] if prog.load_errors else '?'}"
+            sys.stderr.write(
+                f"lufreplay: warning: {page_pfn['fallback']}; page allocator probes use classic tracepoints\n"
+            )
         try:
             if mode == "command":
                 self.child = Child(argv)
@@ -569,7 +581,8 @@ class Recorder:
                     "memory_limit": limit,
                     "memory_cgroup_version": self.cgroup.version if self.cgroup else None,
                 },
-                "probes": probes.probes_meta(build.raw_ipi),
+                "probes": probes.probes_meta(build.raw_ipi, build.raw_page),
+                "page_pfn": page_pfn,
                 "tracepoint_formats": formats,
                 "enums": {
                     "tlb_flush_reason": schema.TLB_FLUSH_REASON,
@@ -591,6 +604,7 @@ class Recorder:
             start_ns = _monotonic_ns()
             start_counters = procfs.counter_rows(0, start_ns)
             misses0 = prog.recursion_misses()
+            rescued0 = prog.rescued()
             self.seg = SegmentWriter(self.writer, ctx, start_ns, int(o.segment_seconds * 1e9))
             self.seg.start()
             self.seg.put_table("counters", start_counters)
@@ -608,18 +622,21 @@ class Recorder:
             end_counters = procfs.counter_rows(1, end_ns)
             extra = {**prog.totals(), **_recorder_usage()}
             misses1 = prog.recursion_misses()
+            rescued1 = prog.rescued()
             self.seg.put_table("counters", end_counters)
             self.seg.put_table("counters", recorder_counter_rows(1, end_ns, extra))
             time.sleep(0.01)  # let programs that passed the state check before the flip commit their records
             self.seg.put_raw(consumer.drain(), end_ns)
             self._read_losses(end_ns)
             ignored: dict[str, int] = {}
+            rescued = {k: v - rescued0.get(k, 0) for k, v in rescued1.items()}
             for name, m in misses1.items():
-                d = m - misses0.get(name, 0)
+                # A raw page probe's skipped runs that its second program handled are not lost.
+                d = m - misses0.get(name, 0) - rescued.get(name, 0)
                 if d <= 0:
                     continue
-                if name.endswith(IGNORED_MISS_SUFFIX):
-                    ignored[name] = d  # nested = receiving-side flushes, which are not recorded anyway
+                if name.endswith(IGNORED_MISS_SUFFIX) or name.startswith(probes.NESTED_PREFIX):
+                    ignored[name] = d  # see IGNORED_WHY
                 else:
                     self.loss_rows.append((start_ns, end_ns, -1, name, 1, d))
             if self.loss_rows:
@@ -645,8 +662,8 @@ class Recorder:
                     "total": total_lost,
                     "by_probe": by_probe,
                     "ignored_recursion_misses": ignored,
-                    "ignored_why": "a skipped (nested) tlb_flush run is an IPI-context receiving-side flush"
-                    " (reasons 1/5), which is not recorded; no recorded row is missing",
+                    "ignored_why": IGNORED_WHY,
+                    "nested_rescued": {k: v for k, v in rescued.items() if v},
                 },
                 "events": self.seg.events,
                 "unknown_records": self.seg.unknown,
@@ -676,6 +693,29 @@ class Recorder:
                     self.prog.close()
                 except Exception:
                     pass
+
+    def _calibrate_page_pfn(self, build: probes.BuildOptions) -> dict[str, Any]:
+        """Measure vmemmap base and struct page size so the page allocator probes can be raw tracepoints;
+        on failure keep them classic and say so. Returns ``meta.page_pfn`` (the base itself is not kept)."""
+        from lufreplay.capture import calibrate
+
+        try:
+            cal = calibrate.calibrate()
+        except calibrate.CalibrationError as e:
+            summary: dict[str, Any] = {"ok": False, "error": str(e)}
+        except Exception as e:  # classic page probes always work: never let calibration stop a recording
+            summary = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        else:
+            summary = dict(cal.summary)
+            if cal.ok:
+                build.page_pfn = (cal.base, cal.size)
+        summary["attach"] = "raw_tracepoint" if build.raw_page else "tracepoint"
+        if not build.raw_page:
+            sys.stderr.write(
+                f"lufreplay: warning: page-pointer calibration failed ({summary.get('error', '?')}); page"
+                " allocator probes use classic tracepoints (frees in IRQ context may be lost)\n"
+            )
+        return summary
 
     def _workload_meta(self) -> dict[str, Any] | None:
         c = self.child
