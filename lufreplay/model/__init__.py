@@ -1,0 +1,15 @@
+"""Machine models of LUF and its baselines; every model consumes the same model-op stream (ops.py)."""
+
+from __future__ import annotations
+
+from lufreplay.model.base import Model, SafetyViolation
+from lufreplay.model.hold_before_free import HoldBeforeFree
+from lufreplay.model.luf_v11 import LufV11
+from lufreplay.model.luf_v12 import LufV12
+from lufreplay.model.oracle import Oracle
+from lufreplay.model.vanilla import Vanilla
+
+MODELS: dict[str, type[Model]] = {m.name: m for m in (Vanilla, LufV12, LufV11, HoldBeforeFree, Oracle)}
+DEFAULT_MODELS = ("vanilla", "luf-v12", "luf-v11", "hold-before-free", "oracle")
+
+__all__ = ["DEFAULT_MODELS", "MODELS", "Model", "SafetyViolation"]

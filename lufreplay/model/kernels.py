@@ -1,0 +1,216 @@
+"""Small numba helpers shared by the reconstructor and the model cores: CPU-mask algebra and flush accounting.
+
+CPU masks are uint64 bitsets, so at most 64 CPUs are modelled (ops.MAX_CPUS). Every flush a model performs goes
+through :func:`account_flush`, which is where remote IPIs are counted under exactly one cause; that is what makes
+``by_cause`` sum to the totals.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from lufreplay.model.ops import MAX_CPUS, NCAUSE, NMISC, TIMELINE_BINS
+
+U0 = np.uint64(0)
+U1 = np.uint64(1)
+M1 = np.uint64(0x5555555555555555)
+M2 = np.uint64(0x3333333333333333)
+M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
+H01 = np.uint64(0x0101010101010101)
+
+# Layout of a model's int64 accumulator vector ``acc`` (offsets are compile-time constants for numba).
+O_IPIS = 0
+O_EVENTS = O_IPIS + NCAUSE
+O_LOCAL = O_EVENTS + NCAUSE
+O_PERCPU = O_LOCAL + NCAUSE
+O_MISC = O_PERCPU + MAX_CPUS
+O_HOOK_CALLS = O_MISC + NMISC
+O_HOOK_NOIPI = O_HOOK_CALLS + 8
+O_TL = O_HOOK_NOIPI + 8
+O_HELD_TL = O_TL + TIMELINE_BINS
+O_FID_REC = O_HELD_TL + TIMELINE_BINS
+O_FID_EXPL = O_FID_REC + NCAUSE
+O_FID_PRED = O_FID_EXPL + NCAUSE
+RD_BINS = 36  # realloc delay: 4 bins per decade from 1 µs to 100 s, plus under/overflow
+O_RD = O_FID_PRED + NCAUSE
+O_REC_PERCPU = O_RD + RD_BINS  # recorded (vanilla): remote shootdowns received per CPU
+O_REC_EVENTS = O_REC_PERCPU + MAX_CPUS  # recorded flush events per cause
+O_REC_TL = O_REC_EVENTS + NCAUSE  # recorded remote shootdowns per timeline bin
+O_VIOL = O_REC_TL + TIMELINE_BINS  # safety violations (count, pfn, ts)
+ACC_SIZE = O_VIOL + 4
+
+# Log vector ``nlog``: [decisions written, stale requests written, done-history entries written, decision capacity]
+L_DEC, L_REQ, L_HIST = 0, 1, 2
+
+
+@numba.njit(cache=True)
+def bit(c):
+    return U1 << np.uint64(c)
+
+
+@numba.njit(cache=True)
+def popcount(x):
+    x = x - ((x >> U1) & M1)
+    x = (x & M2) + ((x >> np.uint64(2)) & M2)
+    x = (x + (x >> np.uint64(4))) & M4
+    return np.int64((x * H01) >> np.uint64(56))
+
+
+@numba.njit(cache=True)
+def notdone(mask, ugen, done):
+    """arch_tlbbatch_diet: the CPUs of ``mask`` whose done stamp is still below ``ugen``."""
+    out = U0
+    m = mask
+    c = 0
+    while m != U0:
+        if m & U1:
+            if done[c] < ugen:
+                out |= bit(c)
+        m >>= U1
+        c += 1
+    return out
+
+
+@numba.njit(cache=True)
+def mark_done(mask, g, done):
+    """Raise done[c] to ``g`` for every CPU of ``mask`` (never lowers it)."""
+    m = mask
+    c = 0
+    while m != U0:
+        if m & U1:
+            if done[c] < g:
+                done[c] = g
+        m >>= U1
+        c += 1
+
+
+@numba.njit(cache=True)
+def account_flush(ts, cpu, task, targets, cause, op, pfn, acc, tl, dec, nlog):
+    """Count one flush to ``targets`` sent by ``cpu``: remote IPIs per cause and per target CPU, local flush,
+    timeline bin, and (if a decision log is attached) one ``performed`` row. Returns the remote IPI count."""
+    remote = targets & ~bit(cpu)
+    n = popcount(remote)
+    acc[O_IPIS + cause] += n
+    if n > 0:
+        acc[O_EVENTS + cause] += 1
+        m = remote
+        c = 0
+        while m != U0:
+            if m & U1:
+                acc[O_PERCPU + c] += 1
+            m >>= U1
+            c += 1
+        b = (ts - tl[0]) // tl[1]
+        if b < 0:
+            b = 0
+        if b >= TIMELINE_BINS:
+            b = TIMELINE_BINS - 1
+        acc[O_TL + b] += n
+    if targets & bit(cpu):
+        acc[O_LOCAL + cause] += 1
+    log_decision(ts, 0, cause, cpu, task, targets, n, op, pfn, dec, nlog)
+    return n
+
+
+@numba.njit(cache=True)
+def log_decision(ts, kind, cause, cpu, task, targets, ipis, op, pfn, dec, nlog):
+    i = nlog[L_DEC]
+    if i < dec.shape[0]:
+        r = dec[i]
+        r["ts"] = ts
+        r["kind"] = kind
+        r["cause"] = cause
+        r["cpu"] = cpu
+        r["task"] = task
+        r["targets"] = targets
+        r["ipis"] = ipis
+        r["op"] = op
+        r["pfn"] = pfn
+        nlog[L_DEC] = i + 1
+
+
+@numba.njit(cache=True)
+def add_history(g, ts, mask, hist_g, hist_ts, hist_mask, nlog):
+    """Remember that CPUs ``mask`` became done up to ``g`` at ``ts`` (stale-window resolution)."""
+    i = nlog[L_HIST]
+    if i < hist_g.shape[0]:
+        hist_g[i] = g
+        hist_ts[i] = ts
+        hist_mask[i] = mask
+        nlog[L_HIST] = i + 1
+
+
+@numba.njit(cache=True)
+def add_request(ts, ugen, mask, pages, req_ts, req_ugen, req_mask, req_pages, nlog):
+    """A LUF'd folio: ``pages`` pages unmapped at ``ts`` whose stale entries on ``mask`` need done >= ``ugen``."""
+    i = nlog[L_REQ]
+    if i < req_ts.shape[0]:
+        req_ts[i] = ts
+        req_ugen[i] = ugen
+        req_mask[i] = mask
+        req_pages[i] = pages
+        nlog[L_REQ] = i + 1
+
+
+@numba.njit(cache=True)
+def timeline_bin(ts, tl):
+    b = (ts - tl[0]) // tl[1]
+    if b < 0:
+        return 0
+    if b >= TIMELINE_BINS:
+        return TIMELINE_BINS - 1
+    return b
+
+
+_ = NMISC  # re-exported for the layout above
+
+
+@numba.njit(cache=True)
+def resolve_stale(req_ugen, req_mask, hist_g, hist_ts, hist_mask, ncpu):
+    """For each request, the time its last owing CPU reached done >= ugen (-1 if not yet): the covering flush.
+
+    The history is in flush order, so each CPU's (g, ts) sequence is increasing and can be binary-searched."""
+    nh = hist_g.shape[0]
+    counts = np.zeros(ncpu + 1, np.int64)
+    for i in range(nh):
+        m = hist_mask[i]
+        c = 0
+        while m != U0 and c < ncpu:
+            if m & U1:
+                counts[c + 1] += 1
+            m >>= U1
+            c += 1
+    start = np.cumsum(counts)
+    fill = start[:ncpu].copy()
+    g_by = np.empty(max(start[ncpu], 1), np.int64)
+    ts_by = np.empty(max(start[ncpu], 1), np.int64)
+    for i in range(nh):
+        m = hist_mask[i]
+        c = 0
+        while m != U0 and c < ncpu:
+            if m & U1:
+                g_by[fill[c]] = hist_g[i]
+                ts_by[fill[c]] = hist_ts[i]
+                fill[c] += 1
+            m >>= U1
+            c += 1
+    out = np.empty(req_ugen.shape[0], np.int64)
+    for r in range(req_ugen.shape[0]):
+        cover = np.int64(0)
+        m = req_mask[r]
+        c = 0
+        while m != U0:
+            if m & U1:
+                lo = start[c] if c < ncpu else 0
+                hi = start[c + 1] if c < ncpu else 0
+                k = lo + np.searchsorted(g_by[lo:hi], req_ugen[r])
+                if k >= hi:
+                    cover = -1
+                    break
+                if ts_by[k] > cover:
+                    cover = ts_by[k]
+            m >>= U1
+            c += 1
+        out[r] = cover
+    return out

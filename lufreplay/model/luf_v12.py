@@ -1,0 +1,732 @@
+"""LUF RFC v12 (luf-model.md §2–§5, state machine §8): the default model.
+
+State (§8.1): ``G`` the global ugen, ``K`` the 16-bit key counter, ``KEY[65536] = {mask, ugen}``, ``done[cpu]``,
+``MMB`` per mm and ``ASB`` per file mapping (``{mask, ugen}``), the zone (``ZB_mask``, ``Z_lufugen``, ``Z_open``,
+``Z_done``, ``nr_luf_pages``), the batch being unmapped (``LUF_mask``, ``NONLUF_mask``, ``FOLIO_ro_mask``,
+``can_luf``) and, per page, its state (pcp key / buddy stamp / allocated) plus the shadow debt checked on every
+re-allocation (the safety invariant: a violation stops the replay).
+
+The loop below is one ``if`` per §8.2 event; the comments give the event number.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from lufreplay.model import ops as O
+from lufreplay.model.base import Model, SafetyViolation
+from lufreplay.model.kernels import (
+    L_REQ,
+    O_HOOK_CALLS,
+    O_HOOK_NOIPI,
+    O_MISC,
+    O_VIOL,
+    U0,
+    U1,
+    account_flush,
+    add_history,
+    add_request,
+    bit,
+    log_decision,
+    mark_done,
+    notdone,
+    popcount,
+)
+from lufreplay.model.state import (
+    P_BUDDY_CLEAN,
+    P_BUDDY_LUF,
+    P_NONE,
+    P_PCP_CLEAN,
+    P_PCP_LUF,
+    P_TAKEN,
+    P_UNMAPPED,
+    Y_CREDIT_NATURAL,
+    Y_EPOCH_LAT_NS,
+    Y_PCP_STRIKES,
+    Y_UNEXPLAINED_FLUSH,
+)
+
+NKEYS = 65536
+# scalar slots (int64 vector SC)
+G, KCTR, Z_OPEN, Z_DONE, Z_LUFUGEN, NR_LUF, Z_DONE_TS, Z_PREV_DONE, CAN_LUF, CUR_PFN, CUR_ORDER, CUR_TS, NBUF = range(
+    13
+)
+NSC = 13
+# uint64 scalar slots (SU)
+ZB_MASK, LUF_MASK, NONLUF_MASK, FOLIO_RO, COVERED = range(5)  # COVERED: LUF work folded by F11 this pass
+
+
+@numba.njit(cache=True)
+def _mi(name_idx):
+    return O_MISC + name_idx
+
+
+@numba.njit(cache=True)
+def _luf_flush(ts, cpu, task, mask, ugen, cause, op, pfn, SC, done, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask):
+    """The shared pattern of every luf_flush_* helper (§4): diet by ugen, flush what is left, mark it done."""
+    target = notdone(mask, ugen, done)
+    if target == U0:
+        if mask != U0:
+            acc[_mi(O.K_RETIRED_BY_DONE)] += popcount(mask & ~bit(cpu))
+            log_decision(ts, 2, cause, cpu, task, mask, 0, op, pfn, dec, nlog)
+        return 0
+    SC[G] += 1
+    g = SC[G]
+    n = account_flush(ts, cpu, task, target, cause, op, pfn, acc, tl, dec, nlog)
+    acc[_mi(O.K_FLUSHED_CPU_SLOTS)] += n
+    acc[_mi(O.K_RETIRED_BY_DONE)] += popcount(mask & ~target & ~bit(cpu))
+    mark_done(target, g, done)
+    add_history(g, ts, target, hist_g, hist_ts, hist_mask, nlog)
+    return n
+
+
+@numba.njit(cache=True)
+def _new_key(mask, SC, KEY_mask, KEY_ugen, done, acc):
+    """fold_unmap_luf step 2: next 16-bit key (0 skipped), merge into a live slot, fresh ugen."""
+    SC[KCTR] = (SC[KCTR] + 1) & 0xFFFF
+    if SC[KCTR] == 0:
+        SC[KCTR] = 1
+    k = SC[KCTR]
+    SC[G] += 1
+    u = SC[G]
+    if KEY_ugen[k] != 0:
+        old = notdone(KEY_mask[k], KEY_ugen[k], done)  # __fold_luf_batch: diet the old request first
+        if old != U0:
+            acc[_mi(O.K_KEY_MERGES)] += 1
+        KEY_mask[k] = old | mask
+    else:
+        KEY_mask[k] = mask
+    KEY_ugen[k] = u
+    return k
+
+
+@numba.njit(cache=True)
+def _safety(p, ts, done, sh_mask, sh_ugen, acc):
+    """The invariant: no pfn reaches a new owner while a CPU still owes a flush for it."""
+    acc[_mi(O.K_SAFETY_CHECKS)] += 1
+    if sh_mask[p] != U0 and notdone(sh_mask[p], sh_ugen[p], done) != U0:
+        if acc[O_VIOL] == 0:
+            acc[O_VIOL + 1] = p
+            acc[O_VIOL + 2] = ts
+        acc[O_VIOL] += 1
+        return False
+    sh_mask[p] = U0
+    sh_ugen[p] = 0
+    return True
+
+
+@numba.njit(cache=True)
+def _take_buddy(
+    ts,
+    cpu,
+    task,
+    pfn,
+    order,
+    can_sd,
+    SC,
+    SU,
+    done,
+    pstate,
+    pstamp,
+    punmap_task,
+    acc,
+    tl,
+    dec,
+    nlog,
+    hist_g,
+    hist_ts,
+    hist_mask,
+    lat_ns,
+    op,
+):
+    """§4.1 / §8.2.8 buddy path for a block: free pass, epoch close (+flush), wait, or refusal.
+    Returns True when the block may be handed out."""
+    s = np.int64(0)
+    npg = np.int64(1) << order
+    for p in range(pfn, pfn + npg):
+        if pstate[p] == P_BUDDY_LUF and pstamp[p] > s:
+            s = pstamp[p]
+    if s == 0:
+        return True
+    if s <= SC[Z_DONE]:
+        if ts < SC[Z_DONE_TS] and s > SC[Z_PREV_DONE]:
+            acc[_mi(O.K_EPOCH_WAITS)] += 1  # another task's epoch flush is still in flight
+        acc[_mi(O.K_ALLOC_FREE_PASS)] += 1
+        for p in range(pfn, pfn + npg):
+            if pstate[p] == P_BUDDY_LUF:
+                pstate[p] = P_BUDDY_CLEAN
+        return True
+    if not can_sd:
+        acc[_mi(O.K_BUDDY_REFUSALS)] += 1
+        return False
+    # s == Z_open: this task closes the epoch and flushes the whole zone batch
+    target_mask = SU[ZB_MASK]
+    ugen = SC[Z_LUFUGEN]
+    n = _luf_flush(
+        ts,
+        cpu,
+        task,
+        target_mask,
+        ugen,
+        O.C_ALLOC_BUDDY_EPOCH,
+        op,
+        pfn,
+        SC,
+        done,
+        acc,
+        tl,
+        dec,
+        nlog,
+        hist_g,
+        hist_ts,
+        hist_mask,
+    )
+    acc[_mi(O.K_EPOCH_CLOSES)] += 1
+    if n > 0 or (notdone(target_mask, ugen, done) != target_mask):
+        acc[_mi(O.K_ALLOC_WITH_FLUSH)] += 1
+        acc[_mi(O.K_PAID_IN_ALLOC_FLUSHES)] += 1
+    other = 0
+    for p in range(pfn, pfn + npg):
+        if pstate[p] == P_BUDDY_LUF and punmap_task[p] != task:
+            other += 1
+        if pstate[p] == P_BUDDY_LUF:
+            pstate[p] = P_BUDDY_CLEAN
+    if other > 0 and n > 0:
+        acc[_mi(O.K_PAID_BY_OTHER_PAGES)] += other
+        acc[_mi(O.K_PAID_BY_OTHER_FLUSHES)] += 1
+    SC[Z_PREV_DONE] = SC[Z_DONE]
+    SC[Z_DONE] = SC[Z_OPEN]
+    SC[Z_DONE_TS] = ts + lat_ns
+    SC[Z_OPEN] += 1
+    SU[ZB_MASK] = U0
+    SC[Z_LUFUGEN] = 0
+    SC[NR_LUF] = 0
+    return True
+
+
+@numba.njit(cache=True)
+def _to_buddy(p, key, SC, SU, KEY_mask, KEY_ugen, pstate, pkey, pstamp, acc):
+    """§8.2.7: a page with a key enters buddy: the zone batch absorbs the key, the page gets the open stamp."""
+    SU[ZB_MASK] |= KEY_mask[key]
+    if KEY_ugen[key] > SC[Z_LUFUGEN]:
+        SC[Z_LUFUGEN] = KEY_ugen[key]
+    pstate[p] = P_BUDDY_LUF
+    pstamp[p] = SC[Z_OPEN]
+    pkey[p] = 0
+    SC[NR_LUF] += 1
+    if SC[NR_LUF] > acc[_mi(O.K_NR_LUF_PAGES_MAX)]:
+        acc[_mi(O.K_NR_LUF_PAGES_MAX)] = SC[NR_LUF]
+
+
+@numba.njit(cache=True)
+def run_luf_v12(
+    mops, nops, Y, SC, SU, done, KEY_mask, KEY_ugen, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen, task_key, task_anon_key,
+    strikes, buf, pstate, pkey, pstamp, punmap_ts, punmap_task, sh_mask, sh_ugen, acc, tl, dec, nlog,
+    hist_g, hist_ts, hist_mask, req_ts, req_ugen, req_mask, req_pages,
+):  # fmt: skip
+    lat_ns = np.int64(Y[Y_EPOCH_LAT_NS])
+    max_strikes = np.int64(Y[Y_PCP_STRIKES])
+    for i in range(nops):
+        r = mops[i]
+        op = r["op"]
+        ts = r["ts"]
+        cpu = r["cpu"]
+        task = r["task"]
+        if op == O.M_FOLIO_BEGIN:  # a folio's rmap walk starts: can_luf_init (§3.2)
+            SC[CAN_LUF] = 1 if r["sub"] == 0 else 0
+            SU[FOLIO_RO] = U0
+            SC[CUR_PFN] = r["pfn"]
+            SC[CUR_ORDER] = r["order"]
+            SC[CUR_TS] = ts
+        elif op == O.M_PTE:  # 1. unmap_pte
+            if r["flags"] & O.PTE_UNBATCHED:
+                continue  # flushed at once (ptep_clear_flush): a recorded RFLUSH carries its IPIs
+            m = r["mask"]
+            if r["flags"] & O.PTE_WRITABLE:
+                SC[CAN_LUF] = 0
+            if SC[CAN_LUF] != 0:
+                SU[FOLIO_RO] |= m
+                mm = r["mm"]
+                if mm >= 0:
+                    MMB_mask[mm] |= m
+                    SC[G] += 1
+                    MMB_ugen[mm] = SC[G]
+                mp = r["mapping"]
+                if mp >= 0:
+                    ASB_mask[mp] |= m
+                    SC[G] += 1
+                    ASB_ugen[mp] = SC[G]
+            else:
+                SU[NONLUF_MASK] |= m
+        elif op == O.M_FOLIO_END:  # 2. end_folio_unmap
+            reason = r["sub"]
+            if SC[CAN_LUF] != 0 and (reason == 0 or reason == O.J_KEPT_NOT_FREED):
+                SU[LUF_MASK] |= SU[FOLIO_RO]
+                if reason == 0 and SC[CUR_PFN] >= 0:
+                    b = SC[NBUF]
+                    buf[b, 0] = SC[CUR_PFN]
+                    buf[b, 1] = SC[CUR_ORDER]
+                    buf[b, 2] = SC[CUR_TS]
+                    SC[NBUF] = b + 1
+            else:
+                SU[NONLUF_MASK] |= SU[FOLIO_RO]
+        elif op == O.M_KEEP:  # 4. reclaim_keep (F11): key the work so far and flush it at once
+            d = SU[LUF_MASK] & ~SU[NONLUF_MASK]
+            if d != U0:
+                k = _new_key(d, SC, KEY_mask, KEY_ugen, done, acc)
+                _key_buffer(
+                    k,
+                    d,
+                    task,
+                    SC,
+                    KEY_ugen,
+                    buf,
+                    pstate,
+                    pkey,
+                    punmap_ts,
+                    punmap_task,
+                    sh_mask,
+                    sh_ugen,
+                    acc,
+                    req_ts,
+                    req_ugen,
+                    req_mask,
+                    req_pages,
+                    nlog,
+                )
+                _luf_flush(
+                    ts,
+                    cpu,
+                    task,
+                    KEY_mask[k],
+                    KEY_ugen[k],
+                    O.C_RECLAIM_KEEP,
+                    op,
+                    r["pfn"],
+                    SC,
+                    done,
+                    acc,
+                    tl,
+                    dec,
+                    nlog,
+                    hist_g,
+                    hist_ts,
+                    hist_mask,
+                )
+            else:
+                _key_buffer(
+                    0,
+                    U0,
+                    task,
+                    SC,
+                    KEY_ugen,
+                    buf,
+                    pstate,
+                    pkey,
+                    punmap_ts,
+                    punmap_task,
+                    sh_mask,
+                    sh_ugen,
+                    acc,
+                    req_ts,
+                    req_ugen,
+                    req_mask,
+                    req_pages,
+                    nlog,
+                )
+            SU[COVERED] |= SU[LUF_MASK]
+            SU[LUF_MASK] = U0
+        elif op == O.M_BATCH:  # 3. batch_flush: fold_unmap_luf + try_to_unmap_flush
+            R = r["mask"]
+            self_ = bit(cpu)
+            covered = SU[LUF_MASK] | SU[NONLUF_MASK] | SU[COVERED]
+            if Y[Y_UNEXPLAINED_FLUSH] != 0:
+                SU[NONLUF_MASK] |= R & ~covered
+            d = SU[LUF_MASK] & ~SU[NONLUF_MASK]
+            k = 0
+            if d != U0:
+                k = _new_key(d, SC, KEY_mask, KEY_ugen, done, acc)
+                acc[_mi(O.K_DEFERRED_CPU_SLOTS)] += popcount(d & ~self_)
+                log_decision(ts, 1, O.C_BATCH, cpu, task, d, popcount(d & ~self_), op, -1, dec, nlog)
+            nl = SU[NONLUF_MASK]
+            if nl != U0:
+                SC[G] += 1
+                g = SC[G]
+                account_flush(ts, cpu, task, nl, O.C_BATCH_NONLUF, op, -1, acc, tl, dec, nlog)
+                mark_done(nl, g, done)
+                add_history(g, ts, nl, hist_g, hist_ts, hist_mask, nlog)
+            _key_buffer(
+                k,
+                d,
+                task,
+                SC,
+                KEY_ugen,
+                buf,
+                pstate,
+                pkey,
+                punmap_ts,
+                punmap_task,
+                sh_mask,
+                sh_ugen,
+                acc,
+                req_ts,
+                req_ugen,
+                req_mask,
+                req_pages,
+                nlog,
+            )
+            if task >= 0:
+                task_key[task] = k
+                task_anon_key[task] = k if (r["flags"] & O.B_ANON_UNKNOWN_PFN) else 0
+            if (r["flags"] & O.B_MEMFAIL) and k != 0:  # F12
+                _luf_flush(
+                    ts,
+                    cpu,
+                    task,
+                    KEY_mask[k],
+                    KEY_ugen[k],
+                    O.C_MEMFAIL,
+                    op,
+                    r["pfn"],
+                    SC,
+                    done,
+                    acc,
+                    tl,
+                    dec,
+                    nlog,
+                    hist_g,
+                    hist_ts,
+                    hist_mask,
+                )
+            SU[LUF_MASK] = U0
+            SU[NONLUF_MASK] = U0
+            SU[COVERED] = U0
+        elif op == O.M_RFLUSH:  # recorded flushes LUF leaves alone (immediate, zap, batched_pending, ...)
+            cause = r["sub"]
+            R = r["mask"]
+            tg = R | (bit(cpu) if (r["flags"] & 1) else U0)
+            account_flush(ts, cpu, task, tg, cause, op, -1, acc, tl, dec, nlog)
+            credit = U0
+            if cause == O.C_BATCHED_PENDING:  # 12. F9 marks ugen_done for mm_cpumask
+                credit = r["mask2"]
+                acc[_mi(O.K_R6_CREDITS_OTHER_MM)] += popcount(np.uint64(r["pfn"]))
+            elif Y[Y_CREDIT_NATURAL] != 0 and (r["flags"] & 2):
+                credit = tg
+            if credit != U0:
+                SC[G] += 1
+                mark_done(credit, SC[G], done)
+                add_history(SC[G], ts, credit, hist_g, hist_ts, hist_mask, nlog)
+        elif op == O.M_FREE:  # 6. free(page, key)
+            pfn = r["pfn"]
+            order = r["order"]
+            for p in range(pfn, pfn + (np.int64(1) << order)):
+                k = 0
+                if pstate[p] == P_UNMAPPED:
+                    k = pkey[p]
+                elif (
+                    r["sub"] == 3
+                    and task >= 0
+                    and task_anon_key[task] != 0
+                    and pstate[p] != P_PCP_LUF
+                    and pstate[p] != P_BUDDY_LUF
+                ):
+                    k = task_anon_key[task]  # anon folio of the last batch: its pfn shows up only here
+                    sh_mask[p] |= KEY_mask[k]
+                    if KEY_ugen[k] > sh_ugen[p]:
+                        sh_ugen[p] = KEY_ugen[k]
+                    punmap_ts[p] = ts
+                    punmap_task[p] = task
+                if k != 0:
+                    acc[_mi(O.K_LUF_PAGES_FREED)] += 1
+                    if order == 0:
+                        pstate[p] = P_PCP_LUF
+                        pkey[p] = k
+                    else:
+                        _to_buddy(p, k, SC, SU, KEY_mask, KEY_ugen, pstate, pkey, pstamp, acc)
+                elif pstate[p] == P_PCP_LUF or pstate[p] == P_BUDDY_LUF:
+                    pass  # still free and pending in the model (a no-shootdown allocation skipped it)
+                else:
+                    pstate[p] = P_PCP_CLEAN if order == 0 else P_BUDDY_CLEAN
+        elif op == O.M_DRAIN:  # 7. pcp_drain
+            pfn = r["pfn"]
+            for p in range(pfn, pfn + (np.int64(1) << r["order"])):
+                if pstate[p] == P_PCP_LUF:
+                    _to_buddy(p, pkey[p], SC, SU, KEY_mask, KEY_ugen, pstate, pkey, pstamp, acc)
+                elif pstate[p] == P_PCP_CLEAN:
+                    pstate[p] = P_BUDDY_CLEAN
+        elif op == O.M_TAKE:  # 8. buddy path (F2), incl. pcp refill
+            can_sd = (r["flags"] & O.A_CAN_SD) != 0
+            pfn = r["pfn"]
+            order = r["order"]
+            if _take_buddy(
+                ts,
+                cpu,
+                task,
+                pfn,
+                order,
+                can_sd,
+                SC,
+                SU,
+                done,
+                pstate,
+                pstamp,
+                punmap_task,
+                acc,
+                tl,
+                dec,
+                nlog,
+                hist_g,
+                hist_ts,
+                hist_mask,
+                lat_ns,
+                op,
+            ):
+                for p in range(pfn, pfn + (np.int64(1) << order)):
+                    if pstate[p] != P_PCP_LUF:
+                        pstate[p] = P_PCP_CLEAN if (r["flags"] & O.A_REFILL) else P_TAKEN
+        elif op == O.M_ALLOC:  # 8. alloc: pcp path (F1) / buddy path (F2), then the safety invariant
+            can_sd = (r["flags"] & O.A_CAN_SD) != 0
+            pfn = r["pfn"]
+            order = r["order"]
+            npg = np.int64(1) << order
+            mask = U0
+            ugen = np.int64(0)
+            pending_pcp = False
+            pending_buddy = False
+            for p in range(pfn, pfn + npg):
+                st = pstate[p]
+                if st == P_PCP_LUF or (st == P_UNMAPPED and pkey[p] != 0):
+                    k = pkey[p]
+                    mask |= KEY_mask[k]
+                    if KEY_ugen[k] > ugen:
+                        ugen = KEY_ugen[k]
+                    pending_pcp = True
+                elif st == P_BUDDY_LUF:
+                    pending_buddy = True
+            if r["flags"] & O.A_ATOMIC and (pending_pcp or pending_buddy):
+                acc[_mi(O.K_ATOMIC_ALLOCS_SKIPPING_LUF)] += 1
+            taken = True
+            flushed = False
+            if pending_pcp:
+                target = notdone(mask, ugen, done)
+                if target == U0:
+                    acc[_mi(O.K_ALLOC_FREE_PASS)] += 1
+                    log_decision(ts, 2, O.C_ALLOC_PCP, cpu, task, mask, 0, op, pfn, dec, nlog)
+                elif can_sd:
+                    n = _luf_flush(
+                        ts,
+                        cpu,
+                        task,
+                        mask,
+                        ugen,
+                        O.C_ALLOC_PCP,
+                        op,
+                        r["pfn"],
+                        SC,
+                        done,
+                        acc,
+                        tl,
+                        dec,
+                        nlog,
+                        hist_g,
+                        hist_ts,
+                        hist_mask,
+                    )
+                    acc[_mi(O.K_ALLOC_WITH_FLUSH)] += 1
+                    acc[_mi(O.K_PAID_IN_ALLOC_FLUSHES)] += 1
+                    strikes[cpu] = 0
+                    flushed = True
+                    other = 0
+                    for p in range(pfn, pfn + npg):
+                        if (pstate[p] == P_PCP_LUF or pstate[p] == P_UNMAPPED) and punmap_task[p] != task:
+                            other += 1
+                    if other > 0 and n > 0:
+                        acc[_mi(O.K_PAID_BY_OTHER_PAGES)] += other
+                        acc[_mi(O.K_PAID_BY_OTHER_FLUSHES)] += 1
+                else:
+                    taken = False
+                    acc[_mi(O.K_PCP_SKIPS)] += 1
+                    strikes[cpu] += 1
+                    if strikes[cpu] >= max_strikes:
+                        acc[_mi(O.K_PCP_FALLBACKS)] += 1
+                        strikes[cpu] = 0
+            if taken and pending_buddy:
+                taken = _take_buddy(
+                    ts,
+                    cpu,
+                    task,
+                    pfn,
+                    order,
+                    can_sd,
+                    SC,
+                    SU,
+                    done,
+                    pstate,
+                    pstamp,
+                    punmap_task,
+                    acc,
+                    tl,
+                    dec,
+                    nlog,
+                    hist_g,
+                    hist_ts,
+                    hist_mask,
+                    lat_ns,
+                    op,
+                )
+            if not taken:
+                continue  # in the model this block stays free and pending; a clean page served the caller
+            if not pending_pcp and not pending_buddy:
+                acc[_mi(O.K_ALLOC_CLEAN)] += 1
+            elif pending_pcp and not flushed and not pending_buddy:
+                pass  # counted as a free pass above
+            for p in range(pfn, pfn + npg):
+                if pstate[p] == P_BUDDY_LUF:
+                    pstate[p] = P_BUDDY_CLEAN
+                if not _safety(p, ts, done, sh_mask, sh_ugen, acc):
+                    return i
+                pstate[p] = P_NONE
+                pkey[p] = 0
+        elif op == O.M_HOOK:  # 9.-13. hooks F3-F13
+            h = r["sub"]
+            acc[O_HOOK_CALLS + h] += 1
+            target_mask = U0
+            ugen = np.int64(0)
+            if h == O.H_DIRTY_WB:
+                k = task_key[task] if task >= 0 else 0
+                if k != 0:
+                    target_mask = notdone(KEY_mask[k], KEY_ugen[k], done)
+                    ugen = KEY_ugen[k]
+            else:
+                mm = r["mm"]
+                mp = r["mapping"]
+                use_mm = h == O.H_FAULT or h == O.H_ZAP or h == O.H_CTXSW
+                if use_mm and mm >= 0:
+                    target_mask |= notdone(MMB_mask[mm], MMB_ugen[mm], done)
+                    ugen = MMB_ugen[mm]
+                if mp >= 0 and h != O.H_CTXSW:
+                    target_mask |= notdone(ASB_mask[mp], ASB_ugen[mp], done)
+                    if ASB_ugen[mp] > ugen:
+                        ugen = ASB_ugen[mp]
+            if target_mask == U0:
+                acc[O_HOOK_NOIPI + h] += 1
+            else:
+                _luf_flush(
+                    ts,
+                    cpu,
+                    task,
+                    target_mask,
+                    ugen + 1,
+                    O.HOOK_CAUSE[h],
+                    op,
+                    r["pfn"],
+                    SC,
+                    done,
+                    acc,
+                    tl,
+                    dec,
+                    nlog,
+                    hist_g,
+                    hist_ts,
+                    hist_mask,
+                )
+    return -1
+
+
+@numba.njit(cache=True)
+def _key_buffer(
+    k,
+    d,
+    task,
+    SC,
+    KEY_ugen,
+    buf,
+    pstate,
+    pkey,
+    punmap_ts,
+    punmap_task,
+    sh_mask,
+    sh_ugen,
+    acc,
+    req_ts,
+    req_ugen,
+    req_mask,
+    req_pages,
+    nlog,
+):
+    """The eligible folios of the batch are freed with key ``k`` (0: clean); their shadow debt is ``d``."""
+    u = KEY_ugen[k] if k != 0 else 0
+    for b in range(SC[NBUF]):
+        pfn = buf[b, 0]
+        order = buf[b, 1]
+        for p in range(pfn, pfn + (np.int64(1) << order)):
+            pstate[p] = P_UNMAPPED
+            pkey[p] = k
+            punmap_ts[p] = buf[b, 2]
+            punmap_task[p] = task
+            if k != 0:
+                sh_mask[p] |= d
+                if u > sh_ugen[p]:
+                    sh_ugen[p] = u
+        if k != 0:
+            add_request(buf[b, 2], u, d, np.int64(1) << order, req_ts, req_ugen, req_mask, req_pages, nlog)
+    SC[NBUF] = 0
+
+
+_ = (L_REQ, U1)
+
+
+class LufV12(Model):
+    """LUF RFC v12 (default model)."""
+
+    name = "luf-v12"
+
+    def init_state(self) -> None:
+        self.SC = np.zeros(NSC, np.int64)
+        self.SC[G] = 2  # LUF_UGEN_INIT
+        self.SC[Z_OPEN] = 1
+        self.SU = np.zeros(5, np.uint64)
+        self.done = np.full(64, 1, np.int64)  # LUF_UGEN_INIT - 1
+        self.KEY_mask = np.zeros(NKEYS, np.uint64)
+        self.KEY_ugen = np.zeros(NKEYS, np.int64)
+        self.MMB_mask = np.zeros(0, np.uint64)
+        self.MMB_ugen = np.zeros(0, np.int64)
+        self.ASB_mask = np.zeros(0, np.uint64)
+        self.ASB_ugen = np.zeros(0, np.int64)
+        self.task_key = np.zeros(0, np.int64)
+        self.task_anon_key = np.zeros(0, np.int64)
+        self.strikes = np.zeros(64, np.int64)
+        self.buf = np.zeros((0, 3), np.int64)
+
+    def ensure(self, n_task: int, n_mm: int, n_map: int, n_ops: int) -> None:
+        from lufreplay.model.state import grow
+
+        self.MMB_mask = grow(self.MMB_mask, n_mm)
+        self.MMB_ugen = grow(self.MMB_ugen, n_mm)
+        self.ASB_mask = grow(self.ASB_mask, n_map)
+        self.ASB_ugen = grow(self.ASB_ugen, n_map)
+        self.task_key = grow(self.task_key, n_task)
+        self.task_anon_key = grow(self.task_anon_key, n_task)
+        self.buf = grow(self.buf, n_ops + 1)
+
+    def _run(self, mops: np.ndarray, n: int) -> int:
+        pg, lg = self.pages, self.logs
+        return run_luf_v12(
+            mops, n, self.Y, self.SC, self.SU, self.done, self.KEY_mask, self.KEY_ugen, self.MMB_mask, self.MMB_ugen,
+            self.ASB_mask, self.ASB_ugen, self.task_key, self.task_anon_key, self.strikes, self.buf, pg.state, pg.key,
+            pg.stamp, pg.unmap_ts, pg.unmap_task, pg.sh_mask, pg.sh_ugen, self.acc, self.tl, lg.dec, lg.nlog,
+            lg.hist_g, lg.hist_ts, lg.hist_mask, lg.req_ts, lg.req_ugen, lg.req_mask, lg.req_pages,
+        )  # fmt: skip
+
+    def extras(self) -> dict:
+        return {
+            "zone": {
+                "open_epoch": int(self.SC[Z_OPEN]),
+                "done_epoch": int(self.SC[Z_DONE]),
+                "nr_luf_pages_at_end": int(self.SC[NR_LUF]),
+            }
+        }
+
+
+__all__ = ["LufV12", "SafetyViolation", "run_luf_v12"]

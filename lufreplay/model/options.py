@@ -1,0 +1,156 @@
+"""Every modelling assumption marked [I] in luf-model.md, as a named option (``--set name=value``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Option:
+    """One model option: its default, allowed values (for choices) and the luf-model.md section it comes from."""
+
+    name: str
+    default: Any
+    doc: str
+    choices: tuple[str, ...] = ()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "mm_cpumask_trim_s",
+        1.0,
+        "seconds a CPU stays in mm_cpumask(mm) after it last ran the mm (x86 trims lazily) [I, §8.1]",
+    ),
+    Option(
+        "clip_to_recorded",
+        True,
+        "intersect each batch's modelled masks with the CPUs the recorded flush really targeted (+ sender): lazy/PV skips [I]",
+    ),
+    Option(
+        "unexplained_targets",
+        "flush",
+        "recorded batch targets no modelled mask covers: 'flush' them with the non-LUF part (conservative) or 'defer' [I]",
+        ("flush", "defer"),
+    ),
+    Option(
+        "unknown_rw",
+        "reject",
+        "folios whose PTE RO/RW is unknown (anon in reclaim, no VMA found): 'reject' (not eligible) or 'eligible' [I]",
+        ("reject", "eligible"),
+    ),
+    Option(
+        "shared_writable_vma",
+        "writable",
+        "file PTEs in a shared writable VMA (rw-s): 'writable' or 'readonly' (clean PTEs are write-protected by mkclean) [I, host-probing §5]",
+        ("writable", "readonly"),
+    ),
+    Option(
+        "shared_ro_maywrite",
+        False,
+        "a read-only shared file VMA (r--s) has VM_MAYWRITE (file opened O_RDWR), so faults on it run F3 [I, §4 F3]",
+    ),
+    Option("no_vma_maywrite", True, "a fault whose VMA is not in the maps snapshots is treated as VM_MAYWRITE [I]"),
+    Option(
+        "config_excludes",
+        False,
+        "init_on_free / KASAN / DEBUG_PAGEALLOC active on the modelled kernel: no folio is eligible [§3.2]",
+    ),
+    Option("arch", "x86", "architecture modelled: 'arm64' makes LUF a no-op (R9) [I, §6]", ("x86", "arm64")),
+    Option(
+        "atomic_no_shootdown",
+        True,
+        "allocations without __GFP_DIRECT_RECLAIM (0x400) are atomic: they cannot shoot down [I, R3]",
+    ),
+    Option(
+        "non_luf_ok",
+        True,
+        "the zone always keeps non-LUF pages above WMARK_MIN (free counts are not traced): atomic allocations fall back to clean pages [I, §4.1]",
+    ),
+    Option("pcp_strikes", 3, "pending pcp pages skipped by a no-shootdown context before the buddy fallback [C, F1]"),
+    Option(
+        "epoch_flush_latency_us",
+        5.0,
+        "time an epoch-closing flush takes; takeoffs of that epoch inside this window wait (R2) [I, §4.1]",
+    ),
+    Option(
+        "credit_natural_flushes",
+        False,
+        "other recorded flushes (munmap range, immediate, kernel) also raise done[cpu] [I, §5 / §8.2.14]",
+    ),
+    Option(
+        "dirty_folio_is_mkclean",
+        True,
+        "a dirty_folio event of a mapping means its writeback will run folio_mkclean (F6) [I]",
+    ),
+    Option("hbf_max_held_pages", 262144, "hold-before-free: release (flush) when this many pages are held [I]"),
+    Option(
+        "hbf_flush_on_reclaim",
+        True,
+        "hold-before-free: a reclaim episode start (memory needed) releases the held pages [I]",
+    ),
+    Option(
+        "v11_atomic_flush",
+        True,
+        "luf-v11: the allocation-time flush (prep_new_page) happens whatever the context [I, §2.6]",
+    ),
+)
+BY_NAME = {o.name: o for o in OPTIONS}
+DEFAULTS: dict[str, Any] = {o.name: o.default for o in OPTIONS}
+
+
+class OptionError(ValueError):
+    """A bad ``--set`` value; the message is one line."""
+
+
+def _convert(opt: Option, raw: str) -> Any:
+    d = opt.default
+    try:
+        if isinstance(d, bool):
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if isinstance(d, int):
+            v = int(raw)
+            if v < 0:
+                raise ValueError(raw)
+            return v
+        if isinstance(d, float):
+            v = float(raw)
+            if v < 0:
+                raise ValueError(raw)
+            return v
+    except ValueError:
+        raise OptionError(f"option {opt.name}: bad value {raw!r} (expected {type(d).__name__} ≥ 0)") from None
+    if opt.choices and raw not in opt.choices:
+        raise OptionError(f"option {opt.name}: {raw!r} is not one of {', '.join(opt.choices)}")
+    return raw
+
+
+def parse_settings(settings: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """Defaults overridden by ``NAME=VALUE`` strings (or a dict of already-typed values)."""
+    out = dict(DEFAULTS)
+    if not settings:
+        return out
+    items = settings.items() if isinstance(settings, dict) else [_split(s) for s in settings]
+    for name, value in items:
+        if name not in BY_NAME:
+            raise OptionError(f"unknown option {name!r} (see --list-options)")
+        opt = BY_NAME[name]
+        out[name] = _convert(opt, value) if isinstance(value, str) else value
+    return out
+
+
+def _split(s: str) -> tuple[str, str]:
+    if "=" not in s:
+        raise OptionError(f"--set expects NAME=VALUE, got {s!r}")
+    k, v = s.split("=", 1)
+    return k.strip(), v.strip()
+
+
+def describe() -> list[dict[str, Any]]:
+    """Options as rows (name, default, choices, doc) for --list-options and the results document."""
+    return [{"name": o.name, "default": o.default, "choices": list(o.choices), "doc": o.doc} for o in OPTIONS]

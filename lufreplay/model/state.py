@@ -1,0 +1,119 @@
+"""Model state containers shared by the model cores: per-page arrays, options vector, accumulators, logs.
+
+Per tracked page a model keeps (``PageState``): state (1 B), key (4 B), zone stamp (8 B), unmap time (8 B),
+unmapping task (4 B), and the shadow debt used by the safety check: CPUs owed (8 B) and the request ugen (8 B)
+— 41 bytes per page of the pfn range actually touched by the trace.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lufreplay.model import ops as O
+from lufreplay.model.kernels import ACC_SIZE
+
+# page states (luf-model.md §8.1)
+P_NONE, P_UNMAPPED, P_PCP_CLEAN, P_PCP_LUF, P_BUDDY_CLEAN, P_BUDDY_LUF, P_TAKEN, P_HELD = range(8)
+PAGE_STATE_NAMES = (
+    "none",
+    "unmapped_pending_free",
+    "pcp_clean",
+    "pcp_luf",
+    "buddy_clean",
+    "buddy_luf",
+    "taken",
+    "held",
+)
+
+# model options vector (float64)
+Y_UNEXPLAINED_FLUSH, Y_PCP_STRIKES, Y_EPOCH_LAT_NS, Y_CREDIT_NATURAL, Y_HBF_MAX, Y_HBF_RECLAIM, Y_V11_ATOMIC, Y_NCPU = (
+    range(8)
+)
+NY = 8
+
+BYTES_PER_PAGE = 1 + 4 + 8 + 8 + 4 + 8 + 8
+
+
+def model_options(opts: dict[str, Any], ncpu: int) -> np.ndarray:
+    y = np.zeros(NY, dtype=np.float64)
+    y[Y_UNEXPLAINED_FLUSH] = 1.0 if opts["unexplained_targets"] == "flush" else 0.0
+    y[Y_PCP_STRIKES] = float(opts["pcp_strikes"])
+    y[Y_EPOCH_LAT_NS] = float(opts["epoch_flush_latency_us"]) * 1000.0
+    y[Y_CREDIT_NATURAL] = 1.0 if opts["credit_natural_flushes"] else 0.0
+    y[Y_HBF_MAX] = float(opts["hbf_max_held_pages"])
+    y[Y_HBF_RECLAIM] = 1.0 if opts["hbf_flush_on_reclaim"] else 0.0
+    y[Y_V11_ATOMIC] = 1.0 if opts["v11_atomic_flush"] else 0.0
+    y[Y_NCPU] = float(ncpu)
+    return y
+
+
+class PageState:
+    """Per-pfn arrays, grown on demand to cover the largest pfn seen."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.state = np.zeros(0, np.uint8)
+        self.key = np.zeros(0, np.int32)
+        self.stamp = np.zeros(0, np.int64)
+        self.unmap_ts = np.zeros(0, np.int64)
+        self.unmap_task = np.zeros(0, np.int32)
+        self.sh_mask = np.zeros(0, np.uint64)
+        self.sh_ugen = np.zeros(0, np.int64)
+
+    def ensure(self, n: int, exact: bool = False) -> None:
+        if n <= self.n:
+            return
+        if not exact:
+            n = max(n, int(self.n * 1.5), 1024)
+        for name in ("state", "key", "stamp", "unmap_ts", "unmap_task", "sh_mask", "sh_ugen"):
+            old = getattr(self, name)
+            new = np.zeros(n, old.dtype)
+            new[: old.shape[0]] = old
+            setattr(self, name, new)
+        self.n = n
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            getattr(self, k).nbytes for k in ("state", "key", "stamp", "unmap_ts", "unmap_task", "sh_mask", "sh_ugen")
+        )
+
+
+def grow(a: np.ndarray, n: int, fill: int = 0) -> np.ndarray:
+    """``a`` extended to at least ``n`` rows (first axis), new rows = ``fill``."""
+    if a.shape[0] >= n:
+        return a
+    n = max(n, int(a.shape[0] * 1.5), 16)
+    new = np.full((n, *a.shape[1:]), fill, dtype=a.dtype)
+    new[: a.shape[0]] = a
+    return new
+
+
+class Logs:
+    """Per-run buffers: decisions (only with --out), stale-window requests and done history."""
+
+    def __init__(self, capacity: int, decisions: bool) -> None:
+        # only the first nlog[...] entries are ever read, so the buffers need no zeroing
+        self.dec = np.empty(3 * capacity if decisions else 0, O.DEC_DTYPE)
+        self.req_ts = np.empty(capacity, np.int64)
+        self.req_ugen = np.empty(capacity, np.int64)
+        self.req_mask = np.empty(capacity, np.uint64)
+        self.req_pages = np.empty(capacity, np.int64)
+        self.hist_g = np.empty(2 * capacity, np.int64)
+        self.hist_ts = np.empty(2 * capacity, np.int64)
+        self.hist_mask = np.empty(2 * capacity, np.uint64)
+        self.nlog = np.zeros(4, np.int64)
+
+    def ensure(self, capacity: int, decisions: bool) -> None:
+        """Room for ``capacity`` ops: requests ≤ 1 per op, history ≤ 2 per op, decisions ≤ 3 per op."""
+        if self.req_ts.shape[0] < capacity:
+            self.__init__(max(capacity, 2 * self.req_ts.shape[0]), decisions)  # type: ignore[misc]
+        elif decisions and self.dec.shape[0] < 3 * capacity:
+            self.dec = np.empty(3 * capacity, O.DEC_DTYPE)
+        self.nlog[:] = 0
+
+
+def new_acc() -> np.ndarray:
+    return np.zeros(ACC_SIZE, np.int64)

@@ -1,0 +1,791 @@
+"""Batch reconstruction: time-ordered raw ops (one per trace row) → model ops (luf-model.md §8.2 events).
+
+What the trace shows on a tracepoint-only host (host-probing §4.4–4.6) and how it is read here:
+
+* reclaim: ``unmap`` rows (one per PTE/PMD, mm of the mapping) come just before the folio's ``page_cache`` delete
+  (pfn, order, dev/ino, index) → one folio = FOLIO_BEGIN, one PTE op per (folio, mm), FOLIO_END. A local
+  ``tlb_flush`` reason 3 right before an unmap means the PTE was flushed immediately (should_defer_flush false):
+  the PTE is *not batched*. The batched flush of the task (``tlb_flush`` 4 + ``shootdown`` rows + reason 2) closes
+  the batch → BATCH op carrying the recorded remote targets. Unmaps left without a delete at that point are a
+  kept folio (F11) if file, or anon folios whose pfn is only seen at their free.
+* migration: ``set_pte`` rows give the old pfn and the exact RO/RW of each mapping; the batched flush closes the
+  batch; only MIGRATE_ASYNC batches are LUF-eligible; memory-failure migrations flush their key at once (F12).
+* the other recorded flushes (immediate/PMD in reclaim, munmap zaps, flush_tlb_batched_pending, anything else)
+  become RFLUSH ops that every model passes through unchanged.
+* allocator rows → FREE / DRAIN / TAKE / ALLOC; faults, syscalls, file rows, kthread switches → HOOK ops (F3–F13).
+
+The masks of a PTE are the modelled ``mm_cpumask(mm)`` at the unmap (CPUs that ran the mm within
+``mm_cpumask_trim_s``, or run it now), clipped to the CPUs the recorded batch flush really targeted plus the
+sender when ``clip_to_recorded`` is on. A batch's items are emitted together right before its BATCH op, so the
+model sees the PTE clears at the batch's flush time (µs later than the trace): the ordering of a batch's
+internal events is kept, and the stale window uses each folio's own unmap time.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from lufreplay.model import ops as O
+from lufreplay.model.kernels import U0, U1, bit
+
+# ---- per-task columns of T ------------------------------------------------------------------------------
+T_PROC, T_CTX, T_MIG_MODE, T_MIG_REASON, T_SYS_NR, T_SYS_UNTIL, T_IMM = 0, 1, 2, 3, 4, 5, 6
+T_PEND_HEAD, T_PEND_TAIL, T_BATCH_HEAD, T_BATCH_TAIL, T_BATCH_N, T_MIG_PFN, T_MIG_FLAGS, T_BFLAGS = (
+    7,
+    8,
+    9,
+    10,
+    11,
+    12,
+    13,
+    14,
+)
+NT = 15
+# ---- per-CPU columns of CPU -----------------------------------------------------------------------------
+C_OPEN, C_TASK, C_N, C_TS, C_LOCAL, C_FULL, C_CUR_TASK, C_CUR_MM, C_PROC = 0, 1, 2, 3, 4, 5, 6, 7, 8
+NC = 9
+# ---- scalars S --------------------------------------------------------------------------------------------
+S_FREE, S_NOUT, S_POOL_LIVE, S_LAST_TS = 0, 1, 2, 3
+# ---- options vector -------------------------------------------------------------------------------------------
+(
+    X_TRIM_NS,
+    X_CLIP,
+    X_UNKNOWN_ELIG,
+    X_SHARED_W_RO,
+    X_SHARED_RO_MAYWRITE,
+    X_NO_VMA_MAYWRITE,
+    X_CONFIG,
+    X_ARM64,
+    X_ATOMIC_NO_SD,
+    X_DIRTY_MKCLEAN,
+    X_NCPU,
+) = range(11)
+NX = 11
+# ---- reconstruction statistics (int64 vector) ----------------------------------------------------------------
+NREJ = len(O.REJECT)
+RS_FOLIOS = 0  # folios by rejection reason
+RS_PAGES = RS_FOLIOS + NREJ  # pages by rejection reason
+RS_PROV = RS_PAGES + NREJ  # PTEs: exact, inferred, unknown
+RS_BATCHES = RS_PROV + 3
+RS_RECORDED_ROWS = RS_BATCHES + 1
+NRS = RS_RECORDED_ROWS + 1
+
+# migration-folio running flags (T_MIG_FLAGS)
+F_WRITABLE, F_UNBATCHED, F_UNKNOWN = 1, 2, 4
+# maps flags
+V_R, V_W, V_X, V_S = 1, 2, 4, 8
+
+GFP_DIRECT_RECLAIM = 0x400
+MAP_FIXED = 0x10
+SYS_MMAP, SYS_MUNMAP, SYS_MPROTECT, SYS_MADVISE, SYS_MREMAP = 0, 1, 2, 3, 4
+ZAP_MADVISE = (4, 8, 9, 24)  # DONTNEED, FREE, REMOVE, DONTNEED_LOCKED
+CTX_MIGRATION = 6
+IMM_WINDOW_NS = 20_000
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# maps lookups: snapshots per process, rows sorted by start
+# ---------------------------------------------------------------------------------------------------------------
+@numba.njit(cache=True)
+def find_snapshot(proc, t, pr_lo, pr_hi, sn_ts):
+    """Index of the newest maps snapshot of ``proc`` taken at or before ``t`` (else its first one, else -1)."""
+    if proc < 0 or proc >= pr_lo.shape[0]:
+        return -1
+    lo = pr_lo[proc]
+    hi = pr_hi[proc]
+    if lo >= hi:
+        return -1
+    best = lo
+    for s in range(lo, hi):  # snapshots per process are few; sorted by time
+        if sn_ts[s] <= t:
+            best = s
+        else:
+            break
+    return best
+
+
+@numba.njit(cache=True)
+def vma_by_addr(snap, addr, sn_lo, sn_hi, mp_start, mp_end):
+    if snap < 0:
+        return -1
+    for r in range(sn_lo[snap], sn_hi[snap]):
+        if mp_start[r] <= addr < mp_end[r]:
+            return r
+    return -1
+
+
+@numba.njit(cache=True)
+def vma_by_fileoff(snap, mapping, off, sn_lo, sn_hi, mp_start, mp_end, mp_off, mp_map):
+    if snap < 0:
+        return -1
+    for r in range(sn_lo[snap], sn_hi[snap]):
+        if mp_map[r] == mapping and mp_off[r] <= off < mp_off[r] + (mp_end[r] - mp_start[r]):
+            return r
+    return -1
+
+
+@numba.njit(cache=True)
+def shared_file_vma_in_range(snap, a0, a1, sn_lo, sn_hi, mp_start, mp_end, mp_map, mp_flags):
+    if snap < 0:
+        return -1
+    for r in range(sn_lo[snap], sn_hi[snap]):
+        if mp_start[r] < a1 and a0 < mp_end[r] and mp_map[r] >= 0 and (mp_flags[r] & V_S):
+            return mp_map[r]
+    return -1
+
+
+@numba.njit(cache=True)
+def mm_cpumask(mm, t, ncpu, trim_ns, cpu_state, last_run):
+    """Modelled mm_cpumask(mm) at ``t``: CPUs running the mm now, or that ran it within the trim window."""
+    m = U0
+    if mm < 0:
+        return m
+    for c in range(ncpu):
+        if cpu_state[c, C_CUR_MM] == mm:
+            m |= bit(c)
+        else:
+            lr = last_run[mm, c]
+            if lr > 0 and t - lr <= trim_ns:
+                m |= bit(c)
+    return m
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pool of pending batch items (linked lists per task)
+# ---------------------------------------------------------------------------------------------------------------
+@numba.njit(cache=True)
+def pool_new(pool, nxt, S):
+    i = S[S_FREE]
+    S[S_FREE] = nxt[i]
+    nxt[i] = -1
+    S[S_POOL_LIVE] += 1
+    r = pool[i]
+    r["ts"] = 0
+    r["op"] = 0
+    r["sub"] = 0
+    r["cpu"] = 0
+    r["task"] = -1
+    r["mm"] = -1
+    r["mapping"] = -1
+    r["pfn"] = -1
+    r["order"] = 0
+    r["flags"] = 0
+    r["mask"] = U0
+    r["mask2"] = U0
+    r["aux"] = 0
+    return i
+
+
+@numba.njit(cache=True)
+def pool_free(i, nxt, S):
+    nxt[i] = S[S_FREE]
+    S[S_FREE] = i
+    S[S_POOL_LIVE] -= 1
+
+
+@numba.njit(cache=True)
+def list_append(T, task, head_col, tail_col, i, nxt):
+    if T[task, tail_col] < 0:
+        T[task, head_col] = i
+    else:
+        nxt[T[task, tail_col]] = i
+    T[task, tail_col] = i
+
+
+@numba.njit(cache=True)
+def emit(out, S, ts, op, sub, cpu, task, mm, mapping, pfn, order, flags, mask, mask2, aux):
+    j = S[S_NOUT]
+    r = out[j]
+    r["ts"] = ts
+    r["op"] = op
+    r["sub"] = sub
+    r["cpu"] = cpu
+    r["task"] = task
+    r["mm"] = mm
+    r["mapping"] = mapping
+    r["pfn"] = pfn
+    r["order"] = order
+    r["flags"] = flags
+    r["mask"] = mask
+    r["mask2"] = mask2
+    r["aux"] = aux
+    S[S_NOUT] = j + 1
+
+
+@numba.njit(cache=True)
+def _folio_reason(static, flags, unknown_elig):
+    if static != 0:
+        return static
+    if flags & F_UNBATCHED:
+        return O.J_NOT_BATCHED
+    if flags & F_WRITABLE:
+        return O.J_WRITABLE_PTE
+    if (flags & F_UNKNOWN) and not unknown_elig:
+        return O.J_UNKNOWN_RW
+    return 0
+
+
+@numba.njit(cache=True)
+def _static_reason(order, X):
+    if X[X_ARM64] != 0:
+        return O.J_ARCH_NOOP
+    if X[X_CONFIG] != 0:
+        return O.J_CONFIG_INIT_ON_FREE_KASAN
+    if order > 0:
+        return O.J_LARGE_FOLIO
+    return 0
+
+
+@numba.njit(cache=True)
+def _count_folio(reason, order, RS):
+    RS[RS_FOLIOS + reason] += 1
+    RS[RS_PAGES + reason] += np.int64(1) << order
+
+
+@numba.njit(cache=True)
+def _close_mig_folio(task, T, pool, nxt, S, RS, X):
+    """Append FOLIO_END to the open migration folio of ``task`` (set_pte rows of one folio are consecutive)."""
+    if T[task, T_MIG_PFN] < 0:
+        return
+    fl = T[task, T_MIG_FLAGS]
+    static = fl >> 8
+    reason = _folio_reason(static, fl & 0xFF, X[X_UNKNOWN_ELIG] != 0)
+    e = pool_new(pool, nxt, S)
+    r = pool[e]
+    r["op"] = O.M_FOLIO_END
+    r["sub"] = reason
+    r["task"] = task
+    r["pfn"] = T[task, T_MIG_PFN]
+    tail = T[task, T_BATCH_TAIL]
+    r["ts"] = pool[tail]["ts"] if tail >= 0 else 0
+    r["order"] = (fl >> 16) & 0xFF
+    list_append(T, task, T_BATCH_HEAD, T_BATCH_TAIL, e, nxt)
+    _count_folio(reason, (fl >> 16) & 0xFF, RS)
+    T[task, T_MIG_PFN] = -1
+    T[task, T_MIG_FLAGS] = 0
+
+
+@numba.njit(cache=True)
+def _attach_leftover(task, ts, T, pool, nxt, S, RS, X):
+    """Unmaps not followed by a page-cache delete when the batch ends: a kept file folio (F11) or anon folios."""
+    h = T[task, T_PEND_HEAD]
+    if h < 0:
+        return
+    anon = True
+    fl = 0
+    i = h
+    while i >= 0:
+        RS[RS_PROV + 2] += pool[i]["aux"]
+        if pool[i]["sub"] != 1:  # rss member: 1 = anon
+            anon = False
+        if pool[i]["flags"] & O.PTE_UNBATCHED:
+            fl |= F_UNBATCHED
+        if pool[i]["flags"] & O.PTE_WRITABLE:
+            fl |= F_WRITABLE
+        if (pool[i]["flags"] & (O.PTE_EXACT | O.PTE_INFERRED)) == 0:
+            fl |= F_UNKNOWN
+        i = nxt[i]
+    static = _static_reason(0, X)
+    reason = _folio_reason(static, fl, X[X_UNKNOWN_ELIG] != 0)
+    b = pool_new(pool, nxt, S)
+    pool[b]["ts"] = pool[h]["ts"]
+    pool[b]["op"] = O.M_FOLIO_BEGIN
+    pool[b]["sub"] = static
+    pool[b]["task"] = task
+    list_append(T, task, T_BATCH_HEAD, T_BATCH_TAIL, b, nxt)
+    nxt[T[task, T_BATCH_TAIL]] = h
+    T[task, T_BATCH_TAIL] = T[task, T_PEND_TAIL]
+    T[task, T_PEND_HEAD] = -1
+    T[task, T_PEND_TAIL] = -1
+    e = pool_new(pool, nxt, S)
+    pool[e]["ts"] = ts
+    pool[e]["op"] = O.M_FOLIO_END
+    pool[e]["task"] = task
+    if anon:
+        pool[e]["sub"] = reason
+        if reason == 0:
+            T[task, T_BFLAGS] |= O.B_ANON_UNKNOWN_PFN
+        _count_folio(reason, 0, RS)
+        list_append(T, task, T_BATCH_HEAD, T_BATCH_TAIL, e, nxt)
+    else:
+        # kept: eligible during the walk (its mask joins LUF), then reclaim could not free it
+        pool[e]["sub"] = O.J_KEPT_NOT_FREED if reason == 0 else reason
+        _count_folio(pool[e]["sub"], 0, RS)
+        list_append(T, task, T_BATCH_HEAD, T_BATCH_TAIL, e, nxt)
+        if reason == 0:
+            k = pool_new(pool, nxt, S)
+            pool[k]["ts"] = ts
+            pool[k]["op"] = O.M_KEEP
+            pool[k]["task"] = task
+            list_append(T, task, T_BATCH_HEAD, T_BATCH_TAIL, k, nxt)
+
+
+@numba.njit(cache=True)
+def close_batch(task, ts, sender, R, nrows, local, T, pool, nxt, S, out, RS, X):
+    """End of a reclaim/migration batch: emit its items (masks clipped to the recorded targets) and BATCH."""
+    _close_mig_folio(task, T, pool, nxt, S, RS, X)
+    _attach_leftover(task, ts, T, pool, nxt, S, RS, X)
+    if T[task, T_BATCH_HEAD] < 0 and nrows == 0:
+        return False
+    allowed = R | bit(sender)
+    clip = X[X_CLIP] != 0
+    i = T[task, T_BATCH_HEAD]
+    while i >= 0:
+        r = pool[i]
+        if r["op"] == O.M_PTE:
+            if r["mm"] < 0:  # migration: set_migration_pte has no mm; the recorded targets are the evidence
+                r["mask2"] = allowed
+            r["mask"] = (r["mask2"] & allowed) if clip else r["mask2"]
+        emit(
+            out,
+            S,
+            r["ts"],
+            r["op"],
+            r["sub"],
+            r["cpu"],
+            r["task"],
+            r["mm"],
+            r["mapping"],
+            r["pfn"],
+            r["order"],
+            r["flags"],
+            r["mask"],
+            r["mask2"],
+            r["aux"],
+        )
+        j = nxt[i]
+        pool_free(i, nxt, S)
+        i = j
+    fl = T[task, T_BFLAGS]
+    if T[task, T_CTX] == CTX_MIGRATION:
+        fl |= O.B_MIGRATION
+        if T[task, T_MIG_REASON] == 1:
+            fl |= O.B_MEMFAIL
+    emit(out, S, ts, O.M_BATCH, local, sender, task, -1, -1, -1, 0, fl, R, U0, nrows)
+    RS[RS_BATCHES] += 1
+    T[task, T_BATCH_HEAD] = -1
+    T[task, T_BATCH_TAIL] = -1
+    T[task, T_BATCH_N] = 0
+    T[task, T_BFLAGS] = 0
+    return True
+
+
+@numba.njit(cache=True)
+def _has_batch(task, T):
+    return T[task, T_BATCH_HEAD] >= 0 or T[task, T_PEND_HEAD] >= 0 or T[task, T_MIG_PFN] >= 0
+
+
+@numba.njit(cache=True)
+def close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X):
+    """A recorded sender-side flush is complete: classify it and emit BATCH or RFLUSH."""
+    task = CPU[c, C_TASK]
+    R = CPUM[c]
+    n = CPU[c, C_N]
+    local = CPU[c, C_LOCAL]
+    ts = CPU[c, C_TS]
+    full = CPU[c, C_FULL]
+    CPU[c, C_OPEN] = 0
+    CPUM[c] = U0
+    CPU[c, C_N] = 0
+    CPU[c, C_LOCAL] = 0
+    RS[RS_RECORDED_ROWS] += n
+    lflag = 1 if local != 0 else 0
+    fflag = 2 if full != 0 else 0
+    if task >= 0 and local != 3 and _has_batch(task, T):
+        close_batch(task, ts, c, R, n, lflag, T, pool, nxt, S, out, RS, X)
+        return
+    in_ctx = task >= 0 and T[task, T_CTX] != 0
+    if local == 2:
+        cause = O.C_BATCH_UNSEEN if in_ctx else O.C_OTHER
+        emit(out, S, ts, O.M_RFLUSH, cause, c, task, -1, -1, -1, 0, lflag | fflag, R, U0, n)
+        return
+    if local == 3 and in_ctx:
+        T[task, T_IMM] = ts + 1  # the next unmap of this task was flushed right here (PMD / per-PTE)
+        emit(out, S, ts, O.M_RFLUSH, O.C_IMMEDIATE, c, task, -1, -1, -1, 0, lflag | fflag, R, U0, n)
+        return
+    _emit_context_flush(ts, c, task, R, n, lflag | fflag, T, CPU, MM, PROC_MMA, out, S)
+
+
+@numba.njit(cache=True)
+def _emit_context_flush(ts, c, task, R, n, flags, T, CPU, MM, PROC_MMA, out, S):
+    """A recorded flush outside reclaim: batched_pending, zap or other, by the syscall the task is in."""
+    cause = O.C_OTHER
+    mm = -1
+    credit = U0
+    other_mm = 0
+    if task >= 0 and ts <= T[task, T_SYS_UNTIL]:
+        nr = T[task, T_SYS_NR]
+        proc = T[task, T_PROC]
+        mm = PROC_MMA[proc] if proc >= 0 else -1
+        if nr in (SYS_MMAP, SYS_MUNMAP, SYS_MPROTECT, SYS_MADVISE, SYS_MREMAP):
+            if mm >= 0 and MM[mm, 1] != 0:
+                cause = O.C_BATCHED_PENDING
+                MM[mm, 1] = 0
+                credit = R | bit(c)
+                m = R
+                k = 0
+                while m != U0:
+                    if (m & U1) and CPU[k, C_CUR_MM] != mm:
+                        other_mm |= 1 << k
+                    m >>= U1
+                    k += 1
+            elif nr != SYS_MPROTECT:
+                cause = O.C_ZAP
+    emit(out, S, ts, O.M_RFLUSH, cause, c, task, mm, -1, other_mm, 0, flags, R, credit, n)
+
+
+@numba.njit(cache=True)
+def reconstruct(
+    raw,
+    X,
+    T,
+    CPU,
+    CPUM,
+    MM,
+    LAST_RUN,
+    PROC_MMA,
+    pool,
+    nxt,
+    S,
+    out,
+    RS,
+    pr_lo,
+    pr_hi,
+    sn_ts,
+    sn_lo,
+    sn_hi,
+    mp_start,
+    mp_end,
+    mp_off,
+    mp_map,
+    mp_flags,
+    final,
+):
+    """Turn one segment of raw ops into model ops (appended to ``out``; count in S[S_NOUT])."""
+    ncpu = np.int64(X[X_NCPU])
+    trim = np.int64(X[X_TRIM_NS])
+    n = raw.shape[0]
+    for i in range(n):
+        r = raw[i]
+        ts = r["ts"]
+        S[S_LAST_TS] = ts
+        kind = r["kind"]
+        sub = r["sub"]
+        c = r["cpu"]
+        task = r["task"]
+        proc = r["proc"]
+        if task >= 0 and proc >= 0:
+            T[task, T_PROC] = proc
+        pmm = PROC_MMA[proc] if proc >= 0 else -1
+        if pmm >= 0:
+            LAST_RUN[pmm, c] = ts
+        if CPU[c, C_OPEN] != 0 and kind != O.R_TLB and kind != O.R_SD and CPU[c, C_TASK] == task:
+            close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
+
+        if kind == O.R_TLB:
+            pages = r["a"]
+            if sub == 4:
+                if CPU[c, C_OPEN] != 0:
+                    close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
+                CPU[c, C_OPEN] = 1
+                CPU[c, C_TASK] = task
+                CPU[c, C_TS] = ts
+                CPU[c, C_FULL] = 1 if pages == -1 else 0
+            elif sub == 2 or sub == 3:
+                if CPU[c, C_OPEN] != 0:
+                    CPU[c, C_LOCAL] = sub
+                    if pages == -1:
+                        CPU[c, C_FULL] = 1
+                    close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
+                else:
+                    CPU[c, C_OPEN] = 1
+                    CPU[c, C_TASK] = task
+                    CPU[c, C_TS] = ts
+                    CPU[c, C_LOCAL] = sub
+                    CPU[c, C_FULL] = 1 if pages == -1 else 0
+                    close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
+            elif sub == 0 and pages == -1:
+                emit(out, S, ts, O.M_LFLUSH, 0, c, task, -1, -1, -1, 0, 0, bit(c), U0, 0)
+        elif kind == O.R_SD:
+            tgt = r["a"]
+            if tgt < 0 or tgt >= 64:
+                continue
+            if CPU[c, C_OPEN] != 0 and ((CPUM[c] & bit(tgt)) != U0 or CPU[c, C_TASK] != task):
+                close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
+            if CPU[c, C_OPEN] == 0:
+                CPU[c, C_OPEN] = 1
+                CPU[c, C_TASK] = task
+                CPU[c, C_TS] = ts
+                CPU[c, C_FULL] = 0
+            CPUM[c] |= bit(tgt)
+            CPU[c, C_N] += 1
+        elif kind == O.R_UNMAP:
+            mm = r["a"]
+            T[task, T_CTX] = r["c"]
+            # a local flush of this task just before (≤ 20 µs) the rss_stat: ptep_clear_flush / PMD flush
+            unb = T[task, T_IMM] != 0 and ts - (T[task, T_IMM] - 1) <= IMM_WINDOW_NS
+            T[task, T_IMM] = 0
+            fl = O.PTE_UNBATCHED if unb else 0
+            tail = T[task, T_PEND_TAIL]
+            if tail >= 0 and pool[tail]["mm"] == mm and (pool[tail]["flags"] & O.PTE_UNBATCHED) == fl:
+                pool[tail]["aux"] += 1
+            else:
+                p = pool_new(pool, nxt, S)
+                q = pool[p]
+                q["ts"] = ts
+                q["op"] = O.M_PTE
+                q["sub"] = sub  # rss member
+                q["cpu"] = c
+                q["task"] = task
+                q["mm"] = mm
+                q["flags"] = fl
+                q["aux"] = 1
+                q["mask2"] = mm_cpumask(mm, ts, ncpu, trim, CPU, LAST_RUN)
+                list_append(T, task, T_PEND_HEAD, T_PEND_TAIL, p, nxt)
+            if not unb and mm >= 0:
+                MM[mm, 1] = 1  # mm->tlb_flush_batched pending: the next mprotect/munmap flushes the mm (F9)
+        elif kind == O.R_PCDEL:
+            pfn = r["a"]
+            order = r["b"]
+            mapping = r["c"]
+            if sub == 0:
+                emit(out, S, ts, O.M_HOOK, O.H_TRUNCATE, c, task, -1, mapping, pfn, order, 0, U0, U0, 0)
+                continue
+            T[task, T_CTX] = sub
+            h = T[task, T_PEND_HEAD]
+            if h < 0:
+                continue  # not mapped: nothing to flush, LUF is irrelevant for this folio
+            static = _static_reason(order, X)
+            fl = 0
+            off = r["d"] * 4096
+            p = h
+            while p >= 0:
+                q = pool[p]
+                q["mapping"] = mapping
+                if q["flags"] & O.PTE_UNBATCHED:
+                    fl |= F_UNBATCHED
+                member = q["sub"]
+                found = -1
+                if member == 0 or member == 3:  # file / shmem: RO/RW from the VMA that maps this file offset
+                    mp = q["mm"]
+                    pp = MM[mp, 0] if mp >= 0 else -1
+                    snap = find_snapshot(pp, ts, pr_lo, pr_hi, sn_ts)
+                    found = vma_by_fileoff(snap, mapping, off, sn_lo, sn_hi, mp_start, mp_end, mp_off, mp_map)
+                if found >= 0:
+                    q["flags"] |= O.PTE_INFERRED
+                    RS[RS_PROV + 1] += q["aux"]
+                    vf = mp_flags[found]
+                    if (vf & V_W) and (vf & V_S) and X[X_SHARED_W_RO] == 0:
+                        q["flags"] |= O.PTE_WRITABLE
+                        fl |= F_WRITABLE
+                else:
+                    RS[RS_PROV + 2] += q["aux"]
+                    fl |= F_UNKNOWN
+                    if X[X_UNKNOWN_ELIG] == 0:
+                        q["flags"] |= O.PTE_WRITABLE
+                p = nxt[p]
+            reason = _folio_reason(static, fl, X[X_UNKNOWN_ELIG] != 0)
+            b = pool_new(pool, nxt, S)
+            pool[b]["ts"] = pool[h]["ts"]
+            pool[b]["op"] = O.M_FOLIO_BEGIN
+            pool[b]["sub"] = static
+            pool[b]["task"] = task
+            pool[b]["pfn"] = pfn
+            pool[b]["order"] = order
+            pool[b]["mapping"] = mapping
+            list_append(T, task, T_BATCH_HEAD, T_BATCH_TAIL, b, nxt)
+            nxt[b] = h
+            T[task, T_BATCH_TAIL] = T[task, T_PEND_TAIL]
+            T[task, T_PEND_HEAD] = -1
+            T[task, T_PEND_TAIL] = -1
+            e = pool_new(pool, nxt, S)
+            pool[e]["ts"] = ts
+            pool[e]["op"] = O.M_FOLIO_END
+            pool[e]["sub"] = reason
+            pool[e]["task"] = task
+            pool[e]["pfn"] = pfn
+            pool[e]["order"] = order
+            pool[e]["mapping"] = mapping
+            list_append(T, task, T_BATCH_HEAD, T_BATCH_TAIL, e, nxt)
+            T[task, T_BATCH_N] += 1
+            _count_folio(reason, order, RS)
+        elif kind == O.R_MIG:
+            if sub == 4:  # start
+                T[task, T_MIG_MODE] = r["c"] >> 8 & 0xF
+                T[task, T_MIG_REASON] = r["c"] >> 12 & 0xF
+                T[task, T_CTX] = CTX_MIGRATION
+            elif sub == 0 or sub == 2:  # set_pte / set_pmd
+                pfn = r["a"]
+                order = 9 if sub == 2 else r["b"]
+                cc = r["c"]
+                migtype = cc & 0xF
+                writable = (cc >> 4) & 1
+                T[task, T_CTX] = CTX_MIGRATION
+                if T[task, T_MIG_PFN] != pfn:
+                    _close_mig_folio(task, T, pool, nxt, S, RS, X)
+                    static = _static_reason(order, X)
+                    if static == 0 and T[task, T_MIG_MODE] != 0:
+                        static = O.J_SYNC_MIGRATION
+                    b = pool_new(pool, nxt, S)
+                    pool[b]["ts"] = ts
+                    pool[b]["op"] = O.M_FOLIO_BEGIN
+                    pool[b]["sub"] = static
+                    pool[b]["task"] = task
+                    pool[b]["pfn"] = pfn
+                    pool[b]["order"] = order
+                    list_append(T, task, T_BATCH_HEAD, T_BATCH_TAIL, b, nxt)
+                    T[task, T_MIG_PFN] = pfn
+                    T[task, T_MIG_FLAGS] = (static << 8) | (order << 16)
+                    T[task, T_BATCH_N] += 1
+                p = pool_new(pool, nxt, S)
+                q = pool[p]
+                q["ts"] = ts
+                q["op"] = O.M_PTE
+                q["cpu"] = c
+                q["task"] = task
+                q["aux"] = 1
+                fl = 0
+                if migtype == 0:
+                    T[task, T_MIG_FLAGS] |= F_UNKNOWN
+                    RS[RS_PROV + 2] += 1
+                    if X[X_UNKNOWN_ELIG] == 0:
+                        fl |= O.PTE_WRITABLE
+                else:
+                    fl |= O.PTE_EXACT
+                    RS[RS_PROV + 0] += 1
+                if writable or migtype == 3:
+                    fl |= O.PTE_WRITABLE
+                    T[task, T_MIG_FLAGS] |= F_WRITABLE
+                if T[task, T_MIG_MODE] != 0:  # sync modes clear and flush each PTE at once (ptep_clear_flush)
+                    fl |= O.PTE_UNBATCHED
+                    T[task, T_MIG_FLAGS] |= F_UNBATCHED
+                q["flags"] = fl
+                list_append(T, task, T_BATCH_HEAD, T_BATCH_TAIL, p, nxt)
+            elif sub == 1 or sub == 3:  # remove: the move phase started, the batch flush is behind us
+                if T[task, T_MIG_PFN] >= 0 or T[task, T_BATCH_HEAD] >= 0:
+                    close_batch(task, ts, c, U0, 0, 0, T, pool, nxt, S, out, RS, X)
+            elif sub == 5:  # end
+                if _has_batch(task, T):
+                    close_batch(task, ts, c, U0, 0, 0, T, pool, nxt, S, out, RS, X)
+                T[task, T_CTX] = 0
+        elif kind == O.R_PAGE:
+            pfn = r["a"]
+            order = r["b"]
+            if sub == 0:
+                if _has_batch(task, T):
+                    close_batch(task, ts, c, U0, 0, 0, T, pool, nxt, S, out, RS, X)
+                emit(out, S, ts, O.M_FREE, r["c"] & 0xFF, c, task, -1, -1, pfn, order, 0, U0, U0, 0)
+            elif sub == 1:
+                gfp = r["d"]
+                fl = 0
+                if (gfp & GFP_DIRECT_RECLAIM) == 0:
+                    fl |= O.A_ATOMIC
+                if not ((fl & O.A_ATOMIC) and X[X_ATOMIC_NO_SD] != 0):
+                    fl |= O.A_CAN_SD
+                emit(out, S, ts, O.M_ALLOC, 0, c, task, -1, -1, pfn, order, fl, U0, U0, gfp)
+            elif sub == 2:
+                emit(out, S, ts, O.M_DRAIN, 0, c, task, -1, -1, pfn, order, 0, U0, U0, 0)
+            else:
+                # the context of a buddy take is the allocation that follows it in the same task
+                fl = O.A_CAN_SD
+                for k in range(i + 1, min(n, i + 256)):
+                    rk = raw[k]
+                    if rk["kind"] == O.R_PAGE and rk["sub"] == 1 and rk["task"] == task:
+                        if (rk["d"] & GFP_DIRECT_RECLAIM) == 0 and X[X_ATOMIC_NO_SD] != 0:
+                            fl = O.A_ATOMIC
+                        break
+                if (r["c"] >> 8) & 1:
+                    fl |= O.A_REFILL
+                emit(out, S, ts, O.M_TAKE, 0, c, task, -1, -1, pfn, order, fl, U0, U0, 0)
+        elif kind == O.R_FAULT:
+            addr = r["a"]
+            write = sub != 0
+            mm = pmm
+            snap = find_snapshot(proc, ts, pr_lo, pr_hi, sn_ts)
+            v = vma_by_addr(snap, addr, sn_lo, sn_hi, mp_start, mp_end)
+            maywrite = write
+            mapping = -1
+            if v >= 0:
+                vf = mp_flags[v]
+                if vf & V_W:
+                    maywrite = True
+                elif (vf & V_S) == 0:
+                    maywrite = True  # VM_MAYWRITE is set on private mappings
+                elif X[X_SHARED_RO_MAYWRITE] != 0:
+                    maywrite = True
+                if (vf & V_S) and mp_map[v] >= 0:
+                    mapping = mp_map[v]
+            elif X[X_NO_VMA_MAYWRITE] != 0:
+                maywrite = True
+            if maywrite:
+                emit(out, S, ts, O.M_HOOK, O.H_FAULT, c, task, mm, mapping, -1, 0, 1 if write else 0, U0, U0, addr)
+        elif kind == O.R_SYSCALL:
+            nr = sub
+            dur = r["e"]
+            ok = dur >= 0
+            if dur < 0:
+                dur = -dur - 1
+            T[task, T_SYS_NR] = nr
+            T[task, T_SYS_UNTIL] = ts + dur
+            if not ok:
+                continue
+            zap = False
+            if nr == SYS_MUNMAP or nr == SYS_MREMAP:
+                zap = True
+            elif nr == SYS_MADVISE:
+                zap = r["c"] in ZAP_MADVISE
+            elif nr == SYS_MMAP:
+                zap = (r["d"] & MAP_FIXED) != 0
+            if zap:
+                snap = find_snapshot(proc, ts, pr_lo, pr_hi, sn_ts)
+                a0 = r["a"]
+                mapping = shared_file_vma_in_range(
+                    snap, a0, a0 + r["b"], sn_lo, sn_hi, mp_start, mp_end, mp_map, mp_flags
+                )
+                emit(out, S, ts, O.M_HOOK, O.H_ZAP, c, task, pmm, mapping, -1, 0, 0, U0, U0, 0)
+        elif kind == O.R_FILE:
+            if sub == 0:
+                emit(out, S, ts, O.M_HOOK, O.H_WRITE_BEGIN, c, task, -1, r["a"], -1, 0, 0, U0, U0, 0)
+            elif sub == 1:
+                emit(out, S, ts, O.M_HOOK, O.H_TRUNCATE, c, task, -1, r["a"], -1, 0, 0, U0, U0, 0)
+            elif sub == 2 and X[X_DIRTY_MKCLEAN] != 0:
+                emit(out, S, ts, O.M_HOOK, O.H_MKCLEAN, c, task, -1, r["a"], -1, 0, 0, U0, U0, 0)
+        elif kind == O.R_SCHED:
+            nxt_task = r["a"]
+            if pmm >= 0:
+                LAST_RUN[pmm, c] = ts
+            np_ = T[nxt_task, T_PROC] if nxt_task >= 0 else -1
+            nmm = PROC_MMA[np_] if np_ >= 0 else -1
+            if sub != 0 and CPU[c, C_CUR_MM] >= 0 and nmm >= 0:
+                # kthread -> user switch: finish_task_switch drops the lazily borrowed mm (F10)
+                emit(out, S, ts, O.M_HOOK, O.H_CTXSW, c, task, CPU[c, C_CUR_MM], -1, -1, 0, 0, U0, U0, 0)
+            CPU[c, C_CUR_TASK] = nxt_task
+            if nmm >= 0:
+                CPU[c, C_CUR_MM] = nmm
+                LAST_RUN[nmm, c] = ts
+        elif kind == O.R_RECLAIM:
+            if sub in (0, 2, 4, 6):
+                T[task, T_CTX] = 1 if sub == 0 else 2 if sub == 2 else 2 if sub == 4 else 3
+                emit(out, S, ts, O.M_RECLAIM_BEGIN, 0, c, task, -1, -1, -1, 0, 0, U0, U0, 0)
+            elif sub in (1, 3, 5, 7):
+                if _has_batch(task, T):
+                    close_batch(task, ts, c, U0, 0, 0, T, pool, nxt, S, out, RS, X)
+                T[task, T_CTX] = 0
+            elif sub == 12:
+                emit(out, S, ts, O.M_HOOK, O.H_DIRTY_WB, c, task, -1, -1, r["a"], 0, 0, U0, U0, 0)
+        elif kind == O.R_PROC:
+            if sub == 2 and r["a"] != 0 and pmm >= 0:  # the process exits: exit_mmap zaps every VMA (F7)
+                emit(out, S, ts, O.M_HOOK, O.H_ZAP, c, task, pmm, -1, -1, 0, 0, U0, U0, 0)
+        elif kind == O.R_MM:
+            mm = r["a"]
+            if proc >= 0 and mm >= 0:
+                PROC_MMA[proc] = mm
+                MM[mm, 0] = proc
+    if final:
+        for c in range(ncpu):
+            if CPU[c, C_OPEN] != 0:
+                close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
+        for t in range(T.shape[0]):
+            if _has_batch(t, T):
+                close_batch(t, S[S_LAST_TS], 0, U0, 0, 0, T, pool, nxt, S, out, RS, X)

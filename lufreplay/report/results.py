@@ -1,0 +1,218 @@
+"""The results document of ``lufreplay simulate`` (``--json``); ``lufreplay report`` renders it.
+
+Every count in ``by_cause`` comes from one accumulator slot per cause that every IPI is added to exactly once,
+so ``sum(by_cause.values()) == remote_shootdowns`` for vanilla and for every model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lufreplay.model import ops as O
+from lufreplay.model.kernels import O_REC_EVENTS, O_REC_PERCPU, O_REC_TL
+from lufreplay.model.options import DEFAULTS
+from lufreplay.model.vanilla import realloc_bin_edges
+from lufreplay.replay import reconstruct as RC
+from lufreplay.replay.engine import ReplayResult
+from lufreplay.trace.reader import Trace
+
+RISK_NOTES = {
+    "R4": "content changes no hook sees (NFS/FUSE/block device, uprobes) are not observable with tracepoints; only hooked changes (F4-F6) are in the trace",
+    "R7": "luf_flush_mm's diet of the caller's whole tlb_ubc: the caller's batch is empty at fault time in this model",
+    "R9": "arm64 has no IPI to save: with arch=arm64 every folio is rejected (arch_noop)",
+}
+
+
+def _losses(trace: Trace) -> dict[str, Any]:
+    t = trace.table("losses")
+    if t.num_rows == 0:
+        return {"total": 0, "bounded": False, "by_probe": {}}
+    df = t.to_pandas()
+    by = df.groupby("probe")["lost"].sum()
+    total = int(df["lost"].sum())
+    return {"total": total, "bounded": total > 0, "by_probe": {str(k): int(v) for k, v in by.items()}}
+
+
+def _duration(meta: dict[str, Any], res: ReplayResult) -> float:
+    """The recorded window (meta.json), else the span of the events."""
+    w = meta.get("window")
+    if isinstance(w, dict) and "duration_s" in w:
+        return float(w["duration_s"])
+    if isinstance(w, dict) and "start_ns" in w and "end_ns" in w:
+        return round((int(w["end_ns"]) - int(w["start_ns"])) / 1e9, 6)
+    if "duration_s" in meta:
+        return float(meta["duration_s"])
+    return round((res.t1 - res.t0) / 1e9, 6)
+
+
+def _cumulative(bins: np.ndarray, npts: int) -> list[int]:
+    return [int(x) for x in np.cumsum(bins)[:npts]]
+
+
+def build(
+    trace: Trace, res: ReplayResult, opts: dict[str, Any], requested: list[str], elapsed_s: float
+) -> dict[str, Any]:
+    """Assemble the results document from a finished replay."""
+    ncpu = res.ncpu
+    van = res.models["vanilla"]
+    va = van.acc
+    vc = van.counts()
+    fid = vc["fidelity"]
+    rec_by_cause = {c: int(fid["recorded"][i]) for i, c in enumerate(O.CAUSES) if fid["recorded"][i]}
+    recorded = int(fid["recorded"].sum())
+    losses = _losses(trace)
+    L = losses["total"]
+    meta = trace.meta
+    host = meta.get("host") if isinstance(meta.get("host"), dict) else {"hostname": meta.get("host")}
+    doc: dict[str, Any] = {
+        "trace": {
+            "path": str(trace.path),
+            "run_id": meta.get("run_id"),
+            "duration_s": _duration(meta, res),
+            "nr_cpus": ncpu,
+            "host": host,
+            "kernel": meta.get("kernel") or (host.get("uname") or {}).get("release"),
+        },
+        "options": dict(opts),
+        "option_defaults": dict(DEFAULTS),
+        "vanilla": {
+            "remote_shootdowns": recorded,
+            "remote_shootdowns_bounds": [recorded, recorded + L],
+            "flush_events": int(va[O_REC_EVENTS : O_REC_EVENTS + O.NCAUSE].sum()),
+            "per_cpu": [int(x) for x in va[O_REC_PERCPU : O_REC_PERCPU + ncpu]],
+            "by_cause": rec_by_cause,
+            "flush_events_by_cause": {
+                c: int(va[O_REC_EVENTS + i]) for i, c in enumerate(O.CAUSES) if va[O_REC_EVENTS + i]
+            },
+        },
+        "models": {},
+    }
+    for name in requested:
+        m = res.models[name]
+        c = m.counts()
+        v = c["remote_shootdowns"]
+        spread = L * max(ncpu - 1, 1)
+        misc = c["misc"]
+        entry = {
+            "remote_shootdowns": v,
+            "remote_shootdowns_bounds": [max(0, v - spread), v + spread],
+            "flush_events": c["flush_events"],
+            "cpus_flushed": c["cpus_flushed"],
+            "local_flushes": c["local_flushes"],
+            "avoided_pct": round(100.0 * (1.0 - v / recorded), 3) if recorded else 0.0,
+            "by_cause": c["by_cause"],
+            "flush_events_by_cause": c["flush_events_by_cause"],
+            "per_cpu": c["per_cpu"],
+            "allocations": {
+                k: misc[k]
+                for k in (
+                    "alloc_clean",
+                    "alloc_free_pass",
+                    "alloc_with_flush",
+                    "pcp_skips",
+                    "pcp_fallbacks",
+                    "buddy_refusals",
+                    "epoch_closes",
+                    "epoch_waits",
+                    "pend_first",
+                    "alloc_failures",
+                    "luf_pages_freed",
+                    "nr_luf_pages_max",
+                )
+            },
+            "hooks": c["hooks"],
+            "deferred": {k: misc[k] for k in ("deferred_cpu_slots", "retired_by_done", "flushed_cpu_slots")},
+            "stale_window": c["stale_window"],
+            "paid_by_other_task": misc["paid_by_other_flushes"],
+            "risks": {
+                "R1_stale_window_max_s": c["stale_window"]["max_s"],
+                "R1_pending_at_end_pages": c["stale_window"]["pending_at_end"],
+                "R2_alloc_flushes": misc["paid_in_alloc_flushes"],
+                "R2_paid_by_other_task_flushes": misc["paid_by_other_flushes"],
+                "R2_paid_by_other_task_pages": misc["paid_by_other_pages"],
+                "R2_epoch_waits": misc["epoch_waits"],
+                "R3_atomic_allocs_hitting_luf_pages": misc["atomic_allocs_skipping_luf"],
+                "R3_pcp_skips": misc["pcp_skips"],
+                "R3_pcp_fallbacks": misc["pcp_fallbacks"],
+                "R3_buddy_refusals": misc["buddy_refusals"],
+                "R3_pend_first": misc["pend_first"],
+                "R3_alloc_failures": misc["alloc_failures"],
+                "R4_potential_stale_reads": misc["potential_stale_reads"],
+                "R5_hook_calls_without_ipi": sum(h["no_ipi"] for h in c["hooks"].values()),
+                "R6_credits_to_cpus_running_other_mm": misc["r6_credits_other_mm"],
+                "R8_key_slot_merges": misc["key_merges"],
+                "notes": RISK_NOTES,
+            },
+            "safety": {"checks": misc["safety_checks"], "violations": 0},
+        }
+        if name == "hold-before-free":
+            entry["held_pages"] = {
+                "max": misc["held_pages_max"],
+                "at_end": misc["held_pages_now"],
+                "max_bytes": misc["held_pages_max"] * 4096,
+                "timeline_max_per_bin": [int(x) for x in c["held_timeline"]],
+            }
+        entry.update(m.extras())
+        doc["models"][name] = entry
+    expl = fid["explained"]
+    doc["fidelity"] = {
+        "explained_pct": round(100.0 * float(expl.sum()) / recorded, 3) if recorded else 100.0,
+        "predicted_not_recorded": int(fid["predicted"].sum() - expl.sum()),
+        "by_cause": {
+            c: {
+                "recorded": int(fid["recorded"][i]),
+                "explained": int(expl[i]),
+                "pct": round(100.0 * expl[i] / fid["recorded"][i], 3),
+            }
+            for i, c in enumerate(O.CAUSES)
+            if fid["recorded"][i]
+        },
+    }
+    rs = res.recon_stats
+    folios = {r: int(rs[RC.RS_FOLIOS + i]) for i, r in enumerate(O.REJECT)}
+    pages = {r: int(rs[RC.RS_PAGES + i]) for i, r in enumerate(O.REJECT)}
+    doc["eligibility"] = {
+        "folios": sum(folios.values()),
+        "eligible": folios["eligible"],
+        "rejected": {k: v for k, v in folios.items() if k != "eligible" and v},
+        "pages": sum(pages.values()),
+        "eligible_pages": pages["eligible"],
+        "rejected_pages": {k: v for k, v in pages.items() if k != "eligible" and v},
+        "pte_provenance": {
+            "exact": int(rs[RC.RS_PROV]),
+            "inferred": int(rs[RC.RS_PROV + 1]),
+            "unknown": int(rs[RC.RS_PROV + 2]),
+        },
+        "batches": int(rs[RC.RS_BATCHES]),
+    }
+    edges = realloc_bin_edges()
+    doc["realloc_delay"] = {"bin_edges_s": edges, "counts": [int(x) for x in vc["realloc_hist"]], "weight": "pages"}
+    dt = int(res.tl[1])
+    n_bins = O.TIMELINE_BINS
+    doc["timeline"] = {
+        "t_s": [round((k + 1) * dt / 1e9, 6) for k in range(n_bins)],
+        "vanilla": _cumulative(va[O_REC_TL : O_REC_TL + n_bins], n_bins),
+    }
+    for name in requested:  # "vanilla" is the recorded kernel; the rebuilt vanilla model gets its own key
+        key = "vanilla_rebuilt" if name == "vanilla" else name
+        doc["timeline"][key] = _cumulative(res.models[name].counts()["timeline_bins"], n_bins)
+    doc["losses"] = losses
+    doc["replay"] = {
+        "raw_events": res.raw_events,
+        "model_ops": res.model_ops,
+        "seconds": round(elapsed_s, 3),
+        "events_per_s": round(res.raw_events / elapsed_s) if elapsed_s > 0 else None,
+        "max_cpus": O.MAX_CPUS,
+    }
+    return doc
+
+
+def check_sums(doc: dict[str, Any]) -> None:
+    """by_cause must sum exactly to the totals (vanilla and every model); raises AssertionError otherwise."""
+    assert sum(doc["vanilla"]["by_cause"].values()) == doc["vanilla"]["remote_shootdowns"]
+    assert sum(doc["vanilla"]["per_cpu"]) == doc["vanilla"]["remote_shootdowns"]
+    for name, m in doc["models"].items():
+        assert sum(m["by_cause"].values()) == m["remote_shootdowns"], name
+        assert sum(m["per_cpu"]) == m["remote_shootdowns"], name

@@ -1,0 +1,137 @@
+"""Text rendering of the results document with rich tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from lufreplay.model import ops as O
+
+
+def _label(name: str) -> str:
+    return "vanilla (rebuilt)" if name == "vanilla" else name
+
+
+def _b(v: int, bounds: list[int], bounded: bool) -> str:
+    return f"{v:,} [{bounds[0]:,}, {bounds[1]:,}]" if bounded else f"{v:,}"
+
+
+def render(doc: dict[str, Any], console: Console) -> None:
+    """Headline, per-cause, per-CPU, eligibility, stale window, cost shift, risk flags, options."""
+    tr = doc["trace"]
+    bounded = doc["losses"]["bounded"]
+    van = doc["vanilla"]
+    models = doc["models"]
+    console.print(
+        f"[bold]lufreplay simulate[/] {tr['path']}  run={tr.get('run_id')}  {tr['nr_cpus']} CPUs  "
+        f"{tr.get('duration_s')} s  kernel={tr.get('kernel')}"
+    )
+    if bounded:
+        console.print(
+            f"[yellow]the trace lost {doc['losses']['total']:,} events: counts are shown as value [lower, upper][/]"
+        )
+
+    t = Table(title="Remote TLB shootdowns (IPIs): recorded kernel vs models")
+    for col in ("", "remote shootdown IPIs", "flush events", "CPUs flushed", "avoided %"):
+        t.add_column(col, justify="right" if col else "left")
+    t.add_row(
+        "vanilla (recorded)",
+        _b(van["remote_shootdowns"], van["remote_shootdowns_bounds"], bounded),
+        f"{van['flush_events']:,}",
+        str(sum(1 for x in van["per_cpu"] if x)),
+        "—",
+    )
+    for name, m in models.items():
+        t.add_row(
+            _label(name),
+            _b(m["remote_shootdowns"], m["remote_shootdowns_bounds"], bounded),
+            f"{m['flush_events']:,}",
+            str(m["cpus_flushed"]),
+            f"{m['avoided_pct']:.1f}",
+        )
+    console.print(t)
+
+    causes = [c for c in O.CAUSES if c in van["by_cause"] or any(c in m["by_cause"] for m in models.values())]
+    t = Table(title="Remote shootdown IPIs by cause (columns sum to the totals above)")
+    t.add_column("cause")
+    t.add_column("recorded", justify="right")
+    for name in models:
+        t.add_column(_label(name), justify="right")
+    for c in causes:
+        t.add_row(c, f"{van['by_cause'].get(c, 0):,}", *[f"{m['by_cause'].get(c, 0):,}" for m in models.values()])
+    t.add_row(
+        "[bold]total[/]", f"{van['remote_shootdowns']:,}", *[f"{m['remote_shootdowns']:,}" for m in models.values()]
+    )
+    console.print(t)
+
+    t = Table(title="Per CPU, like the TLB row of /proc/interrupts (shootdowns received)")
+    t.add_column("")
+    for cpu in range(tr["nr_cpus"]):
+        t.add_column(f"CPU{cpu}", justify="right")
+    t.add_row("TLB recorded", *[f"{x:,}" for x in van["per_cpu"]])
+    for name, m in models.items():
+        t.add_row(f"TLB {_label(name)}", *[f"{x:,}" for x in m["per_cpu"]])
+    console.print(t)
+
+    el = doc["eligibility"]
+    t = Table(title=f"LUF eligibility of unmapped folios ({el['folios']:,} folios, {el['pages']:,} pages)")
+    t.add_column("")
+    t.add_column("folios", justify="right")
+    t.add_column("pages", justify="right")
+    t.add_row("eligible", f"{el['eligible']:,}", f"{el['eligible_pages']:,}")
+    for k, v in el["rejected"].items():
+        t.add_row(f"rejected: {k}", f"{v:,}", f"{el['rejected_pages'].get(k, 0):,}")
+    pv = el["pte_provenance"]
+    t.caption = f"PTE RO/RW provenance: exact {pv['exact']:,}, inferred {pv['inferred']:,}, unknown {pv['unknown']:,}"
+    console.print(t)
+
+    fid = doc["fidelity"]
+    console.print(
+        f"Fidelity: the reconstruction explains [bold]{fid['explained_pct']:.1f} %[/] of the recorded remote"
+        " shootdowns ("
+        + ", ".join(f"{c} {v['pct']:.0f} %" for c, v in fid["by_cause"].items())
+        + f"); {fid['predicted_not_recorded']:,} predicted targets were not recorded (lazy/PV skips)."
+    )
+
+    luf_models = {k: v for k, v in models.items() if k != "vanilla"}
+    t = Table(title="Stale window (unmap → covering flush), cost shift and risk flags")
+    t.add_column("")
+    for name in luf_models:
+        t.add_column(name, justify="right")
+
+    def row(label: str, fn: Any) -> None:
+        t.add_row(label, *[fn(m) for m in luf_models.values()])
+
+    row("LUF'd pages (covered)", lambda m: f"{m['stale_window']['count']:,}")
+    row(
+        "stale mean / p50 / p99 (s)",
+        lambda m: "{:.3g} / {:.3g} / {:.3g}".format(
+            m["stale_window"]["mean_s"], m["stale_window"]["p50_s"], m["stale_window"]["p99_s"]
+        ),
+    )
+    row("stale max (s)", lambda m: f"{m['stale_window']['max_s']:.3g}")
+    row("pages pending at end", lambda m: f"{m['stale_window']['pending_at_end']:,}")
+    row("alloc-time flushes (R2)", lambda m: f"{m['risks']['R2_alloc_flushes']:,}")
+    row("paid by another task (R2)", lambda m: f"{m['paid_by_other_task']:,}")
+    row("epoch waits (R2)", lambda m: f"{m['risks']['R2_epoch_waits']:,}")
+    row("atomic allocs on LUF pages (R3)", lambda m: f"{m['risks']['R3_atomic_allocs_hitting_luf_pages']:,}")
+    row("pcp skips / fallbacks (R3)", lambda m: f"{m['risks']['R3_pcp_skips']:,} / {m['risks']['R3_pcp_fallbacks']:,}")
+    row("buddy refusals (R3)", lambda m: f"{m['risks']['R3_buddy_refusals']:,}")
+    row("hook calls without IPI (R5)", lambda m: f"{m['risks']['R5_hook_calls_without_ipi']:,}")
+    row("credits to other-mm CPUs (R6)", lambda m: f"{m['risks']['R6_credits_to_cpus_running_other_mm']:,}")
+    row("key-slot merges (R8)", lambda m: f"{m['risks']['R8_key_slot_merges']:,}")
+    if "hold-before-free" in luf_models:
+        row("held pages max", lambda m: f"{m.get('held_pages', {}).get('max', 0):,}" if "held_pages" in m else "—")
+    if luf_models:
+        console.print(t)
+
+    changed = {k: v for k, v in doc["options"].items() if doc["option_defaults"].get(k) != v}
+    console.print(
+        "Options: "
+        + ", ".join(f"{k}={v}" for k, v in doc["options"].items())
+        + (f"  [bold](changed: {', '.join(changed)})[/]" if changed else "  (all defaults)")
+    )
+    rp = doc["replay"]
+    console.print(f"[dim]replayed {rp['raw_events']:,} events in {rp['seconds']} s[/]")
