@@ -271,6 +271,11 @@ def random_scenario(rng: Any, n_steps: int = 60, nr_cpus: int = 3) -> Scenario:
                 order = 0 if rng.random() < 0.85 else 2
                 pfn = pfn_next
                 pfn_next += 4
+                lost = [k for k, (_p, o) in enumerate(freed) if o == 0]
+                if order == 0 and lost and rng.random() < 0.05:  # re-used with its allocation event lost
+                    pfn = freed.pop(lost[rng.randrange(len(lost))])[0]
+                    if pfn in pcp:
+                        pcp.remove(pfn)
                 ino = rng.choice(inos)
                 mms = rng.sample([m for _, m in procs], rng.randint(1, 2))
                 if rng.random() < 0.15:  # an immediate per-PTE flush

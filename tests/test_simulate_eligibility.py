@@ -159,11 +159,18 @@ def test_pcp_skip_three_strikes_then_flush(tmp_path: Path) -> None:
     for k, pfn in enumerate((1000, 1001, 1002)):
         s.alloc(T_ALLOC + 10 * k, 1, *B, pfn, gfp=GFP_ATOMIC)  # atomic: cannot shoot down → skip
     s.alloc(T_ALLOC + 1000, 1, *B, 1000)  # GFP_KERNEL: flushes
-    m = luf(run(s, tmp_path))
+    m = luf(run(s, tmp_path, ["alloc_order=recorded"]))  # the pending pfns stay labelled: 1000 pays at its re-use
     assert m["allocations"]["pcp_skips"] == 3
     assert m["allocations"]["pcp_fallbacks"] == 1
     assert m["risks"]["R3_atomic_allocs_hitting_luf_pages"] == 3
     assert m["by_cause"] == {"alloc_pcp": 1}
+    # alloc_order=luf: the three obligations stay on CPU0's pcp (no CPU1 allocation reaches them), the pfns the
+    # trace handed out are clean in the model, so the GFP_KERNEL allocation of 1000 needs no flush
+    m = luf(run(s, tmp_path))
+    assert m["allocations"]["pcp_skips"] == 3
+    assert m["by_cause"] == {}
+    assert m["allocations"]["alloc_clean"] == 1
+    assert m["pcp_fifo_pages_at_end"] == 3
     # with atomic contexts allowed to shoot down, the first atomic allocation pays instead
     m = luf(run(s, tmp_path, ["atomic_no_shootdown=false"]))
     assert m["allocations"]["pcp_skips"] == 0

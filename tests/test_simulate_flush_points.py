@@ -60,11 +60,19 @@ def test_f2_buddy_allocation_closes_the_zone_epoch(tmp_path: Path) -> None:
     s.page(T_EVENT, 0, *A, 2, 1000)  # pcp drain: the key's mask joins the zone batch, page stamped epoch 1
     s.page(T_ALLOC, 1, *B, 3, 1000)  # taken from buddy: closes epoch 1 → flush the zone batch
     s.alloc(T_ALLOC + 1, 1, *B, 1000)
+    for sets in (["non_luf_ok=false"], ["alloc_order=recorded"]):  # pend_list first, or the recorded pfn itself
+        m = luf(run(s, tmp_path, sets))
+        assert m["by_cause"] == {"alloc_buddy_epoch": 1}
+        assert m["allocations"]["epoch_closes"] == 1
+        assert m["allocations"]["pend_first"] == (1 if sets == ["non_luf_ok=false"] else 0)
+        assert m["allocations"]["nr_luf_pages_max"] == 1
+        assert m["zone"] == {"open_epoch": 2, "done_epoch": 1, "nr_luf_pages_at_end": 0}
+    # default (alloc_order=luf, non_luf_ok): buddy hands out a clean block; the pending page stays on pend_list
     m = luf(run(s, tmp_path))
-    assert m["by_cause"] == {"alloc_buddy_epoch": 1}
-    assert m["allocations"]["epoch_closes"] == 1
-    assert m["allocations"]["nr_luf_pages_max"] == 1
-    assert m["zone"] == {"open_epoch": 2, "done_epoch": 1, "nr_luf_pages_at_end": 0}
+    assert m["by_cause"] == {}
+    assert m["allocations"]["buddy_clean_first"] == 1
+    assert m["zone"] == {"open_epoch": 1, "done_epoch": 0, "nr_luf_pages_at_end": 1}
+    assert m["stale_window"]["pending_at_end"] == 1
 
 
 def test_f2_epoch_wait_while_another_task_flushes(tmp_path: Path) -> None:
@@ -77,11 +85,11 @@ def test_f2_epoch_wait_while_another_task_flushes(tmp_path: Path) -> None:
         s.page(T_ALLOC + 1000, 0, 300, 300, 3, 1001)  # 1 µs later another task takes a block of epoch 1: waits
         return s
 
-    m = luf(run(scenario(), tmp_path))
+    m = luf(run(scenario(), tmp_path, ["non_luf_ok=false"]))  # pend_list first (the zone is short of clean pages)
     assert m["by_cause"] == {"alloc_buddy_epoch": 1}
     assert m["allocations"]["epoch_waits"] == 1
     assert m["risks"]["R2_epoch_waits"] == 1
-    m = luf(run(scenario(), tmp_path, ["epoch_flush_latency_us=0"]))
+    m = luf(run(scenario(), tmp_path, ["non_luf_ok=false", "epoch_flush_latency_us=0"]))
     assert m["allocations"]["epoch_waits"] == 0
     assert m["remote_shootdowns"] == 1
 

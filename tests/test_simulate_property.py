@@ -35,17 +35,28 @@ SETTINGS = st.sampled_from(
         ["atomic_no_shootdown=false", "epoch_flush_latency_us=0"],
         ["clip_to_recorded=false", "unexplained_targets=defer", "pcp_strikes=1"],
         ["shared_writable_vma=readonly", "mm_cpumask_trim_s=0"],
+        ["non_luf_ok=false", "unknown_rw=eligible"],
     ]
 )
+# the allocation policy and the large-folio exclusion change the most state: every combination is drawn
+POLICY = st.tuples(st.sampled_from(["luf", "recorded"]), st.sampled_from(["reject", "eligible"]))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**32 - 1), n_steps=st.integers(5, 120), nr_cpus=st.integers(2, 4), sets=SETTINGS)
-def test_fast_path_matches_reference(seed: int, n_steps: int, nr_cpus: int, sets: list[str]) -> None:
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_steps=st.integers(5, 120),
+    nr_cpus=st.integers(2, 4),
+    sets=SETTINGS,
+    policy=POLICY,
+)
+def test_fast_path_matches_reference(
+    seed: int, n_steps: int, nr_cpus: int, sets: list[str], policy: tuple[str, str]
+) -> None:
     s = random_scenario(random.Random(seed), n_steps, nr_cpus)
     with tempfile.TemporaryDirectory() as d:
         path = s.write(Path(d) / "t")
-        opts = parse_settings(sets)
+        opts = parse_settings([*sets, f"alloc_order={policy[0]}", f"large_folios={policy[1]}"])
         res = replay(open_trace(path), ["vanilla", "luf-v12"], opts, keep_ops=True)
     ref = ReferenceLufV12(opts)
     for ops in res.ops:

@@ -4,6 +4,7 @@ No stale entry can ever reach a new owner, so allocations never flush; the price
 Held pages are released by one flush of everything held when the hold limit is reached, when reclaim starts
 (memory is needed), when the trace shows a held pfn being reused (the real kernel would have had to release it
 first), and at the hooks that change what a stale entry would see (write faults F3, F4, F5, F7).
+Held pages never enter pcp or buddy, so the allocation-order option (``alloc_order``) does not apply here.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ from lufreplay.model.kernels import (
     add_history,
     add_request,
     bit,
+    folio_begin_ok,
+    folio_end_reason,
     log_decision,
     mark_done,
+    notdone,
     popcount,
     timeline_bin,
 )
 from lufreplay.model.luf_v12 import _safety
-from lufreplay.model.state import P_HELD, P_NONE, Y_HBF_MAX, Y_HBF_RECLAIM, Y_UNEXPLAINED_FLUSH
+from lufreplay.model.state import P_HELD, P_NONE, Y_HBF_MAX, Y_HBF_RECLAIM, Y_LARGE_ELIG, Y_UNEXPLAINED_FLUSH
 
 HGEN, HGEN_DONE, CAN_LUF, CUR_PFN, CUR_ORDER, CUR_TS, NBUF, HELD = range(8)
 HMASK, LUF_MASK, NONLUF_MASK, FOLIO_RO = range(4)
@@ -77,6 +81,7 @@ def run_hbf(
     req_pages,
 ):
     max_held = np.int64(Y[Y_HBF_MAX])
+    large = Y[Y_LARGE_ELIG] != 0
     for i in range(nops):
         r = mops[i]
         op = r["op"]
@@ -84,7 +89,7 @@ def run_hbf(
         cpu = r["cpu"]
         task = r["task"]
         if op == O.M_FOLIO_BEGIN:
-            SC[CAN_LUF] = 1 if r["sub"] == 0 else 0
+            SC[CAN_LUF] = 1 if folio_begin_ok(r["sub"], large) else 0
             SU[FOLIO_RO] = U0
             SC[CUR_PFN] = r["pfn"]
             SC[CUR_ORDER] = r["order"]
@@ -100,7 +105,7 @@ def run_hbf(
                 SU[NONLUF_MASK] |= r["mask"]
         elif op == O.M_FOLIO_END:
             # only folios whose pfn is known can be held; anon folios seen without a pfn flush normally
-            if SC[CAN_LUF] != 0 and r["sub"] == 0 and SC[CUR_PFN] >= 0:
+            if SC[CAN_LUF] != 0 and folio_end_reason(r["sub"], r["aux"], large) == 0 and SC[CUR_PFN] >= 0:
                 SU[LUF_MASK] |= SU[FOLIO_RO]
                 b = SC[NBUF]
                 buf[b, 0] = SC[CUR_PFN]
@@ -117,6 +122,19 @@ def run_hbf(
             R = r["mask"]
             if Y[Y_UNEXPLAINED_FLUSH] != 0:
                 SU[NONLUF_MASK] |= R & ~(SU[LUF_MASK] | SU[NONLUF_MASK])
+            for b in range(SC[NBUF]):  # a pfn unmapped again: its old debt is settled, or it was re-used held
+                for p in range(buf[b, 0], buf[b, 0] + (np.int64(1) << buf[b, 1])):
+                    if sh_mask[p] == U0:
+                        continue
+                    if pstate[p] == P_HELD and pstamp[p] > SC[HGEN_DONE]:
+                        acc[O_MISC + O.K_UNSEEN_REUSES] += 1
+                        _release(
+                            ts, cpu, task, O.C_HOLD_RELEASE, op, SC, SU, done, acc, tl, dec, nlog, hist_g, hist_ts,
+                            hist_mask,
+                        )  # fmt: skip
+                    if notdone(sh_mask[p], sh_ugen[p], done) == U0:
+                        sh_mask[p] = U0
+                        sh_ugen[p] = 0
             d = SU[LUF_MASK] & ~SU[NONLUF_MASK]
             nl = SU[NONLUF_MASK]
             if nl != U0:

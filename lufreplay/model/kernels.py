@@ -11,6 +11,9 @@ import numba
 import numpy as np
 
 from lufreplay.model.ops import MAX_CPUS, NCAUSE, NMISC, TIMELINE_BINS
+from lufreplay.model.ops import REJECT as _REJECT
+
+J_LARGE_FOLIO = _REJECT.index("large_folio")
 
 U0 = np.uint64(0)
 U1 = np.uint64(1)
@@ -83,6 +86,20 @@ def mark_done(mask, g, done):
                 done[c] = g
         m >>= U1
         c += 1
+
+
+@numba.njit(cache=True)
+def folio_begin_ok(sub, large):
+    """FOLIO_BEGIN: the folio may be LUF'd (no static exclusion; large folios allowed with large_folios=eligible)."""
+    return sub == 0 or (large and sub == J_LARGE_FOLIO)
+
+
+@numba.njit(cache=True)
+def folio_end_reason(sub, aux, large):
+    """FOLIO_END: the rejection reason the model uses (aux = the reason without the large-folio exclusion)."""
+    if large and sub == J_LARGE_FOLIO:
+        return aux
+    return sub
 
 
 @numba.njit(cache=True)

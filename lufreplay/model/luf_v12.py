@@ -28,10 +28,27 @@ from lufreplay.model.kernels import (
     add_history,
     add_request,
     bit,
+    folio_begin_ok,
+    folio_end_reason,
     log_decision,
     mark_done,
     notdone,
     popcount,
+)
+from lufreplay.model.pcpfifo import (
+    FH_HEAD,
+    FH_TAIL,
+    OB_CPU,
+    OB_KEY,
+    OB_TASK,
+    OB_UGEN,
+    Obligations,
+    fifo_push,
+    fifo_unlink,
+    ob_new,
+    ob_release,
+    orphan,
+    relabel,
 )
 from lufreplay.model.state import (
     P_BUDDY_CLEAN,
@@ -41,20 +58,23 @@ from lufreplay.model.state import (
     P_PCP_LUF,
     P_TAKEN,
     P_UNMAPPED,
+    Y_ALLOC_LUF,
     Y_CREDIT_NATURAL,
     Y_EPOCH_LAT_NS,
+    Y_LARGE_ELIG,
+    Y_NON_LUF_OK,
     Y_PCP_STRIKES,
     Y_UNEXPLAINED_FLUSH,
 )
 
 NKEYS = 65536
 # scalar slots (int64 vector SC)
-G, KCTR, Z_OPEN, Z_DONE, Z_LUFUGEN, NR_LUF, Z_DONE_TS, Z_PREV_DONE, CAN_LUF, CUR_PFN, CUR_ORDER, CUR_TS, NBUF = range(
-    13
-)
-NSC = 13
+(G, KCTR, Z_OPEN, Z_DONE, Z_LUFUGEN, NR_LUF, Z_DONE_TS, Z_PREV_DONE, CAN_LUF, CUR_PFN, CUR_ORDER, CUR_TS, NBUF,
+ POOL_UGEN) = range(14)  # fmt: skip
+NSC = 14
 # uint64 scalar slots (SU)
-ZB_MASK, LUF_MASK, NONLUF_MASK, FOLIO_RO, COVERED = range(5)  # COVERED: LUF work folded by F11 this pass
+# COVERED: LUF work folded by F11 this pass; POOL_MASK: shadow debt of the zone's pend pool (alloc_order=luf)
+ZB_MASK, LUF_MASK, NONLUF_MASK, FOLIO_RO, COVERED, POOL_MASK = range(6)
 
 
 @numba.njit(cache=True)
@@ -118,30 +138,15 @@ def _safety(p, ts, done, sh_mask, sh_ugen, acc):
 
 @numba.njit(cache=True)
 def _take_buddy(
-    ts,
-    cpu,
-    task,
-    pfn,
-    order,
-    can_sd,
-    SC,
-    SU,
-    done,
-    pstate,
-    pstamp,
-    punmap_task,
-    acc,
-    tl,
-    dec,
-    nlog,
-    hist_g,
-    hist_ts,
-    hist_mask,
-    lat_ns,
-    op,
-):
+    ts, cpu, task, pfn, order, can_sd, luf, non_luf_ok, SC, SU, done, pstate, pstamp, punmap_task, acc, tl, dec,
+    nlog, hist_g, hist_ts, hist_mask, lat_ns, op,
+):  # fmt: skip
     """§4.1 / §8.2.8 buddy path for a block: free pass, epoch close (+flush), wait, or refusal.
-    Returns True when the block may be handed out."""
+
+    ``alloc_order=recorded``: the recorded block itself is taken; returns True when it may be handed out.
+    ``alloc_order=luf``: the pending obligations of buddy live in the zone's pend pool (not on pfns); a recorded
+    take of a pending block is served by a clean block while ``non_luf_ok`` (no flush), else by the pend_list
+    (epoch logic, ``pend_first``); the recorded block always leaves (True)."""
     s = np.int64(0)
     npg = np.int64(1) << order
     for p in range(pfn, pfn + npg):
@@ -157,31 +162,29 @@ def _take_buddy(
             if pstate[p] == P_BUDDY_LUF:
                 pstate[p] = P_BUDDY_CLEAN
         return True
+    if luf:
+        if non_luf_ok:  # get_page_from_free_area: free_list first while non_luf_pages_ok(zone)
+            acc[_mi(O.K_BUDDY_CLEAN_FIRST)] += 1
+            for p in range(pfn, pfn + npg):
+                if pstate[p] == P_BUDDY_LUF:
+                    pstate[p] = P_BUDDY_CLEAN
+            return True
+        acc[_mi(O.K_PEND_FIRST)] += 1
     if not can_sd:
         acc[_mi(O.K_BUDDY_REFUSALS)] += 1
+        if luf:  # the pend_list block is unusable: a clean block serves the caller
+            for p in range(pfn, pfn + npg):
+                if pstate[p] == P_BUDDY_LUF:
+                    pstate[p] = P_BUDDY_CLEAN
+            return True
         return False
     # s == Z_open: this task closes the epoch and flushes the whole zone batch
     target_mask = SU[ZB_MASK]
     ugen = SC[Z_LUFUGEN]
     n = _luf_flush(
-        ts,
-        cpu,
-        task,
-        target_mask,
-        ugen,
-        O.C_ALLOC_BUDDY_EPOCH,
-        op,
-        pfn,
-        SC,
-        done,
-        acc,
-        tl,
-        dec,
-        nlog,
-        hist_g,
-        hist_ts,
-        hist_mask,
-    )
+        ts, cpu, task, target_mask, ugen, O.C_ALLOC_BUDDY_EPOCH, op, pfn, SC, done, acc, tl, dec, nlog, hist_g,
+        hist_ts, hist_mask,
+    )  # fmt: skip
     acc[_mi(O.K_EPOCH_CLOSES)] += 1
     if n > 0 or (notdone(target_mask, ugen, done) != target_mask):
         acc[_mi(O.K_ALLOC_WITH_FLUSH)] += 1
@@ -195,6 +198,15 @@ def _take_buddy(
     if other > 0 and n > 0:
         acc[_mi(O.K_PAID_BY_OTHER_PAGES)] += other
         acc[_mi(O.K_PAID_BY_OTHER_FLUSHES)] += 1
+    if luf:  # the whole pend pool is spliced back to free_list: nothing in it may still be owed
+        acc[_mi(O.K_SAFETY_CHECKS)] += SC[NR_LUF]
+        if notdone(SU[POOL_MASK], SC[POOL_UGEN], done) != U0:
+            if acc[O_VIOL] == 0:
+                acc[O_VIOL + 1] = pfn
+                acc[O_VIOL + 2] = ts
+            acc[O_VIOL] += 1
+        SU[POOL_MASK] = U0
+        SC[POOL_UGEN] = 0
     SC[Z_PREV_DONE] = SC[Z_DONE]
     SC[Z_DONE] = SC[Z_OPEN]
     SC[Z_DONE_TS] = ts + lat_ns
@@ -206,8 +218,9 @@ def _take_buddy(
 
 
 @numba.njit(cache=True)
-def _to_buddy(p, key, SC, SU, KEY_mask, KEY_ugen, pstate, pkey, pstamp, acc):
-    """§8.2.7: a page with a key enters buddy: the zone batch absorbs the key, the page gets the open stamp."""
+def _to_buddy(p, key, sh_m, sh_u, luf, SC, SU, KEY_mask, KEY_ugen, pstate, pkey, pstamp, acc):
+    """§8.2.7: a page with a key enters buddy: the zone batch absorbs the key, the page gets the open stamp.
+    With alloc_order=luf its shadow debt joins the zone's pend pool (checked when the pool is spliced back)."""
     SU[ZB_MASK] |= KEY_mask[key]
     if KEY_ugen[key] > SC[Z_LUFUGEN]:
         SC[Z_LUFUGEN] = KEY_ugen[key]
@@ -217,16 +230,92 @@ def _to_buddy(p, key, SC, SU, KEY_mask, KEY_ugen, pstate, pkey, pstamp, acc):
     SC[NR_LUF] += 1
     if SC[NR_LUF] > acc[_mi(O.K_NR_LUF_PAGES_MAX)]:
         acc[_mi(O.K_NR_LUF_PAGES_MAX)] = SC[NR_LUF]
+    if luf:
+        SU[POOL_MASK] |= sh_m
+        if sh_u > SC[POOL_UGEN]:
+            SC[POOL_UGEN] = sh_u
+
+
+@numba.njit(cache=True)
+def _f1(ts, cpu, task, mask, ugen, can_sd, op, pfn, max_strikes, SC, done, strikes, acc, tl, dec, nlog, hist_g,
+        hist_ts, hist_mask):  # fmt: skip
+    """F1 on one pcp takeoff: 0 = free pass, 1 = flushed (returns its IPIs in [1]), 2 = skipped (no-shootdown)."""
+    target = notdone(mask, ugen, done)
+    if target == U0:
+        acc[_mi(O.K_ALLOC_FREE_PASS)] += 1
+        log_decision(ts, 2, O.C_ALLOC_PCP, cpu, task, mask, 0, op, pfn, dec, nlog)
+        return 0, 0
+    if can_sd:
+        n = _luf_flush(
+            ts, cpu, task, mask, ugen, O.C_ALLOC_PCP, op, pfn, SC, done, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask
+        )
+        acc[_mi(O.K_ALLOC_WITH_FLUSH)] += 1
+        acc[_mi(O.K_PAID_IN_ALLOC_FLUSHES)] += 1
+        strikes[cpu] = 0
+        return 1, n
+    acc[_mi(O.K_PCP_SKIPS)] += 1
+    strikes[cpu] += 1
+    if strikes[cpu] >= max_strikes:
+        acc[_mi(O.K_PCP_FALLBACKS)] += 1
+        strikes[cpu] = 0
+    return 2, 0
+
+
+@numba.njit(cache=True)
+def _ob_safety(i, pfn, ts, done, OB, OBM, acc):
+    """The invariant for an obligation handed out under alloc_order=luf."""
+    acc[_mi(O.K_SAFETY_CHECKS)] += 1
+    if OBM[i] != U0 and notdone(OBM[i], OB[i, OB_UGEN], done) != U0:
+        if acc[O_VIOL] == 0:
+            acc[O_VIOL + 1] = pfn
+            acc[O_VIOL + 2] = ts
+        acc[O_VIOL] += 1
+        return False
+    return True
+
+
+@numba.njit(cache=True)
+def _settle(ts, cpu, task, luf, SC, done, buf, pstate, pkey, sh_mask, sh_ugen, pobl, OB, acc, tl, dec, nlog,
+            hist_g, hist_ts, hist_mask, op):  # fmt: skip
+    """Pages about to be keyed again that the model still holds pending: the trace re-used them without a
+    recorded allocation (a lost event, or a no-shootdown allocation the model served with another page).
+    alloc_order=luf: a pcp obligation stays in its FIFO without a label, a buddy one stays in the pend pool.
+    Otherwise (or for a page keyed but never freed) the missed allocation pays what the page still owes."""
+    for b in range(SC[NBUF]):
+        pfn = buf[b, 0]
+        for p in range(pfn, pfn + (np.int64(1) << buf[b, 1])):
+            st = pstate[p]
+            pend = st == P_PCP_LUF or st == P_BUDDY_LUF or (st == P_UNMAPPED and pkey[p] != 0)
+            if luf and st == P_PCP_LUF:
+                orphan(p, OB, pobl)
+            target = U0
+            if sh_mask[p] != U0:
+                target = notdone(sh_mask[p], sh_ugen[p], done)
+                if target != U0:
+                    cause = O.C_ALLOC_BUDDY_EPOCH if (st == P_BUDDY_LUF or st == P_TAKEN) else O.C_ALLOC_PCP
+                    _luf_flush(
+                        ts, cpu, task, sh_mask[p], sh_ugen[p], cause, op, p, SC, done, acc, tl, dec, nlog, hist_g,
+                        hist_ts, hist_mask,
+                    )  # fmt: skip
+                sh_mask[p] = U0
+                sh_ugen[p] = 0
+            if pend or target != U0:
+                acc[_mi(O.K_UNSEEN_REUSES)] += 1
+            if st == P_PCP_LUF or st == P_BUDDY_LUF:
+                pstate[p] = P_NONE
 
 
 @numba.njit(cache=True)
 def run_luf_v12(
     mops, nops, Y, SC, SU, done, KEY_mask, KEY_ugen, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen, task_key, task_anon_key,
     strikes, buf, pstate, pkey, pstamp, punmap_ts, punmap_task, sh_mask, sh_ugen, acc, tl, dec, nlog,
-    hist_g, hist_ts, hist_mask, req_ts, req_ugen, req_mask, req_pages,
+    hist_g, hist_ts, hist_mask, req_ts, req_ugen, req_mask, req_pages, OB, OBM, obfree, FH, OBS, pobl,
 ):  # fmt: skip
     lat_ns = np.int64(Y[Y_EPOCH_LAT_NS])
     max_strikes = np.int64(Y[Y_PCP_STRIKES])
+    luf = Y[Y_ALLOC_LUF] != 0
+    non_luf_ok = Y[Y_NON_LUF_OK] != 0
+    large = Y[Y_LARGE_ELIG] != 0
     for i in range(nops):
         r = mops[i]
         op = r["op"]
@@ -234,7 +323,7 @@ def run_luf_v12(
         cpu = r["cpu"]
         task = r["task"]
         if op == O.M_FOLIO_BEGIN:  # a folio's rmap walk starts: can_luf_init (§3.2)
-            SC[CAN_LUF] = 1 if r["sub"] == 0 else 0
+            SC[CAN_LUF] = 1 if folio_begin_ok(r["sub"], large) else 0
             SU[FOLIO_RO] = U0
             SC[CUR_PFN] = r["pfn"]
             SC[CUR_ORDER] = r["order"]
@@ -260,7 +349,7 @@ def run_luf_v12(
             else:
                 SU[NONLUF_MASK] |= m
         elif op == O.M_FOLIO_END:  # 2. end_folio_unmap
-            reason = r["sub"]
+            reason = folio_end_reason(r["sub"], r["aux"], large)
             if SC[CAN_LUF] != 0 and (reason == 0 or reason == O.J_KEPT_NOT_FREED):
                 SU[LUF_MASK] |= SU[FOLIO_RO]
                 if reason == 0 and SC[CUR_PFN] >= 0:
@@ -272,69 +361,26 @@ def run_luf_v12(
             else:
                 SU[NONLUF_MASK] |= SU[FOLIO_RO]
         elif op == O.M_KEEP:  # 4. reclaim_keep (F11): key the work so far and flush it at once
+            _settle(
+                ts, cpu, task, luf, SC, done, buf, pstate, pkey, sh_mask, sh_ugen, pobl, OB, acc, tl, dec, nlog,
+                hist_g, hist_ts, hist_mask, op,
+            )  # fmt: skip
             d = SU[LUF_MASK] & ~SU[NONLUF_MASK]
             if d != U0:
                 k = _new_key(d, SC, KEY_mask, KEY_ugen, done, acc)
                 _key_buffer(
-                    k,
-                    d,
-                    task,
-                    SC,
-                    KEY_ugen,
-                    buf,
-                    pstate,
-                    pkey,
-                    punmap_ts,
-                    punmap_task,
-                    sh_mask,
-                    sh_ugen,
-                    acc,
-                    req_ts,
-                    req_ugen,
-                    req_mask,
-                    req_pages,
-                    nlog,
-                )
+                    k, d, task, SC, KEY_ugen, buf, pstate, pkey, punmap_ts, punmap_task, sh_mask, sh_ugen, acc,
+                    req_ts, req_ugen, req_mask, req_pages, nlog,
+                )  # fmt: skip
                 _luf_flush(
-                    ts,
-                    cpu,
-                    task,
-                    KEY_mask[k],
-                    KEY_ugen[k],
-                    O.C_RECLAIM_KEEP,
-                    op,
-                    r["pfn"],
-                    SC,
-                    done,
-                    acc,
-                    tl,
-                    dec,
-                    nlog,
-                    hist_g,
-                    hist_ts,
-                    hist_mask,
-                )
+                    ts, cpu, task, KEY_mask[k], KEY_ugen[k], O.C_RECLAIM_KEEP, op, r["pfn"], SC, done, acc, tl, dec,
+                    nlog, hist_g, hist_ts, hist_mask,
+                )  # fmt: skip
             else:
                 _key_buffer(
-                    0,
-                    U0,
-                    task,
-                    SC,
-                    KEY_ugen,
-                    buf,
-                    pstate,
-                    pkey,
-                    punmap_ts,
-                    punmap_task,
-                    sh_mask,
-                    sh_ugen,
-                    acc,
-                    req_ts,
-                    req_ugen,
-                    req_mask,
-                    req_pages,
-                    nlog,
-                )
+                    0, U0, task, SC, KEY_ugen, buf, pstate, pkey, punmap_ts, punmap_task, sh_mask, sh_ugen, acc,
+                    req_ts, req_ugen, req_mask, req_pages, nlog,
+                )  # fmt: skip
             SU[COVERED] |= SU[LUF_MASK]
             SU[LUF_MASK] = U0
         elif op == O.M_BATCH:  # 3. batch_flush: fold_unmap_luf + try_to_unmap_flush
@@ -343,6 +389,10 @@ def run_luf_v12(
             covered = SU[LUF_MASK] | SU[NONLUF_MASK] | SU[COVERED]
             if Y[Y_UNEXPLAINED_FLUSH] != 0:
                 SU[NONLUF_MASK] |= R & ~covered
+            _settle(
+                ts, cpu, task, luf, SC, done, buf, pstate, pkey, sh_mask, sh_ugen, pobl, OB, acc, tl, dec, nlog,
+                hist_g, hist_ts, hist_mask, op,
+            )  # fmt: skip
             d = SU[LUF_MASK] & ~SU[NONLUF_MASK]
             k = 0
             if d != U0:
@@ -357,48 +407,17 @@ def run_luf_v12(
                 mark_done(nl, g, done)
                 add_history(g, ts, nl, hist_g, hist_ts, hist_mask, nlog)
             _key_buffer(
-                k,
-                d,
-                task,
-                SC,
-                KEY_ugen,
-                buf,
-                pstate,
-                pkey,
-                punmap_ts,
-                punmap_task,
-                sh_mask,
-                sh_ugen,
-                acc,
-                req_ts,
-                req_ugen,
-                req_mask,
-                req_pages,
-                nlog,
-            )
+                k, d, task, SC, KEY_ugen, buf, pstate, pkey, punmap_ts, punmap_task, sh_mask, sh_ugen, acc, req_ts,
+                req_ugen, req_mask, req_pages, nlog,
+            )  # fmt: skip
             if task >= 0:
                 task_key[task] = k
                 task_anon_key[task] = k if (r["flags"] & O.B_ANON_UNKNOWN_PFN) else 0
             if (r["flags"] & O.B_MEMFAIL) and k != 0:  # F12
                 _luf_flush(
-                    ts,
-                    cpu,
-                    task,
-                    KEY_mask[k],
-                    KEY_ugen[k],
-                    O.C_MEMFAIL,
-                    op,
-                    r["pfn"],
-                    SC,
-                    done,
-                    acc,
-                    tl,
-                    dec,
-                    nlog,
-                    hist_g,
-                    hist_ts,
-                    hist_mask,
-                )
+                    ts, cpu, task, KEY_mask[k], KEY_ugen[k], O.C_MEMFAIL, op, r["pfn"], SC, done, acc, tl, dec, nlog,
+                    hist_g, hist_ts, hist_mask,
+                )  # fmt: skip
             SU[LUF_MASK] = U0
             SU[NONLUF_MASK] = U0
             SU[COVERED] = U0
@@ -421,6 +440,11 @@ def run_luf_v12(
             pfn = r["pfn"]
             order = r["order"]
             for p in range(pfn, pfn + (np.int64(1) << order)):
+                if luf and (pstate[p] == P_PCP_LUF or pstate[p] == P_BUDDY_LUF):
+                    # freed again with no recorded allocation: the model's obligation stays free, unlabelled
+                    acc[_mi(O.K_UNSEEN_REUSES)] += 1
+                    orphan(p, OB, pobl)
+                    pstate[p] = P_NONE
                 k = 0
                 if pstate[p] == P_UNMAPPED:
                     k = pkey[p]
@@ -442,17 +466,44 @@ def run_luf_v12(
                     if order == 0:
                         pstate[p] = P_PCP_LUF
                         pkey[p] = k
+                        if luf:  # patch 11: a keyed page goes to the pcp tail
+                            ob = ob_new(k, sh_mask[p], sh_ugen[p], punmap_task[p], p, OB, OBM, obfree, OBS)
+                            fifo_push(ob, cpu, OB, FH)
+                            pobl[p] = ob
+                            sh_mask[p] = U0
+                            sh_ugen[p] = 0
                     else:
-                        _to_buddy(p, k, SC, SU, KEY_mask, KEY_ugen, pstate, pkey, pstamp, acc)
+                        _to_buddy(
+                            p, k, sh_mask[p], sh_ugen[p], luf, SC, SU, KEY_mask, KEY_ugen, pstate, pkey, pstamp, acc
+                        )
+                        if luf:
+                            sh_mask[p] = U0
+                            sh_ugen[p] = 0
                 elif pstate[p] == P_PCP_LUF or pstate[p] == P_BUDDY_LUF:
                     pass  # still free and pending in the model (a no-shootdown allocation skipped it)
                 else:
                     pstate[p] = P_PCP_CLEAN if order == 0 else P_BUDDY_CLEAN
-        elif op == O.M_DRAIN:  # 7. pcp_drain
+        elif op == O.M_DRAIN:  # 7. pcp_drain (free_pcppages_bulk takes from the list tail)
             pfn = r["pfn"]
             for p in range(pfn, pfn + (np.int64(1) << r["order"])):
                 if pstate[p] == P_PCP_LUF:
-                    _to_buddy(p, pkey[p], SC, SU, KEY_mask, KEY_ugen, pstate, pkey, pstamp, acc)
+                    if luf:
+                        own = np.int64(pobl[p])
+                        z = FH[OB[own, OB_CPU], FH_TAIL]  # the newest keyed page of that pcp goes to buddy
+                        if z != own:
+                            acc[_mi(O.K_FIFO_REORDERS)] += 1
+                        relabel(z, own, p, OB, pobl)
+                        fifo_unlink(z, OB, FH)
+                        punmap_task[p] = OB[z, OB_TASK]
+                        _to_buddy(
+                            p, OB[z, OB_KEY], OBM[z], OB[z, OB_UGEN], luf, SC, SU, KEY_mask, KEY_ugen, pstate, pkey,
+                            pstamp, acc,
+                        )  # fmt: skip
+                        ob_release(z, OB, obfree, OBS)
+                    else:
+                        _to_buddy(
+                            p, pkey[p], U0, 0, luf, SC, SU, KEY_mask, KEY_ugen, pstate, pkey, pstamp, acc
+                        )  # fmt: skip
                 elif pstate[p] == P_PCP_CLEAN:
                     pstate[p] = P_BUDDY_CLEAN
         elif op == O.M_TAKE:  # 8. buddy path (F2), incl. pcp refill
@@ -460,28 +511,9 @@ def run_luf_v12(
             pfn = r["pfn"]
             order = r["order"]
             if _take_buddy(
-                ts,
-                cpu,
-                task,
-                pfn,
-                order,
-                can_sd,
-                SC,
-                SU,
-                done,
-                pstate,
-                pstamp,
-                punmap_task,
-                acc,
-                tl,
-                dec,
-                nlog,
-                hist_g,
-                hist_ts,
-                hist_mask,
-                lat_ns,
-                op,
-            ):
+                ts, cpu, task, pfn, order, can_sd, luf, non_luf_ok, SC, SU, done, pstate, pstamp, punmap_task, acc, tl,
+                dec, nlog, hist_g, hist_ts, hist_mask, lat_ns, op,
+            ):  # fmt: skip
                 for p in range(pfn, pfn + (np.int64(1) << order)):
                     if pstate[p] != P_PCP_LUF:
                         pstate[p] = P_PCP_CLEAN if (r["flags"] & O.A_REFILL) else P_TAKEN
@@ -494,97 +526,88 @@ def run_luf_v12(
             ugen = np.int64(0)
             pending_pcp = False
             pending_buddy = False
-            for p in range(pfn, pfn + npg):
-                st = pstate[p]
-                if st == P_PCP_LUF or (st == P_UNMAPPED and pkey[p] != 0):
-                    k = pkey[p]
-                    mask |= KEY_mask[k]
-                    if KEY_ugen[k] > ugen:
-                        ugen = KEY_ugen[k]
-                    pending_pcp = True
-                elif st == P_BUDDY_LUF:
-                    pending_buddy = True
+            fifo = luf and order == 0 and pstate[pfn] == P_PCP_LUF
+            taken_ob = np.int64(-1)
+            own = np.int64(-1)
+            if fifo:  # v12: the pcp head is reached only after clean pages; the oldest keyed page comes first
+                own = np.int64(pobl[pfn])
+                taken_ob = FH[cpu, FH_HEAD] if FH[cpu, FH_HEAD] >= 0 else own
+                mask = KEY_mask[OB[taken_ob, OB_KEY]]
+                ugen = KEY_ugen[OB[taken_ob, OB_KEY]]
+                pending_pcp = True
+            else:
+                for p in range(pfn, pfn + npg):
+                    st = pstate[p]
+                    if st == P_PCP_LUF or (st == P_UNMAPPED and pkey[p] != 0):
+                        k = OB[pobl[p], OB_KEY] if (luf and st == P_PCP_LUF) else pkey[p]
+                        mask |= KEY_mask[k]
+                        if KEY_ugen[k] > ugen:
+                            ugen = KEY_ugen[k]
+                        pending_pcp = True
+                    elif st == P_BUDDY_LUF:
+                        pending_buddy = True
             if r["flags"] & O.A_ATOMIC and (pending_pcp or pending_buddy):
                 acc[_mi(O.K_ATOMIC_ALLOCS_SKIPPING_LUF)] += 1
             taken = True
-            flushed = False
             if pending_pcp:
-                target = notdone(mask, ugen, done)
-                if target == U0:
-                    acc[_mi(O.K_ALLOC_FREE_PASS)] += 1
-                    log_decision(ts, 2, O.C_ALLOC_PCP, cpu, task, mask, 0, op, pfn, dec, nlog)
-                elif can_sd:
-                    n = _luf_flush(
-                        ts,
-                        cpu,
-                        task,
-                        mask,
-                        ugen,
-                        O.C_ALLOC_PCP,
-                        op,
-                        r["pfn"],
-                        SC,
-                        done,
-                        acc,
-                        tl,
-                        dec,
-                        nlog,
-                        hist_g,
-                        hist_ts,
-                        hist_mask,
-                    )
-                    acc[_mi(O.K_ALLOC_WITH_FLUSH)] += 1
-                    acc[_mi(O.K_PAID_IN_ALLOC_FLUSHES)] += 1
-                    strikes[cpu] = 0
-                    flushed = True
+                res, n = _f1(
+                    ts, cpu, task, mask, ugen, can_sd, op, pfn, max_strikes, SC, done, strikes, acc, tl, dec, nlog,
+                    hist_g, hist_ts, hist_mask,
+                )  # fmt: skip
+                if res == 2:
+                    taken = False
+                elif res == 1:
                     other = 0
-                    for p in range(pfn, pfn + npg):
-                        if (pstate[p] == P_PCP_LUF or pstate[p] == P_UNMAPPED) and punmap_task[p] != task:
-                            other += 1
+                    if fifo:
+                        other = 1 if OB[taken_ob, OB_TASK] != task else 0
+                    else:
+                        for p in range(pfn, pfn + npg):
+                            if pstate[p] == P_PCP_LUF or pstate[p] == P_UNMAPPED:
+                                t_un = OB[pobl[p], OB_TASK] if (luf and pstate[p] == P_PCP_LUF) else punmap_task[p]
+                                if t_un != task:
+                                    other += 1
                     if other > 0 and n > 0:
                         acc[_mi(O.K_PAID_BY_OTHER_PAGES)] += other
                         acc[_mi(O.K_PAID_BY_OTHER_FLUSHES)] += 1
-                else:
-                    taken = False
-                    acc[_mi(O.K_PCP_SKIPS)] += 1
-                    strikes[cpu] += 1
-                    if strikes[cpu] >= max_strikes:
-                        acc[_mi(O.K_PCP_FALLBACKS)] += 1
-                        strikes[cpu] = 0
             if taken and pending_buddy:
                 taken = _take_buddy(
-                    ts,
-                    cpu,
-                    task,
-                    pfn,
-                    order,
-                    can_sd,
-                    SC,
-                    SU,
-                    done,
-                    pstate,
-                    pstamp,
-                    punmap_task,
-                    acc,
-                    tl,
-                    dec,
-                    nlog,
-                    hist_g,
-                    hist_ts,
-                    hist_mask,
-                    lat_ns,
-                    op,
-                )
+                    ts, cpu, task, pfn, order, can_sd, luf, non_luf_ok, SC, SU, done, pstate, pstamp, punmap_task,
+                    acc, tl, dec, nlog, hist_g, hist_ts, hist_mask, lat_ns, op,
+                )  # fmt: skip
             if not taken:
-                continue  # in the model this block stays free and pending; a clean page served the caller
+                if luf:  # the trace's page left; its obligation stays free in the model, unlabelled
+                    for p in range(pfn, pfn + npg):
+                        if pstate[p] == P_PCP_LUF:
+                            orphan(p, OB, pobl)
+                            pstate[p] = P_NONE
+                            pkey[p] = 0
+                continue  # recorded: this block stays free and pending in the model; a clean page served the caller
             if not pending_pcp and not pending_buddy:
                 acc[_mi(O.K_ALLOC_CLEAN)] += 1
-            elif pending_pcp and not flushed and not pending_buddy:
-                pass  # counted as a free pass above
+            if fifo:
+                if taken_ob != own:
+                    acc[_mi(O.K_FIFO_REORDERS)] += 1
+                relabel(taken_ob, own, pfn, OB, pobl)
+                fifo_unlink(taken_ob, OB, FH)
+                ok = _ob_safety(taken_ob, pfn, ts, done, OB, OBM, acc)
+                ob_release(taken_ob, OB, obfree, OBS)
+                if not ok:
+                    return i
+                pstate[pfn] = P_NONE
+                pkey[pfn] = 0
+                continue
             for p in range(pfn, pfn + npg):
                 if pstate[p] == P_BUDDY_LUF:
                     pstate[p] = P_BUDDY_CLEAN
-                if not _safety(p, ts, done, sh_mask, sh_ugen, acc):
+                if luf and pstate[p] == P_PCP_LUF:  # a keyed page inside a larger block: its own obligation
+                    own = np.int64(pobl[p])
+                    relabel(own, own, p, OB, pobl)
+                    fifo_unlink(own, OB, FH)
+                    ok = _ob_safety(own, p, ts, done, OB, OBM, acc)
+                    ob_release(own, OB, obfree, OBS)
+                    if not ok:
+                        return i
+                elif not _safety(p, ts, done, sh_mask, sh_ugen, acc):
                     return i
                 pstate[p] = P_NONE
                 pkey[p] = 0
@@ -613,48 +636,17 @@ def run_luf_v12(
                 acc[O_HOOK_NOIPI + h] += 1
             else:
                 _luf_flush(
-                    ts,
-                    cpu,
-                    task,
-                    target_mask,
-                    ugen + 1,
-                    O.HOOK_CAUSE[h],
-                    op,
-                    r["pfn"],
-                    SC,
-                    done,
-                    acc,
-                    tl,
-                    dec,
-                    nlog,
-                    hist_g,
-                    hist_ts,
-                    hist_mask,
-                )
+                    ts, cpu, task, target_mask, ugen + 1, O.HOOK_CAUSE[h], op, r["pfn"], SC, done, acc, tl, dec, nlog,
+                    hist_g, hist_ts, hist_mask,
+                )  # fmt: skip
     return -1
 
 
 @numba.njit(cache=True)
 def _key_buffer(
-    k,
-    d,
-    task,
-    SC,
-    KEY_ugen,
-    buf,
-    pstate,
-    pkey,
-    punmap_ts,
-    punmap_task,
-    sh_mask,
-    sh_ugen,
-    acc,
-    req_ts,
-    req_ugen,
-    req_mask,
-    req_pages,
-    nlog,
-):
+    k, d, task, SC, KEY_ugen, buf, pstate, pkey, punmap_ts, punmap_task, sh_mask, sh_ugen, acc, req_ts, req_ugen,
+    req_mask, req_pages, nlog,
+):  # fmt: skip
     """The eligible folios of the batch are freed with key ``k`` (0: clean); their shadow debt is ``d``."""
     u = KEY_ugen[k] if k != 0 else 0
     for b in range(SC[NBUF]):
@@ -686,7 +678,7 @@ class LufV12(Model):
         self.SC = np.zeros(NSC, np.int64)
         self.SC[G] = 2  # LUF_UGEN_INIT
         self.SC[Z_OPEN] = 1
-        self.SU = np.zeros(5, np.uint64)
+        self.SU = np.zeros(6, np.uint64)
         self.done = np.full(64, 1, np.int64)  # LUF_UGEN_INIT - 1
         self.KEY_mask = np.zeros(NKEYS, np.uint64)
         self.KEY_ugen = np.zeros(NKEYS, np.int64)
@@ -698,6 +690,7 @@ class LufV12(Model):
         self.task_anon_key = np.zeros(0, np.int64)
         self.strikes = np.zeros(64, np.int64)
         self.buf = np.zeros((0, 3), np.int64)
+        self.obl = Obligations()
 
     def ensure(self, n_task: int, n_mm: int, n_map: int, n_ops: int) -> None:
         from lufreplay.model.state import grow
@@ -709,14 +702,16 @@ class LufV12(Model):
         self.task_key = grow(self.task_key, n_task)
         self.task_anon_key = grow(self.task_anon_key, n_task)
         self.buf = grow(self.buf, n_ops + 1)
+        self.obl.ensure(self.pages.n, n_ops)
 
     def _run(self, mops: np.ndarray, n: int) -> int:
-        pg, lg = self.pages, self.logs
+        pg, lg, ob = self.pages, self.logs, self.obl
         return run_luf_v12(
             mops, n, self.Y, self.SC, self.SU, self.done, self.KEY_mask, self.KEY_ugen, self.MMB_mask, self.MMB_ugen,
             self.ASB_mask, self.ASB_ugen, self.task_key, self.task_anon_key, self.strikes, self.buf, pg.state, pg.key,
             pg.stamp, pg.unmap_ts, pg.unmap_task, pg.sh_mask, pg.sh_ugen, self.acc, self.tl, lg.dec, lg.nlog,
-            lg.hist_g, lg.hist_ts, lg.hist_mask, lg.req_ts, lg.req_ugen, lg.req_mask, lg.req_pages,
+            lg.hist_g, lg.hist_ts, lg.hist_mask, lg.req_ts, lg.req_ugen, lg.req_mask, lg.req_pages, ob.OB, ob.OBM,
+            ob.free, ob.FH, ob.OBS, ob.pobl,
         )  # fmt: skip
 
     def extras(self) -> dict:
@@ -725,7 +720,8 @@ class LufV12(Model):
                 "open_epoch": int(self.SC[Z_OPEN]),
                 "done_epoch": int(self.SC[Z_DONE]),
                 "nr_luf_pages_at_end": int(self.SC[NR_LUF]),
-            }
+            },
+            "pcp_fifo_pages_at_end": int(self.obl.OBS[2]),
         }
 
 

@@ -34,7 +34,8 @@ RAW_DTYPE = np.dtype(
 (
     M_FOLIO_BEGIN,  # a folio's rmap walk starts: pfn, order, mapping (-1 anon), sub = static rejection reason
     M_PTE,  # unmap_pte: mm, mapping, mask (clipped), mask2 (modelled, unclipped), flags PTE_*
-    M_FOLIO_END,  # end_folio_unmap: sub = rejection reason of the folio (0 = eligible)
+    M_FOLIO_END,  # end_folio_unmap: sub = rejection reason of the folio (0 = eligible), aux = the reason without
+    #               the large-folio exclusion (option large_folios=eligible)
     M_KEEP,  # F11: reclaim could not free an eligible folio
     M_BATCH,  # batch_flush: cpu = sender, mask = recorded remote targets, aux = shootdown rows, flags B_*
     M_RFLUSH,  # a recorded flush LUF leaves alone: sub = cause, mask = targets, aux = shootdown rows,
@@ -161,6 +162,9 @@ MISC = (
     "held_pages_now",
     "safety_checks",
     "potential_stale_reads",
+    "fifo_reorders",  # alloc_order=luf: a pcp allocation consumed an older obligation than the recorded pfn's
+    "buddy_clean_first",  # alloc_order=luf: a recorded take of a pending buddy block was served by a clean block
+    "unseen_reuses",  # a pfn the model still held pending was re-used by the trace without a recorded allocation
 )
 K = {n: i for i, n in enumerate(MISC)}
 NMISC = len(MISC)

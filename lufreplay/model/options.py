@@ -65,7 +65,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "non_luf_ok",
         True,
-        "the zone always keeps non-LUF pages above WMARK_MIN (free counts are not traced): atomic allocations fall back to clean pages [I, §4.1]",
+        "the zone always keeps non-LUF pages above WMARK_MIN (free counts are not traced): atomic allocations fall back to clean pages,"
+        " and with alloc_order=luf buddy serves clean blocks before pend_list ones (false: pend_list first) [I, §4.1]",
     ),
     Option("pcp_strikes", 3, "pending pcp pages skipped by a no-shootdown context before the buddy fallback [C, F1]"),
     Option(
@@ -88,6 +89,22 @@ OPTIONS: tuple[Option, ...] = (
         "hbf_flush_on_reclaim",
         True,
         "hold-before-free: a reclaim episode start (memory needed) releases the held pages [I]",
+    ),
+    Option(
+        "alloc_order",
+        "luf",
+        "which free page an allocation takes: 'luf' = the v12 allocator [C, patch 11 / §4.1]: keyed pages sit at the pcp tail"
+        " (a recorded pcp allocation of a keyed page takes the OLDEST keyed page of that CPU, a drain moves the NEWEST to"
+        " buddy) and buddy serves clean blocks first while non_luf_ok; 'recorded' = exactly the pfns the traced kernel"
+        " re-used (pessimistic bound)",
+        ("luf", "recorded"),
+    ),
+    Option(
+        "large_folios",
+        "reject",
+        "large folios (THP/mTHP, ext4 page-cache folios of order 2-9): 'reject' as v12 does [C, 'XXX: remove later']"
+        " or 'eligible' = what if that exclusion were removed [I]",
+        ("reject", "eligible"),
     ),
     Option(
         "v11_atomic_flush",

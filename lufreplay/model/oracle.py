@@ -5,6 +5,12 @@ Strictly needed: a pending pfn is really re-allocated, a file whose pages are pe
 an mm with pending work is zapped (F7), or a write fault lands in such an mm (F3). A CPU stops holding stale
 entries at any full TLB flush it performs or receives (batched flushes, full remote flushes, task-switch
 flushes), so those retire its debt for free. The non-eligible part of a batch is flushed at once, as in LUF.
+
+"Really re-allocated" follows the allocation policy (option ``alloc_order``) so that the oracle stays a lower
+bound of the LUF models under the same policy: with ``luf`` a recorded pcp allocation of a pending page hands
+out the *oldest* pending page of that CPU (model/pcpfifo.py), a drain sends the newest to buddy, and while
+``non_luf_ok`` buddy serves clean blocks first, so a pending page that reaches buddy is never handed out within
+the trace. With ``recorded`` the pfns the kernel re-used are the ones that pay.
 """
 
 from __future__ import annotations
@@ -23,12 +29,27 @@ from lufreplay.model.kernels import (
     add_history,
     add_request,
     bit,
+    folio_begin_ok,
+    folio_end_reason,
     log_decision,
     mark_done,
     notdone,
     popcount,
 )
-from lufreplay.model.state import Y_UNEXPLAINED_FLUSH
+from lufreplay.model.pcpfifo import (
+    FH_HEAD,
+    FH_TAIL,
+    OB_CPU,
+    OB_UGEN,
+    Obligations,
+    fifo_push,
+    fifo_unlink,
+    ob_new,
+    ob_release,
+    orphan,
+    relabel,
+)
+from lufreplay.model.state import Y_ALLOC_LUF, Y_LARGE_ELIG, Y_NON_LUF_OK, Y_UNEXPLAINED_FLUSH
 
 G, CAN_LUF, CUR_PFN, CUR_ORDER, CUR_TS, NBUF = range(6)
 LUF_MASK, NONLUF_MASK, FOLIO_RO = range(3)
@@ -69,7 +90,16 @@ def run_oracle(
     req_ugen,
     req_mask,
     req_pages,
+    OB,
+    OBM,
+    obfree,
+    FH,
+    OBS,
+    pobl,
 ):
+    luf = Y[Y_ALLOC_LUF] != 0
+    non_luf_ok = Y[Y_NON_LUF_OK] != 0
+    large = Y[Y_LARGE_ELIG] != 0
     for i in range(nops):
         r = mops[i]
         op = r["op"]
@@ -77,7 +107,7 @@ def run_oracle(
         cpu = r["cpu"]
         task = r["task"]
         if op == O.M_FOLIO_BEGIN:
-            SC[CAN_LUF] = 1 if r["sub"] == 0 else 0
+            SC[CAN_LUF] = 1 if folio_begin_ok(r["sub"], large) else 0
             SU[FOLIO_RO] = U0
             SC[CUR_PFN] = r["pfn"]
             SC[CUR_ORDER] = r["order"]
@@ -100,7 +130,7 @@ def run_oracle(
             else:
                 SU[NONLUF_MASK] |= m
         elif op == O.M_FOLIO_END:
-            if SC[CAN_LUF] != 0 and r["sub"] == 0:
+            if SC[CAN_LUF] != 0 and folio_end_reason(r["sub"], r["aux"], large) == 0:
                 SU[LUF_MASK] |= SU[FOLIO_RO]
                 if SC[CUR_PFN] >= 0:
                     b = SC[NBUF]
@@ -133,6 +163,8 @@ def run_oracle(
                     pfn = buf[b, 0]
                     order = buf[b, 1]
                     for p in range(pfn, pfn + (np.int64(1) << order)):
+                        if luf and pobl[p] >= 0:
+                            orphan(p, OB, pobl)  # re-used without a recorded allocation: its debt stays free
                         sh_mask[p] |= d
                         sh_ugen[p] = max(sh_ugen[p], u)
                     add_request(buf[b, 2], u, d, np.int64(1) << order, req_ts, req_ugen, req_mask, req_pages, nlog)
@@ -150,9 +182,54 @@ def run_oracle(
             SC[G] += 1
             mark_done(bit(cpu), SC[G], done)
             add_history(SC[G], ts, bit(cpu), hist_g, hist_ts, hist_mask, nlog)
+        elif op == O.M_FREE and luf:
+            pfn = r["pfn"]
+            order = r["order"]
+            for p in range(pfn, pfn + (np.int64(1) << order)):
+                if pobl[p] >= 0:
+                    orphan(p, OB, pobl)  # freed again without a recorded allocation
+                if sh_mask[p] == U0:
+                    continue
+                if order == 0:  # tail placement: the debt waits in this CPU's FIFO
+                    ob = ob_new(0, sh_mask[p], sh_ugen[p], task, p, OB, OBM, obfree, OBS)
+                    fifo_push(ob, cpu, OB, FH)
+                    pobl[p] = ob
+                    sh_mask[p] = U0
+                    sh_ugen[p] = 0
+                elif non_luf_ok:  # buddy serves clean blocks first: this debt is never handed out
+                    sh_mask[p] = U0
+                    sh_ugen[p] = 0
+        elif op == O.M_DRAIN and luf:
+            pfn = r["pfn"]
+            for p in range(pfn, pfn + (np.int64(1) << r["order"])):
+                if pobl[p] >= 0:
+                    own = np.int64(pobl[p])
+                    z = FH[OB[own, OB_CPU], FH_TAIL]  # the newest pending page of that pcp goes to buddy
+                    relabel(z, own, p, OB, pobl)
+                    fifo_unlink(z, OB, FH)
+                    if not non_luf_ok:
+                        sh_mask[p] |= OBM[z]
+                        sh_ugen[p] = max(sh_ugen[p], OB[z, OB_UGEN])
+                    ob_release(z, OB, obfree, OBS)
         elif op == O.M_ALLOC or op == O.M_TAKE:
             pfn = r["pfn"]
             target = U0
+            if luf and op == O.M_ALLOC and r["order"] == 0 and pobl[pfn] >= 0:
+                own = np.int64(pobl[pfn])
+                tk = FH[cpu, FH_HEAD] if FH[cpu, FH_HEAD] >= 0 else own  # the oldest pending page of this pcp
+                target = notdone(OBM[tk], OB[tk, OB_UGEN], done)
+                relabel(tk, own, pfn, OB, pobl)
+                fifo_unlink(tk, OB, FH)
+                ob_release(tk, OB, obfree, OBS)
+            elif luf:
+                for p in range(pfn, pfn + (np.int64(1) << r["order"])):
+                    if pobl[p] >= 0:  # met outside the FIFO path: it pays its own debt
+                        ob = np.int64(pobl[p])
+                        sh_mask[p] |= OBM[ob]
+                        sh_ugen[p] = max(sh_ugen[p], OB[ob, OB_UGEN])
+                        fifo_unlink(ob, OB, FH)
+                        ob_release(ob, OB, obfree, OBS)
+                        pobl[p] = -1
             for p in range(pfn, pfn + (np.int64(1) << r["order"])):
                 if sh_mask[p] != U0:
                     target |= notdone(sh_mask[p], sh_ugen[p], done)
@@ -196,6 +273,7 @@ class Oracle(Model):
         self.ASB_mask = np.zeros(0, np.uint64)
         self.ASB_ugen = np.zeros(0, np.int64)
         self.buf = np.zeros((0, 3), np.int64)
+        self.obl = Obligations()
 
     def ensure(self, n_task: int, n_mm: int, n_map: int, n_ops: int) -> None:
         from lufreplay.model.state import grow
@@ -205,11 +283,13 @@ class Oracle(Model):
         self.ASB_mask = grow(self.ASB_mask, n_map)
         self.ASB_ugen = grow(self.ASB_ugen, n_map)
         self.buf = grow(self.buf, n_ops + 1)
+        self.obl.ensure(self.pages.n, n_ops)
 
     def _run(self, mops: np.ndarray, n: int) -> int:
-        pg, lg = self.pages, self.logs
+        pg, lg, ob = self.pages, self.logs, self.obl
         return run_oracle(
             mops, n, self.Y, self.SC, self.SU, self.done, self.MMB_mask, self.MMB_ugen, self.ASB_mask, self.ASB_ugen,
             self.buf, pg.sh_mask, pg.sh_ugen, self.acc, self.tl, lg.dec, lg.nlog, lg.hist_g, lg.hist_ts,
-            lg.hist_mask, lg.req_ts, lg.req_ugen, lg.req_mask, lg.req_pages,
+            lg.hist_mask, lg.req_ts, lg.req_ugen, lg.req_mask, lg.req_pages, ob.OB, ob.OBM, ob.free, ob.FH, ob.OBS,
+            ob.pobl,
         )  # fmt: skip

@@ -28,10 +28,20 @@ PAGE_STATE_NAMES = (
 )
 
 # model options vector (float64)
-Y_UNEXPLAINED_FLUSH, Y_PCP_STRIKES, Y_EPOCH_LAT_NS, Y_CREDIT_NATURAL, Y_HBF_MAX, Y_HBF_RECLAIM, Y_V11_ATOMIC, Y_NCPU = (
-    range(8)
-)
-NY = 8
+(
+    Y_UNEXPLAINED_FLUSH,
+    Y_PCP_STRIKES,
+    Y_EPOCH_LAT_NS,
+    Y_CREDIT_NATURAL,
+    Y_HBF_MAX,
+    Y_HBF_RECLAIM,
+    Y_V11_ATOMIC,
+    Y_NCPU,
+    Y_ALLOC_LUF,
+    Y_NON_LUF_OK,
+    Y_LARGE_ELIG,
+) = range(11)
+NY = 11
 
 BYTES_PER_PAGE = 1 + 4 + 8 + 8 + 4 + 8 + 8
 
@@ -46,6 +56,9 @@ def model_options(opts: dict[str, Any], ncpu: int) -> np.ndarray:
     y[Y_HBF_RECLAIM] = 1.0 if opts["hbf_flush_on_reclaim"] else 0.0
     y[Y_V11_ATOMIC] = 1.0 if opts["v11_atomic_flush"] else 0.0
     y[Y_NCPU] = float(ncpu)
+    y[Y_ALLOC_LUF] = 1.0 if opts["alloc_order"] == "luf" else 0.0
+    y[Y_NON_LUF_OK] = 1.0 if opts["non_luf_ok"] else 0.0
+    y[Y_LARGE_ELIG] = 1.0 if opts["large_folios"] == "eligible" else 0.0
     return y
 
 

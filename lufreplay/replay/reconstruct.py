@@ -238,6 +238,14 @@ def _static_reason(order, X):
 
 
 @numba.njit(cache=True)
+def _unlarge_reason(static, flags, X):
+    """The folio's reason if v12's large-folio exclusion were removed (FOLIO_END.aux; option large_folios)."""
+    if static != O.J_LARGE_FOLIO:
+        return static if static != 0 else _folio_reason(0, flags, X[X_UNKNOWN_ELIG] != 0)
+    return _folio_reason(0, flags, X[X_UNKNOWN_ELIG] != 0)
+
+
+@numba.njit(cache=True)
 def _count_folio(reason, order, RS):
     RS[RS_FOLIOS + reason] += 1
     RS[RS_PAGES + reason] += np.int64(1) << order
@@ -255,6 +263,7 @@ def _close_mig_folio(task, T, pool, nxt, S, RS, X):
     r = pool[e]
     r["op"] = O.M_FOLIO_END
     r["sub"] = reason
+    r["aux"] = _unlarge_reason(static, fl & 0xFF, X)
     r["task"] = task
     r["pfn"] = T[task, T_MIG_PFN]
     tail = T[task, T_BATCH_TAIL]
@@ -603,6 +612,7 @@ def reconstruct(
             pool[e]["ts"] = ts
             pool[e]["op"] = O.M_FOLIO_END
             pool[e]["sub"] = reason
+            pool[e]["aux"] = _unlarge_reason(static, fl, X)
             pool[e]["task"] = task
             pool[e]["pfn"] = pfn
             pool[e]["order"] = order

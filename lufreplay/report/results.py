@@ -76,6 +76,7 @@ def build(
             "kernel": meta.get("kernel") or (host.get("uname") or {}).get("release"),
         },
         "options": dict(opts),
+        "policy": {"alloc_order": opts["alloc_order"], "large_folios": opts["large_folios"]},
         "option_defaults": dict(DEFAULTS),
         "vanilla": {
             "remote_shootdowns": recorded,
@@ -120,6 +121,9 @@ def build(
                     "alloc_failures",
                     "luf_pages_freed",
                     "nr_luf_pages_max",
+                    "fifo_reorders",
+                    "buddy_clean_first",
+                    "unseen_reuses",
                 )
             },
             "hooks": c["hooks"],

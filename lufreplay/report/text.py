@@ -18,6 +18,21 @@ def _b(v: int, bounds: list[int], bounded: bool) -> str:
     return f"{v:,} [{bounds[0]:,}, {bounds[1]:,}]" if bounded else f"{v:,}"
 
 
+ALLOC_ORDER_TEXT = {
+    "luf": "luf (v12 tail placement: keyed pcp pages reused oldest first, buddy clean blocks first)",
+    "recorded": "recorded (the pfns the traced kernel re-used: pessimistic bound)",
+}
+
+
+def policy_line(opts: dict[str, Any]) -> str:
+    """The allocation policy and the large-folio exclusion the models ran with (they move results most)."""
+    order = opts.get("alloc_order", "luf")
+    large = opts.get("large_folios", "reject")
+    return f"allocation order: {ALLOC_ORDER_TEXT.get(order, order)}; large folios: " + (
+        "rejected (v12)" if large == "reject" else "eligible (what-if)"
+    )
+
+
 def render(doc: dict[str, Any], console: Console) -> None:
     """Headline, per-cause, per-CPU, eligibility, stale window, cost shift, risk flags, options."""
     tr = doc["trace"]
@@ -28,6 +43,7 @@ def render(doc: dict[str, Any], console: Console) -> None:
         f"[bold]lufreplay simulate[/] {tr['path']}  run={tr.get('run_id')}  {tr['nr_cpus']} CPUs  "
         f"{tr.get('duration_s')} s  kernel={tr.get('kernel')}"
     )
+    console.print(policy_line(doc.get("options", {})))
     if bounded:
         console.print(
             f"[yellow]the trace lost {doc['losses']['total']:,} events: counts are shown as value [lower, upper][/]"
