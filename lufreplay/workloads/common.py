@@ -172,6 +172,11 @@ def data_file(d: Path, stem: str, nbytes: int, sparse: bool = False) -> Path:
                     block[:8] = written.to_bytes(8, "little")
                     n = os.write(fd, block[: min(len(block), nbytes - written)])
                     written += n
+                    if written % (32 << 20) == 0:
+                        # write back and drop as we go: under a small memory cgroup (lufreplay record
+                        # --memory-limit) a file of dirty pages larger than the limit is an OOM kill
+                        os.fdatasync(fd)
+                        os.posix_fadvise(fd, 0, written, os.POSIX_FADV_DONTNEED)
                 os.fdatasync(fd)
                 # keep the page cache clean of the new file: the workload should start cold
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -361,6 +366,42 @@ class Session:
             time.sleep(min(0.1, max(0.0, t - self.elapsed)))
 
 
+def inherited_memory_limit() -> int | None:
+    """The tightest memory limit of this process's memory cgroup and its ancestors, or None.
+
+    Under ``lufreplay record --memory-limit`` the workload runs inside the recorder's cgroup: this is
+    how it knows a limit applies without ``--memory-limit`` of its own.
+    """
+    from lufreplay.capture.cgroup import memory_hierarchy
+
+    found = memory_hierarchy()
+    if found is None:
+        return None
+    version, root = found
+    rel: str | None = None
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, ctrls, path = line.split(":", 2)
+            if (version == 2 and ctrls == "") or (version == 1 and "memory" in ctrls.split(",")):
+                rel = path
+    except (OSError, ValueError):
+        return None
+    if rel is None:
+        return None
+    best: int | None = None
+    d = root / rel.lstrip("/")
+    while True:
+        f = d / ("memory.max" if version == 2 else "memory.limit_in_bytes")
+        with contextlib.suppress(OSError, ValueError):
+            raw = f.read_text().strip()
+            # v1 reports "no limit" as a huge page-rounded number
+            if raw != "max" and int(raw) < 1 << 60:
+                best = int(raw) if best is None else min(best, int(raw))
+        if d == root or root not in d.parents:
+            return best
+        d = d.parent
+
+
 def _oom_hint(rc: int) -> str:
     if rc == -signal.SIGKILL:
         return "(killed: out of memory? raise --memory-limit or shrink the workload)"
@@ -421,6 +462,21 @@ def compact_memory() -> float:
     t = time.monotonic()
     COMPACT_MEMORY.write_text("1\n")
     return time.monotonic() - t
+
+
+def pre_compact(enabled: bool) -> dict[str, float] | None:
+    """Compact once before the workload allocates anything (root); returns ``{"took_s": ...}`` or None.
+
+    A full compaction leaves the zone's free pages low in the zone, where the migration scanner
+    starts: the pages the workload allocates next land there, so the workload's own compactions
+    have them to move. Without it, on a host whose other jobs left the low pageblocks full, the
+    workload's pages sit above the scanners' meeting point and compaction moves next to nothing.
+    """
+    if not enabled:
+        return None
+    took = compact_memory()
+    log(f"pre-compaction took {took:.2f} s")
+    return {"took_s": round(took, 3)}
 
 
 def result(

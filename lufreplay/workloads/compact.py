@@ -54,6 +54,7 @@ def main(args: list[str]) -> int:
         c.drop_file_cache(frw)
         h = s.spawn(NAME, "regions", fro, frw, o.region_size, o.fragment)
         c.log(f"{NAME}: 7 regions of {c.human_bytes(o.region_size)}, compaction x{o.compactions if compact else 0}")
+        pre = c.pre_compact(compact)
         s.open_gates()
         ready = s.read_json(h)
         before = {g["name"]: c.pagemap_pfns(ready["pid"], g["start"], g["end"]) for g in ready["regions"]}
@@ -86,6 +87,7 @@ def main(args: list[str]) -> int:
         memory_limit=o.memory_limit,
         memcg=s.memcg,
         compacted=bool(compactions),
+        pre_compaction=pre,
         compactions=compactions,
         pid=ready["pid"],
         child_pid=ready["child_pid"],

@@ -51,6 +51,7 @@ def main(args: list[str]) -> int:
     with c.Session(o, NAME) as s:
         h = s.spawn(NAME, "cowfork", o.size, frag, o.children)
         c.log(f"{NAME}: {c.human_bytes(o.size)} COW-shared by {o.children + 1} processes for {o.duration:g} s")
+        pre = c.pre_compact(compact)
         s.open_gates()
         ready = s.read_json(h)
         before = c.pagemap_pfns(ready["pid"], ready["region_start"], ready["region_end"])
@@ -82,6 +83,7 @@ def main(args: list[str]) -> int:
         memory_limit=o.memory_limit,
         memcg=s.memcg,
         compacted=bool(compactions),
+        pre_compaction=pre,
         migrated_pages=migrated,
         compactions=compactions,
         ncpu=os.cpu_count(),

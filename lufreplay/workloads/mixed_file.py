@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 
 from lufreplay.workloads import common as c
+from lufreplay.workloads.mmap_stream import ADVICE
 
 NAME = "mixed-file"
 
@@ -31,6 +32,12 @@ def main(args: list[str]) -> int:
     p.add_argument(
         "--write-rate", type=c.positive_float, default=200.0, help="writes/s through each path (default 200)"
     )
+    p.add_argument(
+        "--advice",
+        choices=sorted(ADVICE),
+        default="random",
+        help="madvise() on the readers' mapping, as for mmap-stream (default random: order-0 folios)",
+    )
     o = p.parse_args(args)
     if o.readers * o.threads > 256:
         raise c.WorkloadError("at most 256 reader threads in all")
@@ -38,7 +45,17 @@ def main(args: list[str]) -> int:
         f = c.data_file(s.dir, "mixed", o.file_size)
         c.drop_file_cache(f)
         readers = [
-            s.spawn(f"{NAME} reader{i}", "stream", f, o.duration, o.threads, i * o.threads, 0, f"{NAME} r{i}")
+            s.spawn(
+                f"{NAME} reader{i}",
+                "stream",
+                f,
+                o.duration,
+                o.threads,
+                i * o.threads,
+                0,
+                f"{NAME} r{i}",
+                ADVICE[o.advice],
+            )
             for i in range(o.readers)
         ]
         writer = s.spawn(f"{NAME} writer", "writer", f, o.duration, o.write_rate)
@@ -59,6 +76,7 @@ def main(args: list[str]) -> int:
         mmap_writes=w["mmap_writes"],
         pwrites=w["pwrites"],
         file_size=o.file_size,
+        advice=o.advice,
         memory_limit=o.memory_limit,
         memcg=s.memcg,
         ncpu=os.cpu_count(),
