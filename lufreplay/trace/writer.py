@@ -47,6 +47,16 @@ def write_meta(path: Path, meta: dict[str, Any]) -> None:
     os.replace(tmp, path / schema.META_FILE)
 
 
+#: Bulky metadata kept only in meta.json: every Parquet footer carries the rest twice (key-value metadata
+#: and the serialized Arrow schema), once per table per segment.
+FOOTER_EXCLUDE = ("tracepoint_formats",)
+
+
+def footer_meta(meta: dict[str, Any]) -> bytes:
+    """The trace metadata embedded in each Parquet footer (enough to identify and read an orphaned segment)."""
+    return json.dumps({k: v for k, v in meta.items() if k not in FOOTER_EXCLUDE}, default=str).encode()
+
+
 class TraceWriter:
     """Accumulates Arrow tables per trace table and writes one sorted segment per table on ``rotate``."""
 
@@ -84,7 +94,7 @@ class TraceWriter:
         """Write the current segment of every table (empty tables too, so segments line up) and start the next."""
         with self._lock:
             pending, self._pending = self._pending, {name: [] for name in schema.TABLES}
-        meta_bytes = json.dumps(self._full_meta(), default=str).encode()
+        meta_bytes = footer_meta(self._full_meta())
         for name, parts in pending.items():
             t = schema.TABLES[name]
             table = pa.concat_tables(parts) if parts else schema.empty_table(name)
