@@ -2,18 +2,22 @@
 
 Memory is bounded by one segment of each table plus the model state (per-page arrays over the pfn range the
 trace touches, per-task/mm/mapping arrays, carried across segments). ``maps`` and ``mm`` are small user-side
-tables and are loaded whole up front.
+tables and are loaded whole up front. The per-segment buffers (raw ops, model ops) are reused from one segment
+to the next, so their size follows the largest segment, not the trace. By default the next segment is read and
+turned into raw ops in a second thread while the current one is replayed (``prefetch``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lufreplay import schema
 from lufreplay.model import MODELS
@@ -21,177 +25,26 @@ from lufreplay.model import ops as O
 from lufreplay.model.base import Model
 from lufreplay.model.state import grow, model_options
 from lufreplay.replay import reconstruct as RC
+from lufreplay.replay.rawops import (
+    COLUMNS,
+    EVENT_TABLES,
+    KIND,
+    Footers,
+    IdMap,
+    Ids,
+    RawBuilder,
+    file_key,
+    read_segments,
+)
+from lufreplay.replay.rawops import col as _col
 from lufreplay.trace.reader import Trace, TraceError
 
-#: Tables the engine reads, in tie-break order for equal timestamps.
-EVENT_TABLES = (
-    "mm",
-    "sched",
-    "syscall",
-    "reclaim",
-    "migrate",
-    "unmap",
-    "page_cache",
-    "tlb_flush",
-    "shootdown",
-    "page",
-    "fault",
-    "file",
-    "proc",
-)
-COLUMNS: dict[str, list[str]] = {
-    "tlb_flush": ["reason", "pages"],
-    "shootdown": ["target_cpu"],
-    "reclaim": ["event", "pfn"],
-    "unmap": ["mm_id", "member", "delta", "ctx"],
-    "page_cache": ["pfn", "order", "dev", "ino", "index", "ctx"],
-    "migrate": ["event", "addr", "pfn", "order", "mig_type", "writable", "dirty", "mode", "reason"],
-    "page": ["event", "pfn", "order", "source", "gfp_flags", "percpu_refill"],
-    "fault": ["address", "write"],
-    "syscall": ["nr", "arg0", "arg1", "arg2", "arg3", "ret", "duration_ns"],
-    "file": ["event", "dev", "ino"],
-    "sched": ["next_pid", "prev_kthread"],
-    "proc": ["event"],
-    "mm": ["mm_id"],
-}
-COLUMNS = {k: ["ts_ns", "cpu", "pid", "tgid", *v] for k, v in COLUMNS.items()}
-KIND = {
-    "tlb_flush": O.R_TLB,
-    "shootdown": O.R_SD,
-    "reclaim": O.R_RECLAIM,
-    "unmap": O.R_UNMAP,
-    "page_cache": O.R_PCDEL,
-    "migrate": O.R_MIG,
-    "page": O.R_PAGE,
-    "fault": O.R_FAULT,
-    "syscall": O.R_SYSCALL,
-    "file": O.R_FILE,
-    "sched": O.R_SCHED,
-    "proc": O.R_PROC,
-    "mm": O.R_MM,
-}
-
-
-class IdMap:
-    """Dense ids for sparse integer keys (pids, tgids, mm_ids, (dev, ino) pairs), stable across segments."""
-
-    def __init__(self) -> None:
-        self.ids: dict[int, int] = {}
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def get(self, keys: np.ndarray) -> np.ndarray:
-        if keys.size == 0:
-            return np.zeros(0, np.int32)
-        uniq, inv = np.unique(keys, return_inverse=True)
-        d = self.ids
-        dense = np.fromiter((d.setdefault(int(k), len(d)) for k in uniq), dtype=np.int32, count=uniq.size)
-        return dense[inv]
-
-
-def _col(t: pa.Table, name: str, dtype: Any = np.int64) -> np.ndarray:
-    return np.asarray(t.column(name).to_numpy(zero_copy_only=False)).astype(dtype, copy=False)
-
-
-def _file_key(dev: np.ndarray, ino: np.ndarray) -> np.ndarray:
-    return (dev.astype(np.uint64) << np.uint64(40)) | (ino.astype(np.uint64) & np.uint64((1 << 40) - 1))
-
-
-@dataclass
-class Ids:
-    task: IdMap = field(default_factory=IdMap)
-    proc: IdMap = field(default_factory=IdMap)
-    mm: IdMap = field(default_factory=IdMap)
-    mapping: IdMap = field(default_factory=IdMap)
-
-    def tasks(self, pid: np.ndarray) -> np.ndarray:
-        out = self.task.get(pid)
-        return np.where(pid > 0, out, -1).astype(np.int32)
-
-    def procs(self, tgid: np.ndarray) -> np.ndarray:
-        out = self.proc.get(tgid)
-        return np.where(tgid > 0, out, -1).astype(np.int32)
+__all__ = ["COLUMNS", "EVENT_TABLES", "KIND", "IdMap", "Ids", "ReplayResult", "raw_ops", "replay"]
 
 
 def raw_ops(seg: dict[str, pa.Table], ids: Ids) -> np.ndarray:
-    """One segment's rows of every event table as one time-sorted raw-op array."""
-    parts = []
-    for name in EVENT_TABLES:
-        t = seg.get(name)
-        if t is None or t.num_rows == 0:
-            continue
-        n = t.num_rows
-        r = np.zeros(n, O.RAW_DTYPE)
-        r["ts"] = _col(t, "ts_ns")
-        r["kind"] = KIND[name]
-        r["cpu"] = np.minimum(_col(t, "cpu"), O.MAX_CPUS - 1)
-        pid = _col(t, "pid")
-        tgid = _col(t, "tgid")
-        r["task"] = ids.tasks(pid)
-        r["proc"] = ids.procs(tgid)
-        if name == "tlb_flush":
-            r["sub"] = _col(t, "reason")
-            r["a"] = _col(t, "pages")
-        elif name == "shootdown":
-            r["a"] = _col(t, "target_cpu")
-        elif name == "reclaim":
-            r["sub"] = _col(t, "event")
-            r["a"] = _col(t, "pfn")
-        elif name == "unmap":
-            r["a"] = ids.mm.get(_col(t, "mm_id"))
-            r["sub"] = _col(t, "member")
-            r["b"] = _col(t, "delta")
-            r["c"] = _col(t, "ctx")
-        elif name == "page_cache":
-            r["a"] = _col(t, "pfn")
-            r["b"] = _col(t, "order")
-            r["c"] = ids.mapping.get(_file_key(_col(t, "dev", np.uint64), _col(t, "ino", np.uint64)))
-            r["d"] = _col(t, "index")
-            r["sub"] = _col(t, "ctx")
-        elif name == "migrate":
-            r["sub"] = _col(t, "event")
-            r["a"] = _col(t, "pfn")
-            r["b"] = _col(t, "order")
-            r["c"] = (
-                _col(t, "mig_type")
-                | (_col(t, "writable") << 4)
-                | (_col(t, "dirty") << 5)
-                | ((_col(t, "mode") & 0xF) << 8)
-                | ((_col(t, "reason") & 0xF) << 12)
-            )
-            r["d"] = _col(t, "addr", np.uint64).view(np.int64)
-        elif name == "page":
-            r["sub"] = _col(t, "event")
-            r["a"] = _col(t, "pfn")
-            r["b"] = _col(t, "order")
-            r["c"] = _col(t, "source") | (_col(t, "percpu_refill") << 8)
-            r["d"] = _col(t, "gfp_flags", np.uint64).view(np.int64)
-        elif name == "fault":
-            r["a"] = _col(t, "address", np.uint64).view(np.int64)
-            r["sub"] = _col(t, "write")
-        elif name == "syscall":
-            r["sub"] = _col(t, "nr")
-            for k, c in zip("abcd", ("arg0", "arg1", "arg2", "arg3"), strict=True):
-                r[k] = _col(t, c, np.uint64).view(np.int64)
-            dur = np.maximum(_col(t, "duration_ns"), 0)
-            r["e"] = np.where(_col(t, "ret") >= 0, dur, -dur - 1)
-        elif name == "file":
-            r["sub"] = _col(t, "event")
-            r["a"] = ids.mapping.get(_file_key(_col(t, "dev", np.uint64), _col(t, "ino", np.uint64)))
-        elif name == "sched":
-            r["a"] = ids.tasks(_col(t, "next_pid"))
-            r["sub"] = _col(t, "prev_kthread")
-        elif name == "proc":
-            r["sub"] = _col(t, "event")
-            r["a"] = (pid == tgid).astype(np.int64)
-        elif name == "mm":
-            r["a"] = ids.mm.get(_col(t, "mm_id"))
-        parts.append(r)
-    if not parts:
-        return np.zeros(0, O.RAW_DTYPE)
-    raw = np.concatenate(parts)
-    return raw[np.argsort(raw["ts"], kind="stable")]
+    """One segment's rows of every event table as one time-sorted raw-op array (a fresh array)."""
+    return RawBuilder(ids).build(seg)
 
 
 class MapsIndex:
@@ -214,7 +67,7 @@ class MapsIndex:
         off = _col(t, "offset", np.uint64).view(np.int64)
         ino = _col(t, "ino", np.uint64)
         dev = _col(t, "dev", np.uint64)
-        mapping = np.where(ino != 0, ids.mapping.get(_file_key(dev, ino)), -1).astype(np.int64)
+        mapping = np.where(ino != 0, ids.mapping.get(file_key(dev, ino)), -1).astype(np.int64)
         perms = t.column("perms").to_pylist()
         flags = np.array(
             [
@@ -272,6 +125,7 @@ class Reconstructor:
         self.PROC_MM = np.zeros(0, np.int64)
         self.pool = np.zeros(0, O.MOP_DTYPE)
         self.nxt = np.zeros(0, np.int64)
+        self.out = np.zeros(0, O.MOP_DTYPE)
         self.S = np.zeros(4, np.int64)
         self.S[RC.S_FREE] = -1
         self.RS = np.zeros(RC.NRS, np.int64)
@@ -300,9 +154,10 @@ class Reconstructor:
         cap = self.pool.shape[0]
         if cap - live >= need:
             return
-        new_cap = max(cap * 2, live + need + 1024)
-        pool = np.zeros(new_cap, O.MOP_DTYPE)
-        pool[:cap] = self.pool
+        # headroom, so that segments of about the same size do not each grow (and copy) the pool again
+        new_cap = max(cap * 2, int(1.25 * (live + need)) + 1024)
+        pool = np.zeros(new_cap, O.MOP_DTYPE)  # calloc: slots cost no RSS until pool_new hands them out
+        pool.view(np.uint8)[: self.pool.nbytes] = self.pool.view(np.uint8)  # a structured copy goes row by row
         nxt = np.empty(new_cap, np.int64)
         nxt[:cap] = self.nxt
         # chain the new slots onto the free list
@@ -312,17 +167,26 @@ class Reconstructor:
         self.pool, self.nxt = pool, nxt
 
     def run(self, raw: np.ndarray, ids: Ids, final: bool) -> np.ndarray:
+        """Model ops of one segment: a view of a buffer reused by the next call (copy it to keep it)."""
         self._grow_tables(ids)
         self._grow_pool(3 * raw.shape[0] + 16)
-        out = np.empty(4 * raw.shape[0] + int(self.S[RC.S_POOL_LIVE]) + 4 * O.MAX_CPUS + 64, O.MOP_DTYPE)
+        need = 4 * raw.shape[0] + int(self.S[RC.S_POOL_LIVE]) + 4 * O.MAX_CPUS + 64
+        if self.out.shape[0] < need:
+            self.out = np.empty(int(1.25 * need), O.MOP_DTYPE)
         self.S[RC.S_NOUT] = 0
         m = self.maps
         RC.reconstruct(
             raw, self.X, self.T, self.CPU, self.CPUM, self.MM, self.LAST_RUN, self.PROC_MM, self.pool, self.nxt,
-            self.S, out, self.RS, m.pr_lo, m.pr_hi, m.sn_ts, m.sn_lo, m.sn_hi, m.mp_start, m.mp_end, m.mp_off,
+            self.S, self.out, self.RS, m.pr_lo, m.pr_hi, m.sn_ts, m.sn_lo, m.sn_hi, m.mp_start, m.mp_end, m.mp_off,
             m.mp_map, m.mp_flags, final,
         )  # fmt: skip
-        return out[: int(self.S[RC.S_NOUT])]
+        return self.out[: int(self.S[RC.S_NOUT])]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            a.nbytes for a in (self.T, self.CPU, self.MM, self.LAST_RUN, self.PROC_MM, self.pool, self.nxt, self.out)
+        )
 
 
 def _max_pfn(mops: np.ndarray) -> int:
@@ -332,64 +196,20 @@ def _max_pfn(mops: np.ndarray) -> int:
 
 def time_range(trace: Trace) -> tuple[int, int]:
     """First and last event time from the Parquet footers' statistics (no data read)."""
-    lo, hi = None, None
-    for name in EVENT_TABLES:
-        for f in trace.files.get(name, []):
-            try:
-                md = pq.ParquetFile(f).metadata
-            except Exception as e:
-                raise TraceError(f"{f}: unreadable Parquet segment ({str(e).splitlines()[0]})") from None
-            idx = md.schema.to_arrow_schema().get_field_index("ts_ns")
-            for g in range(md.num_row_groups):
-                st = md.row_group(g).column(idx).statistics
-                if st is None or not st.has_min_max:
-                    continue
-                lo = st.min if lo is None else min(lo, st.min)
-                hi = st.max if hi is None else max(hi, st.max)
-    return (int(lo or 0), int(hi or 0))
+    f = Footers.scan(trace)
+    return f.t0, f.t1
 
 
-def _stat_max(trace: Trace, table: str, column: str) -> int:
-    n = -1
-    for f in trace.files.get(table, []):
-        md = pq.ParquetFile(f).metadata
-        idx = md.schema.to_arrow_schema().get_field_index(column)
-        for g in range(md.num_row_groups):
-            st = md.row_group(g).column(idx).statistics
-            if st is not None and st.has_min_max:
-                n = max(n, int(st.max))
-    return n
-
-
-def nr_cpus(trace: Trace) -> int:
+def nr_cpus(trace: Trace, footers: Footers | None = None) -> int:
     """CPUs of the recorded machine: meta.json, else the largest CPU number seen."""
     host = trace.meta.get("host")
     n = trace.meta.get("nr_cpus") or (host.get("nr_cpus") if isinstance(host, dict) else None)
     if not n:
-        n = 1 + max(
-            _stat_max(trace, "tlb_flush", "cpu"),
-            _stat_max(trace, "sched", "cpu"),
-            _stat_max(trace, "shootdown", "cpu"),
-            _stat_max(trace, "shootdown", "target_cpu"),
-            0,
-        )
+        n = 1 + max((footers or Footers.scan(trace)).max_cpu, 0)
     n = int(n)
     if n > O.MAX_CPUS:
         raise TraceError(f"{trace.path}: {n} CPUs; lufreplay models at most {O.MAX_CPUS} (uint64 CPU masks)")
     return n
-
-
-def _feed(
-    rec: Reconstructor, models: dict[str, Model], raw: np.ndarray, ids: Ids, final: bool, keep: list | None
-) -> int:
-    mops = rec.run(raw, ids, final)
-    if keep is not None:
-        keep.append(mops)
-    sizes = (len(ids.task) + 1, len(ids.mm) + 1, len(ids.mapping) + 1)
-    mp = _max_pfn(mops)
-    for m in models.values():
-        m.run(mops, mops.shape[0], mp, sizes)
-    return int(mops.shape[0])
 
 
 @dataclass
@@ -404,6 +224,90 @@ class ReplayResult:
     model_ops: int
     ids: Ids
     ops: list[np.ndarray]
+    #: seconds per stage (``read+raw`` overlaps the others when prefetching) and the largest per-segment buffers
+    stages: dict[str, float]
+
+
+class _Prefetch:
+    """Reads and builds the next segment's raw ops in a thread while the caller replays the current one.
+
+    Two raw buffers go back and forth: the worker fills a free one, the iterator hands it back when the caller
+    asks for the next segment, so at most two segments' raw ops and one segment's Arrow columns are alive.
+    Parquet decoding and the scatter kernel run without the GIL; the model cores hold it, so the overlap needs
+    a second core. Results do not depend on it: ids are handed out by the worker alone, in segment order.
+    """
+
+    _DONE = object()
+
+    def __init__(self, segs: Iterable[dict[str, pa.Table]], builder: RawBuilder) -> None:
+        self.segs = segs
+        self.builder = builder
+        self.free: queue.Queue[int] = queue.Queue()
+        for k in range(len(builder.bufs)):
+            self.free.put(k)
+        self.ready: queue.Queue[Any] = queue.Queue()
+        self.stop = threading.Event()
+        self.busy_s = 0.0
+        self.thread = threading.Thread(target=self._work, name="lufreplay-prefetch", daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        try:
+            it = iter(self.segs)
+            while True:
+                k = self._take_free()
+                if k is None:
+                    return
+                t = time.perf_counter()
+                seg = next(it, None)
+                if seg is None:
+                    self.ready.put(self._DONE)
+                    return
+                self.builder.turn = k
+                raw = self.builder.build(seg)
+                del seg  # the Arrow columns are not needed once the raw ops exist
+                self.busy_s += time.perf_counter() - t
+                self.ready.put((k, raw))
+        except BaseException as e:  # handed to the caller, which raises it
+            self.ready.put(e)
+
+    def _take_free(self) -> int | None:
+        while not self.stop.is_set():
+            try:
+                return self.free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            item = self.ready.get()
+            if item is self._DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            k, raw = item
+            yield raw
+            self.free.put(k)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def _sequential(
+    segs: Iterable[dict[str, pa.Table]], builder: RawBuilder, stages: dict[str, float]
+) -> Iterator[np.ndarray]:
+    it = iter(segs)
+    while True:
+        t = time.perf_counter()
+        seg = next(it, None)
+        if seg is None:
+            return
+        raw = builder.build(seg)
+        del seg  # free the Arrow columns before the segment is replayed
+        stages["read+raw"] += time.perf_counter() - t
+        yield raw
 
 
 def replay(
@@ -413,10 +317,12 @@ def replay(
     decisions: bool = False,
     segments: Iterable[dict[str, pa.Table]] | None = None,
     keep_ops: bool = False,
+    prefetch: bool = True,
 ) -> ReplayResult:
     """Replay a trace through the named models (one pass over the segments)."""
-    ncpu = nr_cpus(trace)
-    t0, t1 = time_range(trace)
+    footers = Footers.scan(trace)
+    ncpu = nr_cpus(trace, footers)
+    t0, t1 = footers.t0, footers.t1
     tl = np.array([t0, max(1, (t1 - t0) // O.TIMELINE_BINS + 1)], np.int64)
     ids = Ids()
     maps = MapsIndex(trace, ids)
@@ -424,17 +330,42 @@ def replay(
     Y = model_options(opts, ncpu)
     models = {n: MODELS[n](opts, Y, tl, ncpu, decisions) for n in model_names}
     # size the per-page arrays once from the footers (largest pfn + the largest block)
-    top = max(
-        _stat_max(trace, "page", "pfn"), _stat_max(trace, "page_cache", "pfn"), _stat_max(trace, "migrate", "pfn")
-    )
     for m in models.values():
-        m.pages.ensure(top + 512 + 1, exact=True)
-    seg_iter = segments if segments is not None else trace.segments(EVENT_TABLES, COLUMNS)
+        m.pages.ensure(footers.max_pfn + 512 + 1, exact=True)
+    seg_iter = segments if segments is not None else read_segments(trace)
+    stages = {"read+raw": 0.0, "reconstruct": 0.0, **{n: 0.0 for n in models}}
+    builder = RawBuilder(ids, nbuf=2 if prefetch else 1)
+    pf = _Prefetch(seg_iter, builder) if prefetch else None
+    raws = iter(pf) if pf is not None else _sequential(seg_iter, builder, stages)
     n_raw = n_ops = 0
-    kept: list[np.ndarray] | None = [] if keep_ops else None
-    for seg in seg_iter:
-        raw = raw_ops(seg, ids)
-        n_raw += raw.shape[0]
-        n_ops += _feed(rec, models, raw, ids, False, kept)
-    n_ops += _feed(rec, models, np.zeros(0, O.RAW_DTYPE), ids, True, kept)
-    return ReplayResult(models, rec.RS.copy(), ncpu, t0, t1, tl, n_raw, n_ops, ids, kept or [])
+    kept: list[np.ndarray] = []
+    sizes = (0, 0, 0)
+
+    def feed(raw: np.ndarray, final: bool) -> int:
+        nonlocal sizes
+        t = time.perf_counter()
+        mops = rec.run(raw, ids, final)
+        stages["reconstruct"] += time.perf_counter() - t
+        if keep_ops:
+            kept.append(mops.copy())
+        sizes = (max(sizes[0], len(ids.task) + 1), max(sizes[1], len(ids.mm) + 1), max(sizes[2], len(ids.mapping) + 1))
+        mp = _max_pfn(mops)
+        for name, m in models.items():
+            t = time.perf_counter()
+            m.run(mops, mops.shape[0], mp, sizes)
+            stages[name] += time.perf_counter() - t
+        return int(mops.shape[0])
+
+    try:
+        for raw in raws:
+            n_raw += raw.shape[0]
+            n_ops += feed(raw, False)
+            del raw
+    finally:
+        if pf is not None:
+            pf.close()
+            stages["read+raw"] = pf.busy_s
+    n_ops += feed(np.zeros(0, O.RAW_DTYPE), True)
+    stages["raw_buffer_bytes"] = float(builder.nbytes)
+    stages["reconstruct_bytes"] = float(rec.nbytes)
+    return ReplayResult(models, rec.RS.copy(), ncpu, t0, t1, tl, n_raw, n_ops, ids, kept, stages)
