@@ -267,7 +267,7 @@ def families(det: dict[str, Any]) -> list[dict[str, Any]]:
         "" if fentry else "fentry on try_to_unmap_one would make it exact (not available here)",
     )
     tp_family("page_cache", "page-cache removals (pfn, dev, ino, index, order)")
-    tp_family("migration", "migration (old/new pfn, READ/READ_EXCLUSIVE/WRITE)", "decoded from migration entries")
+    tp_family("migrate", "migration (old/new pfn, READ/READ_EXCLUSIVE/WRITE)", "decoded from migration entries")
     tp_family(
         "page",
         "page frees and re-allocation of tracked pfns",

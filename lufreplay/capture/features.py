@@ -26,87 +26,15 @@ BCC_PATH = "/usr/lib/python3/dist-packages"  # Debian python3-bpfcc; other inter
 BCC_TIMEOUT_S = 90.0  # a compile under CPU contention has taken 20 s
 BPF_TIMEOUT_S = 20.0
 
-#: Fallback list of the tracepoints ``record`` uses, by event family (the recorder's own list wins).
-_STATIC_TRACEPOINTS: dict[str, tuple[str, ...]] = {
-    "tlb_flush": ("tlb:tlb_flush",),
-    "shootdown": ("csd:csd_queue_cpu",),
-    "ipi": ("ipi:ipi_send_cpu", "ipi:ipi_send_cpumask"),
-    "reclaim": (
-        "vmscan:mm_vmscan_direct_reclaim_begin",
-        "vmscan:mm_vmscan_direct_reclaim_end",
-        "vmscan:mm_vmscan_memcg_reclaim_begin",
-        "vmscan:mm_vmscan_memcg_reclaim_end",
-        "vmscan:mm_vmscan_memcg_softlimit_reclaim_begin",
-        "vmscan:mm_vmscan_memcg_softlimit_reclaim_end",
-        "vmscan:mm_vmscan_node_reclaim_begin",
-        "vmscan:mm_vmscan_node_reclaim_end",
-        "vmscan:mm_vmscan_kswapd_wake",
-        "vmscan:mm_vmscan_kswapd_sleep",
-        "vmscan:mm_vmscan_lru_shrink_inactive",
-        "vmscan:mm_vmscan_reclaim_pages",
-        "vmscan:mm_vmscan_write_folio",
-    ),
-    "unmap": ("kmem:rss_stat",),
-    "page_cache": ("filemap:mm_filemap_delete_from_page_cache",),
-    "migration": (
-        "migrate:set_migration_pte",
-        "migrate:remove_migration_pte",
-        "migrate:mm_migrate_pages",
-        "migrate:mm_migrate_pages_start",
-        "thp:set_migration_pmd",
-        "thp:remove_migration_pmd",
-        "compaction:mm_compaction_migratepages",
-    ),
-    "page": (
-        "kmem:mm_page_alloc",
-        "kmem:mm_page_free",
-        "kmem:mm_page_pcpu_drain",
-        "kmem:mm_page_alloc_zone_locked",
-    ),
-    "fault": ("exceptions:page_fault_user",),
-    "syscall": tuple(
-        f"syscalls:sys_{d}_{n}"
-        for n in ("mmap", "munmap", "mprotect", "madvise", "mremap", "write", "pwrite64", "ftruncate", "fallocate")
-        for d in ("enter", "exit")
-    ),
-    "file": (
-        "ext4:ext4_write_begin",
-        "ext4:ext4_da_write_begin",
-        "ext4:ext4_truncate_enter",
-        "writeback:writeback_dirty_folio",
-    ),
-    "sched": ("sched:sched_switch",),
-    "proc": ("sched:sched_process_fork", "sched:sched_process_exec", "sched:sched_process_exit"),
-}
-#: Raw record kind of ``capture.probes`` → event family here.
-KIND_FAMILY = {
-    "tlb_flush": "tlb_flush",
-    "csd_queue_cpu": "shootdown",
-    "ipi_send_cpu": "ipi",
-    "ipi_send_cpumask": "ipi",
-    "reclaim": "reclaim",
-    "rss_stat": "unmap",
-    "filemap_delete": "page_cache",
-    "migrate": "migration",
-    "page": "page",
-    "fault": "fault",
-    "syscall": "syscall",
-    "file": "file",
-    "sched_switch": "sched",
-    "proc": "proc",
-}
-
 
 def _recorder_tracepoints() -> dict[str, tuple[str, ...]]:
-    """The tracepoints the recorder really attaches (``capture.probes``), grouped by family."""
-    try:
-        from lufreplay.capture import probes
-    except Exception:
-        return dict(_STATIC_TRACEPOINTS)
-    out: dict[str, list[str]] = {fam: [] for fam in _STATIC_TRACEPOINTS}
+    """The tracepoints the recorder really attaches (``capture.probes``), grouped by the table they feed."""
+    from lufreplay.capture import probes
+
+    out: dict[str, list[str]] = {}
     for tp, kind in probes.TRACEPOINTS.items():
-        out.setdefault(KIND_FAMILY.get(kind, kind), []).append(tp)
-    return {fam: tuple(tps) for fam, tps in out.items() if tps}
+        out.setdefault(probes.KIND_TABLE.get(kind, kind), []).append(tp)
+    return {fam: tuple(tps) for fam, tps in out.items()}
 
 
 #: Every tracepoint ``record`` uses, by event family.
