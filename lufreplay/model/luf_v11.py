@@ -221,9 +221,20 @@ def run_luf_v11(
             pfn = r["pfn"]
             order = r["order"]
             for p in range(pfn, pfn + (np.int64(1) << order)):
-                if luf and (pstate[p] == P_PCP_LUF or pstate[p] == P_BUDDY_LUF):
+                if luf and pstate[p] == P_PCP_LUF:
                     acc[O_MISC + O.K_UNSEEN_REUSES] += 1  # freed again with no recorded allocation
                     orphan(p, OB, pobl)
+                    pstate[p] = P_NONE
+                elif luf and pstate[p] == P_BUDDY_LUF:
+                    # v11 has no pend_list: a buddy page keeps its pfn and its debt, so the missed allocation pays
+                    acc[O_MISC + O.K_UNSEEN_REUSES] += 1
+                    if pstamp[p] > SC[GEN_DONE]:
+                        _global_flush(
+                            ts, cpu, task, O.C_ALLOC_BUDDY_EPOCH, op, SC, SU, done, acc, tl, dec, nlog, hist_g,
+                            hist_ts, hist_mask,
+                        )  # fmt: skip
+                    sh_mask[p] = U0
+                    sh_ugen[p] = 0
                     pstate[p] = P_NONE
                 g = 0
                 if pstate[p] == P_UNMAPPED and pkey[p] != 0:

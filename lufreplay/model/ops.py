@@ -97,6 +97,7 @@ CAUSES = (
     "immediate",  # recorded unbatched flush in reclaim/migration (per-PTE, PMD unmap, PMD young-clear)
     "zap",  # recorded flush of munmap/madvise/mremap/mmap MAP_FIXED
     "batched_pending",  # recorded flush_tlb_batched_pending (F9)
+    "fork",  # recorded full flush of the parent's mm in fork (dup_mmap: flush_tlb_mm)
     "other",  # any other recorded flush
     "alloc_pcp",  # F1
     "alloc_buddy_epoch",  # F2
@@ -114,7 +115,7 @@ CAUSES = (
 )
 C = {n: i for i, n in enumerate(CAUSES)}
 NCAUSE = len(CAUSES)
-RECORDED_CAUSES = ("batch", "batch_unseen", "immediate", "zap", "batched_pending", "other")
+RECORDED_CAUSES = ("batch", "batch_unseen", "immediate", "zap", "batched_pending", "fork", "other")
 HOOK_CAUSE = np.array(
     [C["fault"], C["write_begin"], C["truncate"], C["mkclean"], C["zap_vma"], C["ctxsw_kthread"], C["dirty_writeback"]],
     dtype=np.int64,
@@ -127,7 +128,6 @@ REJECT = (
     "large_folio",
     "not_batched",
     "unknown_rw",
-    "sync_migration",
     "kept_not_freed",
     "config_init_on_free_kasan",
     "shared_anon",

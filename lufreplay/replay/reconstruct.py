@@ -8,10 +8,17 @@ What the trace shows on a tracepoint-only host (host-probing §4.4–4.6) and ho
   the PTE is *not batched*. The batched flush of the task (``tlb_flush`` 4 + ``shootdown`` rows + reason 2) closes
   the batch → BATCH op carrying the recorded remote targets. Unmaps left without a delete at that point are a
   kept folio (F11) if file, or anon folios whose pfn is only seen at their free.
-* migration: ``set_pte`` rows give the old pfn and the exact RO/RW of each mapping; the batched flush closes the
-  batch; only MIGRATE_ASYNC batches are LUF-eligible; memory-failure migrations flush their key at once (F12).
-* the other recorded flushes (immediate/PMD in reclaim, munmap zaps, flush_tlb_batched_pending, anything else)
-  become RFLUSH ops that every model passes through unchanged.
+* migration: ``set_pte`` rows give the old pfn and the exact RO/RW of each mapping. Whether a PTE was batched
+  follows the pass that unmapped it, read from the trace like reclaim: ``migrate_pages_sync`` (SYNC/SYNC_LIGHT,
+  e.g. compact_memory) first runs a batched MIGRATE_ASYNC pass whose set_ptes accumulate until one batched flush
+  (mm == NULL: ``tlb_flush`` 4 full + shootdowns + local reason 2); the folios it could not move are retried one
+  by one in sync mode, where ``ptep_clear_flush`` flushes each PTE just *before* its set_pte row (reason 4 with a
+  small page count + shootdowns, and/or a local reason 3). Such a PTE is not batched; so is every PTE of a
+  migration batch that ends (move phase) without any recorded flush (nothing needed one: vanilla sends nothing,
+  LUF has nothing to defer). set_pmd (``pmdp_invalidate``) is always flushed at once. Memory-failure migrations
+  flush their key at once (F12).
+* the other recorded flushes (immediate/PMD in reclaim and migration, munmap zaps, flush_tlb_batched_pending, the
+  parent's full flush in fork (dup_mmap), anything else) become RFLUSH ops that every model passes through unchanged.
 * allocator rows → FREE / DRAIN / TAKE / ALLOC; faults, syscalls, file rows, kthread switches → HOOK ops (F3–F13).
 
 The masks of a PTE are the modelled ``mm_cpumask(mm)`` at the unmap (CPUs that ran the mm within
@@ -30,7 +37,7 @@ from lufreplay.model import ops as O
 from lufreplay.model.kernels import U0, U1, bit
 
 # ---- per-task columns of T ------------------------------------------------------------------------------
-T_PROC, T_CTX, T_MIG_MODE, T_MIG_REASON, T_SYS_NR, T_SYS_UNTIL, T_IMM = 0, 1, 2, 3, 4, 5, 6
+T_PROC, T_CTX, T_OTHER_J, T_MIG_REASON, T_SYS_NR, T_SYS_UNTIL, T_IMM = 0, 1, 2, 3, 4, 5, 6
 T_PEND_HEAD, T_PEND_TAIL, T_BATCH_HEAD, T_BATCH_TAIL, T_BATCH_N, T_MIG_PFN, T_MIG_FLAGS, T_BFLAGS = (
     7,
     8,
@@ -73,6 +80,9 @@ NRS = RS_RECORDED_ROWS + 1
 
 # migration-folio running flags (T_MIG_FLAGS)
 F_WRITABLE, F_UNBATCHED, F_UNKNOWN = 1, 2, 4
+# a migration FOLIO_END waiting in the batch list for its batch's end (flags = FE_MIG | static << 8 | F_*): whether
+# the batch got a recorded flush decides whether its PTEs were batched
+FE_MIG = 1 << 31
 # maps flags
 V_R, V_W, V_X, V_S = 1, 2, 4, 8
 
@@ -82,6 +92,9 @@ SYS_MMAP, SYS_MUNMAP, SYS_MPROTECT, SYS_MADVISE, SYS_MREMAP = 0, 1, 2, 3, 4
 ZAP_MADVISE = (4, 8, 9, 24)  # DONTNEED, FREE, REMOVE, DONTNEED_LOCKED
 CTX_MIGRATION = 6
 IMM_WINDOW_NS = 20_000
+# dup_mmap's flush_tlb_mm(oldmm) comes before the fork row (sched_process_fork fires when copy_process is done);
+# 1.5 ms was seen for a large python parent, ~30 µs for bash
+FORK_WINDOW_NS = 2_000_000
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,27 +265,39 @@ def _count_folio(reason, order, RS):
 
 
 @numba.njit(cache=True)
-def _close_mig_folio(task, T, pool, nxt, S, RS, X):
-    """Append FOLIO_END to the open migration folio of ``task`` (set_pte rows of one folio are consecutive)."""
+def _close_mig_folio(task, T, pool, nxt, S):
+    """Append FOLIO_END to the open migration folio of ``task`` (set_pte rows of one folio are consecutive).
+    Its reason is decided when the batch ends (``_finish_mig_folio``): a batch without a recorded flush batched
+    nothing."""
     if T[task, T_MIG_PFN] < 0:
         return
     fl = T[task, T_MIG_FLAGS]
-    static = fl >> 8
-    reason = _folio_reason(static, fl & 0xFF, X[X_UNKNOWN_ELIG] != 0)
     e = pool_new(pool, nxt, S)
     r = pool[e]
     r["op"] = O.M_FOLIO_END
-    r["sub"] = reason
-    r["aux"] = _unlarge_reason(static, fl & 0xFF, X)
+    r["flags"] = FE_MIG | (fl & 0xFFFF)  # static << 8 | F_*
     r["task"] = task
     r["pfn"] = T[task, T_MIG_PFN]
     tail = T[task, T_BATCH_TAIL]
     r["ts"] = pool[tail]["ts"] if tail >= 0 else 0
     r["order"] = (fl >> 16) & 0xFF
     list_append(T, task, T_BATCH_HEAD, T_BATCH_TAIL, e, nxt)
-    _count_folio(reason, (fl >> 16) & 0xFF, RS)
     T[task, T_MIG_PFN] = -1
     T[task, T_MIG_FLAGS] = 0
+
+
+@numba.njit(cache=True)
+def _finish_mig_folio(r, flushed, RS, X):
+    """A migration folio's batch ended: its rejection reason (F_UNBATCHED if the batch had no recorded flush)."""
+    fl = r["flags"] & 0xFF
+    static = (r["flags"] >> 8) & 0xFF
+    if not flushed:
+        fl |= F_UNBATCHED
+    reason = _folio_reason(static, fl, X[X_UNKNOWN_ELIG] != 0)
+    r["sub"] = reason
+    r["aux"] = _unlarge_reason(static, fl, X)
+    r["flags"] = 0
+    _count_folio(reason, r["order"], RS)
 
 
 @numba.njit(cache=True)
@@ -333,19 +358,26 @@ def _attach_leftover(task, ts, T, pool, nxt, S, RS, X):
 @numba.njit(cache=True)
 def close_batch(task, ts, sender, R, nrows, local, T, pool, nxt, S, out, RS, X):
     """End of a reclaim/migration batch: emit its items (masks clipped to the recorded targets) and BATCH."""
-    _close_mig_folio(task, T, pool, nxt, S, RS, X)
+    _close_mig_folio(task, T, pool, nxt, S)
     _attach_leftover(task, ts, T, pool, nxt, S, RS, X)
     if T[task, T_BATCH_HEAD] < 0 and nrows == 0:
         return False
     allowed = R | bit(sender)
     clip = X[X_CLIP] != 0
+    # a batched migration PTE always ends in a recorded flush (arch_tlbbatch_flush traces reason 4, or reason 2
+    # when only the sender is left); none at all: every PTE was cleared by ptep_clear_flush with nothing to flush
+    flushed = nrows > 0 or local != 0 or R != U0
     i = T[task, T_BATCH_HEAD]
     while i >= 0:
         r = pool[i]
         if r["op"] == O.M_PTE:
             if r["mm"] < 0:  # migration: set_migration_pte has no mm; the recorded targets are the evidence
                 r["mask2"] = allowed
+                if not flushed:
+                    r["flags"] |= O.PTE_UNBATCHED
             r["mask"] = (r["mask2"] & allowed) if clip else r["mask2"]
+        elif r["op"] == O.M_FOLIO_END and (r["flags"] & FE_MIG):
+            _finish_mig_folio(r, flushed, RS, X)
         emit(
             out,
             S,
@@ -386,8 +418,9 @@ def _has_batch(task, T):
 
 
 @numba.njit(cache=True)
-def close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X):
-    """A recorded sender-side flush is complete: classify it and emit BATCH or RFLUSH."""
+def close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X, nx_set=False):
+    """A recorded sender-side flush is complete: classify it and emit BATCH or RFLUSH. ``nx_set``: the row that
+    closes it is a set_pte (of a range flush) / set_pmd of the same task right after it."""
     task = CPU[c, C_TASK]
     R = CPUM[c]
     n = CPU[c, C_N]
@@ -401,10 +434,16 @@ def close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X):
     RS[RS_RECORDED_ROWS] += n
     lflag = 1 if local != 0 else 0
     fflag = 2 if full != 0 else 0
+    in_ctx = task >= 0 and T[task, T_CTX] != 0
+    if local == 0 and nx_set and in_ctx:
+        # ptep_clear_flush / pmdp_invalidate of a migration entry about to be set, in an mm not loaded here (no
+        # local flush row): the PTE is flushed at once, not batched; the open batch, if any, goes on
+        T[task, T_IMM] = ts + 1
+        emit(out, S, ts, O.M_RFLUSH, O.C_IMMEDIATE, c, task, -1, -1, -1, 0, fflag, R, U0, n)
+        return
     if task >= 0 and local != 3 and _has_batch(task, T):
         close_batch(task, ts, c, R, n, lflag, T, pool, nxt, S, out, RS, X)
         return
-    in_ctx = task >= 0 and T[task, T_CTX] != 0
     if local == 2:
         cause = O.C_BATCH_UNSEEN if in_ctx else O.C_OTHER
         emit(out, S, ts, O.M_RFLUSH, cause, c, task, -1, -1, -1, 0, lflag | fflag, R, U0, n)
@@ -441,6 +480,8 @@ def _emit_context_flush(ts, c, task, R, n, flags, T, CPU, MM, PROC_MMA, out, S):
                     k += 1
             elif nr != SYS_MPROTECT:
                 cause = O.C_ZAP
+    if cause == O.C_OTHER and (flags & 2) and task >= 0:
+        T[task, T_OTHER_J] = S[S_NOUT] + 1  # a fork row of this task may follow: dup_mmap's flush_tlb_mm
     emit(out, S, ts, O.M_RFLUSH, cause, c, task, mm, -1, other_mm, 0, flags, R, credit, n)
 
 
@@ -475,6 +516,7 @@ def reconstruct(
     ncpu = np.int64(X[X_NCPU])
     trim = np.int64(X[X_TRIM_NS])
     n = raw.shape[0]
+    T[:, T_OTHER_J] = 0  # indices into ``out``, which starts empty for every segment
     for i in range(n):
         r = raw[i]
         ts = r["ts"]
@@ -489,8 +531,17 @@ def reconstruct(
         pmm = PROC_MMA[proc] if proc >= 0 else -1
         if pmm >= 0:
             LAST_RUN[pmm, c] = ts
+        if task >= 0 and kind != O.R_TLB and kind != O.R_SD and kind != O.R_SCHED and kind != O.R_PROC:
+            if kind != O.R_PAGE:  # copy_process may allocate pages; anything else: the flush was not the fork's
+                T[task, T_OTHER_J] = 0
         if CPU[c, C_OPEN] != 0 and kind != O.R_TLB and kind != O.R_SD and CPU[c, C_TASK] == task:
-            close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
+            # a per-PTE flush is a range flush (a few pages), a batched one is full; a PMD flush is full too
+            nx_set = (
+                kind == O.R_MIG
+                and (sub == 2 or (sub == 0 and CPU[c, C_FULL] == 0))
+                and ts - CPU[c, C_TS] <= IMM_WINDOW_NS
+            )
+            close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X, nx_set)
 
         if kind == O.R_TLB:
             pages = r["a"]
@@ -621,8 +672,7 @@ def reconstruct(
             T[task, T_BATCH_N] += 1
             _count_folio(reason, order, RS)
         elif kind == O.R_MIG:
-            if sub == 4:  # start
-                T[task, T_MIG_MODE] = r["c"] >> 8 & 0xF
+            if sub == 4:  # start; the mode (r["c"] >> 8) does not tell the pass: SYNC runs a batched async pass first
                 T[task, T_MIG_REASON] = r["c"] >> 12 & 0xF
                 T[task, T_CTX] = CTX_MIGRATION
             elif sub == 0 or sub == 2:  # set_pte / set_pmd
@@ -632,11 +682,12 @@ def reconstruct(
                 migtype = cc & 0xF
                 writable = (cc >> 4) & 1
                 T[task, T_CTX] = CTX_MIGRATION
+                # flushed just before (ptep_clear_flush: sync retry, or an mm only on this CPU; PMD always)
+                unb = sub == 2 or (T[task, T_IMM] != 0 and ts - (T[task, T_IMM] - 1) <= IMM_WINDOW_NS)
+                T[task, T_IMM] = 0
                 if T[task, T_MIG_PFN] != pfn:
-                    _close_mig_folio(task, T, pool, nxt, S, RS, X)
+                    _close_mig_folio(task, T, pool, nxt, S)
                     static = _static_reason(order, X)
-                    if static == 0 and T[task, T_MIG_MODE] != 0:
-                        static = O.J_SYNC_MIGRATION
                     b = pool_new(pool, nxt, S)
                     pool[b]["ts"] = ts
                     pool[b]["op"] = O.M_FOLIO_BEGIN
@@ -667,7 +718,7 @@ def reconstruct(
                 if writable or migtype == 3:
                     fl |= O.PTE_WRITABLE
                     T[task, T_MIG_FLAGS] |= F_WRITABLE
-                if T[task, T_MIG_MODE] != 0:  # sync modes clear and flush each PTE at once (ptep_clear_flush)
+                if unb:
                     fl |= O.PTE_UNBATCHED
                     T[task, T_MIG_FLAGS] |= F_UNBATCHED
                 q["flags"] = fl
@@ -787,6 +838,13 @@ def reconstruct(
         elif kind == O.R_PROC:
             if sub == 2 and r["a"] != 0 and pmm >= 0:  # the process exits: exit_mmap zaps every VMA (F7)
                 emit(out, S, ts, O.M_HOOK, O.H_ZAP, c, task, pmm, -1, -1, 0, 0, U0, U0, 0)
+            elif sub == 0 and task >= 0 and T[task, T_OTHER_J] > 0:
+                # the parent's full mm flush just before: dup_mmap's flush_tlb_mm(oldmm) (write-protected COW PTEs)
+                f = out[T[task, T_OTHER_J] - 1]
+                if f["op"] == O.M_RFLUSH and f["sub"] == O.C_OTHER and f["task"] == task:
+                    if ts - f["ts"] <= FORK_WINDOW_NS:
+                        f["sub"] = O.C_FORK
+                T[task, T_OTHER_J] = 0
         elif kind == O.R_MM:
             mm = r["a"]
             if proc >= 0 and mm >= 0:
