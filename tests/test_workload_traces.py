@@ -217,5 +217,6 @@ def test_compact_migration_types_match_regions_and_eligibility(recorded) -> None
     # are eligible when moved by the batched first pass
     assert e["rejected_pages"].get("writable_pte", 0) > 0, e
     assert e["eligible_pages"] > 0, f"no eligible migrated folio: {e['rejected']}"
-    assert e["eligible_pages"] >= e["rejected_pages"]["writable_pte"], e
+    # No ratio between the two: compaction also moves other processes' pages (system-wide rows), so the
+    # split depends on the host's state, not on the workload.
     _no_violation(rec)
