@@ -98,6 +98,8 @@ CAUSES = (
     "zap",  # recorded flush of munmap/madvise/mremap/mmap MAP_FIXED
     "batched_pending",  # recorded flush_tlb_batched_pending (F9)
     "fork",  # recorded full flush of the parent's mm in fork (dup_mmap: flush_tlb_mm)
+    "cow_fault",  # recorded single-page flush of a COW break (wp_page_copy → ptep_clear_flush) after a write fault
+    "folio_mkclean",  # recorded single-page flush of writeback's folio_mkclean (page_mkclean_one); not F6
     "other",  # any other recorded flush
     "alloc_pcp",  # F1
     "alloc_buddy_epoch",  # F2
@@ -115,7 +117,17 @@ CAUSES = (
 )
 C = {n: i for i, n in enumerate(CAUSES)}
 NCAUSE = len(CAUSES)
-RECORDED_CAUSES = ("batch", "batch_unseen", "immediate", "zap", "batched_pending", "fork", "other")
+RECORDED_CAUSES = (
+    "batch",
+    "batch_unseen",
+    "immediate",
+    "zap",
+    "batched_pending",
+    "fork",
+    "cow_fault",
+    "folio_mkclean",
+    "other",
+)
 HOOK_CAUSE = np.array(
     [C["fault"], C["write_begin"], C["truncate"], C["mkclean"], C["zap_vma"], C["ctxsw_kthread"], C["dirty_writeback"]],
     dtype=np.int64,

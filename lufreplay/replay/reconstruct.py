@@ -48,10 +48,11 @@ T_PEND_HEAD, T_PEND_TAIL, T_BATCH_HEAD, T_BATCH_TAIL, T_BATCH_N, T_MIG_PFN, T_MI
     13,
     14,
 )
-NT = 15
+T_FAULT_TS, T_FAULT_COW = 15, 16  # the task's last fault (ts + 1), and whether it could break a COW
+NT = 17
 # ---- per-CPU columns of CPU -----------------------------------------------------------------------------
-C_OPEN, C_TASK, C_N, C_TS, C_LOCAL, C_FULL, C_CUR_TASK, C_CUR_MM, C_PROC = 0, 1, 2, 3, 4, 5, 6, 7, 8
-NC = 9
+C_OPEN, C_TASK, C_N, C_TS, C_LOCAL, C_FULL, C_CUR_TASK, C_CUR_MM, C_PROC, C_PAGES = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9
+NC = 10
 # ---- scalars S --------------------------------------------------------------------------------------------
 S_FREE, S_NOUT, S_POOL_LIVE, S_LAST_TS = 0, 1, 2, 3
 # ---- options vector -------------------------------------------------------------------------------------------
@@ -76,7 +77,8 @@ RS_PAGES = RS_FOLIOS + NREJ  # pages by rejection reason
 RS_PROV = RS_PAGES + NREJ  # PTEs: exact, inferred, unknown
 RS_BATCHES = RS_PROV + 3
 RS_RECORDED_ROWS = RS_BATCHES + 1
-NRS = RS_RECORDED_ROWS + 1
+RS_SHARED_W_FAULTS = RS_RECORDED_ROWS + 1  # write faults in shared writable file VMAs: pages mkclean may clean
+NRS = RS_SHARED_W_FAULTS + 1
 
 # migration-folio running flags (T_MIG_FLAGS)
 F_WRITABLE, F_UNBATCHED, F_UNKNOWN = 1, 2, 4
@@ -95,6 +97,9 @@ IMM_WINDOW_NS = 20_000
 # dup_mmap's flush_tlb_mm(oldmm) comes before the fork row (sched_process_fork fires when copy_process is done);
 # 1.5 ms was seen for a large python parent, ~30 µs for bash
 FORK_WINDOW_NS = 2_000_000
+# wp_page_copy flushes the old PTE µs after the fault row (exceptions:page_fault_user fires at fault entry); the
+# new page's allocation (and nothing else of the task) may come in between
+COW_WINDOW_NS = 50_000
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -427,6 +432,7 @@ def close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X, nx_set=
     local = CPU[c, C_LOCAL]
     ts = CPU[c, C_TS]
     full = CPU[c, C_FULL]
+    pages = CPU[c, C_PAGES]
     CPU[c, C_OPEN] = 0
     CPUM[c] = U0
     CPU[c, C_N] = 0
@@ -452,12 +458,29 @@ def close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X, nx_set=
         T[task, T_IMM] = ts + 1  # the next unmap of this task was flushed right here (PMD / per-PTE)
         emit(out, S, ts, O.M_RFLUSH, O.C_IMMEDIATE, c, task, -1, -1, -1, 0, lflag | fflag, R, U0, n)
         return
-    _emit_context_flush(ts, c, task, R, n, lflag | fflag, T, CPU, MM, PROC_MMA, out, S)
+    _emit_context_flush(ts, c, task, R, n, lflag | fflag, pages, T, CPU, MM, PROC_MMA, out, S, RS)
 
 
 @numba.njit(cache=True)
-def _emit_context_flush(ts, c, task, R, n, flags, T, CPU, MM, PROC_MMA, out, S):
-    """A recorded flush outside reclaim: batched_pending, zap or other, by the syscall the task is in."""
+def _single_page_cause(ts, task, n, T, RS):
+    """A single-page flush outside any traced syscall, reclaim or migration: a COW break of the task's write fault
+    just before, or (it sent IPIs, no fault of the task just before, and some page of a shared writable file
+    mapping was written) writeback's folio_mkclean. Heuristic: the trace has no row for either; anything else
+    stays other (so do local-only flushes with no recent fault: too many other causes flush one local page)."""
+    recent = T[task, T_FAULT_TS] != 0 and ts - (T[task, T_FAULT_TS] - 1) <= COW_WINDOW_NS
+    if recent:
+        cow = T[task, T_FAULT_COW] != 0
+        T[task, T_FAULT_COW] = 0  # one COW break (one flush) per fault
+        return O.C_COW_FAULT if cow else O.C_OTHER
+    if n > 0 and RS[RS_SHARED_W_FAULTS] > 0:
+        return O.C_FOLIO_MKCLEAN
+    return O.C_OTHER
+
+
+@numba.njit(cache=True)
+def _emit_context_flush(ts, c, task, R, n, flags, pages, T, CPU, MM, PROC_MMA, out, S, RS):
+    """A recorded flush outside reclaim: batched_pending, zap, cow_fault, folio_mkclean or other, by the syscall
+    the task is in (or is not in)."""
     cause = O.C_OTHER
     mm = -1
     credit = U0
@@ -480,6 +503,8 @@ def _emit_context_flush(ts, c, task, R, n, flags, T, CPU, MM, PROC_MMA, out, S):
                     k += 1
             elif nr != SYS_MPROTECT:
                 cause = O.C_ZAP
+    elif task >= 0 and pages == 1 and (flags & 2) == 0 and T[task, T_CTX] == 0:
+        cause = _single_page_cause(ts, task, n, T, RS)
     if cause == O.C_OTHER and (flags & 2) and task >= 0:
         T[task, T_OTHER_J] = S[S_NOUT] + 1  # a fork row of this task may follow: dup_mmap's flush_tlb_mm
     emit(out, S, ts, O.M_RFLUSH, cause, c, task, mm, -1, other_mm, 0, flags, R, credit, n)
@@ -534,6 +559,8 @@ def reconstruct(
         if task >= 0 and kind != O.R_TLB and kind != O.R_SD and kind != O.R_SCHED and kind != O.R_PROC:
             if kind != O.R_PAGE:  # copy_process may allocate pages; anything else: the flush was not the fork's
                 T[task, T_OTHER_J] = 0
+                if kind != O.R_FAULT:  # wp_page_copy allocates the new page; anything else ends the COW window
+                    T[task, T_FAULT_COW] = 0
         if CPU[c, C_OPEN] != 0 and kind != O.R_TLB and kind != O.R_SD and CPU[c, C_TASK] == task:
             # a per-PTE flush is a range flush (a few pages), a batched one is full; a PMD flush is full too
             nx_set = (
@@ -552,6 +579,7 @@ def reconstruct(
                 CPU[c, C_TASK] = task
                 CPU[c, C_TS] = ts
                 CPU[c, C_FULL] = 1 if pages == -1 else 0
+                CPU[c, C_PAGES] = pages
             elif sub == 2 or sub == 3:
                 if CPU[c, C_OPEN] != 0:
                     CPU[c, C_LOCAL] = sub
@@ -564,6 +592,7 @@ def reconstruct(
                     CPU[c, C_TS] = ts
                     CPU[c, C_LOCAL] = sub
                     CPU[c, C_FULL] = 1 if pages == -1 else 0
+                    CPU[c, C_PAGES] = pages
                     close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
             elif sub == 0 and pages == -1:
                 emit(out, S, ts, O.M_LFLUSH, 0, c, task, -1, -1, -1, 0, 0, bit(c), U0, 0)
@@ -578,6 +607,7 @@ def reconstruct(
                 CPU[c, C_TASK] = task
                 CPU[c, C_TS] = ts
                 CPU[c, C_FULL] = 0
+                CPU[c, C_PAGES] = 0  # shootdowns with no send row: the size is unknown
             CPUM[c] |= bit(tgt)
             CPU[c, C_N] += 1
         elif kind == O.R_UNMAP:
@@ -767,8 +797,12 @@ def reconstruct(
             v = vma_by_addr(snap, addr, sn_lo, sn_hi, mp_start, mp_end)
             maywrite = write
             mapping = -1
+            cow = False
             if v >= 0:
                 vf = mp_flags[v]
+                cow = write and (vf & V_S) == 0  # a write fault in a private VMA may break a COW
+                if write and (vf & V_S) and (vf & V_W) and mp_map[v] >= 0:
+                    RS[RS_SHARED_W_FAULTS] += 1
                 if vf & V_W:
                     maywrite = True
                 elif (vf & V_S) == 0:
@@ -779,6 +813,9 @@ def reconstruct(
                     mapping = mp_map[v]
             elif X[X_NO_VMA_MAYWRITE] != 0:
                 maywrite = True
+            if task >= 0:
+                T[task, T_FAULT_TS] = ts + 1
+                T[task, T_FAULT_COW] = 1 if cow else 0
             if maywrite:
                 emit(out, S, ts, O.M_HOOK, O.H_FAULT, c, task, mm, mapping, -1, 0, 1 if write else 0, U0, U0, addr)
         elif kind == O.R_SYSCALL:
