@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-from scenarios import random_scenario
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scenarios import Scenario, random_scenario
 
 from lufreplay import schema
 from lufreplay.model import MODELS
 from lufreplay.model import ops as O
 from lufreplay.model.options import parse_settings
-from lufreplay.replay.engine import replay
-from lufreplay.replay.rawops import EVENT_TABLES, KIND, IdMap, Ids, RawBuilder, read_segments
+from lufreplay.replay.engine import ReplayResult, replay
+from lufreplay.replay.rawops import EVENT_TABLES, KIND, IdMap, Ids, PfnMap, RawBuilder, read_segments
+from lufreplay.report.simulate_cmd import simulate, write_decisions
 from lufreplay.trace.reader import TraceError, open_trace
 
 U64 = 1 << 64
@@ -205,3 +210,168 @@ def test_per_segment_buffers_do_not_grow_with_the_number_of_segments() -> None:
             got[times] = (res.raw_events, res.stages["raw_buffer_bytes"], res.stages["reconstruct_bytes"])
     assert got[8][0] == 4 * got[2][0] > 0
     assert got[8][1:] == got[2][1:]
+
+
+# ---- compact pfn ids ------------------------------------------------------------------------------------------
+PFN_COLUMN_TABLES = ("reclaim", "migrate", "page_cache", "page")
+
+
+def _relabel(s: Scenario, f: Callable[[int], int]) -> Scenario:
+    """The same scenario with every pfn p ≥ 0 written as f(p)."""
+    out = copy.deepcopy(s)
+    for name in PFN_COLUMN_TABLES:
+        for r in out.rows.get(name, []):
+            if r.get("pfn", -1) >= 0:
+                r["pfn"] = f(r["pfn"])
+    return out
+
+
+def _simulate(path: Path) -> tuple[dict, pa.Table, ReplayResult]:
+    with tempfile.TemporaryDirectory() as d:
+        doc, res = simulate(path, None, [], decisions=True)
+        dec = pq.read_table(write_decisions(res, Path(d)))
+    del doc["trace"]["path"], doc["replay"]["seconds"], doc["replay"]["events_per_s"]
+    return doc, dec, res
+
+
+def _scatter(p: int) -> int:
+    """Each aligned group of 4 pfns (the scenarios' largest block) to its own 1024-pfn chunk, 2^22 chunks apart:
+    the pfns span 2^37 pfns (512 TiB); dense per-pfn arrays would need tens of TB."""
+    return ((p >> 2) << 32) | ((p & 3) + 512)
+
+
+@pytest.mark.parametrize(
+    "relabel", [lambda p: p + (1 << 30), _scatter], ids=["shifted_by_2^30", "scattered_over_512TiB"]
+)
+def test_relabelled_pfns_give_identical_results(relabel: Callable[[int], int]) -> None:
+    """pfns are only labels: a trace and the same trace with every pfn shifted by a multiple of 1024 (or every
+    block moved to a chunk of its own, far apart) give the same results document; the --out decisions carry the
+    relabelled real pfns. The models' per-page arrays stay sized by the pages touched, not by the pfn range."""
+    s = random_scenario(random.Random(9), 150, 3)
+    with tempfile.TemporaryDirectory() as d:
+        doc_a, dec_a, res_a = _simulate(s.write(Path(d) / "a"))
+        doc_b, dec_b, res_b = _simulate(_relabel(s, relabel).write(Path(d) / "b"))
+    assert doc_a == doc_b
+    assert doc_a["models"]["luf-v12"]["remote_shootdowns"] + doc_a["vanilla"]["remote_shootdowns"] > 0
+    pfn_a = dec_a.column("pfn").to_numpy()
+    pfn_b = dec_b.column("pfn").to_numpy()
+    real = pfn_a >= 0
+    assert real.sum() >= 10  # decisions that name a pfn
+    assert pfn_b[real].tolist() == [relabel(int(p)) for p in pfn_a[real]]
+    assert (pfn_b[~real] == pfn_a[~real]).all()
+    assert dec_a.drop(["pfn"]).equals(dec_b.drop(["pfn"]))
+    # every page the scenario's blocks name gets one compact id, whatever the pfn range
+    touched: set[int] = set()
+    for name in PFN_COLUMN_TABLES:
+        for r in s.rows.get(name, []):
+            if r.get("pfn", -1) >= 0:
+                n = 512 if name == "migrate" and r["event"] in (2, 3) else 1 << r.get("order", 0)
+                touched.update(range(r["pfn"], r["pfn"] + n))
+    for res in (res_a, res_b):
+        assert res.pfns.n_slots == len(touched)
+        assert max(m.pages.n for m in res.models.values()) == res.pfns.limit
+
+
+def test_chunked_pfn_ids_give_the_same_results_as_the_scan() -> None:
+    """Without the pfn scan, ids are handed out by aligned 1024-pfn chunks as the segments arrive: same results."""
+    s = _relabel(random_scenario(random.Random(8), 150, 3), _scatter)
+    page_ts = sorted(r["ts_ns"] for r in s.rows["page"])
+    for rows in s.rows.values():
+        rows.sort(key=lambda r: r.get("ts_ns", 0))
+    for q in (1, 2):  # three segments: chunks first seen in a later segment grow the map and the page arrays
+        cut = page_ts[q * len(page_ts) // 3]
+        s.segment_marks.append({k: sum(1 for r in v if r.get("ts_ns", 0) < cut) for k, v in s.rows.items()})
+    got = {}
+    with tempfile.TemporaryDirectory() as d:
+        path = s.write(Path(d) / "t")
+        for scan in (True, False):
+            res = replay(open_trace(path), list(MODELS), parse_settings([]), decisions=True, pfn_scan=scan)
+            out: dict = {"recon": res.recon_stats.tolist(), "sizes": (res.raw_events, res.model_ops)}
+            for name, m in res.models.items():
+                c = m.counts()
+                out[name] = {k: c[k] for k in ("by_cause", "misc", "hooks", "per_cpu", "stale_window")}
+                dec = m.decisions_array().copy()
+                dec["pfn"] = res.pfns.real(dec["pfn"])  # the compact ids differ, the real pfns may not
+                out[name]["decisions"] = dec.tobytes()
+            got[scan] = (out, res.pfns.n_slots)
+    assert got[True][0] == got[False][0]
+    assert got[True][0]["sizes"][0] > 0
+    n_blocks = len({r["pfn"] >> 10 for t in PFN_COLUMN_TABLES for r in s.rows.get(t, []) if r.get("pfn", -1) >= 0})
+    assert got[False][1] == 1024 * n_blocks > 10 * got[True][1]  # one chunk per block: the scan is denser
+
+
+def _block_ids(m: PfnMap, pfn: int, order: int) -> list[int]:
+    return m.compact(np.arange(pfn, pfn + (1 << order), dtype=np.int64), np.full(1 << order, order)).tolist()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    blocks=st.lists(
+        st.tuples(st.integers(0, (1 << 30) - 1), st.integers(0, 10)).map(lambda b: ((b[0] >> b[1]) << b[1], b[1])),
+        min_size=1,
+        max_size=40,
+    ),
+    scan=st.booleans(),
+)
+def test_pfn_map_keeps_blocks_contiguous_and_maps_back(blocks: list[tuple[int, int]], scan: bool) -> None:
+    """Scanned or handed out by chunks: every aligned block gets contiguous ids, distinct pages distinct ids, and
+    ``real`` inverts ``compact``. Scanned: ids are exactly the pages touched, in pfn order."""
+    start = np.array([p for p, _ in blocks], np.int64)
+    order = np.array([o for _, o in blocks], np.int64)
+    m = PfnMap.from_blocks(start, start + (1 << order)) if scan else PfnMap()
+    pages: dict[int, int] = {}
+    for p, o in blocks:
+        ids = _block_ids(m, p, o)
+        assert ids == list(range(ids[0], ids[0] + (1 << o)))
+        assert 0 <= ids[0] and ids[-1] < m.n_slots
+        for k, c in enumerate(ids):
+            assert pages.setdefault(p + k, c) == c
+    assert len(set(pages.values())) == len(pages)
+    real = m.real(np.array(list(pages.values()), np.int64))
+    assert real.tolist() == list(pages)
+    assert m.compact(np.array([-1, -1]), np.zeros(2)).tolist() == [-1, -1]
+    if scan:
+        assert m.n_slots == len(pages)
+        by_pfn = [pages[p] for p in sorted(pages)]
+        assert by_pfn == sorted(by_pfn)
+
+
+def test_pfn_map_fills_partly_scanned_chunks() -> None:
+    """A pfn the scan did not see gets the uncovered rest of its 1024-pfn chunk, after the scanned ids."""
+    m = PfnMap.from_blocks(np.array([5, 4096], np.int64), np.array([6, 4096 + 512], np.int64))
+    assert m.n_slots == 513
+    assert m.compact(np.array([4096 + 511, 5]), np.zeros(2)).tolist() == [512, 0]
+    got = m.compact(np.array([7, 8192 + 3, 4]), np.zeros(3))
+    # chunk 0: ids for [0, 5) then [6, 1024) after the scanned 513; chunk 8: all of [8192, 9216) after that
+    assert got.tolist() == [513 + 5 + 1, 513 + 1023 + 3, 513 + 4]
+    assert m.n_slots == 513 + 1023 + 1024  # chunk 4 ([4096, 5120)) is not completed: no new pfn lies in it
+    assert m.real(np.array([519, 513 + 1023 + 3, 10**9])).tolist() == [7, 8192 + 3, -1]
+
+
+def test_pfn_scan_merges_runs_across_segments() -> None:
+    """Contiguous pages freed over three segments (some twice, some as order-3 blocks) make one run of ids."""
+    s = Scenario()
+    t = 1000
+    for k in range(3):
+        for p in range(k * 1500, k * 1500 + 1600, 8):  # overlaps the previous segment's pages
+            s.free(t, 0, 50, 50, p, 3 if p % 16 == 0 else 0)
+            for q in range(p + 1, p + 8):
+                s.free(t + q - p, 0, 50, 50, q)
+            t += 100
+        s.segment_marks.append({"page": len(s.rows["page"])})
+    s.segment_marks.pop()
+    with tempfile.TemporaryDirectory() as d:
+        tr = open_trace(s.write(Path(d) / "t"))
+        assert tr.n_segments == 3
+        m = PfnMap.scan(tr)
+    assert m.n_slots == 2 * 1500 + 1600 and m.start.tolist() == [0]
+    pfns = np.arange(m.n_slots, dtype=np.int64)
+    assert m.compact(pfns, np.zeros(pfns.size)).tolist() == pfns.tolist()
+
+
+def test_bad_block_order_or_pfn_is_a_trace_error() -> None:
+    for pfn, order, msg in ((1000, 11, "block order 11"), (1 << 52, 0, "not a page frame number")):
+        s = Scenario()
+        s.free(1000, 0, 50, 50, pfn, order)
+        with tempfile.TemporaryDirectory() as d, pytest.raises(TraceError, match=msg):
+            replay(open_trace(s.write(Path(d) / "t")), ["vanilla"], parse_settings([]))

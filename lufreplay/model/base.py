@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -126,6 +127,8 @@ class Model:
         self.logs = Logs(1024, decisions)
         self.stale = StaleWindow()
         self.decision_chunks: list[np.ndarray] = []
+        #: the real pfn of one of the model's pfns (the engine replays compact ids: ``PfnMap.real_one``)
+        self.pfn_of: Callable[[int], int] = int
         self.init_state()
 
     def init_state(self) -> None:
@@ -145,7 +148,7 @@ class Model:
         stop = self._run(mops, n)
         if stop >= 0 or self.acc[O_VIOL] > 0:
             raise SafetyViolation(
-                f"{self.name}: pfn {int(self.acc[O_VIOL + 1])} re-allocated at ts {int(self.acc[O_VIOL + 2])} ns while a CPU"
+                f"{self.name}: pfn {self.pfn_of(int(self.acc[O_VIOL + 1]))} re-allocated at ts {int(self.acc[O_VIOL + 2])} ns while a CPU"
                 " still owed a flush for it (model bug)"
             )
         self.stale.feed(self.logs, self.ncpu)

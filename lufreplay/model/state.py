@@ -2,7 +2,8 @@
 
 Per tracked page a model keeps (``PageState``): state (1 B), key (4 B), zone stamp (8 B), unmap time (8 B),
 unmapping task (4 B), and the shadow debt used by the safety check: CPUs owed (8 B) and the request ugen (8 B)
-— 41 bytes per page of the pfn range actually touched by the trace.
+— 41 bytes per page id. The engine replays compact pfn ids (``replay.rawops.PfnMap``: one id per page the trace
+touches), so the arrays follow the pages touched, not the host's pfn range.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def model_options(opts: dict[str, Any], ncpu: int) -> np.ndarray:
 
 
 class PageState:
-    """Per-pfn arrays, grown on demand to cover the largest pfn seen."""
+    """Per-page arrays indexed by (compact) pfn, grown on demand to cover the largest id seen."""
 
     def __init__(self) -> None:
         self.n = 0

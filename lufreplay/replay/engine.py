@@ -1,8 +1,10 @@
 """The replay engine: trace segments → time-ordered raw ops → model ops → every model, in one pass.
 
-Memory is bounded by one segment of each table plus the model state (per-page arrays over the pfn range the
-trace touches, per-task/mm/mapping arrays, carried across segments). ``maps`` and ``mm`` are small user-side
-tables and are loaded whole up front. The per-segment buffers (raw ops, model ops) are reused from one segment
+Memory is bounded by one segment of each table plus the model state (per-page arrays over the pages the trace
+touches, per-task/mm/mapping arrays, carried across segments). pfns are remapped to compact ids (``PfnMap``,
+built by a scan of the pfn columns before the replay), so the per-page arrays do not follow the host's pfn
+range; pfns that leave the simulator (``--out`` decisions, error messages) are mapped back. ``maps`` and ``mm``
+are small user-side tables and are loaded whole up front. The per-segment buffers (raw ops, model ops) are reused from one segment
 to the next, so their size follows the largest segment, not the trace. By default the next segment is read and
 turned into raw ops in a second thread while the current one is replayed (``prefetch``).
 """
@@ -32,6 +34,7 @@ from lufreplay.replay.rawops import (
     Footers,
     IdMap,
     Ids,
+    PfnMap,
     RawBuilder,
     file_key,
     read_segments,
@@ -39,7 +42,7 @@ from lufreplay.replay.rawops import (
 from lufreplay.replay.rawops import col as _col
 from lufreplay.trace.reader import Trace, TraceError
 
-__all__ = ["COLUMNS", "EVENT_TABLES", "KIND", "IdMap", "Ids", "ReplayResult", "raw_ops", "replay"]
+__all__ = ["COLUMNS", "EVENT_TABLES", "KIND", "IdMap", "Ids", "PfnMap", "ReplayResult", "raw_ops", "replay"]
 
 
 def raw_ops(seg: dict[str, pa.Table], ids: Ids) -> np.ndarray:
@@ -189,11 +192,6 @@ class Reconstructor:
         )
 
 
-def _max_pfn(mops: np.ndarray) -> int:
-    """Upper bound of the pfns a segment's ops touch (head pfn + the largest block, order 9)."""
-    return int(mops["pfn"].max()) + 512 if mops.size else 0
-
-
 def time_range(trace: Trace) -> tuple[int, int]:
     """First and last event time from the Parquet footers' statistics (no data read)."""
     f = Footers.scan(trace)
@@ -226,6 +224,8 @@ class ReplayResult:
     ops: list[np.ndarray]
     #: seconds per stage (``read+raw`` overlaps the others when prefetching) and the largest per-segment buffers
     stages: dict[str, float]
+    #: the pfn ↔ compact id map the models' pfns are in (``pfns.real`` maps them back)
+    pfns: PfnMap
 
 
 class _Prefetch:
@@ -318,8 +318,13 @@ def replay(
     segments: Iterable[dict[str, pa.Table]] | None = None,
     keep_ops: bool = False,
     prefetch: bool = True,
+    pfn_scan: bool = True,
 ) -> ReplayResult:
-    """Replay a trace through the named models (one pass over the segments)."""
+    """Replay a trace through the named models (one pass over the segments, after a scan of the pfn columns).
+
+    ``pfn_scan=False`` skips the scan: compact ids are then handed out by aligned 1024-pfn chunks in order of
+    first appearance (same results, per-page memory follows the chunks touched instead of the pages).
+    """
     footers = Footers.scan(trace)
     ncpu = nr_cpus(trace, footers)
     t0, t1 = footers.t0, footers.t1
@@ -328,13 +333,16 @@ def replay(
     maps = MapsIndex(trace, ids)
     rec = Reconstructor(opts, ncpu, maps)
     Y = model_options(opts, ncpu)
+    t = time.perf_counter()
+    pfns = PfnMap.scan(trace) if pfn_scan else PfnMap()
+    t_scan = time.perf_counter() - t
     models = {n: MODELS[n](opts, Y, tl, ncpu, decisions) for n in model_names}
-    # size the per-page arrays once from the footers (largest pfn + the largest block)
     for m in models.values():
-        m.pages.ensure(footers.max_pfn + 512 + 1, exact=True)
+        m.pfn_of = pfns.real_one
+        m.pages.ensure(pfns.limit, exact=True)  # the scan saw every block: no growth unless segments are injected
     seg_iter = segments if segments is not None else read_segments(trace)
-    stages = {"read+raw": 0.0, "reconstruct": 0.0, **{n: 0.0 for n in models}}
-    builder = RawBuilder(ids, nbuf=2 if prefetch else 1)
+    stages = {"pfn_scan": t_scan, "read+raw": 0.0, "reconstruct": 0.0, **{n: 0.0 for n in models}}
+    builder = RawBuilder(ids, nbuf=2 if prefetch else 1, pfns=pfns)
     pf = _Prefetch(seg_iter, builder) if prefetch else None
     raws = iter(pf) if pf is not None else _sequential(seg_iter, builder, stages)
     n_raw = n_ops = 0
@@ -349,7 +357,7 @@ def replay(
         if keep_ops:
             kept.append(mops.copy())
         sizes = (max(sizes[0], len(ids.task) + 1), max(sizes[1], len(ids.mm) + 1), max(sizes[2], len(ids.mapping) + 1))
-        mp = _max_pfn(mops)
+        mp = pfns.limit - 1  # the builder only grows the map: at least what this segment's ids need
         for name, m in models.items():
             t = time.perf_counter()
             m.run(mops, mops.shape[0], mp, sizes)
@@ -368,4 +376,5 @@ def replay(
     n_ops += feed(np.zeros(0, O.RAW_DTYPE), True)
     stages["raw_buffer_bytes"] = float(builder.nbytes)
     stages["reconstruct_bytes"] = float(rec.nbytes)
-    return ReplayResult(models, rec.RS.copy(), ncpu, t0, t1, tl, n_raw, n_ops, ids, kept, stages)
+    stages["pfn_map_bytes"] = float(pfns.nbytes)
+    return ReplayResult(models, rec.RS.copy(), ncpu, t0, t1, tl, n_raw, n_ops, ids, kept, stages, pfns)

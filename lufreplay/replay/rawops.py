@@ -5,6 +5,9 @@ structured arrays (numpy copies 60-byte records one by one): every table's colum
 arrays, one stable argsort of all timestamps gives each row its place, and a numba kernel writes the rows
 straight into a reused buffer at those places. Equal timestamps keep the ``EVENT_TABLES`` order, then the
 row order, exactly as a stable sort of the concatenated tables would.
+
+pfns are remapped to compact ids here (``PfnMap``), before the reconstruction and the models see them, so that
+the models' per-page arrays follow the pages the trace touches, not the host's pfn range.
 """
 
 from __future__ import annotations
@@ -72,6 +75,11 @@ KIND = {
     "mm": O.R_MM,
 }
 
+MAX_PAGE_ORDER = 10  # the largest buddy block: 1024 pages
+#: pfns at or beyond this are not pfns (x86-64 and arm64 physical addresses are < 2^52 bytes)
+PFN_LIMIT = 1 << 52
+#: Tables with a ``pfn`` column, and the raw-op field holding it; the block order is in field ``b`` (reclaim: 0).
+PFN_TABLES = ("reclaim", "migrate", "page_cache", "page")
 _LUT_LIMIT = 1 << 23  # keys below this (pids: pid_max ≤ 2^22) are mapped through a flat lookup table
 _NONE = np.zeros(0, np.int64)
 
@@ -130,6 +138,233 @@ class Ids:
 
     def procs(self, tgid: np.ndarray) -> np.ndarray:
         return np.where(tgid > 0, self.proc.get(tgid), -1).astype(np.int32)
+
+
+@numba.njit(cache=True, nogil=True)
+def _to_compact(pfn, start, end, base, lut, lut_lo, lut_shift, out):  # type: ignore[no-untyped-def]
+    """Compact id of each pfn (negative pfns unchanged); -2 for a pfn in no run. Returns the misses."""
+    miss = 0
+    nl = lut.shape[0] - 1
+    for i in range(pfn.shape[0]):
+        p = pfn[i]
+        if p < 0:
+            out[i] = p
+            continue
+        k = (p >> lut_shift) - lut_lo
+        if k < 0 or k >= nl:
+            out[i] = -2
+            miss += 1
+            continue
+        # the runs starting in super-chunk k, and the last one starting before it (it may reach into it)
+        lo = max(lut[k] - 1, 0)
+        hi = lut[k + 1]
+        while lo < hi:  # first run starting after p
+            mid = (lo + hi) >> 1
+            if start[mid] <= p:
+                lo = mid + 1
+            else:
+                hi = mid
+        j = lo - 1
+        if j >= 0 and p < end[j]:
+            out[i] = base[j] + (p - start[j])
+        else:
+            out[i] = -2
+            miss += 1
+    return miss
+
+
+def _merge(s: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Union of the intervals [s, e) as sorted disjoint runs (touching intervals merge too: fewer runs)."""
+    if s.size == 0:
+        return s.astype(np.int64), e.astype(np.int64)
+    o = np.argsort(s, kind="stable")
+    s, e = s[o], e[o]
+    cm = np.maximum.accumulate(e)
+    new = np.empty(s.size, bool)
+    new[0] = True
+    new[1:] = s[1:] > cm[:-1]
+    first = np.flatnonzero(new)
+    last = np.append(first[1:] - 1, s.size - 1)
+    return s[first], cm[last]
+
+
+def block_order(name: str, f: dict[str, np.ndarray]) -> np.ndarray:
+    """Block order of each row of a ``PFN_TABLES`` table's raw-op fields (set_pmd/remove_pmd: a PMD, order 9)."""
+    if name == "reclaim":
+        return np.zeros(f["a"].size, np.int64)
+    order = f["b"]
+    if name == "migrate":
+        order = np.where((f["sub"] == 2) | (f["sub"] == 3), np.maximum(order, 9), order)
+    return order
+
+
+class PfnMap:
+    """Real pfn ↔ compact id, so that per-page model arrays are sized by the pages a trace touches.
+
+    The map is a sorted list of disjoint runs of real pfns; each run gets a contiguous range of compact ids.
+    ``scan`` builds it before the replay from the pfn/order columns alone: the runs are the unions of the
+    overlapping blocks [pfn, pfn + 2^order) the trace names, laid out in ascending pfn order, so the map is
+    monotone, every block stays contiguous, and there are exactly as many compact ids as pages touched.
+    A pfn no run covers (segments not from the scanned files) gets the rest of its aligned 1024-pfn chunk as new
+    runs at the end of the compact range: any buddy block (order ≤ 10) lies inside one aligned chunk, so a block
+    of a chunk seen first this way stays contiguous too. Not thread-safe: one builder thread calls ``compact``.
+    """
+
+    def __init__(self) -> None:
+        self.start = np.zeros(0, np.int64)
+        self.end = np.zeros(0, np.int64)
+        self.base = np.zeros(0, np.int64)
+        #: compact ids handed out: every id is < n_slots
+        self.n_slots = 0
+        self._lut = np.zeros(1, np.int32)
+        self._lut_lo = 0
+        self._lut_shift = MAX_PAGE_ORDER
+        self._inv: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    @property
+    def limit(self) -> int:
+        """Size a per-page array needs: every compact id plus room for a largest block from the last one."""
+        return self.n_slots + (1 << MAX_PAGE_ORDER)
+
+    @property
+    def nbytes(self) -> int:
+        return self.start.nbytes + self.end.nbytes + self.base.nbytes + self._lut.nbytes
+
+    @classmethod
+    def from_blocks(cls, start: np.ndarray, end: np.ndarray) -> PfnMap:
+        """The map of the given blocks (merged into runs, compact ids in ascending pfn order)."""
+        m = cls()
+        s, e = _merge(np.asarray(start, np.int64), np.asarray(end, np.int64))
+        m._set(s, e, np.concatenate([[0], np.cumsum(e - s)[:-1]]).astype(np.int64) if s.size else s)
+        return m
+
+    @classmethod
+    def scan(cls, trace: Trace) -> PfnMap:
+        """The map of every block a trace's pfn tables name (reads only their pfn, order and event columns)."""
+        s = e = np.zeros(0, np.int64)
+        cols = {"reclaim": ["pfn"], "page_cache": ["pfn", "order"], "page": ["pfn", "order"]}
+        cols["migrate"] = ["pfn", "order", "event"]
+        for i in range(trace.n_segments):
+            for name in PFN_TABLES:
+                files = trace.files.get(name, [])
+                if i >= len(files):
+                    continue
+                ns, ne = _blocks(_read(files[i], cols[name]), name, str(files[i]))
+                s, e = _merge(np.concatenate([s, ns]), np.concatenate([e, ne]))
+        return cls.from_blocks(s, e)
+
+    def _set(self, start: np.ndarray, end: np.ndarray, base: np.ndarray) -> None:
+        o = np.argsort(start, kind="stable")
+        self.start, self.end, self.base = start[o], end[o], base[o]
+        self.n_slots = int((self.base + self.end - self.start).max()) if start.size else 0
+        self._inv = None
+        if start.size == 0:
+            self._lut = np.zeros(1, np.int32)
+            return
+        lo, hi = int(self.start[0]), int(self.end[-1] - 1)
+        # super-chunks of 2^shift pfns, as few as keeps the table within 2 entries per run (or 1 Ki entries)
+        shift = MAX_PAGE_ORDER
+        while ((hi >> shift) - (lo >> shift)) >= max(1 << 10, 2 * start.size):
+            shift += 1
+        self._lut_shift, self._lut_lo = shift, lo >> shift
+        bounds = (np.arange((hi >> shift) - (lo >> shift) + 2, dtype=np.int64) + (lo >> shift)) << shift
+        self._lut = np.searchsorted(self.start, bounds, side="left").astype(np.int32)
+
+    def compact(self, pfn: np.ndarray, order: np.ndarray) -> np.ndarray:
+        """Compact ids of the blocks (pfn, order); negative pfns stay as they are."""
+        pfn = np.ascontiguousarray(pfn, np.int64)
+        out = np.empty_like(pfn)
+        args = (self.start, self.end, self.base, self._lut, self._lut_lo, self._lut_shift, out)
+        if _to_compact(pfn, *args) == 0:
+            return out
+        miss = out == -2
+        self._add_chunks(pfn[miss], np.asarray(order, np.int64)[miss] if np.ndim(order) else order)
+        args = (self.start, self.end, self.base, self._lut, self._lut_lo, self._lut_shift, out)
+        if _to_compact(pfn, *args):
+            raise TraceError(f"pfn {int(pfn[out == -2][0])} cannot be mapped (beyond 2^52?)")
+        return out
+
+    def _add_chunks(self, pfn: np.ndarray, order: np.ndarray) -> None:
+        """New runs, at the end of the compact range, for the uncovered parts of the chunks ``pfn`` lies in."""
+        pfn = pfn[(pfn >= 0) & (pfn < PFN_LIMIT)]
+        if pfn.size == 0:
+            return
+        last = pfn + (np.int64(1) << np.clip(order, 0, MAX_PAGE_ORDER)) - 1
+        first_c, last_c = pfn >> MAX_PAGE_ORDER, last >> MAX_PAGE_ORDER
+        # chunks in order of first appearance
+        chunks = np.stack([first_c, last_c], 1).ravel()
+        _, idx = np.unique(chunks, return_index=True)
+        chunks = chunks[np.sort(idx)]
+        ns, ne = [], []
+        for c in chunks.tolist():
+            a, b = c << MAX_PAGE_ORDER, (c + 1) << MAX_PAGE_ORDER
+            i0 = int(np.searchsorted(self.end, a, side="right"))
+            i1 = int(np.searchsorted(self.start, b, side="left"))
+            for k in range(i0, i1):  # the gaps between the runs already in the chunk
+                if self.start[k] > a:
+                    ns.append(a)
+                    ne.append(int(self.start[k]))
+                a = max(a, int(self.end[k]))
+            if a < b:
+                ns.append(a)
+                ne.append(b)
+        if not ns:
+            return
+        s, e = np.array(ns, np.int64), np.array(ne, np.int64)
+        base = self.n_slots + np.concatenate([[0], np.cumsum(e - s)[:-1]]).astype(np.int64)
+        self._set(np.concatenate([self.start, s]), np.concatenate([self.end, e]), np.concatenate([self.base, base]))
+
+    def real(self, compact: np.ndarray) -> np.ndarray:
+        """Real pfns of compact ids (negative ids unchanged; ids in no run: -1)."""
+        c = np.asarray(compact, np.int64)
+        if self._inv is None:
+            o = np.argsort(self.base, kind="stable")
+            self._inv = (self.base[o], self.start[o], self.end[o] - self.start[o])
+        b, s, n = self._inv
+        j = np.searchsorted(b, c, side="right") - 1
+        jj = np.maximum(j, 0)
+        ok = (j >= 0) & (c - b[jj] < n[jj]) if b.size else np.zeros(c.shape, bool)
+        out = np.where(ok, s[jj] + (c - b[jj]), -1) if b.size else np.full(c.shape, -1, np.int64)
+        return np.where(c < 0, c, out).astype(np.int64)
+
+    def real_one(self, compact: int) -> int:
+        return int(self.real(np.array([compact], np.int64))[0])
+
+
+@numba.njit(cache=True, nogil=True)
+def _block_keys(pfn, order, event, out):  # type: ignore[no-untyped-def]
+    """One key pfn * 2048 + pages per row with a pfn (order: empty = 0; event 2/3 = a PMD, ≥ order 9).
+    Returns (keys written, index of a bad row or -1)."""
+    n = 0
+    for i in range(pfn.shape[0]):
+        p = pfn[i]
+        if p < 0:
+            continue
+        o = order[i] if order.shape[0] else 0
+        if event.shape[0] and (event[i] == 2 or event[i] == 3):
+            o = max(o, 9)
+        if p >= PFN_LIMIT or o < 0 or o > MAX_PAGE_ORDER:
+            return n, i
+        out[n] = p * 2048 + (np.int64(1) << o)
+        n += 1
+    return n, -1
+
+
+def _blocks(t: pa.Table, name: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct blocks [pfn, pfn + 2^order) of a pfn table's rows, sorted; a bad pfn/order: TraceError."""
+    pfn = col(t, "pfn")
+    order = col(t, "order") if name != "reclaim" else _NONE
+    event = col(t, "event") if name == "migrate" else _NONE
+    key = np.empty(pfn.size, np.int64)
+    n, bad = _block_keys(pfn, order, event, key)
+    if bad >= 0:
+        o = int(order[bad]) if order.size else 0
+        if pfn[bad] >= PFN_LIMIT:
+            raise TraceError(f"{where}: pfn {int(pfn[bad])} is not a page frame number (≥ 2^52)")
+        raise TraceError(f"{where}: block order {o} outside 0..{MAX_PAGE_ORDER} (MAX_PAGE_ORDER)")
+    key = np.sort(key[:n])  # sort + diff: numpy 2's hash-based np.unique is ~30x slower here
+    key = key[np.append(True, key[1:] != key[:-1])] if key.size else key
+    return key >> 11, (key >> 11) + (key & 2047)
 
 
 def col(t: pa.Table, name: str, dtype: Any = np.int64) -> np.ndarray:
@@ -247,12 +482,15 @@ def _i64(f: dict[str, np.ndarray], k: str) -> np.ndarray:
 class RawBuilder:
     """Builds segments' raw ops into reused buffers (no fresh 60-byte-per-row allocation per segment).
 
+    With ``pfns``, the pfn column of every ``PFN_TABLES`` row is written as a compact id.
     ``nbuf`` buffers are used in turn, so the last ``nbuf`` results stay valid (the prefetch pipeline keeps one
     segment in flight while the previous one is replayed).
     """
 
-    def __init__(self, ids: Ids, nbuf: int = 1) -> None:
+    def __init__(self, ids: Ids, nbuf: int = 1, pfns: PfnMap | None = None) -> None:
         self.ids = ids
+        #: pfns are written as this map's compact ids (None: as recorded)
+        self.pfns = pfns
         self.bufs = [np.zeros(0, O.RAW_DTYPE) for _ in range(nbuf)]
         self.turn = 0
 
@@ -266,7 +504,10 @@ class RawBuilder:
         for name in EVENT_TABLES:
             t = seg.get(name)
             if t is not None and t.num_rows:
-                parts.append((KIND[name], _fields(name, t, self.ids)))
+                f = _fields(name, t, self.ids)
+                if self.pfns is not None and name in PFN_TABLES:
+                    f["a"] = self.pfns.compact(f["a"], block_order(name, f))
+                parts.append((KIND[name], f))
         n = sum(p[1]["ts"].size for p in parts)
         k = self.turn
         self.turn = (k + 1) % len(self.bufs)

@@ -60,7 +60,7 @@ def write_decisions(res: ReplayResult, out: Path) -> Path:
                     "event": pa.DictionaryArray.from_arrays(
                         pa.array(d["op"].astype(np.int8)), pa.array(O.MODEL_OP_NAMES)
                     ),
-                    "pfn": d["pfn"],
+                    "pfn": res.pfns.real(d["pfn"]),  # the models saw compact ids
                 }
             )
         )
