@@ -65,6 +65,7 @@ from lufreplay.model.state import (
     Y_NON_LUF_OK,
     Y_PCP_STRIKES,
     Y_UNEXPLAINED_FLUSH,
+    LufBatches,
 )
 
 NKEYS = 65536
@@ -682,10 +683,7 @@ class LufV12(Model):
         self.done = np.full(64, 1, np.int64)  # LUF_UGEN_INIT - 1
         self.KEY_mask = np.zeros(NKEYS, np.uint64)
         self.KEY_ugen = np.zeros(NKEYS, np.int64)
-        self.MMB_mask = np.zeros(0, np.uint64)
-        self.MMB_ugen = np.zeros(0, np.int64)
-        self.ASB_mask = np.zeros(0, np.uint64)
-        self.ASB_ugen = np.zeros(0, np.int64)
+        self.batches = LufBatches()
         self.task_key = np.zeros(0, np.int64)
         self.task_anon_key = np.zeros(0, np.int64)
         self.strikes = np.zeros(64, np.int64)
@@ -695,20 +693,17 @@ class LufV12(Model):
     def ensure(self, n_task: int, n_mm: int, n_map: int, n_ops: int) -> None:
         from lufreplay.model.state import grow
 
-        self.MMB_mask = grow(self.MMB_mask, n_mm)
-        self.MMB_ugen = grow(self.MMB_ugen, n_mm)
-        self.ASB_mask = grow(self.ASB_mask, n_map)
-        self.ASB_ugen = grow(self.ASB_ugen, n_map)
+        self.batches.ensure(n_mm, n_map)
         self.task_key = grow(self.task_key, n_task)
         self.task_anon_key = grow(self.task_anon_key, n_task)
         self.buf = grow(self.buf, n_ops + 1)
         self.obl.ensure(self.pages.n, n_ops)
 
     def _run(self, mops: np.ndarray, n: int) -> int:
-        pg, lg, ob = self.pages, self.logs, self.obl
+        pg, lg, ob, b = self.pages, self.logs, self.obl, self.batches
         return run_luf_v12(
-            mops, n, self.Y, self.SC, self.SU, self.done, self.KEY_mask, self.KEY_ugen, self.MMB_mask, self.MMB_ugen,
-            self.ASB_mask, self.ASB_ugen, self.task_key, self.task_anon_key, self.strikes, self.buf, pg.state, pg.key,
+            mops, n, self.Y, self.SC, self.SU, self.done, self.KEY_mask, self.KEY_ugen, b.MMB_mask, b.MMB_ugen,
+            b.ASB_mask, b.ASB_ugen, self.task_key, self.task_anon_key, self.strikes, self.buf, pg.state, pg.key,
             pg.stamp, pg.unmap_ts, pg.unmap_task, pg.sh_mask, pg.sh_ugen, self.acc, self.tl, lg.dec, lg.nlog,
             lg.hist_g, lg.hist_ts, lg.hist_mask, lg.req_ts, lg.req_ugen, lg.req_mask, lg.req_pages, ob.OB, ob.OBM,
             ob.free, ob.FH, ob.OBS, ob.pobl,

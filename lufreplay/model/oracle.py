@@ -49,7 +49,7 @@ from lufreplay.model.pcpfifo import (
     orphan,
     relabel,
 )
-from lufreplay.model.state import Y_ALLOC_LUF, Y_LARGE_ELIG, Y_NON_LUF_OK, Y_UNEXPLAINED_FLUSH
+from lufreplay.model.state import Y_ALLOC_LUF, Y_LARGE_ELIG, Y_NON_LUF_OK, Y_UNEXPLAINED_FLUSH, LufBatches
 
 G, CAN_LUF, CUR_PFN, CUR_ORDER, CUR_TS, NBUF = range(6)
 LUF_MASK, NONLUF_MASK, FOLIO_RO = range(3)
@@ -268,27 +268,21 @@ class Oracle(Model):
         self.SC = np.zeros(6, np.int64)
         self.SU = np.zeros(3, np.uint64)
         self.done = np.zeros(64, np.int64)
-        self.MMB_mask = np.zeros(0, np.uint64)
-        self.MMB_ugen = np.zeros(0, np.int64)
-        self.ASB_mask = np.zeros(0, np.uint64)
-        self.ASB_ugen = np.zeros(0, np.int64)
+        self.batches = LufBatches()
         self.buf = np.zeros((0, 3), np.int64)
         self.obl = Obligations()
 
     def ensure(self, n_task: int, n_mm: int, n_map: int, n_ops: int) -> None:
         from lufreplay.model.state import grow
 
-        self.MMB_mask = grow(self.MMB_mask, n_mm)
-        self.MMB_ugen = grow(self.MMB_ugen, n_mm)
-        self.ASB_mask = grow(self.ASB_mask, n_map)
-        self.ASB_ugen = grow(self.ASB_ugen, n_map)
+        self.batches.ensure(n_mm, n_map)
         self.buf = grow(self.buf, n_ops + 1)
         self.obl.ensure(self.pages.n, n_ops)
 
     def _run(self, mops: np.ndarray, n: int) -> int:
-        pg, lg, ob = self.pages, self.logs, self.obl
+        pg, lg, ob, b = self.pages, self.logs, self.obl, self.batches
         return run_oracle(
-            mops, n, self.Y, self.SC, self.SU, self.done, self.MMB_mask, self.MMB_ugen, self.ASB_mask, self.ASB_ugen,
+            mops, n, self.Y, self.SC, self.SU, self.done, b.MMB_mask, b.MMB_ugen, b.ASB_mask, b.ASB_ugen,
             self.buf, pg.sh_mask, pg.sh_ugen, self.acc, self.tl, lg.dec, lg.nlog, lg.hist_g, lg.hist_ts,
             lg.hist_mask, lg.req_ts, lg.req_ugen, lg.req_mask, lg.req_pages, ob.OB, ob.OBM, ob.free, ob.FH, ob.OBS,
             ob.pobl,

@@ -131,3 +131,19 @@ class Logs:
 
 def new_acc() -> np.ndarray:
     return np.zeros(ACC_SIZE, np.int64)
+
+
+class LufBatches:
+    """``mm->luf_batch`` and ``address_space->luf_batch`` (luf-model §2.3): {mask, ugen} per dense mm / mapping id."""
+
+    def __init__(self) -> None:
+        self.MMB_mask = np.zeros(0, np.uint64)
+        self.MMB_ugen = np.zeros(0, np.int64)
+        self.ASB_mask = np.zeros(0, np.uint64)
+        self.ASB_ugen = np.zeros(0, np.int64)
+
+    def ensure(self, n_mm: int, n_map: int) -> None:
+        self.MMB_mask = grow(self.MMB_mask, n_mm)
+        self.MMB_ugen = grow(self.MMB_ugen, n_mm)
+        self.ASB_mask = grow(self.ASB_mask, n_map)
+        self.ASB_ugen = grow(self.ASB_ugen, n_map)
