@@ -178,6 +178,24 @@ MISC = (
     "buddy_clean_first",  # alloc_order=luf: a recorded take of a pending buddy block was served by a clean block
     "unseen_reuses",  # a pfn the model still held pending was re-used by the trace without a recorded allocation
 )
+#: The allocator's share of MISC, reported together as ``allocations`` (luf-model §8.3).
+ALLOC_COUNTERS = (
+    "alloc_clean",
+    "alloc_free_pass",
+    "alloc_with_flush",
+    "pcp_skips",
+    "pcp_fallbacks",
+    "buddy_refusals",
+    "epoch_closes",
+    "epoch_waits",
+    "pend_first",
+    "alloc_failures",
+    "luf_pages_freed",
+    "nr_luf_pages_max",
+    "fifo_reorders",
+    "buddy_clean_first",
+    "unseen_reuses",
+)
 K = {n: i for i, n in enumerate(MISC)}
 NMISC = len(MISC)
 

@@ -106,26 +106,7 @@ def build(
             "by_cause": c["by_cause"],
             "flush_events_by_cause": c["flush_events_by_cause"],
             "per_cpu": c["per_cpu"],
-            "allocations": {
-                k: misc[k]
-                for k in (
-                    "alloc_clean",
-                    "alloc_free_pass",
-                    "alloc_with_flush",
-                    "pcp_skips",
-                    "pcp_fallbacks",
-                    "buddy_refusals",
-                    "epoch_closes",
-                    "epoch_waits",
-                    "pend_first",
-                    "alloc_failures",
-                    "luf_pages_freed",
-                    "nr_luf_pages_max",
-                    "fifo_reorders",
-                    "buddy_clean_first",
-                    "unseen_reuses",
-                )
-            },
+            "allocations": {k: misc[k] for k in O.ALLOC_COUNTERS},
             "hooks": c["hooks"],
             "deferred": {k: misc[k] for k in ("deferred_cpu_slots", "retired_by_done", "flushed_cpu_slots")},
             "stale_window": c["stale_window"],
