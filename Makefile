@@ -3,8 +3,10 @@ PYTHON ?= python3
 .PHONY: setup demo test lint docs
 setup:
 	bash scripts/setup.sh
-demo: setup
-	lufreplay simulate
+# reports its own time: set-up (install, numba cache) and the simulate a user waits for, separately
+demo:
+	@t0=$$(date +%s.%N); bash scripts/setup.sh; t1=$$(date +%s.%N); lufreplay simulate; t2=$$(date +%s.%N); \
+	awk -v a=$$t0 -v b=$$t1 -v c=$$t2 'BEGIN { printf "make demo: set-up %.1f s, simulate %.1f s, total %.1f s\n", b-a, c-b, c-a > "/dev/stderr" }'
 test: setup
 	$(PYTHON) -m pytest -q -ra
 lint:
