@@ -378,11 +378,14 @@ def test_bad_input_gives_one_line_errors(tmp_path: Path) -> None:
 def test_calibration_gives_the_classic_pfn_on_every_page_tracepoint() -> None:
     """The base and size measured on mm_page_alloc turn the raw page pointer of all four allocator
     tracepoints into the pfn their classic twin reports, and the other raw arguments line up too."""
+    # The window provokes each event itself (order-4 kernel buffers for zone_locked, which a quiet host's
+    # per-CPU lists never reach otherwise), so every tracepoint must be confirmed, on a busy or idle host.
     c = calibrate.calibrate(tracepoints=tuple(calibrate.PAGE_TRACEPOINTS), want_pairs=1024, timeout_s=5.0)
     assert c.ok, c.summary
+    assert c.summary["uncalibrated"] == {}, c.summary
     assert c.base % 4096 == 0 and c.base >= 1 << 63 and c.size % 8 == 0
     for tp, res in c.per_tracepoint.items():
-        assert res["pairs"] >= 50, (tp, res)
+        assert res["ok"] and res["pairs"] >= calibrate.MIN_TP_PAIRS, (tp, res)
         assert res["fields_match"] > 0.99, (tp, res)  # order, gfp, migratetype, percpu_refill
         assert res["agreement_with_base"] > 0.99, (tp, res)
         assert res["size"] == c.size, (tp, res)
@@ -405,6 +408,31 @@ def test_calibration_analysis_recovers_base_and_size_despite_wrong_pairs() -> No
     assert "only 10 pairs" in calibrate._verdict(few, few["base"], few["size"])
     noise = calibrate.analyse(rng.permutation(ptr), pfn, np.ones(n, bool))
     assert calibrate._verdict(noise, noise["base"], noise["size"]) is not None
+
+
+def test_calibration_names_the_tracepoints_it_could_not_confirm() -> None:
+    """A tracepoint that fired too rarely in the window is reported with the reason; the base from
+    mm_page_alloc still stands, and a tracepoint whose pairs contradict it is named too."""
+    base, size = 0xFFFFD4A2C0000000, 64
+    tps = ["mm_page_alloc", "mm_page_alloc_zone_locked", "mm_page_free"]
+    pfn = np.arange(0x1000, 0x1000 + 3000, 3, dtype=np.uint64)
+    ptr = np.uint64(base) + pfn * np.uint64(size)
+
+    def rows(i: int, ptrs: np.ndarray, pfns: np.ndarray) -> np.ndarray:
+        r = np.zeros((len(ptrs), 10), dtype=np.uint64)
+        r[:, 0], r[:, 1], r[:, 2] = i, ptrs, pfns
+        return r
+
+    arr = np.concatenate(
+        [rows(0, ptr, pfn), rows(1, ptr[:7], pfn[:7]), rows(2, ptr[:200] + np.uint64(4096), pfn[:200])]
+    )
+    c = calibrate.evaluate(arr, tps, [[1000, 1000], [7, 7], [200, 200]], "mm_page_alloc")
+    assert c.ok and c.base == base and c.size == size
+    assert c.per_tracepoint["mm_page_alloc"]["ok"]
+    assert set(c.summary["uncalibrated"]) == {"mm_page_alloc_zone_locked", "mm_page_free"}
+    assert "only 7 pairs" in c.summary["uncalibrated"]["mm_page_alloc_zone_locked"]
+    assert "fired 7 times" in c.summary["uncalibrated"]["mm_page_alloc_zone_locked"]
+    assert "agree with the base" in c.summary["uncalibrated"]["mm_page_free"]
 
 
 def test_failed_calibration_keeps_classic_page_probes_and_says_so(
