@@ -132,16 +132,18 @@ def test_stream_recording_is_complete_and_reconciles(stream_trace) -> None:
     sd = t.pandas("shootdown")
     recorded = np.bincount(sd["target_cpu"].to_numpy(), minlength=len(tlb))
     assert tlb.sum() > 100
-    assert np.all(np.abs(recorded - tlb) <= np.maximum(0.01 * tlb, 2)), (recorded, tlb)
+    # (or 16 interrupts: a handful per recording have no recorded shootdown, see test_info)
+    assert np.all(np.abs(recorded - tlb) <= np.maximum(0.01 * tlb, 16)), (recorded, tlb)
     assert sd["callsite"].str.contains(r"\+0x").all()
 
-    # In-kernel page totals agree with vmstat (window edges line up through the stop flag).
+    # In-kernel page totals agree with vmstat: both are read back to back at each end of the window.
     c = t.pandas("counters")
     rec = c[(c["source_name"] == "recorder") & (c["phase_name"] == "end")].set_index("name")["value"]
     vm = c[c["source_name"] == "vmstat"].pivot_table(index="name", columns="phase_name", values="value")
     pgalloc = sum(vm.loc[n, "end"] - vm.loc[n, "start"] for n in vm.index if n.startswith("pgalloc_"))
-    assert abs(rec["pages_allocated"] - pgalloc) <= 0.01 * pgalloc
-    assert abs(rec["pages_freed"] - (vm.loc["pgfree", "end"] - vm.loc["pgfree", "start"])) <= 0.01 * pgalloc
+    allocated, freed = (counter_delta(t, "recorder", n)[0] for n in ("pages_allocated", "pages_freed"))
+    assert abs(allocated - pgalloc) <= 0.01 * pgalloc
+    assert abs(freed - (vm.loc["pgfree", "end"] - vm.loc["pgfree", "start"])) <= 0.01 * pgalloc
     assert rec["recorder_cpu_ns"] > 0 and rec["recorder_max_rss_kb"] > 0
 
     # Losses: the summary in meta is the losses table.
@@ -179,8 +181,10 @@ def test_stream_recording_reclaim_unmap_and_page_linking(stream_trace) -> None:
     assert (rc.loc[ev == "shrink_inactive", "nr_reclaimed"] > 0).any()
 
     pc = t.pandas("page_cache")
-    in_rec_all = pc[pc["ctx_name"] == "memcg_reclaim"]
-    in_rec = in_rec_all[in_rec_all["tgid"] == tgid]
+    in_rec = pc[(pc["ctx_name"] == "memcg_reclaim") & (pc["tgid"] == tgid)]
+    # Removals by any reclaimer: on a busy host kswapd and kdamond take page cache too, and the probes tag
+    # the frees of all of them (every reclaim context but migration) as page_cache_reclaim.
+    in_rec_all = pc[~pc["ctx_name"].astype(str).isin(["none", "migration"])]
     assert len(in_rec) > 100
     assert in_rec["ino"].nunique() >= 1 and (in_rec["pfn"] > 0).all()
 
