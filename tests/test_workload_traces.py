@@ -172,9 +172,12 @@ def test_mixed_file_pays_at_write_hooks_and_stays_safe(recorded) -> None:
     rec = recorded("mixed-file")
     wl = rec.workload
     assert wl["pwrites"] > 0 and wl["mmap_writes"] > 0 and wl["reader_pages"] > 0
-    # the readers' unmaps are read-only and eligible
+    # the readers' unmaps are read-only and eligible, and luf-v12 really deferred their flushes
     assert rec.sim["eligibility"]["eligible_pages"] > 0
-    assert rec.model("luf-v12")["avoided_pct"] > 0
+    assert rec.model("luf-v12")["deferred"]["deferred_cpu_slots"] > 0, rec.model("luf-v12")["deferred"]
+    # No sign is asserted for the net saving: whether a deferred flush is saved or paid at the next
+    # allocation or write depends on how soon the pages are reused, i.e. on the host (-4.6 % on an idle
+    # host, +43 % beside a kernel build): the claim here is where the deferred flushes are paid.
     for m in ("luf-v12", "oracle"):
         hooks = rec.model(m)["hooks"]
         assert hooks["write_begin"]["calls"] > 0 and hooks["fault"]["calls"] > 0
