@@ -64,14 +64,18 @@ MIGWORK = textwrap.dedent(
     with open(ready + ".tmp", "w") as f:
         json.dump({"rw": [a_rw, a_rw + size], "ro": [a_ro, a_ro + size], "file_ro": [a_f, a_f + size]}, f)
     os.rename(ready + ".tmp", ready)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 600  # a hang guard: compact_memory can take minutes on a busy host
     while not os.path.exists(done) and time.monotonic() < deadline:
         time.sleep(0.05)
     """
 )
 
 
-def lr_record(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+#: Hang guards only, never a speed check: on a loaded 2-vCPU host compiling the probes alone can take minutes.
+HANG_S = 900
+
+
+def lr_record(*args: str, timeout: float = HANG_S) -> subprocess.CompletedProcess[str]:
     """Run `lufreplay record ARGS` as a subprocess (exit codes and stderr as a user sees them)."""
     return subprocess.run(
         [sys.executable, "-m", "lufreplay", "record", *args],
@@ -246,7 +250,7 @@ def test_trace_opens_in_plain_pandas_and_files_are_private(stream_trace) -> None
         print(json.dumps(rows))
         """
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_S)
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     for name in schema.TABLES:
@@ -271,7 +275,7 @@ def _record_compaction(out: Path) -> dict[str, list[int]]:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + HANG_S
         while not ready.exists():
             assert p.poll() is None, p.communicate()[1]
             assert time.monotonic() < deadline
@@ -279,7 +283,7 @@ def _record_compaction(out: Path) -> dict[str, list[int]]:
         Path("/proc/sys/vm/compact_memory").write_text("1")
         time.sleep(0.3)
         done.touch()
-        _, err = p.communicate(timeout=120)
+        _, err = p.communicate(timeout=HANG_S)
         assert p.returncode == 0, err
         return json.loads(ready.read_text())
     finally:
@@ -331,7 +335,7 @@ def test_sigkill_leaves_a_readable_trace(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + HANG_S
         while len(list((out / "sched").glob(schema.SEGMENT_GLOB))) < 3:
             assert p.poll() is None, p.communicate()[1]
             assert time.monotonic() < deadline
@@ -465,7 +469,7 @@ def test_failed_calibration_keeps_classic_page_probes_and_says_so(
 
 
 def test_dump_bpf_prints_the_program_with_its_flags() -> None:
-    r = lr_record("--dump-bpf", timeout=60)
+    r = lr_record("--dump-bpf")
     assert r.returncode == 0, r.stderr
     for name, kid in schema.RAW_KIND.items():
         assert f"#define K_{name.upper()} {kid}\n" in r.stdout

@@ -51,6 +51,9 @@ class Recorded:
         return e["eligible_pages"] / max(e["pages"], 1)
 
 
+#: Hang guard for one record or simulate run, never a speed check (a loaded 2-vCPU host compiles slowly).
+HANG_S = 900
+
 #: Whether compact_memory moves a given region depends on the zone's state at that moment (docs/workloads.md):
 #: the migration workloads are re-recorded, at most this many times, until it moved some of their pages.
 MIGRATION_ATTEMPTS = 3
@@ -85,13 +88,13 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str
             t = out / name
             cmd = ["record", "-o", str(t), "--force", *(["--memory-limit", limit] if limit else []), "--workload", name]
             for _ in range(MIGRATION_ATTEMPTS):
-                r = _run([*cmd, "--", "--dir", str(data), "--json", *args], timeout=240)
+                r = _run([*cmd, "--", "--dir", str(data), "--json", *args], timeout=HANG_S)
                 assert r.returncode == 0, r.stderr
                 wl = json.loads(r.stdout.strip().splitlines()[-1])
                 assert wl["workload"] == name
                 if _moved_pages(name, wl) != 0:
                     break
-            s = _run(["simulate", str(t), "--json"], timeout=240)
+            s = _run(["simulate", str(t), "--json"], timeout=HANG_S)
             assert s.returncode == 0, s.stderr
             cache[name] = Recorded(name, t, wl, json.loads(s.stdout))
         return cache[name]
