@@ -9,13 +9,16 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from lufreplay import open_trace, schema
 from lufreplay.capture import calibrate, decode, probes, recorder
+from lufreplay.workloads import common
 
 # A read-only MAP_SHARED stream: two threads pinned to different CPUs touch one byte per page, so the
 # mm is live on both CPUs and reclaim's unmaps need remote shootdowns.
@@ -62,7 +65,8 @@ MIGWORK = textwrap.dedent(
     assert libc.mprotect(a_ro, size, 1) == 0
     a_f = next(int(ln.split("-")[0], 16) for ln in open("/proc/self/maps") if fpath in ln)
     with open(ready + ".tmp", "w") as f:
-        json.dump({"rw": [a_rw, a_rw + size], "ro": [a_ro, a_ro + size], "file_ro": [a_f, a_f + size]}, f)
+        regions = {"rw": [a_rw, a_rw + size], "ro": [a_ro, a_ro + size], "file_ro": [a_f, a_f + size]}
+        json.dump({"pid": os.getpid(), "regions": regions}, f)
     os.rename(ready + ".tmp", ready)
     deadline = time.monotonic() + 600  # a hang guard: compact_memory can take minutes on a busy host
     while not os.path.exists(done) and time.monotonic() < deadline:
@@ -261,8 +265,24 @@ def test_trace_opens_in_plain_pandas_and_files_are_private(stream_trace) -> None
             assert f.stat().st_mode & 0o777 == 0o600, f
 
 
-def _record_compaction(out: Path) -> dict[str, list[int]]:
-    """Record MIGWORK's RO/RW regions while compact_memory runs; returns the regions' address ranges."""
+@dataclass
+class Region:
+    """One of MIGWORK's regions: its address range and its pfns just before and after the compaction."""
+
+    lo: int
+    hi: int
+    before: set[int]
+    after: set[int]
+
+    def rows(self, mig: Any, event: str) -> Any:
+        """Its set_pte rows (old pfn: one of ``before``) or remove_pte rows (new pfn: one of ``after``).
+        The address alone is not enough: other processes' pages at the same addresses migrate too."""
+        m = mig[(mig["event_name"].astype(str) == event) & (mig["addr"] >= self.lo) & (mig["addr"] < self.hi)]
+        return m[m["pfn"].isin(self.before if event == "set_pte" else self.after)]
+
+
+def _record_compaction(out: Path) -> dict[str, Region]:
+    """Record MIGWORK's RO/RW regions while compact_memory runs; returns the regions."""
     scratch = lr_scratch("mig")
     data, script = scratch / "file.bin", scratch / "migwork.py"
     ready, done = scratch / "ready.json", scratch / "done"
@@ -280,12 +300,22 @@ def _record_compaction(out: Path) -> dict[str, list[int]]:
             assert p.poll() is None, p.communicate()[1]
             assert time.monotonic() < deadline
             time.sleep(0.1)
+        info = json.loads(ready.read_text())
+        pid, ranges = info["pid"], info["regions"]
+
+        def pfns() -> dict[str, set[int]]:
+            got = {n: common.pagemap_pfns(pid, lo, hi) for n, (lo, hi) in ranges.items()}
+            assert all(v is not None for v in got.values()), "no pfns in /proc/PID/pagemap (root needed)"
+            return {n: set(v[v >= 0].tolist()) for n, v in got.items()}  # type: ignore[union-attr]
+
+        before = pfns()
         Path("/proc/sys/vm/compact_memory").write_text("1")
         time.sleep(0.3)
+        after = pfns()
         done.touch()
         _, err = p.communicate(timeout=HANG_S)
         assert p.returncode == 0, err
-        return json.loads(ready.read_text())
+        return {n: Region(lo, hi, before[n], after[n]) for n, (lo, hi) in ranges.items()}
     finally:
         if p.poll() is None:
             p.kill()
@@ -302,18 +332,15 @@ def test_compaction_migration_rows_match_mapping_permissions(tmp_path: Path) -> 
     for _ in range(3):
         regions = _record_compaction(out)
         mig = open_trace(out).pandas("migrate")
-        sets = mig[mig["event_name"].astype(str) == "set_pte"]
-        if all(((sets["addr"] >= lo) & (sets["addr"] < hi)).any() for lo, hi in regions.values()):
+        if all(len(g.rows(mig, "set_pte")) for g in regions.values()):
             break
     t = open_trace(out)
     mig = t.pandas("migrate")
     ev = mig["event_name"].astype(str)
     assert (ev == "start").any() and (ev == "end").any()
     assert (mig.loc[ev == "start", "reason_name"] == "compaction").all()
-    sets, removes = mig[ev == "set_pte"], mig[ev == "remove_pte"]
-    for name, (lo, hi) in regions.items():
-        s = sets[(sets["addr"] >= lo) & (sets["addr"] < hi)]
-        rm = removes[(removes["addr"] >= lo) & (removes["addr"] < hi)]
+    for name, g in regions.items():
+        s, rm = g.rows(mig, "set_pte"), g.rows(mig, "remove_pte")
         assert len(s) > 0, f"no page of region {name} was migrated"
         types = set(s["mig_type_name"].astype(str))
         if name == "rw":
