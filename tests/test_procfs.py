@@ -93,7 +93,18 @@ def test_counter_rows_live() -> None:
     assert rec[["name", "cpu", "value"]].values.tolist() == [["pages_allocated", -1, 17]]
     assert {"pgfree", "pgalloc_normal"} <= set(df[df["source_name"] == "vmstat"]["name"])
     assert "MemTotal" in set(df[df["source_name"] == "meminfo"]["name"])
-    assert set(df["phase_name"].astype(str)) == {"end"} and set(df["ts_ns"]) == {ts}
+    assert set(df["phase_name"].astype(str)) == {"end"}
+    # each file's rows carry the time it was read (in that order); the recorder's own rows the given time
+    read = df.groupby("source_name", observed=True)["ts_ns"].agg(["min", "max"])
+    assert (read["min"] == read["max"]).all()
+    assert ts == read.loc["recorder", "min"] < read.loc["interrupts", "min"]
+    assert read.loc["interrupts", "min"] <= read.loc["vmstat", "min"] <= read.loc["meminfo", "min"]
+    # with_vmstat is read right after vmstat, before meminfo
+    t2 = procfs.counter_rows(0, ts, with_vmstat=lambda: {"pages_freed": 3}).to_pandas()
+    beside = t2[t2["name"] == "pages_freed"]
+    assert beside[["source_name", "value"]].values.tolist() == [["recorder", 3]]
+    vm_ts, mem_ts = (t2.loc[t2["source_name"] == s, "ts_ns"].iloc[0] for s in ("vmstat", "meminfo"))
+    assert vm_ts <= beside["ts_ns"].iloc[0] <= mem_ts
 
 
 def test_symbols(tmp_path: Path) -> None:

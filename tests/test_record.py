@@ -9,13 +9,16 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from lufreplay import open_trace, schema
 from lufreplay.capture import calibrate, decode, probes, recorder
+from lufreplay.workloads import common
 
 # A read-only MAP_SHARED stream: two threads pinned to different CPUs touch one byte per page, so the
 # mm is live on both CPUs and reclaim's unmaps need remote shootdowns.
@@ -62,16 +65,21 @@ MIGWORK = textwrap.dedent(
     assert libc.mprotect(a_ro, size, 1) == 0
     a_f = next(int(ln.split("-")[0], 16) for ln in open("/proc/self/maps") if fpath in ln)
     with open(ready + ".tmp", "w") as f:
-        json.dump({"rw": [a_rw, a_rw + size], "ro": [a_ro, a_ro + size], "file_ro": [a_f, a_f + size]}, f)
+        regions = {"rw": [a_rw, a_rw + size], "ro": [a_ro, a_ro + size], "file_ro": [a_f, a_f + size]}
+        json.dump({"pid": os.getpid(), "regions": regions}, f)
     os.rename(ready + ".tmp", ready)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 600  # a hang guard: compact_memory can take minutes on a busy host
     while not os.path.exists(done) and time.monotonic() < deadline:
         time.sleep(0.05)
     """
 )
 
 
-def lr_record(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+#: Hang guards only, never a speed check: on a loaded 2-vCPU host compiling the probes alone can take minutes.
+HANG_S = 900
+
+
+def lr_record(*args: str, timeout: float = HANG_S) -> subprocess.CompletedProcess[str]:
     """Run `lufreplay record ARGS` as a subprocess (exit codes and stderr as a user sees them)."""
     return subprocess.run(
         [sys.executable, "-m", "lufreplay", "record", *args],
@@ -132,16 +140,18 @@ def test_stream_recording_is_complete_and_reconciles(stream_trace) -> None:
     sd = t.pandas("shootdown")
     recorded = np.bincount(sd["target_cpu"].to_numpy(), minlength=len(tlb))
     assert tlb.sum() > 100
-    assert np.all(np.abs(recorded - tlb) <= np.maximum(0.01 * tlb, 2)), (recorded, tlb)
+    # (or 16 interrupts: a handful per recording have no recorded shootdown, see test_info)
+    assert np.all(np.abs(recorded - tlb) <= np.maximum(0.01 * tlb, 16)), (recorded, tlb)
     assert sd["callsite"].str.contains(r"\+0x").all()
 
-    # In-kernel page totals agree with vmstat (window edges line up through the stop flag).
+    # In-kernel page totals agree with vmstat: both are read back to back at each end of the window.
     c = t.pandas("counters")
     rec = c[(c["source_name"] == "recorder") & (c["phase_name"] == "end")].set_index("name")["value"]
     vm = c[c["source_name"] == "vmstat"].pivot_table(index="name", columns="phase_name", values="value")
     pgalloc = sum(vm.loc[n, "end"] - vm.loc[n, "start"] for n in vm.index if n.startswith("pgalloc_"))
-    assert abs(rec["pages_allocated"] - pgalloc) <= 0.01 * pgalloc
-    assert abs(rec["pages_freed"] - (vm.loc["pgfree", "end"] - vm.loc["pgfree", "start"])) <= 0.01 * pgalloc
+    allocated, freed = (counter_delta(t, "recorder", n)[0] for n in ("pages_allocated", "pages_freed"))
+    assert abs(allocated - pgalloc) <= 0.01 * pgalloc
+    assert abs(freed - (vm.loc["pgfree", "end"] - vm.loc["pgfree", "start"])) <= 0.01 * pgalloc
     assert rec["recorder_cpu_ns"] > 0 and rec["recorder_max_rss_kb"] > 0
 
     # Losses: the summary in meta is the losses table.
@@ -149,14 +159,17 @@ def test_stream_recording_is_complete_and_reconciles(stream_trace) -> None:
     assert m["losses"]["total"] == int(losses["lost"].sum())
 
     # The page allocator probes run as raw tracepoints on a convincing struct page -> pfn calibration,
-    # and lose (next to) nothing: classic ones lost ~1e-4 of all events to IRQ-context frees.
+    # and lose (next to) nothing: classic ones lost ~1e-4 of all events to IRQ-context frees. A raw probe
+    # loses only a doubly nested run (its rescue program busy too), which a busy host makes less rare
+    # (15 in ~6e5 allocator hits seen beside a kernel build): a bound on the allocator's own hits.
     cal = m["page_pfn"]
     assert cal["ok"] is True and cal["attach"] == "raw_tracepoint" and cal["base"] == "hidden"
     assert cal["pairs"] >= calibrate.MIN_PAIRS and cal["agreement"] >= calibrate.MIN_AGREEMENT
     assert cal["agreeing"] == round(cal["agreement"] * cal["pairs"])
     assert {m["probes"]["page"]["attach"]} == {probes.attach_types(True, True)[tp] for tp in probes.RAW_PAGE}
     page_lost = losses.loc[losses["probe"].str.contains("mm_page"), "lost"].sum()
-    assert page_lost <= 1e-5 * m["events"], losses
+    page_hits = m["pages"]["pages_allocated"] + m["pages"]["pages_freed"]  # pages, so >= hits
+    assert page_lost <= 1e-4 * page_hits, (losses, m["pages"])
     assert not losses["probe"].str.startswith(probes.NESTED_PREFIX).any()
 
 
@@ -179,8 +192,10 @@ def test_stream_recording_reclaim_unmap_and_page_linking(stream_trace) -> None:
     assert (rc.loc[ev == "shrink_inactive", "nr_reclaimed"] > 0).any()
 
     pc = t.pandas("page_cache")
-    in_rec_all = pc[pc["ctx_name"] == "memcg_reclaim"]
-    in_rec = in_rec_all[in_rec_all["tgid"] == tgid]
+    in_rec = pc[(pc["ctx_name"] == "memcg_reclaim") & (pc["tgid"] == tgid)]
+    # Removals by any reclaimer: on a busy host kswapd and kdamond take page cache too, and the probes tag
+    # the frees of all of them (every reclaim context but migration) as page_cache_reclaim.
+    in_rec_all = pc[~pc["ctx_name"].astype(str).isin(["none", "migration"])]
     assert len(in_rec) > 100
     assert in_rec["ino"].nunique() >= 1 and (in_rec["pfn"] > 0).all()
 
@@ -239,7 +254,7 @@ def test_trace_opens_in_plain_pandas_and_files_are_private(stream_trace) -> None
         print(json.dumps(rows))
         """
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_S)
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     for name in schema.TABLES:
@@ -250,8 +265,24 @@ def test_trace_opens_in_plain_pandas_and_files_are_private(stream_trace) -> None
             assert f.stat().st_mode & 0o777 == 0o600, f
 
 
-def _record_compaction(out: Path) -> dict[str, list[int]]:
-    """Record MIGWORK's RO/RW regions while compact_memory runs; returns the regions' address ranges."""
+@dataclass
+class Region:
+    """One of MIGWORK's regions: its address range and its pfns just before and after the compaction."""
+
+    lo: int
+    hi: int
+    before: set[int]
+    after: set[int]
+
+    def rows(self, mig: Any, event: str) -> Any:
+        """Its set_pte rows (old pfn: one of ``before``) or remove_pte rows (new pfn: one of ``after``).
+        The address alone is not enough: other processes' pages at the same addresses migrate too."""
+        m = mig[(mig["event_name"].astype(str) == event) & (mig["addr"] >= self.lo) & (mig["addr"] < self.hi)]
+        return m[m["pfn"].isin(self.before if event == "set_pte" else self.after)]
+
+
+def _record_compaction(out: Path) -> dict[str, Region]:
+    """Record MIGWORK's RO/RW regions while compact_memory runs; returns the regions."""
     scratch = lr_scratch("mig")
     data, script = scratch / "file.bin", scratch / "migwork.py"
     ready, done = scratch / "ready.json", scratch / "done"
@@ -264,17 +295,27 @@ def _record_compaction(out: Path) -> dict[str, list[int]]:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + HANG_S
         while not ready.exists():
             assert p.poll() is None, p.communicate()[1]
             assert time.monotonic() < deadline
             time.sleep(0.1)
+        info = json.loads(ready.read_text())
+        pid, ranges = info["pid"], info["regions"]
+
+        def pfns() -> dict[str, set[int]]:
+            got = {n: common.pagemap_pfns(pid, lo, hi) for n, (lo, hi) in ranges.items()}
+            assert all(v is not None for v in got.values()), "no pfns in /proc/PID/pagemap (root needed)"
+            return {n: set(v[v >= 0].tolist()) for n, v in got.items()}  # type: ignore[union-attr]
+
+        before = pfns()
         Path("/proc/sys/vm/compact_memory").write_text("1")
         time.sleep(0.3)
+        after = pfns()
         done.touch()
-        _, err = p.communicate(timeout=120)
+        _, err = p.communicate(timeout=HANG_S)
         assert p.returncode == 0, err
-        return json.loads(ready.read_text())
+        return {n: Region(lo, hi, before[n], after[n]) for n, (lo, hi) in ranges.items()}
     finally:
         if p.poll() is None:
             p.kill()
@@ -291,18 +332,15 @@ def test_compaction_migration_rows_match_mapping_permissions(tmp_path: Path) -> 
     for _ in range(3):
         regions = _record_compaction(out)
         mig = open_trace(out).pandas("migrate")
-        sets = mig[mig["event_name"].astype(str) == "set_pte"]
-        if all(((sets["addr"] >= lo) & (sets["addr"] < hi)).any() for lo, hi in regions.values()):
+        if all(len(g.rows(mig, "set_pte")) for g in regions.values()):
             break
     t = open_trace(out)
     mig = t.pandas("migrate")
     ev = mig["event_name"].astype(str)
     assert (ev == "start").any() and (ev == "end").any()
     assert (mig.loc[ev == "start", "reason_name"] == "compaction").all()
-    sets, removes = mig[ev == "set_pte"], mig[ev == "remove_pte"]
-    for name, (lo, hi) in regions.items():
-        s = sets[(sets["addr"] >= lo) & (sets["addr"] < hi)]
-        rm = removes[(removes["addr"] >= lo) & (removes["addr"] < hi)]
+    for name, g in regions.items():
+        s, rm = g.rows(mig, "set_pte"), g.rows(mig, "remove_pte")
         assert len(s) > 0, f"no page of region {name} was migrated"
         types = set(s["mig_type_name"].astype(str))
         if name == "rw":
@@ -324,7 +362,7 @@ def test_sigkill_leaves_a_readable_trace(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + HANG_S
         while len(list((out / "sched").glob(schema.SEGMENT_GLOB))) < 3:
             assert p.poll() is None, p.communicate()[1]
             assert time.monotonic() < deadline
@@ -378,11 +416,14 @@ def test_bad_input_gives_one_line_errors(tmp_path: Path) -> None:
 def test_calibration_gives_the_classic_pfn_on_every_page_tracepoint() -> None:
     """The base and size measured on mm_page_alloc turn the raw page pointer of all four allocator
     tracepoints into the pfn their classic twin reports, and the other raw arguments line up too."""
+    # The window provokes each event itself (order-4 kernel buffers for zone_locked, which a quiet host's
+    # per-CPU lists never reach otherwise), so every tracepoint must be confirmed, on a busy or idle host.
     c = calibrate.calibrate(tracepoints=tuple(calibrate.PAGE_TRACEPOINTS), want_pairs=1024, timeout_s=5.0)
     assert c.ok, c.summary
+    assert c.summary["uncalibrated"] == {}, c.summary
     assert c.base % 4096 == 0 and c.base >= 1 << 63 and c.size % 8 == 0
     for tp, res in c.per_tracepoint.items():
-        assert res["pairs"] >= 50, (tp, res)
+        assert res["ok"] and res["pairs"] >= calibrate.MIN_TP_PAIRS, (tp, res)
         assert res["fields_match"] > 0.99, (tp, res)  # order, gfp, migratetype, percpu_refill
         assert res["agreement_with_base"] > 0.99, (tp, res)
         assert res["size"] == c.size, (tp, res)
@@ -405,6 +446,31 @@ def test_calibration_analysis_recovers_base_and_size_despite_wrong_pairs() -> No
     assert "only 10 pairs" in calibrate._verdict(few, few["base"], few["size"])
     noise = calibrate.analyse(rng.permutation(ptr), pfn, np.ones(n, bool))
     assert calibrate._verdict(noise, noise["base"], noise["size"]) is not None
+
+
+def test_calibration_names_the_tracepoints_it_could_not_confirm() -> None:
+    """A tracepoint that fired too rarely in the window is reported with the reason; the base from
+    mm_page_alloc still stands, and a tracepoint whose pairs contradict it is named too."""
+    base, size = 0xFFFFD4A2C0000000, 64
+    tps = ["mm_page_alloc", "mm_page_alloc_zone_locked", "mm_page_free"]
+    pfn = np.arange(0x1000, 0x1000 + 3000, 3, dtype=np.uint64)
+    ptr = np.uint64(base) + pfn * np.uint64(size)
+
+    def rows(i: int, ptrs: np.ndarray, pfns: np.ndarray) -> np.ndarray:
+        r = np.zeros((len(ptrs), 10), dtype=np.uint64)
+        r[:, 0], r[:, 1], r[:, 2] = i, ptrs, pfns
+        return r
+
+    arr = np.concatenate(
+        [rows(0, ptr, pfn), rows(1, ptr[:7], pfn[:7]), rows(2, ptr[:200] + np.uint64(4096), pfn[:200])]
+    )
+    c = calibrate.evaluate(arr, tps, [[1000, 1000], [7, 7], [200, 200]], "mm_page_alloc")
+    assert c.ok and c.base == base and c.size == size
+    assert c.per_tracepoint["mm_page_alloc"]["ok"]
+    assert set(c.summary["uncalibrated"]) == {"mm_page_alloc_zone_locked", "mm_page_free"}
+    assert "only 7 pairs" in c.summary["uncalibrated"]["mm_page_alloc_zone_locked"]
+    assert "fired 7 times" in c.summary["uncalibrated"]["mm_page_alloc_zone_locked"]
+    assert "agree with the base" in c.summary["uncalibrated"]["mm_page_free"]
 
 
 def test_failed_calibration_keeps_classic_page_probes_and_says_so(
@@ -430,7 +496,7 @@ def test_failed_calibration_keeps_classic_page_probes_and_says_so(
 
 
 def test_dump_bpf_prints_the_program_with_its_flags() -> None:
-    r = lr_record("--dump-bpf", timeout=60)
+    r = lr_record("--dump-bpf")
     assert r.returncode == 0, r.stderr
     for name, kid in schema.RAW_KIND.items():
         assert f"#define K_{name.upper()} {kid}\n" in r.stdout

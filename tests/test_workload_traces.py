@@ -51,6 +51,9 @@ class Recorded:
         return e["eligible_pages"] / max(e["pages"], 1)
 
 
+#: Hang guard for one record or simulate run, never a speed check (a loaded 2-vCPU host compiles slowly).
+HANG_S = 900
+
 #: Whether compact_memory moves a given region depends on the zone's state at that moment (docs/workloads.md):
 #: the migration workloads are re-recorded, at most this many times, until it moved some of their pages.
 MIGRATION_ATTEMPTS = 3
@@ -85,13 +88,13 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str
             t = out / name
             cmd = ["record", "-o", str(t), "--force", *(["--memory-limit", limit] if limit else []), "--workload", name]
             for _ in range(MIGRATION_ATTEMPTS):
-                r = _run([*cmd, "--", "--dir", str(data), "--json", *args], timeout=240)
+                r = _run([*cmd, "--", "--dir", str(data), "--json", *args], timeout=HANG_S)
                 assert r.returncode == 0, r.stderr
                 wl = json.loads(r.stdout.strip().splitlines()[-1])
                 assert wl["workload"] == name
                 if _moved_pages(name, wl) != 0:
                     break
-            s = _run(["simulate", str(t), "--json"], timeout=240)
+            s = _run(["simulate", str(t), "--json"], timeout=HANG_S)
             assert s.returncode == 0, s.stderr
             cache[name] = Recorded(name, t, wl, json.loads(s.stdout))
         return cache[name]
@@ -172,9 +175,12 @@ def test_mixed_file_pays_at_write_hooks_and_stays_safe(recorded) -> None:
     rec = recorded("mixed-file")
     wl = rec.workload
     assert wl["pwrites"] > 0 and wl["mmap_writes"] > 0 and wl["reader_pages"] > 0
-    # the readers' unmaps are read-only and eligible
+    # the readers' unmaps are read-only and eligible, and luf-v12 really deferred their flushes
     assert rec.sim["eligibility"]["eligible_pages"] > 0
-    assert rec.model("luf-v12")["avoided_pct"] > 0
+    assert rec.model("luf-v12")["deferred"]["deferred_cpu_slots"] > 0, rec.model("luf-v12")["deferred"]
+    # No sign is asserted for the net saving: whether a deferred flush is saved or paid at the next
+    # allocation or write depends on how soon the pages are reused, i.e. on the host (-4.6 % on an idle
+    # host, +43 % beside a kernel build): the claim here is where the deferred flushes are paid.
     for m in ("luf-v12", "oracle"):
         hooks = rec.model(m)["hooks"]
         assert hooks["write_begin"]["calls"] > 0 and hooks["fault"]["calls"] > 0

@@ -21,6 +21,7 @@ import json
 import mmap
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,8 @@ PAGE_TRACEPOINTS: dict[str, tuple[tuple[str, int] | None, tuple[str, int] | None
 PAIR_SLOTS = 8192
 MIN_PAIRS = 256
 MIN_AGREEMENT = 0.95
+#: Pairs that must confirm the base on each other tracepoint checked.
+MIN_TP_PAIRS = 50
 MIN_SIZE_SUPPORT = 0.9
 #: A pair whose raw half ran this long after its classic half is counted as stale (nested or skipped run).
 STALE_NS = 50_000
@@ -189,15 +192,42 @@ def analyse(ptr: np.ndarray, pfn: np.ndarray, consistent: np.ndarray) -> dict[st
     return out
 
 
-def _churn(nbytes: int = 16 << 20) -> None:
-    """Allocate and free ``nbytes`` of anonymous memory one page at a time (mm_page_alloc/free events)."""
-    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+#: setxattr() copies its value into a kvmalloc() buffer before the file system is asked: 64 KiB is an
+#: order-4 kmalloc, above PAGE_ALLOC_COSTLY_ORDER, so it bypasses the per-CPU lists and is taken from the
+#: buddy lists under the zone lock (mm_page_alloc_zone_locked, percpu_refill=0) and freed on return.
+XATTR_VALUE = 64 << 10
+
+
+def _buddy_allocs(path: str, n: int = 64) -> None:
+    """Make the kernel take ``n`` order-4 blocks from the buddy lists under the zone lock.
+
+    The order-0 churn alone may never get there: on a quiet host the per-CPU lists (auto-tuned, up to
+    thousands of pages) serve every allocation and mm_page_alloc_zone_locked does not fire at all.
+    XATTR_REPLACE of an attribute that does not exist stores nothing (ENODATA) once the value is copied.
+    """
+    value = bytes(XATTR_VALUE)
+    for _ in range(n):
+        try:
+            os.setxattr(path, "user.lufreplay-calibration", value, os.XATTR_REPLACE)
+        except OSError:
+            pass  # ENODATA (or ENOTSUP): the kernel has copied the value by then
+
+
+def _provoke(path: str) -> None:
+    """One round of every allocator event the calibration pairs: page faults and frees of anonymous
+    memory (alloc, free, pcpu_drain) and order-4 kernel buffers interleaved with them (zone_locked), so
+    the buddy lists and thus the blocks handed out differ from round to round."""
+    m = mmap.mmap(-1, 16 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         a = np.frombuffer(m, dtype=np.uint8)
-        a[:: mmap.PAGESIZE] = 1
+        step = 1 << 20
+        for off in range(0, len(a), step):
+            a[off : off + step : mmap.PAGESIZE] = 1
+            _buddy_allocs(path, 4)
         del a
     finally:
         m.close()
+    _buddy_allocs(path, 16)
 
 
 def calibrate(
@@ -236,11 +266,16 @@ def calibrate(
         load_s = time.monotonic() - t0
         npairs = b[b"npairs"]
         deadline = time.monotonic() + timeout_s
-        while True:
-            _churn()
-            counts = [[min(int(c), per_cpu) for c in npairs[ct.c_int(i)]][:ncpu] for i in range(len(tps))]
-            if min(sum(c) for c in counts) >= want_pairs or time.monotonic() >= deadline:
-                break
+        fd, scratch = tempfile.mkstemp(prefix=".lufreplay-calibration-")
+        os.close(fd)
+        try:
+            while True:
+                _provoke(scratch)
+                counts = [[min(int(c), per_cpu) for c in npairs[ct.c_int(i)]][:ncpu] for i in range(len(tps))]
+                if min(sum(c) for c in counts) >= want_pairs or time.monotonic() >= deadline:
+                    break
+        finally:
+            os.unlink(scratch)
         seen = b[b"seen"]
         runs = [[int(sum(seen[ct.c_int(2 * i + s)])) for s in (0, 1)] for i in range(len(tps))]
         raw = b[b"pairs"]
@@ -253,6 +288,15 @@ def calibrate(
     finally:
         b.cleanup()
     arr = np.array(rows, dtype=np.uint64).reshape(-1, 10)
+    cal = evaluate(arr, tps, runs, base_from)
+    cal.summary.update(elapsed_s=round(time.monotonic() - t0, 3), load_s=round(load_s, 3))
+    return cal
+
+
+def evaluate(arr: np.ndarray, tps: list[str], runs: list[list[int]], base_from: str) -> Calibration:
+    """The verdict from the pairs: rows of (tracepoint index, ptr, pfn, dt, raw/classic order, x1, x2 pairs)
+    and each tracepoint's (classic, raw) run counts. Base and size come from ``base_from``; every other
+    tracepoint is checked against them and, if it has too few pairs, named in ``summary.uncalibrated``."""
     per: dict[str, dict[str, Any]] = {}
     base_res: dict[str, Any] = {}
     for i, tp in enumerate(tps):
@@ -273,6 +317,8 @@ def calibrate(
             hit = r[:, 1] == np.uint64(base) + r[:, 2] * np.uint64(size)
             res["agreement_with_base"] = float(np.mean(hit)) if len(r) else 0.0
             res.pop("base", None)
+            res["error"] = _tp_verdict(res, size)
+            res["ok"] = res["error"] is None
     why = _verdict(base_res, base, size)
     summary = {
         "method": f"classic vs raw kmem:{base_from} paired per CPU",
@@ -288,12 +334,23 @@ def calibrate(
         "raw_runs": base_res.get("raw_runs", 0),
         "base": "hidden",
         "base_aligned_1g": bool(size and base % (1 << 30) == 0),
-        "elapsed_s": round(time.monotonic() - t0, 3),
-        "load_s": round(load_s, 3),
     }
     if why:
         summary["error"] = why
+    # Said, not hidden: an event the window could not provoke has no verified pfn conversion.
+    summary["uncalibrated"] = {tp: res["error"] for tp, res in per.items() if not res["ok"]}
     return Calibration(ok=why is None, base=base if why is None else 0, size=size, summary=summary, per_tracepoint=per)
+
+
+def _tp_verdict(res: dict[str, Any], size: int) -> str | None:
+    """None if one tracepoint's pairs confirm the base and size, else why not (one line)."""
+    if res.get("pairs", 0) < MIN_TP_PAIRS:
+        return f"only {res.get('pairs', 0)} pairs (need {MIN_TP_PAIRS}; the event fired {res.get('classic_runs', 0)} times)"
+    if res.get("agreement_with_base", 0.0) < MIN_AGREEMENT:
+        return f"only {res['agreement_with_base']:.1%} of pairs agree with the base"
+    if res.get("size") != size:
+        return f"struct page size {res.get('size')} differs from {size}"
+    return None
 
 
 def _verdict(res: dict[str, Any], base: int, size: int) -> str | None:

@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,19 +94,34 @@ def read_meminfo() -> dict[str, int]:
     return parse_meminfo((PROC / "meminfo").read_text())
 
 
-def counter_rows(phase: int, ts_ns: int, extra: dict[str, int] | None = None) -> pa.Table:
+def counter_rows(
+    phase: int,
+    ts_ns: int,
+    extra: dict[str, int] | None = None,
+    with_vmstat: Callable[[], dict[str, int]] | None = None,
+) -> pa.Table:
     """Rows of the ``counters`` table for one snapshot taken now.
 
     Interrupt rows with a name (TLB, CAL, LOC, ...; numbered device IRQs are left out) become one row per
     CPU; rows with a single total (ERR, MIS) get cpu -1. vmstat and meminfo are taken whole. ``extra``
-    (the recorder's own figures, e.g. pages_allocated, cpu time) is stored with source ``recorder``.
+    (the recorder's own figures, e.g. pages_allocated, cpu time) is stored with source ``recorder`` at
+    ``ts_ns``. Each file's rows carry the time that file was read: on a busy host the reads can be
+    milliseconds apart, and ``info`` compares only the events recorded between two reads of a file.
+    ``with_vmstat`` (e.g. the probes' page totals) is called right after vmstat is read, before anything
+    slower, so that its values and vmstat's cover the same window; they are ``recorder`` rows.
     """
     if phase not in schema.COUNTER_PHASE:
         raise ValueError(f"counter phase must be one of {sorted(schema.COUNTER_PHASE)}, not {phase}")
     # Read the three files back to back, interrupts first: it is the one reconciled per CPU.
     irq = read_interrupts()
+    t_irq = monotonic_ns()
     vm = read_vmstat()
+    t_vm = monotonic_ns()
+    beside = with_vmstat() if with_vmstat is not None else {}
+    t_beside = monotonic_ns()
     mem = read_meminfo()
+    t_mem = monotonic_ns()
+    stamps: list[int] = []
     names: list[str] = []
     cpus: list[int] = []
     values: list[int] = []
@@ -122,16 +138,23 @@ def counter_rows(phase: int, ts_ns: int, extra: dict[str, int] | None = None) ->
             cpus += range(len(counts))
             values += counts
     sources += [_SOURCE_ID["interrupts"]] * len(names)
-    for src, d in (("vmstat", vm), ("meminfo", mem), ("recorder", extra or {})):
+    stamps += [t_irq] * len(names)
+    for src, d, t in (
+        ("vmstat", vm, t_vm),
+        ("meminfo", mem, t_mem),
+        ("recorder", beside, t_beside),
+        ("recorder", extra or {}, ts_ns),
+    ):
         names += d.keys()
         cpus += [-1] * len(d)
         values += (int(v) for v in d.values())
         sources += [_SOURCE_ID[src]] * len(d)
+        stamps += [t] * len(d)
     n = len(names)
     return schema.from_columns(
         "counters",
         {
-            "ts_ns": np.full(n, ts_ns, dtype=np.int64),
+            "ts_ns": np.asarray(stamps, dtype=np.int64),
             "phase": np.full(n, phase, dtype=np.uint8),
             "source": np.asarray(sources, dtype=np.uint8),
             "name": names,

@@ -599,10 +599,11 @@ class Recorder:
             self.writer = TraceWriter(o.output, meta)
             consumer = RingConsumer(prog.ring_fd(), build.rb_bytes)
 
-            # Open the window: probes on, then the start snapshot right away (the end mirrors this).
+            # Open the window: probes on, then the start snapshot right away (the end reads, then stops).
             prog.set_state(1)
             start_ns = _monotonic_ns()
-            start_counters = procfs.counter_rows(0, start_ns)
+            # The page totals are read right after vmstat, here and at the end: info compares the deltas.
+            start_counters = procfs.counter_rows(0, start_ns, with_vmstat=prog.totals)
             misses0 = prog.recursion_misses()
             rescued0 = prog.rescued()
             self.seg = SegmentWriter(self.writer, ctx, start_ns, int(o.segment_seconds * 1e9))
@@ -616,11 +617,13 @@ class Recorder:
 
             self._loop(consumer, start_ns, target_pids, mode)
 
-            # Close the window: stop flag first, then the counters at once.
-            prog.set_state(2)
+            # Close the window: the counters, then the stop flag. Events between a counter file's read and
+            # the flag are recorded after that read, and info leaves them out (it compares what was recorded
+            # between the two reads of each file); counted but unrecorded events would be lost for good.
             end_ns = _monotonic_ns()
-            end_counters = procfs.counter_rows(1, end_ns)
-            extra = {**prog.totals(), **_recorder_usage()}
+            end_counters = procfs.counter_rows(1, end_ns, with_vmstat=prog.totals)
+            extra = _recorder_usage()
+            prog.set_state(2)
             misses1 = prog.recursion_misses()
             rescued1 = prog.rescued()
             self.seg.put_table("counters", end_counters)

@@ -6,7 +6,16 @@ window (the ``counters`` table holds start and end snapshots):
 * ``tlb_shootdowns``: ``shootdown`` rows per target CPU vs the per-CPU delta of the ``TLB`` row of
   /proc/interrupts;
 * ``pages``: the recorder's ``pages_allocated`` / ``pages_freed`` (end phase) vs vmstat ``pgalloc_*`` / ``pgfree``;
-* ``reclaim``: ``nr_reclaimed`` of ``shrink_inactive`` and ``reclaim_pages`` rows vs vmstat ``pgsteal_*``.
+* ``reclaim``: ``nr_reclaimed`` of ``shrink_inactive`` rows (LRU reclaim) vs vmstat ``pgsteal_*``. The
+  kernel counts pgsteal only there: ``reclaim_pages`` rows (reclaim of a given folio list: DAMON's
+  proactive reclaim in kdamond, MADV_PAGEOUT) bump no vmstat counter, so they are reported
+  beside the comparison (``reclaim.reclaim_pages``), never inside it.
+
+Window edges: the recorder reads the start counters just after switching the probes on and the end
+counters just before switching them off, and each file's rows carry the time it was read. Only events
+recorded between the two reads of the file they are compared with count (``outside_window`` says how
+many were left out); the page totals are read right after vmstat at both ends and compared as deltas.
+Traces from before that have one time per snapshot, taken just before the reads; they compare as they did.
 
 Every ``rel_error`` is ``(recorded - reference) / max(|reference|, 1)`` (signed; finite even when the
 reference is 0); ``max_rel_error`` is the largest absolute value.
@@ -35,6 +44,12 @@ _RECLAIM = {v: k for k, v in schema.RECLAIM_EVENT.items()}
 #: pgsteal_anon + pgsteal_file cover every reclaim (memcg-limit reclaim counts in neither _direct nor _kswapd).
 PGSTEAL_COMPLETE = ("pgsteal_anon", "pgsteal_file")
 PGSTEAL_BY_RECLAIMER = ("pgsteal_kswapd", "pgsteal_direct", "pgsteal_khugepaged", "pgsteal_proactive")
+
+
+RECLAIM_PAGES_WHY = (
+    "reclaim_pages (DAMON proactive reclaim, MADV_PAGEOUT) reclaims a given folio list and counts"
+    " in no vmstat pgsteal counter: shown beside the comparison"
+)
 
 
 def rel_error(recorded: float, reference: float) -> float:
@@ -152,6 +167,18 @@ class _Counters:
         m = self.source == _SRC[source]
         return sorted({n for n in self.name[m] if n.startswith(prefix)})
 
+    def read_ts(self, phase: str, source: str) -> int | None:
+        """When the counters of ``source`` were read in ``phase`` (None if absent)."""
+        m = (self.phase == _PHASE[phase]) & (self.source == _SRC[source])
+        return int(self.ts[m].max()) if m.any() else None
+
+    def in_window(self, source: str, ts: np.ndarray) -> np.ndarray:
+        """Events recorded between the start and end reads of ``source`` (all of them if one is missing)."""
+        lo, hi = self.read_ts("start", source), self.read_ts("end", source)
+        if lo is None or hi is None:
+            return np.ones(len(ts), dtype=bool)
+        return (ts > lo) & (ts <= hi)
+
     def window_ns(self) -> int | None:
         if not (self.has_phase("start") and self.has_phase("end")):
             return None
@@ -172,7 +199,8 @@ def reconcile(trace: Trace) -> dict[str, Any]:
     note = None if complete else "no start and end counter snapshots (recording did not finish)"
 
     # Remote shootdowns per target CPU.
-    sd = trace.table("shootdown", ["target_cpu"]).column("target_cpu").to_numpy().astype(np.int64)
+    st = trace.table("shootdown", ["ts_ns", "target_cpu"])
+    sd = st.column("target_cpu").to_numpy().astype(np.int64)
     ncpu = int((trace.meta.get("host") or {}).get("nr_cpus") or 0)
     ncpu = max(ncpu, int(sd.max()) + 1 if len(sd) else 0)
     irq_start = ctr.per_cpu("start", "interrupts", "TLB", ncpu)
@@ -183,13 +211,15 @@ def reconcile(trace: Trace) -> dict[str, Any]:
         ref = np.zeros(n, np.int64)
         ref[: len(irq_end)] += irq_end
         ref[: len(irq_start)] -= irq_start
-        rec = np.bincount(sd, minlength=n)
+        inside = ctr.in_window("interrupts", st.column("ts_ns").to_numpy())
+        rec = np.bincount(sd[inside], minlength=n)
         errs = [rel_error(int(a), int(b)) for a, b in zip(rec, ref, strict=True)]
         tlb = {
             "recorded": rec.tolist(),
             "proc_interrupts": ref.tolist(),
             "rel_error": errs,
             "max_rel_error": max((abs(e) for e in errs), default=0.0),
+            "outside_window": int(np.count_nonzero(~inside)),
         }
     else:
         tlb = {
@@ -206,26 +236,39 @@ def reconcile(trace: Trace) -> dict[str, Any]:
     if complete and pgalloc_names:
         parts = [ctr.delta("vmstat", n) for n in pgalloc_names]
         alloc_ref = sum(p for p in parts if p is not None)
+
+    def total(name: str) -> int | None:
+        # A delta where the start was read too (newer traces), else the end value (counted from the flip).
+        d = ctr.delta("recorder", name)
+        return d if d is not None else ctr.value_of("end", "recorder", name)
+
     pages = {
-        "allocated": _pair(
-            ctr.value_of("end", "recorder", "pages_allocated"), alloc_ref, vmstat_counters=pgalloc_names
-        ),
-        "freed": _pair(ctr.value_of("end", "recorder", "pages_freed"), ctr.delta("vmstat", "pgfree")),
+        "allocated": _pair(total("pages_allocated"), alloc_ref, vmstat_counters=pgalloc_names),
+        "freed": _pair(total("pages_freed"), ctr.delta("vmstat", "pgfree")),
     }
 
     # Reclaimed pages.
-    rt = trace.table("reclaim", ["event", "nr_reclaimed"])
+    rt = trace.table("reclaim", ["ts_ns", "event", "nr_reclaimed"])
     ev = rt.column("event").to_numpy() if rt.num_rows else np.zeros(0, np.uint8)
     nr = rt.column("nr_reclaimed").to_numpy() if rt.num_rows else np.zeros(0, np.int64)
-    m = (ev == _RECLAIM["shrink_inactive"]) | (ev == _RECLAIM["reclaim_pages"])
-    recl = int(nr[m].sum())
+    lru = ev == _RECLAIM["shrink_inactive"]
+    inside = ctr.in_window("vmstat", rt.column("ts_ns").to_numpy() if rt.num_rows else np.zeros(0, np.int64))
+    recl = int(nr[lru & inside].sum())
+    targeted = int(nr[ev == _RECLAIM["reclaim_pages"]].sum())
     steal_names = [n for n in PGSTEAL_COMPLETE if n in set(ctr.names("vmstat", "pgsteal_"))]
     if len(steal_names) < len(PGSTEAL_COMPLETE):
         steal_names = [n for n in PGSTEAL_BY_RECLAIMER if n in set(ctr.names("vmstat", "pgsteal_"))]
     steal = None
     if complete and steal_names:
         steal = sum(d for d in (ctr.delta("vmstat", n) for n in steal_names) if d is not None)
-    reclaim = _pair(recl, steal, vmstat_counters=steal_names)
+    reclaim = _pair(
+        recl,
+        steal,
+        vmstat_counters=steal_names,
+        recorded_events=["shrink_inactive"],
+        outside_window=int(nr[lru & ~inside].sum()),
+        reclaim_pages={"recorded": targeted, "vmstat": None, "why": RECLAIM_PAGES_WHY},
+    )
 
     out: dict[str, Any] = {"window_ns": ctr.window_ns(), "tlb_shootdowns": tlb, "pages": pages, "reclaim": reclaim}
     if note:
@@ -332,7 +375,7 @@ def _print_human(doc: dict[str, Any], path: Path) -> None:
     for label, p in (
         ("pages allocated (pgalloc_*)", rec["pages"]["allocated"]),
         ("pages freed (pgfree)", rec["pages"]["freed"]),
-        ("pages reclaimed (pgsteal)", rec["reclaim"]),
+        ("pages reclaimed by LRU scans (pgsteal)", rec["reclaim"]),
     ):
         e = p["rel_error"]
         t.add_row(
@@ -341,6 +384,9 @@ def _print_human(doc: dict[str, Any], path: Path) -> None:
             "n/a" if p["vmstat"] is None else f"{p['vmstat']:,}",
             "" if e is None else f"{e:+.2%}",
         )
+    rp = rec["reclaim"].get("reclaim_pages")
+    if rp:
+        t.add_row("pages reclaimed by reclaim_pages (DAMON, MADV_PAGEOUT)", f"{rp['recorded']:,}", "no counter", "")
     con.print(t)
     if rec.get("note"):
         con.print(f"[yellow]{rec['note']}[/yellow]")
