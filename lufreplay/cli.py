@@ -1,11 +1,12 @@
 """The ``lufreplay`` command line: doctor, record, info, simulate, report, workload, schema.
 
-Heavy modules are imported inside each command so ``lufreplay --help`` stays fast.
+It only parses arguments and calls down into the command functions of the library (errors, JSON and consoles are
+``lufreplay.console``); no module under ``lufreplay/`` imports it. Heavy modules are imported inside each command
+so ``lufreplay --help`` stays fast.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -23,16 +24,6 @@ app = typer.Typer(
 #: The bundled sample trace that `simulate` and `report` use when no trace is given.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE = REPO_ROOT / "traces" / "mmap-stream"
-
-
-def fail(msg: str, code: int = 1) -> typer.Exit:
-    """Print a one-line error on stderr and return the Exit to raise."""
-    typer.echo(f"lufreplay: error: {msg}", err=True)
-    return typer.Exit(code)
-
-
-def emit_json(doc: object) -> None:
-    typer.echo(json.dumps(doc, indent=1, sort_keys=False, default=str))
 
 
 @app.command()
@@ -198,4 +189,4 @@ def main() -> None:
         sys.exit(130)
 
 
-__all__ = ["DEFAULT_TRACE", "REPO_ROOT", "Optional", "app", "emit_json", "fail", "main"]
+__all__ = ["DEFAULT_TRACE", "REPO_ROOT", "Optional", "app", "main"]

@@ -340,10 +340,11 @@ def report(det: dict[str, Any]) -> dict[str, Any]:
 
 
 def _print_human(doc: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    con = Console()
+    from lufreplay.console import make_console
+
+    con = make_console()
     det = doc["detect"]
     host = det.get("host", {})
     un = host.get("uname", {})
@@ -379,7 +380,7 @@ def _print_human(doc: dict[str, Any]) -> None:
 
 def run_doctor(json_out: bool) -> int:
     """Probe the host; print a table or JSON. Exit 0 if ``record`` can work, 1 otherwise."""
-    from lufreplay.cli import emit_json
+    from lufreplay.console import emit_json
 
     det = features.detect()
     doc = report(det)

@@ -323,10 +323,11 @@ class Progress:
     def __init__(self) -> None:
         self.live = None
         if sys.stderr.isatty():
-            from rich.console import Console
             from rich.live import Live
 
-            self.live = Live("", console=Console(stderr=True), transient=True, refresh_per_second=4)
+            from lufreplay.console import make_console
+
+            self.live = Live("", console=make_console(stderr=True), transient=True, refresh_per_second=4)
             self.live.start()
         self._last_t = time.monotonic()
         self._last_n = 0
@@ -356,7 +357,7 @@ class Progress:
 
 def run_record(opts: RecordOptions) -> int:
     """Entry point of ``lufreplay record``; returns the exit code."""
-    from lufreplay.cli import fail
+    from lufreplay.console import fail
 
     try:
         return Recorder(opts).run()
@@ -731,7 +732,7 @@ class Recorder:
         }
 
     def _writer_failed(self, final: dict[str, Any]) -> int:
-        from lufreplay.cli import fail
+        from lufreplay.console import fail
 
         e = self.seg.error if self.seg else None
         try:

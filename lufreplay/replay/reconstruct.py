@@ -510,7 +510,477 @@ def _emit_context_flush(ts, c, task, R, n, flags, pages, T, CPU, MM, PROC_MMA, o
     emit(out, S, ts, O.M_RFLUSH, cause, c, task, mm, -1, other_mm, 0, flags, R, credit, n)
 
 
-@numba.njit(cache=True)
+# ---------------------------------------------------------------------------------------------------------------
+# the steps of reconstruct(), one per kind of raw op (docs/simulate.md, "Pipeline", names them in this order)
+# ---------------------------------------------------------------------------------------------------------------
+@numba.njit(cache=True, inline="always")
+def track_task(r, T, LAST_RUN, PROC_MMA):
+    """Task tracking: the task's process, the CPUs its mm ran on, and the windows a row of the task ends
+    (a full flush waiting for its fork row; a write fault waiting for its COW break). Returns the mm or -1."""
+    ts = r["ts"]
+    kind = r["kind"]
+    task = r["task"]
+    proc = r["proc"]
+    if task >= 0 and proc >= 0:
+        T[task, T_PROC] = proc
+    pmm = PROC_MMA[proc] if proc >= 0 else -1
+    if pmm >= 0:
+        LAST_RUN[pmm, r["cpu"]] = ts
+    if task >= 0 and kind != O.R_TLB and kind != O.R_SD and kind != O.R_SCHED and kind != O.R_PROC:
+        if kind != O.R_PAGE:  # copy_process may allocate pages; anything else: the flush was not the fork's
+            T[task, T_OTHER_J] = 0
+            if kind != O.R_FAULT:  # wp_page_copy allocates the new page; anything else ends the COW window
+                T[task, T_FAULT_COW] = 0
+    return pmm
+
+
+@numba.njit(cache=True, inline="always")
+def flush_ends_at(r, CPU):
+    """Flush grouping: whether this row ends its CPU's open recorded flush (another row of the sender task), and
+    (second value) whether it is the set_pte / set_pmd that a per-PTE or PMD flush was for."""
+    c = r["cpu"]
+    kind = r["kind"]
+    if CPU[c, C_OPEN] == 0 or kind == O.R_TLB or kind == O.R_SD or CPU[c, C_TASK] != r["task"]:
+        return False, False
+    sub = r["sub"]
+    # a per-PTE flush is a range flush (a few pages), a batched one is full; a PMD flush is full too
+    nx_set = (
+        kind == O.R_MIG and (sub == 2 or (sub == 0 and CPU[c, C_FULL] == 0)) and r["ts"] - CPU[c, C_TS] <= IMM_WINDOW_NS
+    )
+    return True, nx_set
+
+
+@numba.njit(cache=True, inline="always")
+def _open_group(c, task, ts, pages, CPU):
+    """A recorded flush starts on CPU ``c`` (its local row, if any, is set by the caller)."""
+    CPU[c, C_OPEN] = 1
+    CPU[c, C_TASK] = task
+    CPU[c, C_TS] = ts
+    CPU[c, C_FULL] = 1 if pages == -1 else 0
+    CPU[c, C_PAGES] = pages
+
+
+@numba.njit(cache=True, inline="always")
+def tlb_flush_row(r, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X):
+    """Flush grouping: a ``tlb_flush`` row opens (reason 4: the remote send), or ends (2, 3: the local flush that
+    follows) a recorded flush of its CPU; a local full flush alone (reason 0) is a local-only flush."""
+    c = r["cpu"]
+    sub = r["sub"]
+    pages = r["a"]
+    if sub == 4:
+        if CPU[c, C_OPEN] != 0:
+            close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
+        _open_group(c, r["task"], r["ts"], pages, CPU)
+    elif sub == 2 or sub == 3:
+        if CPU[c, C_OPEN] != 0:
+            if pages == -1:
+                CPU[c, C_FULL] = 1
+        else:
+            _open_group(c, r["task"], r["ts"], pages, CPU)
+        CPU[c, C_LOCAL] = sub
+        close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
+    elif sub == 0 and pages == -1:
+        emit(out, S, r["ts"], O.M_LFLUSH, 0, c, r["task"], -1, -1, -1, 0, 0, bit(c), U0, 0)
+
+
+@numba.njit(cache=True, inline="always")
+def shootdown_row(r, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X):
+    """Flush grouping: a ``shootdown`` row adds its target to its CPU's open recorded flush (a target seen twice,
+    or another task, starts a new one)."""
+    c = r["cpu"]
+    task = r["task"]
+    tgt = r["a"]
+    if tgt < 0 or tgt >= 64:
+        return
+    if CPU[c, C_OPEN] != 0 and ((CPUM[c] & bit(tgt)) != U0 or CPU[c, C_TASK] != task):
+        close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
+    if CPU[c, C_OPEN] == 0:
+        _open_group(c, task, r["ts"], 0, CPU)  # shootdowns with no send row: the size is unknown
+    CPUM[c] |= bit(tgt)
+    CPU[c, C_N] += 1
+
+
+@numba.njit(cache=True, inline="always")
+def unmap_pte(r, T, CPU, MM, LAST_RUN, pool, nxt, S, X):
+    """Folio grouping: an ``unmap`` row becomes a pending PTE item of its task (consecutive rows of one mm are
+    counted in one item) until a page-cache delete names the folio or the batch ends."""
+    ts = r["ts"]
+    c = r["cpu"]
+    task = r["task"]
+    mm = r["a"]
+    T[task, T_CTX] = r["c"]
+    # a local flush of this task just before (≤ 20 µs) the rss_stat: ptep_clear_flush / PMD flush
+    unb = T[task, T_IMM] != 0 and ts - (T[task, T_IMM] - 1) <= IMM_WINDOW_NS
+    T[task, T_IMM] = 0
+    fl = O.PTE_UNBATCHED if unb else 0
+    tail = T[task, T_PEND_TAIL]
+    if tail >= 0 and pool[tail]["mm"] == mm and (pool[tail]["flags"] & O.PTE_UNBATCHED) == fl:
+        pool[tail]["aux"] += 1
+    else:
+        p = pool_new(pool, nxt, S)
+        q = pool[p]
+        q["ts"] = ts
+        q["op"] = O.M_PTE
+        q["sub"] = r["sub"]  # rss member
+        q["cpu"] = c
+        q["task"] = task
+        q["mm"] = mm
+        q["flags"] = fl
+        q["aux"] = 1
+        q["mask2"] = mm_cpumask(mm, ts, np.int64(X[X_NCPU]), np.int64(X[X_TRIM_NS]), CPU, LAST_RUN)
+        list_append(T, task, T_PEND_HEAD, T_PEND_TAIL, p, nxt)
+    if not unb and mm >= 0:
+        MM[mm, 1] = 1  # mm->tlb_flush_batched pending: the next mprotect/munmap flushes the mm (F9)
+
+
+@numba.njit(cache=True, inline="always")
+def _pte_rw_from_maps(q, ts, mapping, off, MM, maps, RS, X):
+    """A file PTE's RO/RW from the VMA that maps its file offset (else unknown); returns the folio's F_* flags."""
+    pr_lo, pr_hi, sn_ts, sn_lo, sn_hi, mp_start, mp_end, mp_off, mp_map, mp_flags = maps
+    fl = 0
+    member = q["sub"]
+    found = -1
+    if member == 0 or member == 3:  # file / shmem: RO/RW from the VMA that maps this file offset
+        mp = q["mm"]
+        pp = MM[mp, 0] if mp >= 0 else -1
+        snap = find_snapshot(pp, ts, pr_lo, pr_hi, sn_ts)
+        found = vma_by_fileoff(snap, mapping, off, sn_lo, sn_hi, mp_start, mp_end, mp_off, mp_map)
+    if found >= 0:
+        q["flags"] |= O.PTE_INFERRED
+        RS[RS_PROV + 1] += q["aux"]
+        vf = mp_flags[found]
+        if (vf & V_W) and (vf & V_S) and X[X_SHARED_W_RO] == 0:
+            q["flags"] |= O.PTE_WRITABLE
+            fl |= F_WRITABLE
+    else:
+        RS[RS_PROV + 2] += q["aux"]
+        fl |= F_UNKNOWN
+        if X[X_UNKNOWN_ELIG] == 0:
+            q["flags"] |= O.PTE_WRITABLE
+    return fl
+
+
+@numba.njit(cache=True, inline="always")
+def page_cache_delete(r, T, MM, pool, nxt, S, out, RS, X, maps):
+    """Folio grouping: a ``page_cache`` delete in reclaim closes the folio of the task's pending PTEs
+    (FOLIO_BEGIN, its PTEs, FOLIO_END with its reason) into the open batch; outside reclaim it is a truncate (F5)."""
+    ts = r["ts"]
+    task = r["task"]
+    pfn = r["a"]
+    order = r["b"]
+    mapping = r["c"]
+    if r["sub"] == 0:
+        emit(out, S, ts, O.M_HOOK, O.H_TRUNCATE, r["cpu"], task, -1, mapping, pfn, order, 0, U0, U0, 0)
+        return
+    T[task, T_CTX] = r["sub"]
+    h = T[task, T_PEND_HEAD]
+    if h < 0:
+        return  # not mapped: nothing to flush, LUF is irrelevant for this folio
+    static = _static_reason(order, X)
+    fl = 0
+    off = r["d"] * 4096
+    p = h
+    while p >= 0:
+        q = pool[p]
+        q["mapping"] = mapping
+        if q["flags"] & O.PTE_UNBATCHED:
+            fl |= F_UNBATCHED
+        fl |= _pte_rw_from_maps(q, ts, mapping, off, MM, maps, RS, X)
+        p = nxt[p]
+    reason = _folio_reason(static, fl, X[X_UNKNOWN_ELIG] != 0)
+    b = pool_new(pool, nxt, S)
+    pool[b]["ts"] = pool[h]["ts"]
+    pool[b]["op"] = O.M_FOLIO_BEGIN
+    pool[b]["sub"] = static
+    pool[b]["task"] = task
+    pool[b]["pfn"] = pfn
+    pool[b]["order"] = order
+    pool[b]["mapping"] = mapping
+    list_append(T, task, T_BATCH_HEAD, T_BATCH_TAIL, b, nxt)
+    nxt[b] = h
+    T[task, T_BATCH_TAIL] = T[task, T_PEND_TAIL]
+    T[task, T_PEND_HEAD] = -1
+    T[task, T_PEND_TAIL] = -1
+    e = pool_new(pool, nxt, S)
+    pool[e]["ts"] = ts
+    pool[e]["op"] = O.M_FOLIO_END
+    pool[e]["sub"] = reason
+    pool[e]["aux"] = _unlarge_reason(static, fl, X)
+    pool[e]["task"] = task
+    pool[e]["pfn"] = pfn
+    pool[e]["order"] = order
+    pool[e]["mapping"] = mapping
+    list_append(T, task, T_BATCH_HEAD, T_BATCH_TAIL, e, nxt)
+    T[task, T_BATCH_N] += 1
+    _count_folio(reason, order, RS)
+
+
+@numba.njit(cache=True, inline="always")
+def migration_pte(r, T, pool, nxt, S, RS, X):
+    """Folio grouping: a migration set_pte / set_pmd row is one PTE of the task's open migration folio (a new pfn
+    closes the previous folio and opens the next), with its exact RO/RW and whether it was flushed at once."""
+    ts = r["ts"]
+    task = r["task"]
+    sub = r["sub"]
+    pfn = r["a"]
+    order = 9 if sub == 2 else r["b"]
+    cc = r["c"]
+    migtype = cc & 0xF
+    writable = (cc >> 4) & 1
+    T[task, T_CTX] = CTX_MIGRATION
+    # flushed just before (ptep_clear_flush: sync retry, or an mm only on this CPU; PMD always)
+    unb = sub == 2 or (T[task, T_IMM] != 0 and ts - (T[task, T_IMM] - 1) <= IMM_WINDOW_NS)
+    T[task, T_IMM] = 0
+    if T[task, T_MIG_PFN] != pfn:
+        _close_mig_folio(task, T, pool, nxt, S)
+        static = _static_reason(order, X)
+        b = pool_new(pool, nxt, S)
+        pool[b]["ts"] = ts
+        pool[b]["op"] = O.M_FOLIO_BEGIN
+        pool[b]["sub"] = static
+        pool[b]["task"] = task
+        pool[b]["pfn"] = pfn
+        pool[b]["order"] = order
+        list_append(T, task, T_BATCH_HEAD, T_BATCH_TAIL, b, nxt)
+        T[task, T_MIG_PFN] = pfn
+        T[task, T_MIG_FLAGS] = (static << 8) | (order << 16)
+        T[task, T_BATCH_N] += 1
+    p = pool_new(pool, nxt, S)
+    q = pool[p]
+    q["ts"] = ts
+    q["op"] = O.M_PTE
+    q["cpu"] = r["cpu"]
+    q["task"] = task
+    q["aux"] = 1
+    fl = 0
+    if migtype == 0:
+        T[task, T_MIG_FLAGS] |= F_UNKNOWN
+        RS[RS_PROV + 2] += 1
+        if X[X_UNKNOWN_ELIG] == 0:
+            fl |= O.PTE_WRITABLE
+    else:
+        fl |= O.PTE_EXACT
+        RS[RS_PROV + 0] += 1
+    if writable or migtype == 3:
+        fl |= O.PTE_WRITABLE
+        T[task, T_MIG_FLAGS] |= F_WRITABLE
+    if unb:
+        fl |= O.PTE_UNBATCHED
+        T[task, T_MIG_FLAGS] |= F_UNBATCHED
+    q["flags"] = fl
+    list_append(T, task, T_BATCH_HEAD, T_BATCH_TAIL, p, nxt)
+
+
+@numba.njit(cache=True, inline="always")
+def migrate_row(r, T, pool, nxt, S, out, RS, X):
+    """Folio grouping and batch closing for ``migrate`` rows: start, set_pte/set_pmd, remove (the move phase: the
+    batch's flush is behind us) and end."""
+    task = r["task"]
+    sub = r["sub"]
+    if sub == 4:  # start; the mode (r["c"] >> 8) does not tell the pass: SYNC runs a batched async pass first
+        T[task, T_MIG_REASON] = r["c"] >> 12 & 0xF
+        T[task, T_CTX] = CTX_MIGRATION
+    elif sub == 0 or sub == 2:  # set_pte / set_pmd
+        migration_pte(r, T, pool, nxt, S, RS, X)
+    elif sub == 1 or sub == 3:  # remove: the move phase started, the batch flush is behind us
+        if T[task, T_MIG_PFN] >= 0 or T[task, T_BATCH_HEAD] >= 0:
+            close_batch(task, r["ts"], r["cpu"], U0, 0, 0, T, pool, nxt, S, out, RS, X)
+    elif sub == 5:  # end
+        if _has_batch(task, T):
+            close_batch(task, r["ts"], r["cpu"], U0, 0, 0, T, pool, nxt, S, out, RS, X)
+        T[task, T_CTX] = 0
+
+
+@numba.njit(cache=True, inline="always")
+def page_row(raw, i, T, pool, nxt, S, out, RS, X):
+    """Allocator ops: a free (which also ends the task's open batch: reclaim frees after its flush), an
+    allocation, a pcp drain, or a buddy take (in the context of the allocation that follows it)."""
+    r = raw[i]
+    ts = r["ts"]
+    c = r["cpu"]
+    task = r["task"]
+    sub = r["sub"]
+    pfn = r["a"]
+    order = r["b"]
+    if sub == 0:
+        if _has_batch(task, T):
+            close_batch(task, ts, c, U0, 0, 0, T, pool, nxt, S, out, RS, X)
+        emit(out, S, ts, O.M_FREE, r["c"] & 0xFF, c, task, -1, -1, pfn, order, 0, U0, U0, 0)
+    elif sub == 1:
+        gfp = r["d"]
+        fl = 0
+        if (gfp & GFP_DIRECT_RECLAIM) == 0:
+            fl |= O.A_ATOMIC
+        if not ((fl & O.A_ATOMIC) and X[X_ATOMIC_NO_SD] != 0):
+            fl |= O.A_CAN_SD
+        emit(out, S, ts, O.M_ALLOC, 0, c, task, -1, -1, pfn, order, fl, U0, U0, gfp)
+    elif sub == 2:
+        emit(out, S, ts, O.M_DRAIN, 0, c, task, -1, -1, pfn, order, 0, U0, U0, 0)
+    else:
+        # the context of a buddy take is the allocation that follows it in the same task
+        fl = O.A_CAN_SD
+        for k in range(i + 1, min(raw.shape[0], i + 256)):
+            rk = raw[k]
+            if rk["kind"] == O.R_PAGE and rk["sub"] == 1 and rk["task"] == task:
+                if (rk["d"] & GFP_DIRECT_RECLAIM) == 0 and X[X_ATOMIC_NO_SD] != 0:
+                    fl = O.A_ATOMIC
+                break
+        if (r["c"] >> 8) & 1:
+            fl |= O.A_REFILL
+        emit(out, S, ts, O.M_TAKE, 0, c, task, -1, -1, pfn, order, fl, U0, U0, 0)
+
+
+@numba.njit(cache=True, inline="always")
+def fault_hook(r, pmm, T, S, out, RS, X, maps):
+    """Hook generation: a page fault is F3 if it writes or its VMA may be written (VM_WRITE / VM_MAYWRITE); it
+    also opens the task's COW window (a write fault in a private VMA)."""
+    pr_lo, pr_hi, sn_ts, sn_lo, sn_hi, mp_start, mp_end, _off, mp_map, mp_flags = maps
+    ts = r["ts"]
+    task = r["task"]
+    addr = r["a"]
+    write = r["sub"] != 0
+    snap = find_snapshot(r["proc"], ts, pr_lo, pr_hi, sn_ts)
+    v = vma_by_addr(snap, addr, sn_lo, sn_hi, mp_start, mp_end)
+    maywrite = write
+    mapping = -1
+    cow = False
+    if v >= 0:
+        vf = mp_flags[v]
+        cow = write and (vf & V_S) == 0  # a write fault in a private VMA may break a COW
+        if write and (vf & V_S) and (vf & V_W) and mp_map[v] >= 0:
+            RS[RS_SHARED_W_FAULTS] += 1
+        if vf & V_W:
+            maywrite = True
+        elif (vf & V_S) == 0:
+            maywrite = True  # VM_MAYWRITE is set on private mappings
+        elif X[X_SHARED_RO_MAYWRITE] != 0:
+            maywrite = True
+        if (vf & V_S) and mp_map[v] >= 0:
+            mapping = mp_map[v]
+    elif X[X_NO_VMA_MAYWRITE] != 0:
+        maywrite = True
+    if task >= 0:
+        T[task, T_FAULT_TS] = ts + 1
+        T[task, T_FAULT_COW] = 1 if cow else 0
+    if maywrite:
+        emit(out, S, ts, O.M_HOOK, O.H_FAULT, r["cpu"], task, pmm, mapping, -1, 0, 1 if write else 0, U0, U0, addr)
+
+
+@numba.njit(cache=True, inline="always")
+def syscall_hook(r, pmm, T, S, out, maps):
+    """Hook generation: a syscall sets the window its task's flushes are attributed to; a completed zap
+    (munmap, mremap, madvise DONTNEED/FREE/REMOVE, mmap MAP_FIXED) is F7 (+ a shared file VMA's mapping)."""
+    pr_lo, pr_hi, sn_ts, sn_lo, sn_hi, mp_start, mp_end, _off, mp_map, mp_flags = maps
+    ts = r["ts"]
+    task = r["task"]
+    nr = r["sub"]
+    dur = r["e"]
+    ok = dur >= 0
+    if dur < 0:
+        dur = -dur - 1
+    T[task, T_SYS_NR] = nr
+    T[task, T_SYS_UNTIL] = ts + dur
+    if not ok:
+        return
+    zap = False
+    if nr == SYS_MUNMAP or nr == SYS_MREMAP:
+        zap = True
+    elif nr == SYS_MADVISE:
+        zap = r["c"] in ZAP_MADVISE
+    elif nr == SYS_MMAP:
+        zap = (r["d"] & MAP_FIXED) != 0
+    if zap:
+        snap = find_snapshot(r["proc"], ts, pr_lo, pr_hi, sn_ts)
+        a0 = r["a"]
+        mapping = shared_file_vma_in_range(snap, a0, a0 + r["b"], sn_lo, sn_hi, mp_start, mp_end, mp_map, mp_flags)
+        emit(out, S, ts, O.M_HOOK, O.H_ZAP, r["cpu"], task, pmm, mapping, -1, 0, 0, U0, U0, 0)
+
+
+@numba.njit(cache=True, inline="always")
+def file_hook(r, S, out, X):
+    """Hook generation: write_begin (F4), truncate (F5), dirty_folio (F6 when ``dirty_folio_is_mkclean``)."""
+    sub = r["sub"]
+    hook = -1
+    if sub == 0:
+        hook = O.H_WRITE_BEGIN
+    elif sub == 1:
+        hook = O.H_TRUNCATE
+    elif sub == 2 and X[X_DIRTY_MKCLEAN] != 0:
+        hook = O.H_MKCLEAN
+    if hook >= 0:
+        emit(out, S, r["ts"], O.M_HOOK, hook, r["cpu"], r["task"], -1, r["a"], -1, 0, 0, U0, U0, 0)
+
+
+@numba.njit(cache=True, inline="always")
+def sched_switch(r, pmm, T, CPU, LAST_RUN, PROC_MMA, S, out):
+    """Hook generation and mm_cpumask: a context switch records the mm each CPU runs; a kthread → user switch
+    while the CPU still holds a user mm lazily is F10."""
+    ts = r["ts"]
+    c = r["cpu"]
+    nxt_task = r["a"]
+    if pmm >= 0:
+        LAST_RUN[pmm, c] = ts
+    np_ = T[nxt_task, T_PROC] if nxt_task >= 0 else -1
+    nmm = PROC_MMA[np_] if np_ >= 0 else -1
+    if r["sub"] != 0 and CPU[c, C_CUR_MM] >= 0 and nmm >= 0:
+        # kthread -> user switch: finish_task_switch drops the lazily borrowed mm (F10)
+        emit(out, S, ts, O.M_HOOK, O.H_CTXSW, c, r["task"], CPU[c, C_CUR_MM], -1, -1, 0, 0, U0, U0, 0)
+    CPU[c, C_CUR_TASK] = nxt_task
+    if nmm >= 0:
+        CPU[c, C_CUR_MM] = nmm
+        LAST_RUN[nmm, c] = ts
+
+
+@numba.njit(cache=True, inline="always")
+def reclaim_row(r, T, pool, nxt, S, out, RS, X):
+    """Batch closing and hooks for ``reclaim`` rows: a reclaim begins (its context), ends (the open batch ends
+    with it), or writes a dirty folio (F13)."""
+    ts = r["ts"]
+    task = r["task"]
+    sub = r["sub"]
+    if sub in (0, 2, 4, 6):
+        T[task, T_CTX] = 1 if sub == 0 else 2 if sub == 2 else 2 if sub == 4 else 3
+        emit(out, S, ts, O.M_RECLAIM_BEGIN, 0, r["cpu"], task, -1, -1, -1, 0, 0, U0, U0, 0)
+    elif sub in (1, 3, 5, 7):
+        if _has_batch(task, T):
+            close_batch(task, ts, r["cpu"], U0, 0, 0, T, pool, nxt, S, out, RS, X)
+        T[task, T_CTX] = 0
+    elif sub == 12:
+        emit(out, S, ts, O.M_HOOK, O.H_DIRTY_WB, r["cpu"], task, -1, -1, r["a"], 0, 0, U0, U0, 0)
+
+
+@numba.njit(cache=True, inline="always")
+def proc_row(r, pmm, T, S, out):
+    """Hook generation and flush attribution for ``proc`` rows: an exit zaps every VMA (F7); a fork row names the
+    full flush just before it dup_mmap's (``fork``)."""
+    task = r["task"]
+    sub = r["sub"]
+    if sub == 2 and r["a"] != 0 and pmm >= 0:  # the process exits: exit_mmap zaps every VMA (F7)
+        emit(out, S, r["ts"], O.M_HOOK, O.H_ZAP, r["cpu"], task, pmm, -1, -1, 0, 0, U0, U0, 0)
+    elif sub == 0 and task >= 0 and T[task, T_OTHER_J] > 0:
+        # the parent's full mm flush just before: dup_mmap's flush_tlb_mm(oldmm) (write-protected COW PTEs)
+        f = out[T[task, T_OTHER_J] - 1]
+        if f["op"] == O.M_RFLUSH and f["sub"] == O.C_OTHER and f["task"] == task:
+            if r["ts"] - f["ts"] <= FORK_WINDOW_NS:
+                f["sub"] = O.C_FORK
+        T[task, T_OTHER_J] = 0
+
+
+@numba.njit(cache=True, inline="always")
+def end_of_trace(T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X):
+    """The last segment: close every open recorded flush, then every open batch."""
+    for c in range(np.int64(X[X_NCPU])):
+        if CPU[c, C_OPEN] != 0:
+            close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
+    for t in range(T.shape[0]):
+        if _has_batch(t, T):
+            close_batch(t, S[S_LAST_TS], 0, U0, 0, 0, T, pool, nxt, S, out, RS, X)
+
+
+# The steps are inlined (inline="always") and the loop allocates nothing, so it runs without numba's reference
+# counting (_nrt=False): with it, every state array handed to a step was increfed and decrefed per row and the
+# reconstruct stage of bench/simulate_speed took twice as long as the single function it replaces.
+@numba.njit(cache=True, _nrt=False)
 def reconstruct(
     raw,
     X,
@@ -537,360 +1007,45 @@ def reconstruct(
     mp_flags,
     final,
 ):
-    """Turn one segment of raw ops into model ops (appended to ``out``; count in S[S_NOUT])."""
-    ncpu = np.int64(X[X_NCPU])
-    trim = np.int64(X[X_TRIM_NS])
-    n = raw.shape[0]
+    """Turn one segment of raw ops into model ops (appended to ``out``; count in S[S_NOUT]): each row goes to the
+    step of its kind, after task tracking and the end of its CPU's open recorded flush."""
+    maps = (pr_lo, pr_hi, sn_ts, sn_lo, sn_hi, mp_start, mp_end, mp_off, mp_map, mp_flags)
     T[:, T_OTHER_J] = 0  # indices into ``out``, which starts empty for every segment
-    for i in range(n):
+    for i in range(raw.shape[0]):
         r = raw[i]
-        ts = r["ts"]
-        S[S_LAST_TS] = ts
+        S[S_LAST_TS] = r["ts"]
         kind = r["kind"]
-        sub = r["sub"]
-        c = r["cpu"]
-        task = r["task"]
-        proc = r["proc"]
-        if task >= 0 and proc >= 0:
-            T[task, T_PROC] = proc
-        pmm = PROC_MMA[proc] if proc >= 0 else -1
-        if pmm >= 0:
-            LAST_RUN[pmm, c] = ts
-        if task >= 0 and kind != O.R_TLB and kind != O.R_SD and kind != O.R_SCHED and kind != O.R_PROC:
-            if kind != O.R_PAGE:  # copy_process may allocate pages; anything else: the flush was not the fork's
-                T[task, T_OTHER_J] = 0
-                if kind != O.R_FAULT:  # wp_page_copy allocates the new page; anything else ends the COW window
-                    T[task, T_FAULT_COW] = 0
-        if CPU[c, C_OPEN] != 0 and kind != O.R_TLB and kind != O.R_SD and CPU[c, C_TASK] == task:
-            # a per-PTE flush is a range flush (a few pages), a batched one is full; a PMD flush is full too
-            nx_set = (
-                kind == O.R_MIG
-                and (sub == 2 or (sub == 0 and CPU[c, C_FULL] == 0))
-                and ts - CPU[c, C_TS] <= IMM_WINDOW_NS
-            )
-            close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X, nx_set)
-
+        pmm = track_task(r, T, LAST_RUN, PROC_MMA)
+        ends, nx_set = flush_ends_at(r, CPU)
+        if ends:
+            close_group(r["cpu"], T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X, nx_set)
         if kind == O.R_TLB:
-            pages = r["a"]
-            if sub == 4:
-                if CPU[c, C_OPEN] != 0:
-                    close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
-                CPU[c, C_OPEN] = 1
-                CPU[c, C_TASK] = task
-                CPU[c, C_TS] = ts
-                CPU[c, C_FULL] = 1 if pages == -1 else 0
-                CPU[c, C_PAGES] = pages
-            elif sub == 2 or sub == 3:
-                if CPU[c, C_OPEN] != 0:
-                    CPU[c, C_LOCAL] = sub
-                    if pages == -1:
-                        CPU[c, C_FULL] = 1
-                    close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
-                else:
-                    CPU[c, C_OPEN] = 1
-                    CPU[c, C_TASK] = task
-                    CPU[c, C_TS] = ts
-                    CPU[c, C_LOCAL] = sub
-                    CPU[c, C_FULL] = 1 if pages == -1 else 0
-                    CPU[c, C_PAGES] = pages
-                    close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
-            elif sub == 0 and pages == -1:
-                emit(out, S, ts, O.M_LFLUSH, 0, c, task, -1, -1, -1, 0, 0, bit(c), U0, 0)
+            tlb_flush_row(r, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
         elif kind == O.R_SD:
-            tgt = r["a"]
-            if tgt < 0 or tgt >= 64:
-                continue
-            if CPU[c, C_OPEN] != 0 and ((CPUM[c] & bit(tgt)) != U0 or CPU[c, C_TASK] != task):
-                close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
-            if CPU[c, C_OPEN] == 0:
-                CPU[c, C_OPEN] = 1
-                CPU[c, C_TASK] = task
-                CPU[c, C_TS] = ts
-                CPU[c, C_FULL] = 0
-                CPU[c, C_PAGES] = 0  # shootdowns with no send row: the size is unknown
-            CPUM[c] |= bit(tgt)
-            CPU[c, C_N] += 1
+            shootdown_row(r, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
         elif kind == O.R_UNMAP:
-            mm = r["a"]
-            T[task, T_CTX] = r["c"]
-            # a local flush of this task just before (≤ 20 µs) the rss_stat: ptep_clear_flush / PMD flush
-            unb = T[task, T_IMM] != 0 and ts - (T[task, T_IMM] - 1) <= IMM_WINDOW_NS
-            T[task, T_IMM] = 0
-            fl = O.PTE_UNBATCHED if unb else 0
-            tail = T[task, T_PEND_TAIL]
-            if tail >= 0 and pool[tail]["mm"] == mm and (pool[tail]["flags"] & O.PTE_UNBATCHED) == fl:
-                pool[tail]["aux"] += 1
-            else:
-                p = pool_new(pool, nxt, S)
-                q = pool[p]
-                q["ts"] = ts
-                q["op"] = O.M_PTE
-                q["sub"] = sub  # rss member
-                q["cpu"] = c
-                q["task"] = task
-                q["mm"] = mm
-                q["flags"] = fl
-                q["aux"] = 1
-                q["mask2"] = mm_cpumask(mm, ts, ncpu, trim, CPU, LAST_RUN)
-                list_append(T, task, T_PEND_HEAD, T_PEND_TAIL, p, nxt)
-            if not unb and mm >= 0:
-                MM[mm, 1] = 1  # mm->tlb_flush_batched pending: the next mprotect/munmap flushes the mm (F9)
+            unmap_pte(r, T, CPU, MM, LAST_RUN, pool, nxt, S, X)
         elif kind == O.R_PCDEL:
-            pfn = r["a"]
-            order = r["b"]
-            mapping = r["c"]
-            if sub == 0:
-                emit(out, S, ts, O.M_HOOK, O.H_TRUNCATE, c, task, -1, mapping, pfn, order, 0, U0, U0, 0)
-                continue
-            T[task, T_CTX] = sub
-            h = T[task, T_PEND_HEAD]
-            if h < 0:
-                continue  # not mapped: nothing to flush, LUF is irrelevant for this folio
-            static = _static_reason(order, X)
-            fl = 0
-            off = r["d"] * 4096
-            p = h
-            while p >= 0:
-                q = pool[p]
-                q["mapping"] = mapping
-                if q["flags"] & O.PTE_UNBATCHED:
-                    fl |= F_UNBATCHED
-                member = q["sub"]
-                found = -1
-                if member == 0 or member == 3:  # file / shmem: RO/RW from the VMA that maps this file offset
-                    mp = q["mm"]
-                    pp = MM[mp, 0] if mp >= 0 else -1
-                    snap = find_snapshot(pp, ts, pr_lo, pr_hi, sn_ts)
-                    found = vma_by_fileoff(snap, mapping, off, sn_lo, sn_hi, mp_start, mp_end, mp_off, mp_map)
-                if found >= 0:
-                    q["flags"] |= O.PTE_INFERRED
-                    RS[RS_PROV + 1] += q["aux"]
-                    vf = mp_flags[found]
-                    if (vf & V_W) and (vf & V_S) and X[X_SHARED_W_RO] == 0:
-                        q["flags"] |= O.PTE_WRITABLE
-                        fl |= F_WRITABLE
-                else:
-                    RS[RS_PROV + 2] += q["aux"]
-                    fl |= F_UNKNOWN
-                    if X[X_UNKNOWN_ELIG] == 0:
-                        q["flags"] |= O.PTE_WRITABLE
-                p = nxt[p]
-            reason = _folio_reason(static, fl, X[X_UNKNOWN_ELIG] != 0)
-            b = pool_new(pool, nxt, S)
-            pool[b]["ts"] = pool[h]["ts"]
-            pool[b]["op"] = O.M_FOLIO_BEGIN
-            pool[b]["sub"] = static
-            pool[b]["task"] = task
-            pool[b]["pfn"] = pfn
-            pool[b]["order"] = order
-            pool[b]["mapping"] = mapping
-            list_append(T, task, T_BATCH_HEAD, T_BATCH_TAIL, b, nxt)
-            nxt[b] = h
-            T[task, T_BATCH_TAIL] = T[task, T_PEND_TAIL]
-            T[task, T_PEND_HEAD] = -1
-            T[task, T_PEND_TAIL] = -1
-            e = pool_new(pool, nxt, S)
-            pool[e]["ts"] = ts
-            pool[e]["op"] = O.M_FOLIO_END
-            pool[e]["sub"] = reason
-            pool[e]["aux"] = _unlarge_reason(static, fl, X)
-            pool[e]["task"] = task
-            pool[e]["pfn"] = pfn
-            pool[e]["order"] = order
-            pool[e]["mapping"] = mapping
-            list_append(T, task, T_BATCH_HEAD, T_BATCH_TAIL, e, nxt)
-            T[task, T_BATCH_N] += 1
-            _count_folio(reason, order, RS)
+            page_cache_delete(r, T, MM, pool, nxt, S, out, RS, X, maps)
         elif kind == O.R_MIG:
-            if sub == 4:  # start; the mode (r["c"] >> 8) does not tell the pass: SYNC runs a batched async pass first
-                T[task, T_MIG_REASON] = r["c"] >> 12 & 0xF
-                T[task, T_CTX] = CTX_MIGRATION
-            elif sub == 0 or sub == 2:  # set_pte / set_pmd
-                pfn = r["a"]
-                order = 9 if sub == 2 else r["b"]
-                cc = r["c"]
-                migtype = cc & 0xF
-                writable = (cc >> 4) & 1
-                T[task, T_CTX] = CTX_MIGRATION
-                # flushed just before (ptep_clear_flush: sync retry, or an mm only on this CPU; PMD always)
-                unb = sub == 2 or (T[task, T_IMM] != 0 and ts - (T[task, T_IMM] - 1) <= IMM_WINDOW_NS)
-                T[task, T_IMM] = 0
-                if T[task, T_MIG_PFN] != pfn:
-                    _close_mig_folio(task, T, pool, nxt, S)
-                    static = _static_reason(order, X)
-                    b = pool_new(pool, nxt, S)
-                    pool[b]["ts"] = ts
-                    pool[b]["op"] = O.M_FOLIO_BEGIN
-                    pool[b]["sub"] = static
-                    pool[b]["task"] = task
-                    pool[b]["pfn"] = pfn
-                    pool[b]["order"] = order
-                    list_append(T, task, T_BATCH_HEAD, T_BATCH_TAIL, b, nxt)
-                    T[task, T_MIG_PFN] = pfn
-                    T[task, T_MIG_FLAGS] = (static << 8) | (order << 16)
-                    T[task, T_BATCH_N] += 1
-                p = pool_new(pool, nxt, S)
-                q = pool[p]
-                q["ts"] = ts
-                q["op"] = O.M_PTE
-                q["cpu"] = c
-                q["task"] = task
-                q["aux"] = 1
-                fl = 0
-                if migtype == 0:
-                    T[task, T_MIG_FLAGS] |= F_UNKNOWN
-                    RS[RS_PROV + 2] += 1
-                    if X[X_UNKNOWN_ELIG] == 0:
-                        fl |= O.PTE_WRITABLE
-                else:
-                    fl |= O.PTE_EXACT
-                    RS[RS_PROV + 0] += 1
-                if writable or migtype == 3:
-                    fl |= O.PTE_WRITABLE
-                    T[task, T_MIG_FLAGS] |= F_WRITABLE
-                if unb:
-                    fl |= O.PTE_UNBATCHED
-                    T[task, T_MIG_FLAGS] |= F_UNBATCHED
-                q["flags"] = fl
-                list_append(T, task, T_BATCH_HEAD, T_BATCH_TAIL, p, nxt)
-            elif sub == 1 or sub == 3:  # remove: the move phase started, the batch flush is behind us
-                if T[task, T_MIG_PFN] >= 0 or T[task, T_BATCH_HEAD] >= 0:
-                    close_batch(task, ts, c, U0, 0, 0, T, pool, nxt, S, out, RS, X)
-            elif sub == 5:  # end
-                if _has_batch(task, T):
-                    close_batch(task, ts, c, U0, 0, 0, T, pool, nxt, S, out, RS, X)
-                T[task, T_CTX] = 0
+            migrate_row(r, T, pool, nxt, S, out, RS, X)
         elif kind == O.R_PAGE:
-            pfn = r["a"]
-            order = r["b"]
-            if sub == 0:
-                if _has_batch(task, T):
-                    close_batch(task, ts, c, U0, 0, 0, T, pool, nxt, S, out, RS, X)
-                emit(out, S, ts, O.M_FREE, r["c"] & 0xFF, c, task, -1, -1, pfn, order, 0, U0, U0, 0)
-            elif sub == 1:
-                gfp = r["d"]
-                fl = 0
-                if (gfp & GFP_DIRECT_RECLAIM) == 0:
-                    fl |= O.A_ATOMIC
-                if not ((fl & O.A_ATOMIC) and X[X_ATOMIC_NO_SD] != 0):
-                    fl |= O.A_CAN_SD
-                emit(out, S, ts, O.M_ALLOC, 0, c, task, -1, -1, pfn, order, fl, U0, U0, gfp)
-            elif sub == 2:
-                emit(out, S, ts, O.M_DRAIN, 0, c, task, -1, -1, pfn, order, 0, U0, U0, 0)
-            else:
-                # the context of a buddy take is the allocation that follows it in the same task
-                fl = O.A_CAN_SD
-                for k in range(i + 1, min(n, i + 256)):
-                    rk = raw[k]
-                    if rk["kind"] == O.R_PAGE and rk["sub"] == 1 and rk["task"] == task:
-                        if (rk["d"] & GFP_DIRECT_RECLAIM) == 0 and X[X_ATOMIC_NO_SD] != 0:
-                            fl = O.A_ATOMIC
-                        break
-                if (r["c"] >> 8) & 1:
-                    fl |= O.A_REFILL
-                emit(out, S, ts, O.M_TAKE, 0, c, task, -1, -1, pfn, order, fl, U0, U0, 0)
+            page_row(raw, i, T, pool, nxt, S, out, RS, X)
         elif kind == O.R_FAULT:
-            addr = r["a"]
-            write = sub != 0
-            mm = pmm
-            snap = find_snapshot(proc, ts, pr_lo, pr_hi, sn_ts)
-            v = vma_by_addr(snap, addr, sn_lo, sn_hi, mp_start, mp_end)
-            maywrite = write
-            mapping = -1
-            cow = False
-            if v >= 0:
-                vf = mp_flags[v]
-                cow = write and (vf & V_S) == 0  # a write fault in a private VMA may break a COW
-                if write and (vf & V_S) and (vf & V_W) and mp_map[v] >= 0:
-                    RS[RS_SHARED_W_FAULTS] += 1
-                if vf & V_W:
-                    maywrite = True
-                elif (vf & V_S) == 0:
-                    maywrite = True  # VM_MAYWRITE is set on private mappings
-                elif X[X_SHARED_RO_MAYWRITE] != 0:
-                    maywrite = True
-                if (vf & V_S) and mp_map[v] >= 0:
-                    mapping = mp_map[v]
-            elif X[X_NO_VMA_MAYWRITE] != 0:
-                maywrite = True
-            if task >= 0:
-                T[task, T_FAULT_TS] = ts + 1
-                T[task, T_FAULT_COW] = 1 if cow else 0
-            if maywrite:
-                emit(out, S, ts, O.M_HOOK, O.H_FAULT, c, task, mm, mapping, -1, 0, 1 if write else 0, U0, U0, addr)
+            fault_hook(r, pmm, T, S, out, RS, X, maps)
         elif kind == O.R_SYSCALL:
-            nr = sub
-            dur = r["e"]
-            ok = dur >= 0
-            if dur < 0:
-                dur = -dur - 1
-            T[task, T_SYS_NR] = nr
-            T[task, T_SYS_UNTIL] = ts + dur
-            if not ok:
-                continue
-            zap = False
-            if nr == SYS_MUNMAP or nr == SYS_MREMAP:
-                zap = True
-            elif nr == SYS_MADVISE:
-                zap = r["c"] in ZAP_MADVISE
-            elif nr == SYS_MMAP:
-                zap = (r["d"] & MAP_FIXED) != 0
-            if zap:
-                snap = find_snapshot(proc, ts, pr_lo, pr_hi, sn_ts)
-                a0 = r["a"]
-                mapping = shared_file_vma_in_range(
-                    snap, a0, a0 + r["b"], sn_lo, sn_hi, mp_start, mp_end, mp_map, mp_flags
-                )
-                emit(out, S, ts, O.M_HOOK, O.H_ZAP, c, task, pmm, mapping, -1, 0, 0, U0, U0, 0)
+            syscall_hook(r, pmm, T, S, out, maps)
         elif kind == O.R_FILE:
-            if sub == 0:
-                emit(out, S, ts, O.M_HOOK, O.H_WRITE_BEGIN, c, task, -1, r["a"], -1, 0, 0, U0, U0, 0)
-            elif sub == 1:
-                emit(out, S, ts, O.M_HOOK, O.H_TRUNCATE, c, task, -1, r["a"], -1, 0, 0, U0, U0, 0)
-            elif sub == 2 and X[X_DIRTY_MKCLEAN] != 0:
-                emit(out, S, ts, O.M_HOOK, O.H_MKCLEAN, c, task, -1, r["a"], -1, 0, 0, U0, U0, 0)
+            file_hook(r, S, out, X)
         elif kind == O.R_SCHED:
-            nxt_task = r["a"]
-            if pmm >= 0:
-                LAST_RUN[pmm, c] = ts
-            np_ = T[nxt_task, T_PROC] if nxt_task >= 0 else -1
-            nmm = PROC_MMA[np_] if np_ >= 0 else -1
-            if sub != 0 and CPU[c, C_CUR_MM] >= 0 and nmm >= 0:
-                # kthread -> user switch: finish_task_switch drops the lazily borrowed mm (F10)
-                emit(out, S, ts, O.M_HOOK, O.H_CTXSW, c, task, CPU[c, C_CUR_MM], -1, -1, 0, 0, U0, U0, 0)
-            CPU[c, C_CUR_TASK] = nxt_task
-            if nmm >= 0:
-                CPU[c, C_CUR_MM] = nmm
-                LAST_RUN[nmm, c] = ts
+            sched_switch(r, pmm, T, CPU, LAST_RUN, PROC_MMA, S, out)
         elif kind == O.R_RECLAIM:
-            if sub in (0, 2, 4, 6):
-                T[task, T_CTX] = 1 if sub == 0 else 2 if sub == 2 else 2 if sub == 4 else 3
-                emit(out, S, ts, O.M_RECLAIM_BEGIN, 0, c, task, -1, -1, -1, 0, 0, U0, U0, 0)
-            elif sub in (1, 3, 5, 7):
-                if _has_batch(task, T):
-                    close_batch(task, ts, c, U0, 0, 0, T, pool, nxt, S, out, RS, X)
-                T[task, T_CTX] = 0
-            elif sub == 12:
-                emit(out, S, ts, O.M_HOOK, O.H_DIRTY_WB, c, task, -1, -1, r["a"], 0, 0, U0, U0, 0)
+            reclaim_row(r, T, pool, nxt, S, out, RS, X)
         elif kind == O.R_PROC:
-            if sub == 2 and r["a"] != 0 and pmm >= 0:  # the process exits: exit_mmap zaps every VMA (F7)
-                emit(out, S, ts, O.M_HOOK, O.H_ZAP, c, task, pmm, -1, -1, 0, 0, U0, U0, 0)
-            elif sub == 0 and task >= 0 and T[task, T_OTHER_J] > 0:
-                # the parent's full mm flush just before: dup_mmap's flush_tlb_mm(oldmm) (write-protected COW PTEs)
-                f = out[T[task, T_OTHER_J] - 1]
-                if f["op"] == O.M_RFLUSH and f["sub"] == O.C_OTHER and f["task"] == task:
-                    if ts - f["ts"] <= FORK_WINDOW_NS:
-                        f["sub"] = O.C_FORK
-                T[task, T_OTHER_J] = 0
+            proc_row(r, pmm, T, S, out)
         elif kind == O.R_MM:
-            mm = r["a"]
-            if proc >= 0 and mm >= 0:
-                PROC_MMA[proc] = mm
-                MM[mm, 0] = proc
+            if r["proc"] >= 0 and r["a"] >= 0:
+                PROC_MMA[r["proc"]] = r["a"]
+                MM[r["a"], 0] = r["proc"]
     if final:
-        for c in range(ncpu):
-            if CPU[c, C_OPEN] != 0:
-                close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
-        for t in range(T.shape[0]):
-            if _has_batch(t, T):
-                close_batch(t, S[S_LAST_TS], 0, U0, 0, 0, T, pool, nxt, S, out, RS, X)
+        end_of_trace(T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)

@@ -287,23 +287,16 @@ def write_report(doc: dict[str, Any], output: Path) -> Path:
     return page
 
 
-def _results(trace: Path, settings: list[str]) -> dict[str, Any]:
-    """The results document of ``simulate --json`` for this trace (all default models)."""
-    from lufreplay.report.simulate_cmd import simulate
-
-    doc, _ = simulate(trace, None, settings)
-    return doc
-
-
 def run_report(trace: Path, output: Path, settings: list[str]) -> int:
-    """CLI entry point of ``lufreplay report``."""
-    from lufreplay.cli import fail
+    """The ``report`` command: simulate every default model, then write the page from the results document."""
+    from lufreplay.console import fail
     from lufreplay.model import SafetyViolation
     from lufreplay.model.options import OptionError
+    from lufreplay.report.simulate_cmd import simulate
     from lufreplay.trace.reader import TraceError
 
     try:
-        doc = _results(trace, settings)
+        doc = simulate(trace, None, settings).doc
         page = write_report(doc, output)
     except (TraceError, OptionError, ReportError) as e:
         raise fail(str(e), 2) from None

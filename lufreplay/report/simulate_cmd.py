@@ -1,4 +1,8 @@
-"""``lufreplay simulate``: replay a trace through the models and print (or --json) the results document."""
+"""``lufreplay simulate``: replay a trace through the models and print (or --json) the results document.
+
+``simulate()`` is the library function (``report`` and the tests build from the document it returns);
+``run_simulate()`` is the command around it: errors, exit codes and output.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +18,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
+from lufreplay.console import emit_json, fail, make_console
 from lufreplay.model import DEFAULT_MODELS, MODELS, SafetyViolation
 from lufreplay.model import ops as O
 from lufreplay.model.options import OptionError, describe, parse_settings
@@ -75,10 +81,20 @@ def write_decisions(res: ReplayResult, out: Path) -> Path:
     return f
 
 
-def simulate(trace_path: Path, models: list[str] | None, settings: list[str] | dict, decisions: bool = False):  # type: ignore[no-untyped-def]
-    """Library entry point: (results document, ReplayResult). Raises TraceError / OptionError / ValueError."""
-    from lufreplay.report.results import build as _build
+class Simulation(NamedTuple):
+    """What ``simulate`` returns: the results document (``simulate --json``) and the replay it was built from."""
 
+    doc: dict[str, Any]
+    result: ReplayResult
+
+
+def simulate(
+    trace_path: Path, models: list[str] | None = None, settings: list[str] | dict | None = None, decisions: bool = False
+) -> Simulation:
+    """Replay ``trace_path`` through ``models`` (default: all) with model options ``settings``.
+
+    Raises TraceError / OptionError / SafetyViolation; ``decisions`` keeps every flush decision in the result.
+    """
     opts = parse_settings(settings)
     requested = list(models) if models else list(DEFAULT_MODELS)
     unknown = [m for m in requested if m not in MODELS]
@@ -88,17 +104,14 @@ def simulate(trace_path: Path, models: list[str] | None, settings: list[str] | d
     run = ["vanilla", *[m for m in requested if m != "vanilla"]]
     t0 = time.perf_counter()
     res = replay(trace, run, opts, decisions=decisions)
-    doc = _build(trace, res, opts, requested, time.perf_counter() - t0)
-    return doc, res
+    return Simulation(build(trace, res, opts, requested, time.perf_counter() - t0), res)
 
 
 def run_simulate(
     trace: Path, models: list[str] | None, settings: list[str], list_options: bool, json_out: bool, out: Path | None
 ) -> int:
-    """The CLI command; returns the exit code."""
-    from lufreplay.cli import emit_json, fail
-
-    console = Console()
+    """The ``simulate`` command; returns the exit code (raises the Exit of a one-line error)."""
+    console = make_console()
     if list_options:
         if json_out:
             emit_json(describe())
@@ -123,4 +136,4 @@ def run_simulate(
     return 0
 
 
-__all__ = ["build", "run_simulate", "simulate", "write_decisions"]
+__all__ = ["Simulation", "build", "run_simulate", "simulate", "write_decisions"]

@@ -313,10 +313,11 @@ def _fmt(v: Any) -> str:
 
 
 def _print_human(doc: dict[str, Any], path: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    con = Console()
+    from lufreplay.console import make_console
+
+    con = make_console()
     meta = doc["meta"]
     host = meta.get("host") or {}
     t = Table(title=f"trace {path}", show_header=False)
@@ -394,7 +395,7 @@ def _print_human(doc: dict[str, Any], path: Path) -> None:
 
 def run_info(trace: Path, json_out: bool) -> int:
     """Print a trace summary (table or JSON). Exit 2 on a trace that cannot be read."""
-    from lufreplay.cli import emit_json, fail
+    from lufreplay.console import emit_json, fail
 
     try:
         tr = open_trace(trace)

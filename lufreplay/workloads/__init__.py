@@ -20,7 +20,7 @@ WORKLOADS = {
 
 def run_workload(name: str, args: list[str]) -> int:
     """Run workload ``name`` with its own command-line ``args``; returns the exit status."""
-    from lufreplay.cli import fail
+    from lufreplay.console import fail
     from lufreplay.workloads.common import WorkloadError
 
     if name not in WORKLOADS:
