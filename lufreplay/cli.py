@@ -1,4 +1,4 @@
-"""The ``lufreplay`` command line: doctor, record, info, simulate, report, workload, schema.
+"""The ``lufreplay`` command line: doctor, record, info, simulate, report, sweep, workload, schema.
 
 Heavy modules are imported inside each command so ``lufreplay --help`` stays fast.
 """
@@ -157,6 +157,35 @@ def report(
     from lufreplay.report.html import run_report
 
     raise typer.Exit(run_report(trace, output, settings=set_ or []))
+
+
+@app.command()
+def sweep(
+    traces: Annotated[list[Path], typer.Argument(help="trace directories")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="model option NAME=V1,V2,... (every combination is run)")
+    ] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="directory for results.parquet and index.html")] = Path(
+        "lufreplay-sweep"
+    ),
+    model: Annotated[list[str] | None, typer.Option("-m", "--model", help="model(s) to run; default: all")] = None,
+    address: Annotated[
+        str | None, typer.Option("--address", help="Ray cluster to use (default: a local instance on this machine)")
+    ] = None,
+    num_cpus: Annotated[int | None, typer.Option("--num-cpus", help="CPUs of the local Ray instance")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="also print the result rows as JSON")] = False,
+) -> None:
+    """Replay every trace with every combination of model options as Ray tasks; one table and one page.
+
+    Examples:
+
+        lufreplay sweep traces/* --set clip_to_recorded=true,false --set alloc_order=luf,recorded -o sweep/
+
+        lufreplay sweep /shared/traces/* --set large_folios=reject,eligible --address auto -o s/
+    """
+    from lufreplay.fleet.sweep import run_sweep_cmd
+
+    raise typer.Exit(run_sweep_cmd(traces, set_ or [], output, model, address, num_cpus, json_out))
 
 
 @app.command(
