@@ -1,4 +1,4 @@
-"""The ``lufreplay`` command line: doctor, record, info, simulate, report, sweep, workload, schema.
+"""The ``lufreplay`` command line: doctor, record, info, simulate, report, sweep, export, workload, schema.
 
 Heavy modules are imported inside each command so ``lufreplay --help`` stays fast.
 """
@@ -186,6 +186,27 @@ def sweep(
     from lufreplay.fleet.sweep import run_sweep_cmd
 
     raise typer.Exit(run_sweep_cmd(traces, set_ or [], output, model, address, num_cpus, json_out))
+
+
+@app.command()
+def export(
+    trace: Annotated[Path, typer.Argument(help="trace directory")],
+    chrome_trace: Annotated[
+        Path | None,
+        typer.Option("--chrome-trace", help="write Chrome trace-event JSON (Perfetto UI, chrome://tracing) to FILE"),
+    ] = None,
+    model: Annotated[list[str] | None, typer.Option("-m", "--model", help="model(s) to run; default: all")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="model option NAME=VALUE")] = None,
+) -> None:
+    """Export per-CPU tracks of recorded flushes, shootdown IPIs and each model's flush decisions.
+
+    Example:
+
+        lufreplay export traces/mmap-stream --chrome-trace mmap-stream.json   # then open it in ui.perfetto.dev
+    """
+    from lufreplay.report.export import run_export
+
+    raise typer.Exit(run_export(trace, chrome_trace, model, set_ or []))
 
 
 @app.command(
