@@ -81,6 +81,10 @@ def test_every_task_has_its_rows_and_a_bad_trace_fails_alone(sweep: Any) -> None
     assert len(fail_lines) == len(combos) and all(str(bad) in ln for ln in fail_lines)
     assert f"{len(ok)}/{len(ok) + len(failed)} tasks done, {len(failed)} failed" in r.stderr
     assert "Traceback" not in r.stderr
+    n = len(ok) + len(failed)  # progress: stderr is no terminal here, so one line per finished task
+    assert [ln.split()[1] for ln in r.stderr.splitlines() if ln.startswith("sweep: ")] == [
+        f"{i}/{n}" for i in range(1, n + 1)
+    ]
     for x in ok:
         assert x["remote_shootdowns_lo"] <= x["remote_shootdowns"] <= x["remote_shootdowns_hi"]
         assert x["recorded_shootdowns"] > 0
@@ -170,9 +174,10 @@ def test_grid_is_the_product_of_the_values() -> None:
         (["--set", "alloc_order=luf,sideways"], "sideways"),
         (["--set", "alloc_order=luf", "--set", "alloc_order=recorded"], "given twice"),
         (["-m", "luf-v99"], "luf-v99"),
+        (["--set", "alloc_order=luf,recorded", "--address", "127.0.0.1:1"], "cannot reach Ray at 127.0.0.1:1"),
     ],
 )
-def test_bad_grid_is_a_one_line_error_before_ray_starts(args: list[str], needle: str, tmp_path: Path) -> None:
+def test_bad_input_is_a_one_line_error_before_any_replay(args: list[str], needle: str, tmp_path: Path) -> None:
     r = lufreplay("sweep", str(TRACES[0]), *args, "-o", str(tmp_path / "o"), timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("lufreplay: error: "), r.stderr

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -181,6 +182,19 @@ def _local_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def _probe(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast on an unreachable ``host:port``: ray.init retries such an address for minutes, logging each try."""
+    if "://" in address or address == "auto" or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except ValueError:
+        raise SweepError(f"--address {address}: expected HOST:PORT, auto or ray://HOST:PORT") from None
+    except OSError as e:
+        raise SweepError(f"cannot reach Ray at {address}: {e.strerror or e}") from None
+
+
 def start_ray(address: str | None, num_cpus: int | None) -> Any:
     """Connect to ``address`` or start a quiet local instance limited to this machine's CPUs (no dashboard)."""
     ray = _ray()
@@ -191,6 +205,8 @@ def start_ray(address: str | None, num_cpus: int | None) -> Any:
         "log_to_driver": False,
         "configure_logging": True,
     }
+    if address:
+        _probe(address)
     try:
         if address:
             ray.init(address=address, **kw)
@@ -242,9 +258,8 @@ def run_sweep(
     finally:
         ray.shutdown()
     order = {(str(t), json.dumps(c, sort_keys=True)): i for i, (t, c) in enumerate(itertools.product(traces, grid))}
-    rows.sort(
-        key=lambda r: (order.get((r["trace_path"], json.dumps(r["options"], sort_keys=True)), 0), r["model"] or "")
-    )
+    # task order (traces as given, then the grid); a task's models stay in the results document's order
+    rows.sort(key=lambda r: order.get((r["trace_path"], json.dumps(r["options"], sort_keys=True)), 0))
     names = list(grid[0]) if grid else []
     return SweepResult(rows=rows, option_names=names, tasks=total, failed=failed)
 
@@ -301,12 +316,14 @@ def run_sweep_cmd(
             TextColumn("{task.description}"),
             TimeElapsedColumn(),
             console=err,
-            transient=False,
+            disable=not err.is_terminal,
         ) as bar:
             tid = bar.add_task("starting Ray", total=len(traces) * len(grid))
 
             def tick(done: int, total: int, label: str) -> None:
                 bar.update(tid, completed=done, description=label)
+                if not err.is_terminal:  # rich draws no live bar into a log: one line per finished task instead
+                    print(f"sweep: {done}/{total} {label}", file=sys.stderr, flush=True)
 
             result = run_sweep([str(t) for t in traces], grid, models, address, num_cpus, tick)
         table, page = write_results(result, output)

@@ -106,10 +106,11 @@ def plot_effect(rows: list[dict[str, Any]], option: str) -> Figure | None:
             x + (i - (len(models) - 1) / 2) * w, mean, w, yerr=[lo, hi], capsize=2, color=col[m], label=plots.label(m)
         )
     ax.set_xticks(x, [f"{option}={v}" for v in values])
+    ax.tick_params(axis="x", labelsize=8)
     ax.set_ylabel("shootdowns avoided (%)")
     ax.axhline(0, color="#888", lw=0.8)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=min(len(models), 5))
+    ax.legend(fontsize=8, ncol=min(len(models), 5), loc="upper center", bbox_to_anchor=(0.5, -0.12))
     return fig
 
 
@@ -135,7 +136,7 @@ def plot_spread(rows: list[dict[str, Any]]) -> Figure | None:
     ax.invert_yaxis()
     ax.set_xlabel("shootdowns avoided (%)")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=min(len(models), 5), loc="upper center", bbox_to_anchor=(0.5, -0.18))
     return fig
 
 
@@ -144,28 +145,28 @@ def _pp(v: float) -> str:
 
 
 def _effect_table(rows: list[dict[str, Any]], option: str) -> str:
+    """One row per model: avoided % for each value, then each value's paired change against the first."""
     eff = option_effect(rows, option)
     change = paired_change(rows, option)
-    models = _models(rows)
-    first = next(iter(eff), "")
+    values = list(eff)
     head = (
-        '<tr><th class="l">value</th>'
-        + "".join(f"<th>{_e(plots.label(m))}: avoided, mean (min–max)</th>" for m in models)
-        + "".join(f"<th>{_e(plots.label(m))}: change vs {_e(first)}</th>" for m in models)
+        '<tr><th class="l">model</th>'
+        + "".join(f"<th>{_e(option)}={_e(v)}: avoided, mean (min–max)</th>" for v in values)
+        + "".join(f"<th>{_e(v)} vs {_e(values[0])}: change, mean (min to max)</th>" for v in values[1:])
         + "</tr>"
     )
     body = []
-    for v, by_model in eff.items():
+    for m in _models(rows):
         cells = []
-        for m in models:
-            d = by_model.get(m)
+        for v in values:
+            d = eff[v].get(m)
             cells.append(
                 f'<td data-mean="{statistics.fmean(d)!r}">{fmt_pct(statistics.fmean(d))}'
                 f' <span class="small">({fmt_pct(min(d))}–{fmt_pct(max(d))}, n={len(d)})</span></td>'
                 if d
                 else "<td></td>"
             )
-        for m in models:
+        for v in values[1:]:
             d = change.get(v, {}).get(m)
             cells.append(
                 f'<td data-mean="{statistics.fmean(d)!r}">{_pp(statistics.fmean(d))}'
@@ -173,7 +174,7 @@ def _effect_table(rows: list[dict[str, Any]], option: str) -> str:
                 if d
                 else "<td></td>"
             )
-        body.append(f'<tr><td class="l">{_e(v)}</td>{"".join(cells)}</tr>')
+        body.append(f'<tr><td class="l">{_e(plots.label(m))}</td>{"".join(cells)}</tr>')
     return f'<table id="effect-{slug(option)}">{head}{"".join(body)}</table>'
 
 
@@ -222,12 +223,17 @@ def _failures(rows: list[dict[str, Any]]) -> str:
     bad = [r for r in rows if r.get("error")]
     if not bad:
         return ""
-    items = "".join(
-        f"<li><code>{_e(r['trace_path'])}</code> "
-        f"[{_e(', '.join(f'{k}={v}' for k, v in r['options'].items()))}]: {_e(r['error'])}</li>"
-        for r in bad
-    )
-    return f'<div class="warn" id="failures"><strong>{len(bad)} task(s) failed.</strong><ul>{items}</ul></div>'
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in bad:
+        groups[(r["trace_path"], r["error"])].append(r)
+    items = []
+    for (path, error), rs in groups.items():
+        combos = "; ".join(", ".join(f"{k}={v}" for k, v in r["options"].items()) for r in rs)
+        items.append(
+            f'<li><code>{_e(path)}</code>: {_e(error)} <span class="small">({len(rs)} combination(s): '
+            f"{_e(combos)})</span></li>"
+        )
+    return f'<div class="warn" id="failures"><strong>{len(bad)} task(s) failed.</strong><ul>{"".join(items)}</ul></div>'
 
 
 def render_page(rows: list[dict[str, Any]], option_names: list[str]) -> str:
