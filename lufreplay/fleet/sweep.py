@@ -214,7 +214,8 @@ def start_ray(address: str | None, num_cpus: int | None) -> Any:
             # local workers inherit this environment: make them import lufreplay from where this process does
             pkg_root = str(Path(__file__).resolve().parent.parent.parent)
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)
-            ray.init(num_cpus=num_cpus or _local_cpus(), **kw)
+            # "local": a new instance even when RAY_ADDRESS or a `ray start` cluster on this host exists
+            ray.init(address="local", num_cpus=num_cpus or _local_cpus(), **kw)
     except Exception as e:  # ray raises ConnectionError, RuntimeError, ValueError... for a bad address
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SweepError(f"cannot start Ray{' at ' + address if address else ''}: {msg}") from None
