@@ -142,6 +142,22 @@ def test_page_renders_effect_spread_and_failures(sweep: Any, tmp_path: Path) -> 
     for name, vals in GRID.items():
         txt = dom.text[f"effect-{name}"]
         assert all(v in txt for v in vals) and MODEL in txt
+    # the effect cells are the table's numbers: mean avoided % per value, and the change paired per trace
+    rows = [x for x in pq.read_table(out / "results.parquet").to_pylist() if x["error"] is None]
+    for name, vals in GRID.items():
+        for v in vals:
+            mine = [x for x in rows if x["options"][name] == v]
+            got = float(dom.attrs[f"avoided-{name}-{MODEL}-{v}"]["data-mean"] or "nan")
+            assert got == pytest.approx(np.mean([x["avoided_pct"] for x in mine]))
+
+        def others(x: dict[str, Any], name: str = name) -> tuple[str, str]:
+            return x["trace_path"], json.dumps({k: w for k, w in x["options"].items() if k != name}, sort_keys=True)
+
+        base = {others(x): x["avoided_pct"] for x in rows if x["options"][name] == vals[0]}
+        diffs = [x["avoided_pct"] - base[others(x)] for x in rows if x["options"][name] == vals[1]]
+        assert len(diffs) == len(rows) // len(vals)
+        got = float(dom.attrs[f"change-{name}-{MODEL}-{vals[1]}"]["data-mean"] or "nan")
+        assert got == pytest.approx(np.mean(diffs))
     for t in TRACES:
         assert t.name in dom.text["spread-table"]
     assert dom.text["results-table"].count(MODEL) == len(TRACES) * combos
@@ -197,3 +213,18 @@ def test_missing_ray_is_a_one_line_error(tmp_path: Path) -> None:
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "lufreplay[fleet]" in lines[0] and "Ray" in lines[0]
+
+
+def test_a_sweep_of_traces_only_has_no_options_column(tmp_path: Path) -> None:
+    """No --set: one combination (the defaults) per trace; Parquet cannot hold a struct without fields."""
+    from lufreplay.fleet.sweep import SweepResult, write_results
+
+    assert parse_grid([]) == [{}]
+    rows = [
+        {"trace": "T", "trace_path": "/x/T", "options": {}, "model": MODEL, "remote_shootdowns": 3, "error": None},
+        {"trace": "U", "trace_path": "/x/U", "options": {}, "model": None, "error": "TraceError: /x/U: no such trace"},
+    ]
+    table, page = write_results(SweepResult(rows=rows, option_names=[], tasks=2, failed=1), tmp_path)
+    t = pq.read_table(table)
+    assert "options" not in t.column_names and t.column("remote_shootdowns").to_pylist() == [3, None]
+    assert "/x/U" in page.read_text()

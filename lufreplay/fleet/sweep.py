@@ -146,13 +146,17 @@ COLUMNS: dict[str, pa.DataType] = {
 
 
 def to_table(rows: list[dict[str, Any]], option_names: list[str]) -> pa.Table:
-    """The rows as one Arrow table; ``options`` is a struct column with one string field per swept option."""
-    opt_type = pa.struct([(n, pa.string()) for n in option_names]) if option_names else pa.struct([])
+    """The rows as one Arrow table; ``options`` is a struct column with one string field per swept option.
+
+    With no option swept there is no ``options`` column (Parquet cannot store a struct without fields).
+    """
     cols: dict[str, pa.Array] = {
         "trace": pa.array([r["trace"] for r in rows], pa.string()),
         "trace_path": pa.array([r["trace_path"] for r in rows], pa.string()),
-        "options": pa.array([{n: r["options"].get(n) for n in option_names} for r in rows], opt_type),
     }
+    if option_names:
+        opt_type = pa.struct([(n, pa.string()) for n in option_names])
+        cols["options"] = pa.array([{n: r["options"].get(n) for n in option_names} for r in rows], opt_type)
     for name, typ in COLUMNS.items():
         if name not in cols:
             cols[name] = pa.array([r.get(name) for r in rows], typ)
@@ -211,9 +215,10 @@ def start_ray(address: str | None, num_cpus: int | None) -> Any:
         if address:
             ray.init(address=address, **kw)
         else:
-            # local workers inherit this environment: make them import lufreplay from where this process does
-            pkg_root = str(Path(__file__).resolve().parent.parent.parent)
-            os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)
+            # local workers inherit this environment: from a source checkout, make them import this lufreplay
+            pkg_root = Path(__file__).resolve().parent.parent.parent
+            if (pkg_root / "pyproject.toml").is_file():
+                os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(pkg_root), os.environ.get("PYTHONPATH"))))
             # "local": a new instance even when RAY_ADDRESS or a `ray start` cluster on this host exists
             ray.init(address="local", num_cpus=num_cpus or _local_cpus(), **kw)
     except Exception as e:  # ray raises ConnectionError, RuntimeError, ValueError... for a bad address

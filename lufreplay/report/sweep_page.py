@@ -1,7 +1,8 @@
 """The page of ``lufreplay sweep``: per-option effect and per-trace spread of the avoided shootdowns.
 
 Self-contained like ``lufreplay report`` (same CSS, formatting and figure style; PNGs as data URIs, no script).
-Stable ids: ``sweep-summary``, ``failures``, ``effect-<option>``, ``fig-effect-<option>``, ``spread-table``,
+Stable ids: ``sweep-summary``, ``failures``, ``effect-<option>`` (cells ``avoided-<option>-<model>-<value>`` and
+``change-<option>-<model>-<value>``, mean in ``data-mean``), ``fig-effect-<option>``, ``spread-table``,
 ``fig-spread``, ``results-table``.
 """
 
@@ -144,6 +145,11 @@ def _pp(v: float) -> str:
     return f"{v:+.1f} pp"
 
 
+def _cell(kind: str, option: str, model: str, value: str) -> str:
+    """Id of one effect cell: ``avoided-<option>-<model>-<value>`` or ``change-…`` (mean in ``data-mean``)."""
+    return _e(f"{kind}-{slug(option)}-{slug(model)}-{slug(value)}")
+
+
 def _effect_table(rows: list[dict[str, Any]], option: str) -> str:
     """One row per model: avoided % for each value, then each value's paired change against the first."""
     eff = option_effect(rows, option)
@@ -161,7 +167,8 @@ def _effect_table(rows: list[dict[str, Any]], option: str) -> str:
         for v in values:
             d = eff[v].get(m)
             cells.append(
-                f'<td data-mean="{statistics.fmean(d)!r}">{fmt_pct(statistics.fmean(d))}'
+                f'<td id="{_cell("avoided", option, m, v)}" data-mean="{statistics.fmean(d)!r}">'
+                f"{fmt_pct(statistics.fmean(d))}"
                 f' <span class="small">({fmt_pct(min(d))}–{fmt_pct(max(d))}, n={len(d)})</span></td>'
                 if d
                 else "<td></td>"
@@ -169,7 +176,8 @@ def _effect_table(rows: list[dict[str, Any]], option: str) -> str:
         for v in values[1:]:
             d = change.get(v, {}).get(m)
             cells.append(
-                f'<td data-mean="{statistics.fmean(d)!r}">{_pp(statistics.fmean(d))}'
+                f'<td id="{_cell("change", option, m, v)}" data-mean="{statistics.fmean(d)!r}">'
+                f"{_pp(statistics.fmean(d))}"
                 f' <span class="small">({_pp(min(d))} to {_pp(max(d))})</span></td>'
                 if d
                 else "<td></td>"
