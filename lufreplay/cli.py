@@ -1,4 +1,4 @@
-"""The ``lufreplay`` command line: doctor, record, info, simulate, report, workload, schema.
+"""The ``lufreplay`` command line: doctor, record, info, simulate, report, sweep, export, workload, schema.
 
 It only parses arguments and calls down into the command functions of the library (errors, JSON and consoles are
 ``lufreplay.console``); no module under ``lufreplay/`` imports it. Heavy modules are imported inside each command
@@ -148,6 +148,56 @@ def report(
     from lufreplay.report.html import run_report
 
     raise typer.Exit(run_report(trace, output, settings=set_ or []))
+
+
+@app.command()
+def sweep(
+    traces: Annotated[list[Path], typer.Argument(help="trace directories")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="model option NAME=V1,V2,... (every combination is run)")
+    ] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="directory for results.parquet and index.html")] = Path(
+        "lufreplay-sweep"
+    ),
+    model: Annotated[list[str] | None, typer.Option("-m", "--model", help="model(s) to run; default: all")] = None,
+    address: Annotated[
+        str | None, typer.Option("--address", help="Ray cluster to use (default: a local instance on this machine)")
+    ] = None,
+    num_cpus: Annotated[int | None, typer.Option("--num-cpus", help="CPUs of the local Ray instance")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="also print the result rows as JSON")] = False,
+) -> None:
+    """Replay every trace with every combination of model options as Ray tasks; one table and one page.
+
+    Examples:
+
+        lufreplay sweep traces/* --set clip_to_recorded=true,false --set alloc_order=luf,recorded -o sweep/
+
+        lufreplay sweep /shared/traces/* --set large_folios=reject,eligible --address auto -o s/
+    """
+    from lufreplay.fleet.sweep import run_sweep_cmd
+
+    raise typer.Exit(run_sweep_cmd(traces, set_ or [], output, model, address, num_cpus, json_out))
+
+
+@app.command()
+def export(
+    trace: Annotated[Path, typer.Argument(help="trace directory")],
+    chrome_trace: Annotated[
+        Path | None,
+        typer.Option("--chrome-trace", help="write Chrome trace-event JSON (Perfetto UI, chrome://tracing) to FILE"),
+    ] = None,
+    model: Annotated[list[str] | None, typer.Option("-m", "--model", help="model(s) to run; default: all")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="model option NAME=VALUE")] = None,
+) -> None:
+    """Export per-CPU tracks of recorded flushes, shootdown IPIs and each model's flush decisions.
+
+    Example:
+
+        lufreplay export traces/mmap-stream --chrome-trace mmap-stream.json   # then open it in ui.perfetto.dev
+    """
+    from lufreplay.report.export import run_export
+
+    raise typer.Exit(run_export(trace, chrome_trace, model, set_ or []))
 
 
 @app.command(

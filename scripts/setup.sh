@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One idempotent set-up step for lufreplay on a Debian/Ubuntu host; `make demo`, `make test` and .ci/run call it.
-#  - Python package (editable) with its test extras.
+#  - Python package (editable) with its test extras and the fleet extra (Ray, for `lufreplay sweep`).
 #  - As root: bcc (python3-bpfcc), kernel headers bcc can compile against, tracefs mounted,
 #    Chromium for the report's browser test. Without root only the Python part runs (simulate needs no root).
 # Kernel headers: bcc looks in /lib/modules/$(uname -r)/build. A custom kernel (as on Firecracker guests) has
@@ -25,9 +25,9 @@ warm_numba() {
 }
 
 PY=${PYTHON:-python3}
-if ! $PY -c 'import lufreplay, pytest, hypothesis' 2>/dev/null || [ pyproject.toml -nt .setup-stamp ]; then
-  say "installing the lufreplay Python package (editable, with test extras)"
-  $PY -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v 'Running pip as the' || true
+if ! $PY -c 'import lufreplay, pytest, hypothesis, duckdb, ray' 2>/dev/null || [ pyproject.toml -nt .setup-stamp ]; then
+  say "installing the lufreplay Python package (editable, with test and fleet (Ray) extras)"
+  $PY -m pip install -q --disable-pip-version-check -e '.[test,fleet]' 2>&1 | grep -v 'Running pip as the\|is ignored: it is neither' || true
   touch .setup-stamp
 fi
 

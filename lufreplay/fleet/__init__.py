@@ -1,0 +1,1 @@
+"""Runs over many traces and option combinations (``lufreplay sweep``), on Ray."""
