@@ -27,6 +27,8 @@ ALLOWED = {
     "model": {"schema"},
     "replay": {"schema", "trace", "model"},
     "report": {"schema", "console", "trace", "model", "replay"},
+    # sweeps run the simulate library once per (trace, options) task: above report, below the CLI
+    "fleet": {"schema", "console", "trace", "model", "replay", "report"},
 }
 MODULE_NAME = re.compile(r"lufreplay(\.[A-Za-z_][A-Za-z0-9_]*)+")
 
