@@ -8,7 +8,7 @@ Kernel rules (arch/x86/mm/tlb.c):
   ``switch`` — cleared at the switch (x86 up to 6.12, e.g. Debian's 6.12 source): the mask is the CPUs with the mm
   loaded, running it or lazy; ``kept`` — kept, and cleared only when a flush of that mm reaches the CPU while it
   runs another mm (``flush_tlb_func``: TLB_REMOTE_WRONG_CPU; the once-a-second ``trim_cpumask`` IPIs), x86 since
-  "x86/mm/tlb: Update mm_cpumask lazily" (tip, Nov 2024), the kernels of the bundled traces (6.18);
+  commit 209954cbc7d0 "x86/mm/tlb: Update mm_cpumask lazily" (after 6.12), the kernels of the bundled traces (6.18);
   ``window`` — the CPUs that ran the mm within ``mm_cpumask_trim_s`` (an approximation, the former default);
 * a batched flush (``arch_tlbbatch_flush``, ``info->mm == NULL``) skips the CPUs lazy at the moment it is sent
   (``should_flush_tlb``).
