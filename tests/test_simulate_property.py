@@ -34,7 +34,7 @@ SETTINGS = st.sampled_from(
         ["unknown_rw=eligible", "credit_natural_flushes=true"],
         ["atomic_no_shootdown=false", "epoch_flush_latency_us=0"],
         ["clip_to_recorded=false", "unexplained_targets=defer", "pcp_strikes=1"],
-        ["shared_writable_vma=readonly", "mm_cpumask_trim_s=0"],
+        ["shared_writable_vma=readonly", "mm_cpumask=window"],
         ["non_luf_ok=false", "unknown_rw=eligible"],
     ]
 )

@@ -41,7 +41,13 @@ O_REC_PERCPU = O_RD + RD_BINS  # recorded (vanilla): remote shootdowns received 
 O_REC_EVENTS = O_REC_PERCPU + MAX_CPUS  # recorded flush events per cause
 O_REC_TL = O_REC_EVENTS + NCAUSE  # recorded remote shootdowns per timeline bin
 O_VIOL = O_REC_TL + TIMELINE_BINS  # safety violations (count, pfn, ts)
-ACC_SIZE = O_VIOL + 4
+# vanilla rebuild, per target CPU: recorded shootdowns it explains, and rebuilt ones that were really sent
+O_FID_EXPL_CPU = O_VIOL + 4
+O_FID_MATCH_CPU = O_FID_EXPL_CPU + MAX_CPUS
+# vanilla rebuild: predicted IPIs of batch flushes that reached no CPU although the kernel traced sending (every
+# remote target skipped: lazy, or a preempted vCPU under KVM PV flush), and of flushes with no remote CPU at all
+O_FID_SKIPPED = O_FID_MATCH_CPU + MAX_CPUS
+ACC_SIZE = O_FID_SKIPPED + 2
 
 # Log vector ``nlog``: [decisions written, stale requests written, done-history entries written, decision capacity]
 L_DEC, L_REQ, L_HIST = 0, 1, 2

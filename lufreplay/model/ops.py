@@ -37,7 +37,9 @@ RAW_DTYPE = np.dtype(
     M_FOLIO_END,  # end_folio_unmap: sub = rejection reason of the folio (0 = eligible), aux = the reason without
     #               the large-folio exclusion (option large_folios=eligible)
     M_KEEP,  # F11: reclaim could not free an eligible folio
-    M_BATCH,  # batch_flush: cpu = sender, mask = recorded remote targets, aux = shootdown rows, flags B_*
+    M_BATCH,  # batch_flush: cpu = sender, mask = recorded remote targets, aux = shootdown rows, flags B_*,
+    #           mask2 = CPUs lazy at the flush, order = 1 if the kernel traced remote_send_ipi (a remote CPU in
+    #           its cpumask)
     M_RFLUSH,  # a recorded flush LUF leaves alone: sub = cause, mask = targets, aux = shootdown rows,
     #            mask2 = CPUs credited (F9), pfn = credited CPUs running another mm (R6)
     M_LFLUSH,  # a full local flush (task switch): only the oracle uses it

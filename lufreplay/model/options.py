@@ -18,9 +18,17 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option(
+        "mm_cpumask",
+        "kept",
+        "how a CPU leaves mm_cpumask(mm): 'kept' until a flush of the mm reaches it while it runs another mm"
+        " (x86 since 'Update mm_cpumask lazily', the bundled traces' 6.18), 'switch' at a switch to another mm"
+        " (x86 up to 6.12), 'window' mm_cpumask_trim_s after it last ran the mm [§8.1, §9.9]",
+        ("kept", "switch", "window"),
+    ),
+    Option(
         "mm_cpumask_trim_s",
         1.0,
-        "seconds a CPU stays in mm_cpumask(mm) after it last ran the mm (x86 trims lazily) [I, §8.1]",
+        "mm_cpumask=window: seconds a CPU stays in mm_cpumask(mm) after it last ran the mm [I, §8.1]",
     ),
     Option(
         "clip_to_recorded",

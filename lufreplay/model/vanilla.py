@@ -1,7 +1,8 @@
 """Vanilla: the kernel as recorded, rebuilt from the reconstructed batches.
 
-A batched flush targets the union of the modelled mm_cpumasks of every PTE the batch cleared (minus the sender);
-every other recorded flush passes through. Comparing the rebuilt targets with the recorded ones gives the
+A batched flush targets the union of the modelled mm_cpumasks of every PTE the batch cleared, minus the sender
+and minus the CPUs in lazy-TLB mode when it is sent (BATCH.mask2: ``should_flush_tlb`` skips them for a flush
+with ``info->mm == NULL``); every other recorded flush passes through. Comparing the rebuilt targets with the recorded ones gives the
 fidelity figure: the share of recorded remote shootdowns that the reconstruction explains, per cause.
 It also measures the free → re-allocation delay of tracked pages.
 """
@@ -15,8 +16,11 @@ from lufreplay.model import ops as O
 from lufreplay.model.base import Model
 from lufreplay.model.kernels import (
     O_FID_EXPL,
+    O_FID_EXPL_CPU,
+    O_FID_MATCH_CPU,
     O_FID_PRED,
     O_FID_REC,
+    O_FID_SKIPPED,
     O_RD,
     O_REC_EVENTS,
     O_REC_PERCPU,
@@ -48,6 +52,16 @@ def _recorded(ts, R, n, cause, acc, tl):
 
 
 @numba.njit(cache=True)
+def _per_cpu(acc, off, m):
+    c = 0
+    while m != U0:
+        if m & U1:
+            acc[off + c] += 1
+        m >>= U1
+        c += 1
+
+
+@numba.njit(cache=True)
 def run_vanilla(mops, nops, SU, free_ts, acc, tl, dec, nlog):
     for i in range(nops):
         r = mops[i]
@@ -58,11 +72,15 @@ def run_vanilla(mops, nops, SU, free_ts, acc, tl, dec, nlog):
         elif op == O.M_BATCH:
             cpu = r["cpu"]
             R = r["mask"]
-            pred = SU[0] & ~bit(cpu)
+            pred = SU[0] & ~bit(cpu) & ~r["mask2"]  # mask2: the CPUs lazy at this flush
             cb = O.C_BATCH
             _recorded(r["ts"], R, r["aux"], cb, acc, tl)
             acc[O_FID_EXPL + cb] += popcount(pred & R)
+            _per_cpu(acc, O_FID_EXPL_CPU, pred & R)
+            _per_cpu(acc, O_FID_MATCH_CPU, pred & R)
             acc[O_FID_PRED + cb] += popcount(pred)
+            if r["aux"] == 0 and pred != U0:  # the kernel reached none: all skipped, or no remote CPU in its mask
+                acc[O_FID_SKIPPED + (0 if r["order"] != 0 else 1)] += popcount(pred)
             tg = pred | (bit(cpu) if r["sub"] != 0 else U0)
             account_flush(r["ts"], cpu, r["task"], tg, cb, op, -1, acc, tl, dec, nlog)
             SU[0] = U0
@@ -73,6 +91,8 @@ def run_vanilla(mops, nops, SU, free_ts, acc, tl, dec, nlog):
             acc[O_FID_PRED + cause] += r["aux"]
             if cause != O.C_OTHER and cause != O.C_BATCH_UNSEEN:
                 acc[O_FID_EXPL + cause] += r["aux"]
+                _per_cpu(acc, O_FID_EXPL_CPU, r["mask"])
+            _per_cpu(acc, O_FID_MATCH_CPU, r["mask"])  # passed through: sent as recorded
             tg = r["mask"] | (bit(cpu) if (r["flags"] & 1) else U0)
             account_flush(r["ts"], cpu, r["task"], tg, cause, op, -1, acc, tl, dec, nlog)
         elif op == O.M_FREE:

@@ -27,6 +27,7 @@ from lufreplay.model import ops as O
 from lufreplay.model.base import Model
 from lufreplay.model.state import grow, model_options
 from lufreplay.replay import reconstruct as RC
+from lufreplay.replay.cpustate import MASK_MODES
 from lufreplay.replay.rawops import (
     COLUMNS,
     EVENT_TABLES,
@@ -109,6 +110,7 @@ def recon_options(opts: dict[str, Any], ncpu: int) -> np.ndarray:
     x[RC.X_ATOMIC_NO_SD] = 1.0 if opts["atomic_no_shootdown"] else 0.0
     x[RC.X_DIRTY_MKCLEAN] = 1.0 if opts["dirty_folio_is_mkclean"] else 0.0
     x[RC.X_NCPU] = float(ncpu)
+    x[RC.X_CPUMASK] = float(MASK_MODES.index(opts["mm_cpumask"]))
     return x
 
 
@@ -129,7 +131,7 @@ class Reconstructor:
         self.pool = np.zeros(0, O.MOP_DTYPE)
         self.nxt = np.zeros(0, np.int64)
         self.out = np.zeros(0, O.MOP_DTYPE)
-        self.S = np.zeros(4, np.int64)
+        self.S = np.zeros(RC.NS, np.int64)
         self.S[RC.S_FREE] = -1
         self.RS = np.zeros(RC.NRS, np.int64)
 

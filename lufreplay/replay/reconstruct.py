@@ -21,8 +21,8 @@ What the trace shows on a tracepoint-only host (host-probing §4.4–4.6) and ho
   parent's full flush in fork (dup_mmap), anything else) become RFLUSH ops that every model passes through unchanged.
 * allocator rows → FREE / DRAIN / TAKE / ALLOC; faults, syscalls, file rows, kthread switches → HOOK ops (F3–F13).
 
-The masks of a PTE are the modelled ``mm_cpumask(mm)`` at the unmap (CPUs that ran the mm within
-``mm_cpumask_trim_s``, or run it now), clipped to the CPUs the recorded batch flush really targeted plus the
+The masks of a PTE are the modelled ``mm_cpumask(mm)`` at the unmap (lufreplay.replay.cpustate, option
+``mm_cpumask``), clipped to the CPUs the recorded batch flush really targeted plus the
 sender when ``clip_to_recorded`` is on. A batch's items are emitted together right before its BATCH op, so the
 model sees the PTE clears at the batch's flush time (µs later than the trace): the ordering of a batch's
 internal events is kept, and the stale window uses each folio's own unmap time.
@@ -35,6 +35,7 @@ import numpy as np
 
 from lufreplay.model import ops as O
 from lufreplay.model.kernels import U0, U1, bit
+from lufreplay.replay import cpustate as CS
 
 # ---- per-task columns of T ------------------------------------------------------------------------------
 T_PROC, T_CTX, T_OTHER_J, T_MIG_REASON, T_SYS_NR, T_SYS_UNTIL, T_IMM = 0, 1, 2, 3, 4, 5, 6
@@ -49,12 +50,17 @@ T_PEND_HEAD, T_PEND_TAIL, T_BATCH_HEAD, T_BATCH_TAIL, T_BATCH_N, T_MIG_PFN, T_MI
     14,
 )
 T_FAULT_TS, T_FAULT_COW = 15, 16  # the task's last fault (ts + 1), and whether it could break a COW
-NT = 17
+T_KIND = 17  # user task or kernel thread (lufreplay.replay.cpustate)
+NT = 18
 # ---- per-CPU columns of CPU -----------------------------------------------------------------------------
 C_OPEN, C_TASK, C_N, C_TS, C_LOCAL, C_FULL, C_CUR_TASK, C_CUR_MM, C_PROC, C_PAGES = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9
-NC = 10
+C_LOADED, C_LAZY = 10, 11  # the mm loaded (process + 1) and lazy-TLB mode (lufreplay.replay.cpustate)
+C_SENT = 12  # the open flush traced reason 4 (remote_send_ipi, before lazy/PV filtering)
+NC = 13
 # ---- scalars S --------------------------------------------------------------------------------------------
 S_FREE, S_NOUT, S_POOL_LIVE, S_LAST_TS = 0, 1, 2, 3
+S_STAMPED = 4  # BATCH ops of ``out`` before this index carry their lazy set (cpustate.settle)
+NS = 5
 # ---- options vector -------------------------------------------------------------------------------------------
 (
     X_TRIM_NS,
@@ -68,8 +74,9 @@ S_FREE, S_NOUT, S_POOL_LIVE, S_LAST_TS = 0, 1, 2, 3
     X_ATOMIC_NO_SD,
     X_DIRTY_MKCLEAN,
     X_NCPU,
-) = range(11)
-NX = 11
+    X_CPUMASK,  # cpustate.MASK_*
+) = range(12)
+NX = 12
 # ---- reconstruction statistics (int64 vector) ----------------------------------------------------------------
 NREJ = len(O.REJECT)
 RS_FOLIOS = 0  # folios by rejection reason
@@ -78,7 +85,9 @@ RS_PROV = RS_PAGES + NREJ  # PTEs: exact, inferred, unknown
 RS_BATCHES = RS_PROV + 3
 RS_RECORDED_ROWS = RS_BATCHES + 1
 RS_SHARED_W_FAULTS = RS_RECORDED_ROWS + 1  # write faults in shared writable file VMAs: pages mkclean may clean
-NRS = RS_SHARED_W_FAULTS + 1
+RS_SWITCH_GUESSED = RS_SHARED_W_FAULTS + 1  # switches to a task of unknown kind (cpustate.switch_in guessed)
+RS_PTE_NO_OWNER = RS_SWITCH_GUESSED + 1  # batched PTE ops of an mm whose process the trace never named
+NRS = RS_PTE_NO_OWNER + 1
 
 # migration-folio running flags (T_MIG_FLAGS)
 F_WRITABLE, F_UNBATCHED, F_UNKNOWN = 1, 2, 4
@@ -151,22 +160,6 @@ def shared_file_vma_in_range(snap, a0, a1, sn_lo, sn_hi, mp_start, mp_end, mp_ma
         if mp_start[r] < a1 and a0 < mp_end[r] and mp_map[r] >= 0 and (mp_flags[r] & V_S):
             return mp_map[r]
     return -1
-
-
-@numba.njit(cache=True)
-def mm_cpumask(mm, t, ncpu, trim_ns, cpu_state, last_run):
-    """Modelled mm_cpumask(mm) at ``t``: CPUs running the mm now, or that ran it within the trim window."""
-    m = U0
-    if mm < 0:
-        return m
-    for c in range(ncpu):
-        if cpu_state[c, C_CUR_MM] == mm:
-            m |= bit(c)
-        else:
-            lr = last_run[mm, c]
-            if lr > 0 and t - lr <= trim_ns:
-                m |= bit(c)
-    return m
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -447,8 +440,11 @@ def close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X, nx_set=
         T[task, T_IMM] = ts + 1
         emit(out, S, ts, O.M_RFLUSH, O.C_IMMEDIATE, c, task, -1, -1, -1, 0, fflag, R, U0, n)
         return
+    sent = CPU[c, C_SENT]
+    CPU[c, C_SENT] = 0
     if task >= 0 and local != 3 and _has_batch(task, T):
-        close_batch(task, ts, c, R, n, lflag, T, pool, nxt, S, out, RS, X)
+        if close_batch(task, ts, c, R, n, lflag, T, pool, nxt, S, out, RS, X):
+            out[S[S_NOUT] - 1]["order"] = sent  # BATCH.order: reason 4 traced, the cpumask had a remote CPU
         return
     if local == 2:
         cause = O.C_BATCH_UNSEEN if in_ctx else O.C_OTHER
@@ -510,6 +506,15 @@ def _emit_context_flush(ts, c, task, R, n, flags, pages, T, CPU, MM, PROC_MMA, o
     emit(out, S, ts, O.M_RFLUSH, cause, c, task, mm, -1, other_mm, 0, flags, R, credit, n)
 
 
+@numba.njit(cache=True, inline="always")
+def settle_lazy(S, CPU, T, PROC_MMA, MM, LAST_RUN, X, out):
+    """mm_cpumask: BATCH ops emitted since the last CPU-state change get the lazy CPUs of that moment."""
+    S[S_STAMPED] = CS.settle(
+        out, S[S_STAMPED], S[S_NOUT], O.M_BATCH, O.M_RFLUSH, np.int64(X[X_CPUMASK]), np.int64(X[X_NCPU]), CPU,
+        C_LAZY, C_LOADED, T, T_PROC, T_KIND, PROC_MMA, MM, LAST_RUN,
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the steps of reconstruct(), one per kind of raw op (docs/simulate.md, "Pipeline", names them in this order)
 # ---------------------------------------------------------------------------------------------------------------
@@ -523,6 +528,8 @@ def track_task(r, T, LAST_RUN, PROC_MMA):
     proc = r["proc"]
     if task >= 0 and proc >= 0:
         T[task, T_PROC] = proc
+    if kind == O.R_MM or kind == O.R_FAULT or kind == O.R_SYSCALL:  # rows only user tasks emit
+        CS.learn_kind(T, task, CS.K_USER, T_KIND)
     pmm = PROC_MMA[proc] if proc >= 0 else -1
     if pmm >= 0:
         LAST_RUN[pmm, r["cpu"]] = ts
@@ -571,6 +578,7 @@ def tlb_flush_row(r, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X):
         if CPU[c, C_OPEN] != 0:
             close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
         _open_group(c, r["task"], r["ts"], pages, CPU)
+        CPU[c, C_SENT] = 1
     elif sub == 2 or sub == 3:
         if CPU[c, C_OPEN] != 0:
             if pages == -1:
@@ -601,7 +609,7 @@ def shootdown_row(r, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X):
 
 
 @numba.njit(cache=True, inline="always")
-def unmap_pte(r, T, CPU, MM, LAST_RUN, pool, nxt, S, X):
+def unmap_pte(r, T, CPU, MM, LAST_RUN, PROC_MMA, pool, nxt, S, out, RS, X):
     """Folio grouping: an ``unmap`` row becomes a pending PTE item of its task (consecutive rows of one mm are
     counted in one item) until a page-cache delete names the folio or the batch ends."""
     ts = r["ts"]
@@ -627,7 +635,12 @@ def unmap_pte(r, T, CPU, MM, LAST_RUN, pool, nxt, S, X):
         q["mm"] = mm
         q["flags"] = fl
         q["aux"] = 1
-        q["mask2"] = mm_cpumask(mm, ts, np.int64(X[X_NCPU]), np.int64(X[X_TRIM_NS]), CPU, LAST_RUN)
+        settle_lazy(S, CPU, T, PROC_MMA, MM, LAST_RUN, X, out)
+        q["mask2"] = CS.cpumask_of(
+            mm, ts, np.int64(X[X_CPUMASK]), np.int64(X[X_TRIM_NS]), np.int64(X[X_NCPU]), MM, CPU, C_LOADED, LAST_RUN
+        )
+        if mm >= 0 and MM[mm, 0] < 0 and not unb:
+            RS[RS_PTE_NO_OWNER] += 1
         list_append(T, task, T_PEND_HEAD, T_PEND_TAIL, p, nxt)
     if not unb and mm >= 0:
         MM[mm, 1] = 1  # mm->tlb_flush_batched pending: the next mprotect/munmap flushes the mm (F9)
@@ -912,12 +925,16 @@ def file_hook(r, S, out, X):
 
 
 @numba.njit(cache=True, inline="always")
-def sched_switch(r, pmm, T, CPU, LAST_RUN, PROC_MMA, S, out):
+def sched_switch(r, pmm, T, CPU, MM, LAST_RUN, PROC_MMA, S, out, RS, X):
     """Hook generation and mm_cpumask: a context switch records the mm each CPU runs; a kthread → user switch
     while the CPU still holds a user mm lazily is F10."""
     ts = r["ts"]
     c = r["cpu"]
     nxt_task = r["a"]
+    CS.learn_kind(T, r["task"], CS.K_KTHREAD if r["sub"] != 0 else CS.K_USER, T_KIND)
+    settle_lazy(S, CPU, T, PROC_MMA, MM, LAST_RUN, X, out)
+    if CS.switch_in(CPU, c, nxt_task, T, PROC_MMA, T_PROC, T_KIND, C_LOADED, C_LAZY):
+        RS[RS_SWITCH_GUESSED] += 1
     if pmm >= 0:
         LAST_RUN[pmm, c] = ts
     np_ = T[nxt_task, T_PROC] if nxt_task >= 0 else -1
@@ -1011,6 +1028,7 @@ def reconstruct(
     step of its kind, after task tracking and the end of its CPU's open recorded flush."""
     maps = (pr_lo, pr_hi, sn_ts, sn_lo, sn_hi, mp_start, mp_end, mp_off, mp_map, mp_flags)
     T[:, T_OTHER_J] = 0  # indices into ``out``, which starts empty for every segment
+    S[S_STAMPED] = 0
     for i in range(raw.shape[0]):
         r = raw[i]
         S[S_LAST_TS] = r["ts"]
@@ -1024,7 +1042,7 @@ def reconstruct(
         elif kind == O.R_SD:
             shootdown_row(r, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
         elif kind == O.R_UNMAP:
-            unmap_pte(r, T, CPU, MM, LAST_RUN, pool, nxt, S, X)
+            unmap_pte(r, T, CPU, MM, LAST_RUN, PROC_MMA, pool, nxt, S, out, RS, X)
         elif kind == O.R_PCDEL:
             page_cache_delete(r, T, MM, pool, nxt, S, out, RS, X, maps)
         elif kind == O.R_MIG:
@@ -1038,7 +1056,7 @@ def reconstruct(
         elif kind == O.R_FILE:
             file_hook(r, S, out, X)
         elif kind == O.R_SCHED:
-            sched_switch(r, pmm, T, CPU, LAST_RUN, PROC_MMA, S, out)
+            sched_switch(r, pmm, T, CPU, MM, LAST_RUN, PROC_MMA, S, out, RS, X)
         elif kind == O.R_RECLAIM:
             reclaim_row(r, T, pool, nxt, S, out, RS, X)
         elif kind == O.R_PROC:
@@ -1049,3 +1067,4 @@ def reconstruct(
                 MM[r["a"], 0] = r["proc"]
     if final:
         end_of_trace(T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
+    settle_lazy(S, CPU, T, PROC_MMA, MM, LAST_RUN, X, out)

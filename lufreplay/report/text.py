@@ -110,6 +110,8 @@ def render(doc: dict[str, Any], console: Console) -> None:
         + ", ".join(f"{c} {v['pct']:.0f} %" for c, v in fid["by_cause"].items())
         + f"); {fid['predicted_not_recorded']:,} predicted targets were not recorded (lazy/PV skips)."
     )
+    if "precision_pct" in fid:
+        console.print(_precision_line(fid))
 
     luf_models = {k: v for k, v in models.items() if k != "vanilla"}
     t = Table(title="Stale window (unmap → covering flush), cost shift and risk flags")
@@ -151,3 +153,30 @@ def render(doc: dict[str, Any], console: Console) -> None:
     )
     rp = doc["replay"]
     console.print(f"[dim]replayed {rp['raw_events']:,} events in {rp['seconds']} s[/]")
+
+
+def _fmt_pct(v: float | None, sign: bool = False) -> str:
+    return "—" if v is None else (f"{v:+.1f} %" if sign else f"{v:.1f} %")
+
+
+def _precision_line(fid: dict[str, Any]) -> str:
+    """The rebuilt vanilla against the kernel: recall, precision, rebuilt/recorded, per batch cause and per CPU."""
+    b = fid["precision_by_cause"].get("batch")
+    cpus = ", ".join(
+        f"cpu{p['cpu']} {p['rebuilt']:,}/{p['recorded']:,} ({_fmt_pct(p['rebuilt_vs_recorded_pct'], True)})"
+        for p in fid["per_cpu"]
+        if p["recorded"] or p["rebuilt"]
+    )
+    return (
+        f"Rebuilt vanilla: [bold]{fid['rebuilt']:,}[/] remote shootdowns, "
+        f"{_fmt_pct(fid['rebuilt_vs_recorded_pct'], True)} vs recorded; recall {_fmt_pct(fid['recall_pct'])}, "
+        f"precision {_fmt_pct(fid['precision_pct'])}"
+        + (
+            f" (batch: recall {_fmt_pct(b['recall_pct'])}, precision {_fmt_pct(b['precision_pct'])},"
+            f" {_fmt_pct(b['rebuilt_vs_recorded_pct'], True)})"
+            if b
+            else ""
+        )
+        + (f"; per CPU rebuilt/recorded: {cpus}" if cpus else "")
+        + "."
+    )

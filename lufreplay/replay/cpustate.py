@@ -1,0 +1,142 @@
+"""Per-CPU loaded mm and lazy-TLB state, and mm_cpumask, rebuilt from ``sched`` rows the way x86 keeps them.
+
+Kernel rules (arch/x86/mm/tlb.c):
+
+* a switch to a kernel thread or the idle task is lazy (``enter_lazy_tlb``): ``loaded_mm`` and the cpumask bit
+  stay, ``is_lazy`` = 1; a switch to a user task loads its mm (``switch_mm_irqs_off``) and sets the CPU's bit;
+* what happens to the bit of the mm switched away from depends on the kernel (option ``mm_cpumask``):
+  ``switch`` — cleared at the switch (x86 up to 6.12, e.g. Debian's 6.12 source): the mask is the CPUs with the mm
+  loaded, running it or lazy; ``kept`` — kept, and cleared only when a flush of that mm reaches the CPU while it
+  runs another mm (``flush_tlb_func``: TLB_REMOTE_WRONG_CPU; the once-a-second ``trim_cpumask`` IPIs), x86 since
+  commit 209954cbc7d0 "x86/mm/tlb: Update mm_cpumask lazily" (after 6.12), the kernels of the bundled traces (6.18);
+  ``window`` — the CPUs that ran the mm within ``mm_cpumask_trim_s`` (an approximation, the former default);
+* a batched flush (``arch_tlbbatch_flush``, ``info->mm == NULL``) skips the CPUs lazy at the moment it is sent
+  (``should_flush_tlb``).
+
+State lives in two columns of the reconstructor's per-CPU table and one of its per-task table:
+
+* ``C_LOADED``: dense process id + 1 of the mm loaded on the CPU (processes own one mm each), 0 when unknown
+  (before the CPU's first switch, or a user task of a process the trace never named);
+* ``C_LAZY``: 1 while the CPU runs a kernel thread or idles;
+* ``T_KIND``: 0 unknown, 1 user task, 2 kernel thread, learned from every ``sched`` row (the task switched out
+  and ``prev_kthread``) and from rows only user tasks emit (their own mm's rss_stat, user faults, syscalls).
+
+The ``kept`` bits are ``LAST_RUN[mm, c] > 0`` (the reconstructor stamps it whenever CPU c runs a task of the mm);
+a WRONG_CPU clear zeroes it.
+
+A task switched in whose kind is still unknown (its first switch-in) is a user task when its process's mm is
+known, else it is taken as a kernel thread (lazy: the CPU keeps what it had loaded); such switches are counted.
+"""
+
+from __future__ import annotations
+
+import numba
+
+from lufreplay.model.kernels import U0, bit
+
+K_UNKNOWN, K_USER, K_KTHREAD = 0, 1, 2
+MASK_KEPT, MASK_SWITCH, MASK_WINDOW = 0, 1, 2
+MASK_MODES = ("kept", "switch", "window")  # option mm_cpumask, in this order
+
+
+@numba.njit(cache=True)
+def learn_kind(T, task, kind, t_kind):
+    """Record that ``task`` is a user task or a kernel thread (the latest evidence wins)."""
+    if task >= 0:
+        T[task, t_kind] = kind
+
+
+@numba.njit(cache=True)
+def switch_in(CPU, c, nxt_task, T, PROC_MMA, t_proc, t_kind, c_loaded, c_lazy):
+    """CPU ``c`` switches to ``nxt_task`` (-1: idle). Returns True when the task's kind had to be guessed."""
+    if nxt_task < 0:
+        CPU[c, c_lazy] = 1  # idle: enter_lazy_tlb
+        return False
+    kind = T[nxt_task, t_kind]
+    proc = T[nxt_task, t_proc]
+    guessed = False
+    if kind == K_UNKNOWN:
+        guessed = True
+        kind = K_USER if proc >= 0 and PROC_MMA[proc] >= 0 else K_KTHREAD
+    if kind == K_KTHREAD:
+        CPU[c, c_lazy] = 1
+    else:
+        CPU[c, c_lazy] = 0
+        CPU[c, c_loaded] = proc + 1 if proc >= 0 else 0  # an unnamed process: this CPU left every known mm
+    return guessed
+
+
+@numba.njit(cache=True)
+def loaded_cpus(mm, MM, ncpu, CPU, c_loaded):
+    """``mm_cpumask(mm)``: the CPUs with ``mm`` loaded (running it or lazily holding it). An mm whose process the
+    trace never named (no rss_stat of its own) is loaded nowhere the model can see: empty."""
+    m = U0
+    if mm < 0:
+        return m
+    owner = MM[mm, 0]
+    if owner < 0:
+        return m
+    for c in range(ncpu):
+        if CPU[c, c_loaded] == owner + 1:
+            m |= bit(c)
+    return m
+
+
+@numba.njit(cache=True)
+def lazy_cpus(ncpu, CPU, c_lazy):
+    """The CPUs in lazy-TLB mode now: a batched flush sent now skips them."""
+    m = U0
+    for c in range(ncpu):
+        if CPU[c, c_lazy] != 0:
+            m |= bit(c)
+    return m
+
+
+@numba.njit(cache=True)
+def cpumask_of(mm, t, mode, trim_ns, ncpu, MM, CPU, c_loaded, last_run):
+    """``mm_cpumask(mm)`` at ``t`` under ``mode`` (MASK_*)."""
+    m = loaded_cpus(mm, MM, ncpu, CPU, c_loaded)
+    if mm < 0 or mode == MASK_SWITCH:
+        return m
+    for c in range(ncpu):
+        lr = last_run[mm, c]
+        if lr > 0 and (mode == MASK_KEPT or t - lr <= trim_ns):
+            m |= bit(c)
+    return m
+
+
+@numba.njit(cache=True)
+def _wrong_cpu(mm, R, ncpu, MM, CPU, c_loaded, last_run):
+    """A flush of ``mm`` reached the CPUs ``R``: those running another mm drop out of its mask (WRONG_CPU)."""
+    owner = MM[mm, 0]
+    if owner < 0:
+        return
+    for c in range(ncpu):
+        if (R & bit(c)) != U0 and CPU[c, c_loaded] != owner + 1:
+            last_run[mm, c] = 0
+
+
+@numba.njit(cache=True)
+def settle(
+    out, lo, hi, batch_op, rflush_op, mode, ncpu, CPU, c_lazy, c_loaded, T, t_proc, t_kind, PROC_MMA, MM, last_run
+):
+    """Apply the CPU state to the ops ``out[lo:hi]`` emitted since the last call; returns ``hi``.
+
+    BATCH: ``mask2`` = the CPUs lazy now (the flush skips them). A recorded flush of a user task's own mm (or of
+    the op's mm) under ``kept``: its targets running another mm leave that mm's mask. Called before every change
+    of a CPU's state (``sched``) and before an unmap reads a mask, so each op sees the state of its moment."""
+    if lo >= hi:
+        return hi
+    lz = lazy_cpus(ncpu, CPU, c_lazy)
+    for j in range(lo, hi):
+        r = out[j]
+        if r["op"] == batch_op:
+            r["mask2"] = lz
+        elif r["op"] == rflush_op and mode == MASK_KEPT and r["mask"] != U0:
+            mm = r["mm"]
+            task = r["task"]
+            if mm < 0 and task >= 0 and T[task, t_kind] == K_USER and T[task, t_proc] >= 0:
+                mm = PROC_MMA[T[task, t_proc]]
+            if mm >= 0:
+                _wrong_cpu(mm, r["mask"], ncpu, MM, CPU, c_loaded, last_run)
+    return hi
