@@ -5,7 +5,6 @@ Heavy modules are imported inside each command so ``lufreplay --help`` stays fas
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -32,7 +31,10 @@ def fail(msg: str, code: int = 1) -> typer.Exit:
 
 
 def emit_json(doc: object) -> None:
-    typer.echo(json.dumps(doc, indent=1, sort_keys=False, default=str))
+    """Print ``doc`` as strict JSON (no NaN/Infinity; see lufreplay.jsonout)."""
+    from lufreplay.jsonout import dumps
+
+    typer.echo(dumps(doc))
 
 
 @app.command()
@@ -113,6 +115,17 @@ def info(
     from lufreplay.trace.info import run_info
 
     raise typer.Exit(run_info(trace, json_out=json_out))
+
+
+@app.command()
+def repair(
+    trace: Annotated[Path, typer.Argument(help="trace directory")],
+    json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Remove an interrupted recording's uncommitted files and finalise its meta.json from the committed segments."""
+    from lufreplay.trace.repair import run_repair
+
+    raise typer.Exit(run_repair(trace, json_out=json_out))
 
 
 @app.command()
