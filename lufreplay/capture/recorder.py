@@ -402,10 +402,17 @@ class Recorder:
             raise RecordError("nothing to record: give -- CMD, --workload NAME, -p PID, --cgroup PATH or -a")
         if o.memory_limit and chosen[0] != "command":
             raise RecordError("--memory-limit needs a command to run (-- CMD or --workload)")
-        if o.duration is not None and o.duration <= 0:
-            raise RecordError(f"-d/--duration must be positive, not {o.duration}")
-        if o.segment_seconds <= 0:
-            raise RecordError(f"--segment-seconds must be positive, not {o.segment_seconds}")
+        from lufreplay.inputs import positive_seconds
+        from lufreplay.workloads import WORKLOADS
+
+        for bad in (
+            positive_seconds("-d/--duration", o.duration),
+            positive_seconds("--segment-seconds", o.segment_seconds),
+        ):
+            if bad:
+                raise RecordError(bad)
+        if o.workload is not None and o.workload not in WORKLOADS:
+            raise RecordError(f"unknown workload {o.workload!r} (choose from {', '.join(WORKLOADS)})")
         return chosen[0]
 
     def _flush_func(self) -> int:
