@@ -18,7 +18,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lufreplay import schema
-from lufreplay.trace.validate import TraceError, Warnings, check_columns, check_meta, nr_cpus_of, skip_columns
+from lufreplay.trace.validate import (
+    TraceError,
+    Warnings,
+    check_columns,
+    check_meta,
+    nr_cpus_of,
+    ranged_columns,
+    skip_columns,
+    stats_out_of_bounds,
+)
 
 
 class Trace:
@@ -291,6 +300,7 @@ def validate_trace(trace: Trace) -> None:
                     else "column types differ"
                 )
                 raise TraceError(f"{f}: schema does not match table {name!r} ({what})")
+            _check_stats(trace, name, f, md)
             if trace.manifests and i < len(trace.manifests):
                 committed = trace.manifests[i]["tables"].get(name, {}).get("rows")
                 if committed is not None and committed != md.num_rows:
@@ -312,6 +322,28 @@ def validate_trace(trace: Trace) -> None:
                     raise TraceError(f"{f}: timestamps go backwards on CPU {c} across segments")
                 last_ts[(name, int(c))] = int(tc[-1])
     _check_counter_cpus(trace)
+
+
+def _check_stats(trace: Trace, name: str, f: Path, md: pq.FileMetaData) -> None:
+    """Footer min/max of every bounded column, so a bad value is found even in columns this command does not
+    read (no data read unless the statistics admit one; then the column is read for the exact first row)."""
+    cols = ranged_columns(name)
+    if not cols or md.num_rows == 0:
+        return
+    names = [md.schema.column(j).name for j in range(md.num_columns)]
+    idx = {c.name: names.index(c.name) for c in cols if c.name in names}
+    suspect = []
+    for c in cols:
+        j = idx.get(c.name)
+        if j is None:
+            continue
+        for g in range(md.num_row_groups):
+            st = md.row_group(g).column(j).statistics
+            if st is not None and st.has_min_max and stats_out_of_bounds(c, st.min, st.max, trace.nr_cpus):
+                suspect.append(c.name)
+                break
+    if suspect:
+        trace.read_file(f, suspect)  # raises with file, column and first bad row (or counts skipped rows)
 
 
 def _check_counter_cpus(trace: Trace) -> None:

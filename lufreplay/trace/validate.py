@@ -114,29 +114,45 @@ class Warnings:
         ]
 
 
+def _bounds(col: schema.Column, nr_cpus: int) -> tuple[int | None, int | None, bool]:
+    """(lowest valid, exclusive upper bound, has gaps) of a column; every sentinel is lo - 1 ("-1: not given")."""
+    if col.enum is not None:
+        lo, hi = min(col.enum), max(col.enum) + 1
+        gaps = len(col.enum) != hi - lo
+    else:
+        lo, hi, gaps = col.lo, (nr_cpus if col.hi == schema.NR_CPUS else col.hi), False  # type: ignore[assignment]
+    if col.sentinel is not None and lo is not None and col.sentinel == lo - 1:
+        lo = col.sentinel
+    return lo, hi, gaps  # type: ignore[return-value]
+
+
+def stats_out_of_bounds(col: schema.Column, mn: Any, mx: Any, nr_cpus: int | None) -> bool:
+    """Whether a row group's footer statistics (min, max) admit an invalid value of ``col``."""
+    lo, hi, gaps = _bounds(col, nr_cpus if nr_cpus is not None else schema.MAX_NR_CPUS)
+    if isinstance(mn, bool) or not isinstance(mn, int) or not isinstance(mx, int):
+        return False
+    return gaps or (lo is not None and mn < lo) or (hi is not None and mx >= hi)
+
+
+def ranged_columns(name: str) -> list[schema.Column]:
+    """Columns of table ``name`` that have bounds to check."""
+    return [c for c in schema.TABLES[name].columns if c.enum is not None or c.lo is not None or c.hi is not None]
+
+
 def _bad_mask(col: schema.Column, arr: pa.ChunkedArray | pa.Array, nr_cpus: int) -> np.ndarray | None:
     """Boolean mask of the rows whose value is invalid, or None when every value is valid (the usual case)."""
     if arr.null_count:
         return np.asarray(pc.is_null(arr).to_numpy(zero_copy_only=False), bool)
     if len(arr) == 0:
         return None
-    if col.enum is not None:
-        lo, hi = min(col.enum), max(col.enum) + 1
-        gaps = len(col.enum) != hi - lo
-    else:
-        lo = col.lo if col.lo is not None else None
-        hi_v = col.hi
-        hi = nr_cpus if hi_v == schema.NR_CPUS else hi_v  # type: ignore[assignment]
-        gaps = False
-        if lo is None and hi is None:
-            return None
-    s = col.sentinel
-    # Every sentinel is lo - 1 ("-1: not given"), so the valid set stays one interval for the min/max test.
-    eff_lo = s if s is not None and lo is not None and s == lo - 1 else lo
+    eff_lo, hi, gaps = _bounds(col, nr_cpus)
+    if eff_lo is None and hi is None:
+        return None
     mm = pc.min_max(arr)
     mn, mx = mm["min"].as_py(), mm["max"].as_py()
     if not gaps and (eff_lo is None or mn >= eff_lo) and (hi is None or mx < hi):
         return None
+    lo, s = (min(col.enum) if col.enum is not None else col.lo), col.sentinel
     v = np.asarray(arr.to_numpy(zero_copy_only=False)).astype(np.int64, copy=False)
     ok = np.ones(len(v), bool)
     if col.enum is not None:
