@@ -35,7 +35,7 @@ COMMIT_GLOB = "segment-*.json"
 NR_CPUS = "nr_cpus"  # symbolic upper bound: host.nr_cpus of meta.json (exclusive)
 MAX_NR_CPUS = 8192  # the kernel's largest CONFIG_NR_CPUS on x86; the CPU bound when meta.json has no host.nr_cpus
 MAX_ORDER = 10  # the kernel's MAX_PAGE_ORDER (x86 default): no buddy block or folio is larger
-PFN_LIMIT = 1 << 40  # 52-bit physical addresses (x86-64 5-level paging) hold at most 2^40 page frames
+PFN_LIMIT = 1 << 52  # what the replay can map (rawops.PFN_LIMIT); real pfns stay below 2^40 (52-bit physical addresses)
 
 
 def segment_name(index: int) -> str:
