@@ -4,7 +4,10 @@ clean one-line error from ``info --json`` and ``simulate --json``; never a trace
 A seeded generator rather than hypothesis: the mutants are file-level edits whose oracle is the same for
 every input, so shrinking buys little, while a fixed seed gives the same ≥ 300 mutants on every run (no
 example database, no run-to-run variation in CI time). Each mutant is (base, mutator, seed): a failing
-one is reproduced from those three and kept in ``tests/fuzz_corpus/cases.json``, which runs first.
+one is reproduced from those three and kept in ``tests/fuzz_corpus/cases.json``, which runs first. The
+corpus holds the mutants that failed on lufreplay before issue 10 (a traceback, NaN/Infinity in --json)
+and the hand-written inputs issue 10 lists (target_cpu 65535, meta.json ``[]``, ``host: "x"``, ...);
+no mutant has failed on the current code yet.
 
 Mutants run in-process through the real Typer app (CliRunner: the same exception handling as the CLI);
 a few run through ``python -m lufreplay`` as well. ``faulthandler`` kills the run on a hang.
@@ -417,10 +420,28 @@ def _results(doc: dict[str, Any]) -> dict[str, Any]:
     return {k: doc[k] for k in ("vanilla", "models", "fidelity") if k in doc}
 
 
-def run_mutant(base: Path, base_sim: dict[str, Any], name: str, seed: int, work: Path) -> str:
+def apply_edit(d: Path, edit: dict[str, Any]) -> bool:
+    """A hand-written corpus case: one cell of a table, or meta.json (whole, or one field)."""
+    mf = d / schema.META_FILE
+    if "table" in edit:
+        f = d / edit["table"] / schema.segment_name(0)
+        t = pq.read_table(f)
+        _rewrite(d, f, _set(t, edit["column"], np.array([edit["row"]]), edit["value"]))
+    elif "meta" in edit:
+        mf.write_text(json.dumps(edit["meta"]))
+    else:
+        meta = json.loads(mf.read_text())
+        meta[edit["meta_field"]] = edit["value"]
+        mf.write_text(json.dumps(meta))
+    return False
+
+
+def run_mutant(
+    base: Path, base_sim: dict[str, Any], name: str, seed: int, work: Path, edit: dict[str, Any] | None = None
+) -> str:
     d = work / f"{name}-{seed}"
     shutil.copytree(base, d)
-    neutral = MUTATORS[name](np.random.default_rng(seed), d)
+    neutral = apply_edit(d, edit) if edit is not None else MUTATORS[name](np.random.default_rng(seed), d)
     outcomes = []
     for cmd in (["info", str(d), "--json"], ["simulate", str(d), "--json", *MODELS]):
         kind, doc = _invoke(cmd)
@@ -467,9 +488,15 @@ def _mutants(n: int) -> list[tuple[str, str, int]]:
 def test_corpus_of_cases_that_once_failed(bases: dict[str, Any], tmp_path: Path) -> None:
     cases = json.loads(CORPUS.read_text())
     assert cases, "the corpus keeps every mutant that ever failed"
-    for c in cases:
+    outcomes = []
+    for i, c in enumerate(cases):
         base, sim = bases[c["base"]]
-        run_mutant(base, sim, c["mutator"], c["seed"], tmp_path)
+        if "edit" in c:
+            outcomes.append(run_mutant(base, sim, "edit", i, tmp_path, edit=c["edit"]))
+        else:
+            outcomes.append(run_mutant(base, sim, c["mutator"], c["seed"], tmp_path))
+    # Every hand-written case is hostile input: a clean error from both commands now.
+    assert all(o == "error+error" for o, c in zip(outcomes, cases, strict=True) if "edit" in c), outcomes
 
 
 def test_fuzz_mutants(bases: dict[str, Any], tmp_path: Path) -> None:
