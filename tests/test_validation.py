@@ -65,7 +65,7 @@ def test_cpu_past_the_host_is_an_error_naming_file_column_and_row(trace: Path) -
     ("table", "col", "value", "why"),
     [
         ("tlb_flush", "reason", 77, "one of 0, 1, 2, 3, 4, 5"),
-        ("page", "pfn", -5, ">= 0 and < 1099511627776"),
+        ("page", "pfn", -5, ">= 0 and < 4503599627370496"),
         ("page", "order", 11, "< 11"),
         ("sched", "cpu", 2, "< 2 (host CPUs)"),
         ("migrate", "mode", -2, "one of -1, 0, 1, 2"),
