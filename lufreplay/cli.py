@@ -76,7 +76,11 @@ def record(
         sudo lufreplay record -o T --memory-limit 1G --workload mmap-stream
     """
     from lufreplay.capture.recorder import RecordOptions, run_record
+    from lufreplay.console import fail
+    from lufreplay.workloads import WORKLOADS
 
+    if workload is not None and workload not in WORKLOADS:  # checked here: capture sits below the workloads
+        raise fail(f"unknown workload {workload!r} (choose from {', '.join(WORKLOADS)})", 2)
     opts = RecordOptions(
         output=output,
         command=list(ctx.args),
@@ -104,6 +108,17 @@ def info(
     from lufreplay.trace.info import run_info
 
     raise typer.Exit(run_info(trace, json_out=json_out))
+
+
+@app.command()
+def repair(
+    trace: Annotated[Path, typer.Argument(help="trace directory")],
+    json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Remove an interrupted recording's uncommitted files and finalise its meta.json from the committed segments."""
+    from lufreplay.trace.repair import run_repair
+
+    raise typer.Exit(run_repair(trace, json_out=json_out))
 
 
 @app.command()

@@ -6,7 +6,6 @@ which only parses arguments and calls down.
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
 import typer
@@ -22,8 +21,10 @@ def fail(msg: str, code: int = 1) -> typer.Exit:
 
 
 def emit_json(doc: object) -> None:
-    """Print a machine-readable document on stdout (values JSON cannot hold are printed as strings)."""
-    typer.echo(json.dumps(doc, indent=1, sort_keys=False, default=str))
+    """Print a machine-readable document on stdout as strict JSON (no NaN/Infinity; see lufreplay.jsonout)."""
+    from lufreplay.jsonout import dumps
+
+    typer.echo(dumps(doc))
 
 
 def make_console(stderr: bool = False) -> Console:

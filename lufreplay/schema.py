@@ -27,11 +27,25 @@ FORMAT_VERSION = 1
 META_FILE = "meta.json"
 META_KEY = b"lufreplay"  # key of the JSON metadata in each Parquet footer
 SEGMENT_GLOB = "part-*.parquet"
+#: Directory of the per-segment commit manifests; a segment exists for readers only once its manifest does.
+COMMIT_DIR = "commits"
+COMMIT_GLOB = "segment-*.json"
+
+#: Value bounds the reader enforces (see ``Column.lo``/``hi``).
+NR_CPUS = "nr_cpus"  # symbolic upper bound: host.nr_cpus of meta.json (exclusive)
+MAX_NR_CPUS = 8192  # the kernel's largest CONFIG_NR_CPUS on x86; the CPU bound when meta.json has no host.nr_cpus
+MAX_ORDER = 10  # the kernel's MAX_PAGE_ORDER (x86 default): no buddy block or folio is larger
+PFN_LIMIT = 1 << 52  # what the replay can map (rawops.PFN_LIMIT); real pfns stay below 2^40 (52-bit physical addresses)
 
 
 def segment_name(index: int) -> str:
     """File name of segment ``index`` inside a table directory."""
     return f"part-{index:06d}.parquet"
+
+
+def commit_name(index: int) -> str:
+    """File name of segment ``index``'s commit manifest inside ``COMMIT_DIR``."""
+    return f"segment-{index:06d}.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,6 +241,25 @@ class Column:
     unit: str = ""
     enum: dict[int, str] | None = None
     nullable: bool = False
+    #: Inclusive lower and exclusive upper bound of valid values (``NR_CPUS``: host.nr_cpus); None: unchecked.
+    #: Enum columns are checked against their codes instead, plus ``sentinel`` (a "not given" value).
+    lo: int | None = None
+    hi: int | str | None = None
+    sentinel: int | None = None
+    #: "error": a bad value makes the trace unreadable; "skip": the row is dropped and counted in a warning.
+    on_bad: str = "error"
+
+    def allowed(self) -> str:
+        """The valid values in words (for docs and error messages)."""
+        if self.enum is not None:
+            codes = sorted(self.enum) + ([self.sentinel] if self.sentinel is not None else [])
+            return "one of " + ", ".join(map(str, sorted(codes)))
+        parts = []
+        if self.lo is not None:
+            parts.append(f">= {self.lo}" + (f" or {self.sentinel}" if self.sentinel is not None else ""))
+        if self.hi is not None:
+            parts.append(f"< {self.hi}")
+        return " and ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -274,15 +307,24 @@ class Table:
 
 
 def _c(
-    name: str, type_: pa.DataType, doc: str, unit: str = "", enum: dict[int, str] | None = None, nullable: bool = False
+    name: str,
+    type_: pa.DataType,
+    doc: str,
+    unit: str = "",
+    enum: dict[int, str] | None = None,
+    nullable: bool = False,
+    lo: int | None = None,
+    hi: int | str | None = None,
+    sentinel: int | None = None,
+    on_bad: str = "error",
 ) -> Column:
-    return Column(name, type_, doc, unit, enum, nullable)
+    return Column(name, type_, doc, unit, enum, nullable, lo, hi, sentinel, on_bad)
 
 
-_TS = _c("ts_ns", pa.int64(), "event time, CLOCK_MONOTONIC", "ns")
-_CPU = _c("cpu", pa.uint16(), "CPU the event fired on")
-_PID = _c("pid", pa.int32(), "thread id of the task the event fired in (0: idle/IRQ)")
-_TGID = _c("tgid", pa.int32(), "process id of that task")
+_TS = _c("ts_ns", pa.int64(), "event time, CLOCK_MONOTONIC", "ns", lo=0)
+_CPU = _c("cpu", pa.uint16(), "CPU the event fired on", hi=NR_CPUS)
+_PID = _c("pid", pa.int32(), "thread id of the task the event fired in (0: idle/IRQ)", lo=0)
+_TGID = _c("tgid", pa.int32(), "process id of that task", lo=0)
 _TASK = (_TS, _CPU, _PID, _TGID)
 
 TABLES: dict[str, Table] = {}
@@ -298,12 +340,12 @@ TLB_FLUSH = _table(
     "tlb_flush",
     "Sender-side and local TLB flushes (tlb:tlb_flush). Receiving-side reasons 1 and 5 (IRQ context, lossy by design and under BPF recursion) are not recorded; the shootdown table is the remote count.",
     _c("reason", pa.uint8(), "tlb_flush_reason", enum=TLB_FLUSH_REASON),
-    _c("pages", pa.int64(), "pages flushed; -1 = TLB_FLUSH_ALL", "pages"),
+    _c("pages", pa.int64(), "pages flushed; -1 = TLB_FLUSH_ALL", "pages", lo=-1),
 )
 SHOOTDOWN = _table(
     "shootdown",
     "Remote TLB shootdowns: csd:csd_queue_cpu with func == the kernel's TLB flush function (flush_tlb_func on x86). One row per target CPU; the authoritative remote count (matches the TLB row of /proc/interrupts).",
-    _c("target_cpu", pa.uint16(), "CPU that will run the flush"),
+    _c("target_cpu", pa.uint16(), "CPU that will run the flush", hi=NR_CPUS),
     _c("callsite", pa.string(), "symbol+offset of the queueing call site"),
 )
 IPI = _table(
@@ -311,7 +353,7 @@ IPI = _table(
     "IPIs actually sent (ipi:ipi_send_cpu / ipi_send_cpumask). On x86 their callback is generic_smp_call_function_single_interrupt, never the TLB function.",
     _c("kind", pa.uint8(), "which tracepoint", enum=IPI_KIND),
     _c("target_mask", pa.uint64(), "bitmap of target CPUs 0-63"),
-    _c("nr_targets", pa.uint16(), "number of target CPUs"),
+    _c("nr_targets", pa.uint16(), "number of target CPUs", hi=MAX_NR_CPUS + 1),
     _c("callback", pa.string(), "symbol of the IPI callback"),
 )
 RECLAIM = _table(
@@ -319,7 +361,7 @@ RECLAIM = _table(
     "Reclaim context: begin/end brackets per task, kswapd wake/sleep, per-call LRU shrink summaries, proactive reclaim, reclaim writeback.",
     _c("event", pa.uint8(), "vmscan event", enum=RECLAIM_EVENT),
     _c("nid", pa.int16(), "NUMA node (-1: not given)"),
-    _c("order", pa.int16(), "allocation order that triggered reclaim (-1: not given)"),
+    _c("order", pa.int16(), "allocation order that triggered reclaim (-1: not given)", lo=-1, hi=MAX_ORDER + 1),
     _c("gfp_flags", pa.uint64(), "gfp flags of the triggering allocation (0: not given)"),
     _c("nr_scanned", pa.int64(), "pages scanned", "pages"),
     _c("nr_reclaimed", pa.int64(), "pages reclaimed", "pages"),
@@ -331,7 +373,7 @@ RECLAIM = _table(
         pa.uint32(),
         "shrink_inactive reclaim_flags (1 anon, 2 file, 4 sync, 8 async); write_folio: pfn in pfn column",
     ),
-    _c("pfn", pa.int64(), "pfn of the written folio (write_folio), else -1"),
+    _c("pfn", pa.int64(), "pfn of the written folio (write_folio), else -1", lo=0, hi=PFN_LIMIT, sentinel=-1),
 )
 UNMAP = _table(
     "unmap",
@@ -344,8 +386,8 @@ UNMAP = _table(
 PAGE_CACHE = _table(
     "page_cache",
     "Folios removed from the page cache (filemap:mm_filemap_delete_from_page_cache). In reclaim: the unmapped folio's identity. Outside reclaim: truncate/invalidate (LUF hook F5).",
-    _c("pfn", pa.int64(), "head pfn of the folio"),
-    _c("order", pa.uint8(), "folio order"),
+    _c("pfn", pa.int64(), "head pfn of the folio", lo=0, hi=PFN_LIMIT),
+    _c("order", pa.uint8(), "folio order", hi=MAX_ORDER + 1),
     _c("dev", pa.uint32(), "device, kernel encoding major<<20|minor"),
     _c("ino", pa.uint64(), "inode number"),
     _c("index", pa.uint64(), "page index in the file", "pages"),
@@ -357,13 +399,13 @@ MIGRATE = _table(
     _c("event", pa.uint8(), "migration event", enum=MIGRATE_EVENT),
     _c("addr", pa.uint64(), "user virtual address of the PTE/PMD (0 for start/end)"),
     _c("pte", pa.uint64(), "raw PTE/PMD value as traced (a page-table entry, not a pointer)"),
-    _c("pfn", pa.int64(), "set_*: old pfn; remove_*: new pfn; else -1"),
-    _c("order", pa.int16(), "folio order (pmd events: 9)"),
+    _c("pfn", pa.int64(), "set_*: old pfn; remove_*: new pfn; else -1", lo=0, hi=PFN_LIMIT, sentinel=-1),
+    _c("order", pa.int16(), "folio order (pmd events: 9; -1: not given)", lo=-1, hi=MAX_ORDER + 1),
     _c("mig_type", pa.uint8(), "decoded migration entry type (set_*)", enum=MIG_TYPE),
     _c("writable", pa.bool_(), "set_*: entry type is WRITE; remove_*: new PTE has W set"),
     _c("dirty", pa.bool_(), "set_*: dirty bit carried in the migration entry"),
-    _c("mode", pa.int8(), "start: migrate_mode (-1 otherwise)", enum=MIGRATE_MODE),
-    _c("reason", pa.int8(), "start/end: migrate_reason (-1 otherwise)", enum=MIGRATE_REASON),
+    _c("mode", pa.int8(), "start: migrate_mode (-1 otherwise)", enum=MIGRATE_MODE, sentinel=-1),
+    _c("reason", pa.int8(), "start/end: migrate_reason (-1 otherwise)", enum=MIGRATE_REASON, sentinel=-1),
     _c("succeeded", pa.int64(), "end/compaction: folios migrated"),
     _c("failed", pa.int64(), "end/compaction: folios that failed"),
 )
@@ -371,11 +413,11 @@ PAGE = _table(
     "page",
     "Page allocator events of tracked pfns: the free of every folio that left a mapping through reclaim or migration, and the later pcp drain / buddy take / allocation of any block that intersects those pfns (linked in kernel, O(1) per event with a per-2MiB bitmap).",
     _c("event", pa.uint8(), "allocator event", enum=PAGE_EVENT),
-    _c("pfn", pa.int64(), "first pfn of the block"),
-    _c("order", pa.uint8(), "block order"),
+    _c("pfn", pa.int64(), "first pfn of the block", lo=0, hi=PFN_LIMIT),
+    _c("order", pa.uint8(), "block order", hi=MAX_ORDER + 1),
     _c("source", pa.uint8(), "free: why the folio is tracked; others: 0", enum=PAGE_SOURCE),
     _c("gfp_flags", pa.uint64(), "alloc: gfp flags (no __GFP_DIRECT_RECLAIM ~ atomic context)"),
-    _c("migratetype", pa.int8(), "alloc/drain/zone_locked: migratetype (-1: not given)"),
+    _c("migratetype", pa.int8(), "alloc/drain/zone_locked: migratetype (-1: not given)", lo=-1),
     _c("percpu_refill", pa.bool_(), "alloc_zone_locked: the block refills a pcp list"),
     _c("tracked_pages", pa.uint32(), "pages of the block that were in the pending set", "pages"),
 )
@@ -395,7 +437,7 @@ SYSCALL_T = _table(
     _c("arg2", pa.uint64(), "mmap/mprotect: prot; madvise: behavior; mremap: new length; pwrite64: pos"),
     _c("arg3", pa.uint64(), "mmap/mremap: flags"),
     _c("ret", pa.int64(), "return value (negative errno on failure)"),
-    _c("duration_ns", pa.int64(), "time from entry to exit", "ns"),
+    _c("duration_ns", pa.int64(), "time from entry to exit", "ns", lo=0),
 )
 FILE = _table(
     "file",
@@ -430,7 +472,7 @@ MM = _table(
 MAPS = _table(
     "maps",
     "Snapshots of /proc/PID/maps of traced processes: at start, after each mapping syscall, and at end.",
-    _c("ts_ns", pa.int64(), "time the snapshot was read", "ns"),
+    _c("ts_ns", pa.int64(), "time the snapshot was read", "ns", lo=0),
     _c("tgid", pa.int32(), "process"),
     _c("snapshot", pa.uint32(), "snapshot number (per trace)"),
     _c("start", pa.uint64(), "VMA start"),
@@ -446,11 +488,11 @@ MAPS = _table(
 COUNTERS = _table(
     "counters",
     "Kernel counter snapshots taken at start and at the instant the probes stop: /proc/interrupts (TLB, CAL rows per CPU), /proc/vmstat, /proc/meminfo, and the recorder's own CPU time and RSS.",
-    _c("ts_ns", pa.int64(), "time of the snapshot", "ns"),
-    _c("phase", pa.uint8(), "start or end", enum=COUNTER_PHASE),
-    _c("source", pa.uint8(), "where the counter comes from", enum=COUNTER_SOURCE),
+    _c("ts_ns", pa.int64(), "time of the snapshot", "ns", lo=0),
+    _c("phase", pa.uint8(), "start or end", enum=COUNTER_PHASE, on_bad="skip"),
+    _c("source", pa.uint8(), "where the counter comes from", enum=COUNTER_SOURCE, on_bad="skip"),
     _c("name", pa.string(), "counter name (interrupts: row name, e.g. TLB)"),
-    _c("cpu", pa.int16(), "CPU for per-CPU counters, -1 otherwise"),
+    _c("cpu", pa.int16(), "CPU for per-CPU counters, -1 otherwise", lo=-1, hi=NR_CPUS),
     _c("value", pa.int64(), "counter value"),
     source="user",
     task=False,
@@ -458,12 +500,12 @@ COUNTERS = _table(
 LOSSES = _table(
     "losses",
     "Every counted loss, located in time: ring-buffer reserve failures per CPU and probe, BPF recursion misses per probe.",
-    _c("ts_start_ns", pa.int64(), "start of the window the loss happened in", "ns"),
+    _c("ts_start_ns", pa.int64(), "start of the window the loss happened in", "ns", lo=0),
     _c("ts_end_ns", pa.int64(), "end of that window", "ns"),
-    _c("cpu", pa.int16(), "CPU (-1: not per CPU)"),
+    _c("cpu", pa.int16(), "CPU (-1: not per CPU)", lo=-1, hi=NR_CPUS),
     _c("probe", pa.string(), "probe (raw kind name or BPF program)"),
     _c("source", pa.uint8(), "where it was counted", enum=LOSS_SOURCE),
-    _c("lost", pa.int64(), "events lost"),
+    _c("lost", pa.int64(), "events lost", lo=0),
     source="user",
     task=False,
 )
@@ -472,6 +514,44 @@ for _t in (MAPS, COUNTERS, LOSSES):
 
 KERNEL_TABLES = tuple(n for n, t in TABLES.items() if t.source == "kernel")
 USER_TABLES = tuple(n for n, t in TABLES.items() if t.source == "user")
+
+
+#: meta.json fields readers rely on: dotted key -> (JSON types, required). ``int`` never accepts a bool; absent
+#: optional fields are fine, and ``None`` in the types allows null. A field of the wrong type is an error.
+META_FIELDS: dict[str, tuple[tuple[type | None, ...], bool]] = {
+    "format": ((str,), True),
+    "format_version": ((int,), True),
+    "run_id": ((str, None), False),
+    "tool_version": ((str,), False),
+    "complete": ((bool,), False),
+    "segments": ((int,), False),
+    "segment_manifests": ((bool,), False),
+    "rows": ((dict,), False),
+    "events": ((int,), False),
+    "host": ((dict,), False),
+    "host.nr_cpus": ((int,), False),
+    "host.hostname": ((str, None), False),
+    "host.uname": ((dict,), False),
+    "nr_cpus": ((int,), False),
+    "kernel": ((str, None), False),
+    "clock": ((dict,), False),
+    "clock.realtime_minus_monotonic_ns": ((int,), False),
+    "window": ((dict, None), False),
+    "window.start_ns": ((int,), False),
+    "window.end_ns": ((int,), False),
+    "window.duration_s": ((int, float), False),
+    "duration_s": ((int, float), False),
+    "losses": ((dict, None), False),
+    "losses.total": ((int,), False),
+    "losses.by_probe": ((dict,), False),
+    "command_line": ((list,), False),
+    "stop_reason": ((str, None), False),
+    "segment_seconds": ((int, float), False),
+    "buffer_size": ((int,), False),
+    "workload": ((dict, None), False),
+    "interrupted": ((dict, None), False),
+    "repaired": ((dict, None), False),
+}
 
 
 def empty_table(name: str) -> pa.Table:
@@ -524,16 +604,43 @@ def markdown() -> str:
         " Segment N of every table covers the same time window; rows are sorted by time within a segment."
         " Read a table with `pandas.read_parquet('TRACE/<table>')`.",
         "",
+        f"A segment exists for readers only once its commit manifest `{COMMIT_DIR}/segment-NNNNNN.json` is on disk:"
+        " the writer writes every table's file of the segment (under a hidden temporary name, renamed when its"
+        " footer is written and synced), then the manifest (file names, rows and sizes). A crash at any instant"
+        " leaves a prefix of committed segments; files of later segments are uncommitted remains that readers"
+        " ignore and report, and `lufreplay repair` removes. `meta.json` says `complete: true` only when the"
+        " recorder finished; a trace without it was interrupted, and its losses after the last committed segment"
+        " are unknown. Traces written before manifests existed count their first `meta.json` `segments` segments"
+        " as committed.",
+        "",
+        "Readers check every value they read against the bounds below (`valid` column; `nr_cpus` is"
+        " `host.nr_cpus` of meta.json): a bad value is a one-line error naming file, column and first bad row,"
+        " except in columns marked *skip*, whose bad rows are dropped and counted in a warning.",
+        "",
         "Times are int64 nanoseconds of CLOCK_MONOTONIC; `meta.json` has `clock.realtime_minus_monotonic_ns`."
         " Enum columns are stored as the integer id and, next to it, a dictionary-encoded `<column>_name`.",
         "",
     ]
     for t in TABLES.values():
-        out += [f"## `{t.name}` ({t.source})", "", t.doc, "", "| column | type | unit | meaning |", "|---|---|---|---|"]
+        out += [
+            f"## `{t.name}` ({t.source})",
+            "",
+            t.doc,
+            "",
+            "| column | type | unit | valid | meaning |",
+            "|---|---|---|---|---|",
+        ]
         for c in t.columns:
             doc = c.doc
             if c.enum is not None:
                 doc += "; " + ", ".join(f"{k} {v}" for k, v in c.enum.items()) + f" (name in `{c.name}_name`)"
-            out.append(f"| `{c.name}` | {c.type} | {c.unit} | {doc} |")
+            valid = (
+                c.allowed()
+                if c.enum is None
+                else ("known code" + (f" or {c.sentinel}" if c.sentinel is not None else ""))
+            )
+            if c.on_bad == "skip":
+                valid += " (*skip*)"
+            out.append(f"| `{c.name}` | {c.type} | {c.unit} | {valid} | {doc} |")
         out.append("")
     return "\n".join(out)

@@ -125,7 +125,7 @@ def test_info_json_reconciliation_math(tmp_path: Path) -> None:
     r = run_info(str(p), "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert set(doc) == {"meta", "counts", "losses", "reconciliation"}
+    assert set(doc) == {"recording", "meta", "counts", "losses", "reconciliation", "warnings"}
     assert doc["meta"]["run_id"] == "synthetic"
 
     tlb = doc["reconciliation"]["tlb_shootdowns"]

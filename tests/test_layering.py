@@ -17,18 +17,22 @@ PKG = Path(lufreplay.__file__).resolve().parent
 ENTRY = {"cli", "__main__"}
 #: layer -> the layers its modules may import. Data flows capture → trace → replay → model → report; the command
 #: helpers (console) and the trace format (schema) sit below every layer, the CLI above all of them.
+#: helpers below every layer: strict JSON, command-line value checks
+BASE = {"jsonout", "inputs"}
 ALLOWED = {
     "__init__": {"trace"},  # ``lufreplay.open_trace``
-    "console": set(),
+    "jsonout": set(),
+    "inputs": set(),
+    "console": {"jsonout"},
     "schema": set(),
-    "trace": {"schema", "console"},
-    "capture": {"schema", "console", "trace"},
-    "workloads": {"console", "capture"},
-    "model": {"schema"},
-    "replay": {"schema", "trace", "model"},
-    "report": {"schema", "console", "trace", "model", "replay"},
+    "trace": BASE | {"schema", "console"},
+    "capture": BASE | {"schema", "console", "trace"},
+    "workloads": BASE | {"console", "capture"},
+    "model": BASE | {"schema"},
+    "replay": BASE | {"schema", "trace", "model"},
+    "report": BASE | {"schema", "console", "trace", "model", "replay"},
     # sweeps run the simulate library once per (trace, options) task: above report, below the CLI
-    "fleet": {"schema", "console", "trace", "model", "replay", "report"},
+    "fleet": BASE | {"schema", "console", "trace", "model", "replay", "report"},
 }
 MODULE_NAME = re.compile(r"lufreplay(\.[A-Za-z_][A-Za-z0-9_]*)+")
 

@@ -46,7 +46,7 @@ def test_json_document_shape(tmp_path: Path) -> None:
     assert all(x <= y for x, y in zip(tl["vanilla"], tl["vanilla"][1:], strict=False))
     assert len(doc["realloc_delay"]["counts"]) == len(doc["realloc_delay"]["bin_edges_s"]) - 1
     assert sum(doc["realloc_delay"]["counts"]) == 1  # pfn 1000 freed then re-allocated
-    assert doc["losses"] == {"total": 0, "bounded": False, "by_probe": {}}
+    assert doc["losses"] == {"total": 0, "counted": 0, "complete": True, "bounded": False, "by_probe": {}}
 
 
 def test_text_output_and_model_selection(tmp_path: Path) -> None:
@@ -108,7 +108,7 @@ def test_losses_widen_every_count(tmp_path: Path) -> None:
     ro_setup(s)
     s.loss(0, 10**9, "page", 3)
     doc = run(s, tmp_path)
-    assert doc["losses"] == {"total": 3, "bounded": True, "by_probe": {"page": 3}}
+    assert doc["losses"] == {"total": 3, "counted": 3, "complete": True, "bounded": True, "by_probe": {"page": 3}}
     assert doc["vanilla"]["remote_shootdowns_bounds"] == [1, 4]
     m = doc["models"]["luf-v12"]
     assert m["remote_shootdowns_bounds"] == [0, 3]  # 0 ± 3 lost events × 1 other CPU
@@ -159,7 +159,7 @@ def _expect_error(path: Path, needle: str) -> None:
 def test_missing_table(tmp_path: Path) -> None:
     p = _trace(tmp_path)
     shutil.rmtree(p / "shootdown")
-    _expect_error(p, "missing table(s) shootdown")
+    _expect_error(p, "shootdown/part-000000.parquet: missing, but committed")
 
 
 def test_wrong_version(tmp_path: Path) -> None:

@@ -232,3 +232,21 @@ def cgroup_pids(path: Path) -> list[int]:
         except OSError:
             continue
     return sorted(tgids)
+
+
+def clean_stale(prefix: str = "lufreplay-rec-") -> list[Path]:
+    """Remove memory cgroups ``<prefix><pid>`` whose recorder (pid) is dead, killing what still runs in them
+    (a recorder killed before its watchdog could act). Returns the cgroups removed."""
+    from lufreplay.capture.watchdog import kill_cgroup
+
+    found = memory_hierarchy()
+    if found is None:
+        return []
+    gone = []
+    for d in found[1].glob(f"{prefix}*"):
+        owner = d.name[len(prefix) :]
+        if not owner.isdigit() or Path(f"/proc/{owner}").exists():
+            continue
+        if kill_cgroup(d):
+            gone.append(d)
+    return gone

@@ -7,6 +7,7 @@ into time segments, decodes each segment in bulk and writes it through TraceWrit
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import queue
@@ -167,6 +168,10 @@ def loss_rows(rows: list[tuple[int, int, int, str, int, int]]) -> pa.Table:
 # --------------------------------------------------------------------------------------------------
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+
+
 class Child:
     """A command forked now but held before exec until the probes are attached and it is in its cgroup."""
 
@@ -174,9 +179,14 @@ class Child:
         self.argv = argv
         go_r, self._go_w = os.pipe()
         self._err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        parent = os.getpid()
         self.pid = os.fork()
         if self.pid == 0:  # pragma: no cover - child
             try:
+                # Die with the recorder, even by SIGKILL (it survives exec); if the recorder is already gone, go.
+                _LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+                if os.getppid() != parent:
+                    os._exit(1)
                 os.close(self._go_w)
                 os.close(self._err_r)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -379,6 +389,7 @@ class Recorder:
         self.writer: Any = None
         self.seg: SegmentWriter | None = None
         self.loss_rows: list[tuple[int, int, int, str, int, int]] = []
+        self.watchdog: Any = None  # lufreplay.capture.watchdog.Watchdog once the output exists
         self.maps_snapshot = 0
         self.maps_last: dict[int, float] = {}
         self.maps_dirty: set[int] = set()
@@ -403,10 +414,14 @@ class Recorder:
             raise RecordError("nothing to record: give -- CMD, --workload NAME, -p PID, --cgroup PATH or -a")
         if o.memory_limit and chosen[0] != "command":
             raise RecordError("--memory-limit needs a command to run (-- CMD or --workload)")
-        if o.duration is not None and o.duration <= 0:
-            raise RecordError(f"-d/--duration must be positive, not {o.duration}")
-        if o.segment_seconds <= 0:
-            raise RecordError(f"--segment-seconds must be positive, not {o.segment_seconds}")
+        from lufreplay.inputs import positive_seconds
+
+        for bad in (
+            positive_seconds("-d/--duration", o.duration),
+            positive_seconds("--segment-seconds", o.segment_seconds),
+        ):
+            if bad:
+                raise RecordError(bad)
         return chosen[0]
 
     def _flush_func(self) -> int:
@@ -481,6 +496,7 @@ class Recorder:
             raise RecordError(str(e)) from None
         except OSError as e:
             raise RecordError(f"{o.output}: cannot create ({e.strerror})") from None
+        self._start_watchdog(limit is not None)
 
         build.flush_tlb_func = self._flush_func()
         old_int = signal.signal(signal.SIGINT, self._on_sigint)
@@ -494,6 +510,19 @@ class Recorder:
         finally:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
+            if self.watchdog is not None:
+                self.watchdog.done()
+
+    def _start_watchdog(self, uses_cgroup: bool) -> None:
+        """Clean what a killed recorder left behind, then start the watchdog that cleans up after this one."""
+        from lufreplay.capture.cgroup import clean_stale
+        from lufreplay.capture.watchdog import Watchdog
+
+        if uses_cgroup:
+            for d in clean_stale():
+                sys.stderr.write(f"lufreplay: removed the stale cgroup {d} of a recorder that is gone\n")
+        self.watchdog = Watchdog()
+        self.watchdog.tell("out", self.opts.output.resolve())
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         self.sigints += 1
@@ -550,11 +579,17 @@ class Recorder:
             )
         try:
             if mode == "command":
+                from lufreplay.capture.watchdog import start_time
+
                 self.child = Child(argv)
                 target_pids = [self.child.pid]
+                if self.watchdog is not None:
+                    self.watchdog.tell("pid", f"{self.child.pid} {start_time(self.child.pid)}")
                 if limit is not None:
                     try:
                         self.cgroup = MemoryCgroup.create(limit, name=f"lufreplay-rec-{os.getpid()}")
+                        if self.watchdog is not None:
+                            self.watchdog.tell("cgroup", self.cgroup.path)
                         self.cgroup.add(self.child.pid)
                     except CgroupError as e:
                         raise RecordError(str(e)) from None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numba
@@ -249,7 +248,7 @@ class PfnMap:
                 files = trace.files.get(name, [])
                 if i >= len(files):
                     continue
-                ns, ne = _blocks(_read(files[i], cols[name]), name, str(files[i]))
+                ns, ne = _blocks(trace.read_file(files[i], cols[name]), name, str(files[i]))
                 s, e = _merge(np.concatenate([s, ns]), np.concatenate([e, ne]))
         return cls.from_blocks(s, e)
 
@@ -529,13 +528,6 @@ class RawBuilder:
         return out
 
 
-def _read(f: Path, columns: list[str]) -> pa.Table:
-    try:
-        return pq.ParquetFile(f).read(columns=columns)
-    except Exception as e:  # pyarrow raises several types for truncated/corrupt files
-        raise TraceError(f"{f}: unreadable Parquet segment ({str(e).splitlines()[0]})") from None
-
-
 def read_segments(trace: Trace, names: Iterable[str] = EVENT_TABLES) -> Iterator[dict[str, pa.Table]]:
     """Segments in time order, only the ``COLUMNS`` the engine uses; one segment of each table at a time."""
     names = list(names)
@@ -544,7 +536,7 @@ def read_segments(trace: Trace, names: Iterable[str] = EVENT_TABLES) -> Iterator
         for name in names:
             files = trace.files.get(name, [])
             if i < len(files):
-                seg[name] = _read(files[i], COLUMNS[name])
+                seg[name] = trace.read_file(files[i], COLUMNS[name])  # values checked
         yield seg
 
 

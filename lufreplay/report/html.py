@@ -12,9 +12,11 @@ import html
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
+from lufreplay.jsonout import dumps
 from lufreplay.report import plots
 
 #: Bounds wider than this share of the vanilla count make the page show a warning.
@@ -95,6 +97,10 @@ def _e(v: Any) -> str:
 def bounds_warnings(doc: dict[str, Any]) -> list[str]:
     """Reasons the numbers are less certain than they look (empty when none)."""
     out: list[str] = []
+    if (doc.get("trace") or {}).get("interrupted_message"):
+        out.append(doc["trace"]["interrupted_message"])
+    for w in doc.get("input_warnings") or []:
+        out.append(f"{w['file']}: {w['rows_skipped']} row(s) skipped ({w['column']} {w['why']})")
     vanilla = float((doc.get("vanilla") or {}).get("remote_shootdowns") or 0)
     for m, sec in [("vanilla", doc.get("vanilla")), *(doc.get("models") or {}).items()]:
         b = (sec or {}).get("remote_shootdowns_bounds")
@@ -283,7 +289,7 @@ def write_report(doc: dict[str, Any], output: Path) -> Path:
     figures = plots.render_all(doc, output)
     page = output / "report.html"
     page.write_text(render_html(doc, figures), encoding="utf-8")
-    (output / "results.json").write_text(json.dumps(doc, indent=1, default=str), encoding="utf-8")
+    (output / "results.json").write_text(dumps(doc), encoding="utf-8")
     return page
 
 
@@ -297,6 +303,8 @@ def run_report(trace: Path, output: Path, settings: list[str]) -> int:
 
     try:
         doc = simulate(trace, None, settings).doc
+        if doc["trace"].get("interrupted_message"):
+            print(f"lufreplay: warning: {doc['trace']['interrupted_message']}", file=sys.stderr)
         page = write_report(doc, output)
     except (TraceError, OptionError, ReportError) as e:
         raise fail(str(e), 2) from None

@@ -132,7 +132,7 @@ def plot_by_cause(doc: dict[str, Any]) -> Figure | None:
 
 
 def _hist(ax: Any, edges: Sequence[float], counts: Sequence[float], **kw: Any) -> bool:
-    e = np.asarray(edges, dtype=float)
+    e = np.asarray([np.inf if x is None else x for x in edges], dtype=float)  # null: an open-ended last bin
     n = np.asarray(counts, dtype=float)
     if n.size == 0 or e.size != n.size + 1 or not n.sum():
         return False

@@ -34,13 +34,18 @@ RISK_NOTES = {
 
 
 def _losses(trace: Trace) -> dict[str, Any]:
+    """Counted losses. ``bounded``: the bounds below include every loss (losses > 0 on a finished recording);
+    an interrupted recording's losses are unknown: ``total`` null, ``complete`` and ``bounded`` false."""
     t = trace.table("losses")
-    if t.num_rows == 0:
-        return {"total": 0, "bounded": False, "by_probe": {}}
-    df = t.to_pandas()
-    by = df.groupby("probe")["lost"].sum()
-    total = int(df["lost"].sum())
-    return {"total": total, "bounded": total > 0, "by_probe": {str(k): int(v) for k, v in by.items()}}
+    by_probe: dict[str, int] = {}
+    counted = 0
+    if t.num_rows:
+        df = t.to_pandas()
+        by_probe = {str(k): int(v) for k, v in df.groupby("probe")["lost"].sum().items()}
+        counted = int(df["lost"].sum())
+    if not trace.complete:
+        return {"total": None, "counted": counted, "complete": False, "bounded": False, "by_probe": by_probe}
+    return {"total": counted, "counted": counted, "complete": True, "bounded": counted > 0, "by_probe": by_probe}
 
 
 def _duration(meta: dict[str, Any], res: ReplayResult) -> float:
@@ -71,7 +76,7 @@ def build(
     rec_by_cause = {c: int(fid["recorded"][i]) for i, c in enumerate(O.CAUSES) if fid["recorded"][i]}
     recorded = int(fid["recorded"].sum())
     losses = _losses(trace)
-    L = losses["total"]
+    L = losses["counted"]
     meta = trace.meta
     host = meta.get("host") if isinstance(meta.get("host"), dict) else {"hostname": meta.get("host")}
     doc: dict[str, Any] = {
@@ -82,7 +87,11 @@ def build(
             "nr_cpus": ncpu,
             "host": host,
             "kernel": meta.get("kernel") or (host.get("uname") or {}).get("release"),
+            "complete": trace.complete,
+            "interrupted": trace.interruption(),
+            "interrupted_message": trace.interruption_line(),
         },
+        "input_warnings": trace.warnings.as_list(),
         "options": dict(opts),
         "policy": {"alloc_order": opts["alloc_order"], "large_folios": opts["large_folios"]},
         "option_defaults": dict(DEFAULTS),
@@ -186,7 +195,12 @@ def build(
         "batches": int(rs[RC.RS_BATCHES]),
     }
     edges = realloc_bin_edges()
-    doc["realloc_delay"] = {"bin_edges_s": edges, "counts": [int(x) for x in vc["realloc_hist"]], "weight": "pages"}
+    # The last bin is open-ended: its upper edge (infinity) is null in strict JSON.
+    doc["realloc_delay"] = {
+        "bin_edges_s": [e if np.isfinite(e) else None for e in edges],
+        "counts": [int(x) for x in vc["realloc_hist"]],
+        "weight": "pages",
+    }
     dt = int(res.tl[1])
     n_bins = O.TIMELINE_BINS
     doc["timeline"] = {

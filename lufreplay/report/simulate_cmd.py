@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lufreplay.console import emit_json, fail, make_console
+from lufreplay.inputs import check_option_values
 from lufreplay.model import DEFAULT_MODELS, MODELS, SafetyViolation
 from lufreplay.model import ops as O
 from lufreplay.model.options import OptionError, describe, parse_settings
@@ -96,6 +97,9 @@ def simulate(
     Raises TraceError / OptionError / SafetyViolation; ``decisions`` keeps every flush decision in the result.
     """
     opts = parse_settings(settings)
+    bad = check_option_values(opts)
+    if bad:
+        raise OptionError(bad)
     requested = list(models) if models else list(DEFAULT_MODELS)
     unknown = [m for m in requested if m not in MODELS]
     if unknown:
@@ -118,6 +122,8 @@ def run_simulate(
         else:
             list_options_table(console)
         return 0
+    if out is not None and out.exists() and not out.is_dir():
+        raise fail(f"--out {out}: exists and is not a directory", 2)
     try:
         doc, res = simulate(trace, models, settings, decisions=out is not None)
     except (TraceError, OptionError) as e:
@@ -125,7 +131,10 @@ def run_simulate(
     except SafetyViolation as e:
         raise fail(f"safety invariant violated: {e}", 3) from None
     if out is not None:
-        f = write_decisions(res, out)
+        try:
+            f = write_decisions(res, out)
+        except OSError as e:
+            raise fail(f"--out {e.filename or out}: {e.strerror or e}", 2) from None
         print(f"lufreplay: decisions written to {f}", file=sys.stderr)
     if json_out:
         emit_json(doc)

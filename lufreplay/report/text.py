@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lufreplay.model import ops as O
@@ -43,6 +44,12 @@ def render(doc: dict[str, Any], console: Console) -> None:
         f"[bold]lufreplay simulate[/] {tr['path']}  run={tr.get('run_id')}  {tr['nr_cpus']} CPUs  "
         f"{tr.get('duration_s')} s  kernel={tr.get('kernel')}"
     )
+    if tr.get("interrupted_message"):
+        console.print(f"[bold red]warning: {escape(tr['interrupted_message'])}[/]")
+    for w in doc.get("input_warnings") or []:
+        console.print(
+            f"[yellow]warning: {escape(w['file'])}: {w['rows_skipped']} row(s) skipped ({w['column']} {w['why']})[/]"
+        )
     console.print(policy_line(doc.get("options", {})))
     if bounded:
         console.print(

@@ -108,6 +108,21 @@ def losses(trace: Trace, recorded_events: int) -> dict[str, Any]:
 
     fraction = total / (total + recorded_events) if total + recorded_events else 0.0
     warning = None
+    if not trace.complete:
+        # The recorder died: losses it had not yet written, and everything after the last committed
+        # segment, are unknown. ``total`` is then null, never a 0 that would read as "nothing lost".
+        return {
+            "total": None,
+            "counted": total,
+            "complete": False,
+            "bounded": False,
+            "fraction": None,
+            "by_probe": by("probe"),
+            "by_cpu": by("cpu"),
+            "by_source": by("source", schema.LOSS_SOURCE),
+            "warning": "recording interrupted: losses after the last committed segment are unknown"
+            + (f" ({total} counted before it)" if total else ""),
+        }
     if total:
         pct = f"{fraction:.2%}" if fraction >= 1e-4 else "< 0.01%"
         warning = f"{total} events lost ({pct} of kernel events)"
@@ -115,6 +130,9 @@ def losses(trace: Trace, recorded_events: int) -> dict[str, Any]:
             warning = f"HEAVY LOSS: {warning}; counts and the replay are not trustworthy (raise --buffer-size)"
     return {
         "total": total,
+        "counted": total,
+        "complete": True,
+        "bounded": True,
         "fraction": fraction,
         "by_probe": by("probe"),
         "by_cpu": by("cpu"),
@@ -288,7 +306,25 @@ def summarize(trace: Trace) -> dict[str, Any]:
     rec = reconcile(trace)
     w = rec["window_ns"]
     c["_total"] = {"kernel_events": events, "events_per_s": events / (w / 1e9) if w else None}
-    return {"meta": trace.meta, "counts": c, "losses": losses(trace, events), "reconciliation": rec}
+    return {
+        "recording": recording(trace),
+        "meta": trace.meta,
+        "counts": c,
+        "losses": losses(trace, events),
+        "reconciliation": rec,
+        "warnings": trace.warnings.as_list(),
+    }
+
+
+def recording(trace: Trace) -> dict[str, Any]:
+    """Whether the recording finished; if not, what was kept and what was left uncommitted."""
+    return {
+        "complete": trace.complete,
+        "segments": trace.n_segments,
+        "interrupted": trace.interruption(),
+        "message": trace.interruption_line(),
+        "uncommitted_files": [str(f.relative_to(trace.path)) for f in trace.remains],
+    }
 
 
 _META_SHOWN = (
@@ -313,11 +349,22 @@ def _fmt(v: Any) -> str:
 
 
 def _print_human(doc: dict[str, Any], path: Path) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from lufreplay.console import make_console
 
     con = make_console()
+    rec_ = doc["recording"]
+    if rec_["message"]:
+        con.print(f"[bold red]warning: {escape(rec_['message'])}[/bold red]")
+    elif rec_["uncommitted_files"]:
+        n = len(rec_["uncommitted_files"])
+        con.print(f"[yellow]note: {n} uncommitted file(s) ignored (`lufreplay repair` removes them)[/yellow]")
+    for w in doc["warnings"]:
+        con.print(
+            f"[yellow]warning: {escape(w['file'])}: {w['rows_skipped']} row(s) skipped ({w['column']} {w['why']})[/]"
+        )
     meta = doc["meta"]
     host = meta.get("host") or {}
     t = Table(title=f"trace {path}", show_header=False)
@@ -356,7 +403,9 @@ def _print_human(doc: dict[str, Any], path: Path) -> None:
     con.print(t)
 
     lo = doc["losses"]
-    if lo["total"] == 0:
+    if not lo["complete"]:
+        con.print(f"[bold red]warning: {escape(lo['warning'])}[/bold red]")
+    elif lo["total"] == 0:
         con.print("[green]losses: none[/green]")
     else:
         style = "bold red" if lo["fraction"] > LOSS_LOUD else "yellow"

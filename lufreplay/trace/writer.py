@@ -1,8 +1,10 @@
 """Write a trace directory: ``meta.json`` plus rolling Parquet segments per table.
 
 Segment N of every table covers the same time window, so a reader can merge tables segment by segment
-with bounded memory. Each segment file is closed (footer written) when the writer rotates, so a crash
-loses at most the segment being written. Files are created 0600: traces hold pids, comms and paths.
+with bounded memory. A segment is committed by its manifest (``commits/segment-NNNNNN.json``), written
+last, after every table's file of the segment is synced and renamed into place: a crash at any instant
+leaves a prefix of committed segments plus remains the reader ignores. Files are created 0600: traces
+hold pids, comms and paths.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,28 +26,68 @@ class TraceExistsError(Exception):
     """The output directory already holds something and --force was not given."""
 
 
+def _is_trace_dir(path: Path) -> bool:
+    """True when every entry of ``path`` is something a lufreplay recorder writes (tables, commits, meta)."""
+    known = {*schema.TABLES, schema.COMMIT_DIR, schema.META_FILE, schema.META_FILE + ".tmp"}
+    entries = list(path.iterdir())
+    if not all(e.name in known for e in entries):
+        return False
+    mf = path / schema.META_FILE
+    if mf.is_file():
+        try:
+            return json.loads(mf.read_text()).get("format") == schema.FORMAT_NAME
+        except (OSError, ValueError, AttributeError):
+            return False
+    return True  # a recorder killed before its first meta.json: only (empty) table directories
+
+
 def prepare_output(path: Path, force: bool) -> None:
-    """Create the trace directory, refusing to clobber an existing non-empty one without ``force``."""
+    """Create the trace directory, refusing to clobber an existing non-empty one without ``force``, and
+    refusing, even with ``force``, a directory that is not a lufreplay trace (its files are not ours to delete)."""
+    if path.exists() and not path.is_dir():
+        raise TraceExistsError(f"{path} exists and is not a directory")
     if path.exists() and any(path.iterdir()):
+        if not _is_trace_dir(path):
+            raise TraceExistsError(f"{path} is not empty and is not a lufreplay trace; refusing to overwrite it")
         if not force:
             raise TraceExistsError(f"{path} already exists and is not empty (use --force to overwrite)")
-        for table in schema.TABLES:
-            d = path / table
-            if d.is_dir():
-                for f in d.glob(schema.SEGMENT_GLOB):
-                    f.unlink()
+        # The commit manifests go first: a crash half-way through leaves a trace with fewer segments, never
+        # a manifest naming a deleted file.
+        for d, pattern in [(schema.COMMIT_DIR, "*")] + [(t, "*") for t in schema.TABLES]:
+            if (path / d).is_dir():
+                for f in (path / d).glob(pattern):
+                    if f.is_file():
+                        f.unlink()
         (path / schema.META_FILE).unlink(missing_ok=True)
+        (path / (schema.META_FILE + ".tmp")).unlink(missing_ok=True)
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o700)
 
 
+def _write_atomic(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` through a synced temporary file and a rename, 0600."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_meta(path: Path, meta: dict[str, Any]) -> None:
     """Write meta.json atomically (rename), 0600."""
-    tmp = path / (schema.META_FILE + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(meta, f, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, path / schema.META_FILE)
+    from lufreplay.jsonout import dumps
+
+    _write_atomic(path / schema.META_FILE, dumps(meta, indent=1, sort_keys=True).encode())
 
 
 #: Bulky metadata kept only in meta.json: every Parquet footer carries the rest twice (key-value metadata
@@ -69,14 +112,16 @@ class TraceWriter:
         self.bytes_written = 0
         self._pending: dict[str, list[pa.Table]] = {name: [] for name in schema.TABLES}
         self._lock = threading.Lock()
-        for name in schema.TABLES:
+        for name in (*schema.TABLES, schema.COMMIT_DIR):
             (self.path / name).mkdir(parents=True, exist_ok=True)
+        self.meta.setdefault("complete", False)
         write_meta(self.path, self._full_meta())
 
     def _full_meta(self) -> dict[str, Any]:
         m = dict(self.meta)
         m["format"] = schema.FORMAT_NAME
         m["format_version"] = schema.FORMAT_VERSION
+        m["segment_manifests"] = True
         m["segments"] = self.segment
         m["rows"] = dict(self.rows)
         return m
@@ -95,6 +140,9 @@ class TraceWriter:
         with self._lock:
             pending, self._pending = self._pending, {name: [] for name in schema.TABLES}
         meta_bytes = footer_meta(self._full_meta())
+        manifest: dict[str, Any] = {"segment": self.segment, "tables": {}}
+        ts_lo: int | None = None
+        ts_hi: int | None = None
         for name, parts in pending.items():
             t = schema.TABLES[name]
             table = pa.concat_tables(parts) if parts else schema.empty_table(name)
@@ -114,12 +162,29 @@ class TraceWriter:
                     row_group_size=self.row_group_size,
                     sorting_columns=[pq.SortingColumn(table.schema.get_field_index(t.sort_by))],
                     write_page_index=True,
+                    write_page_checksum=True,  # bit rot in a page becomes a read error, not wrong numbers
                 )
+                fh.flush()
+                os.fsync(fh.fileno())
             os.replace(tmp, f)
-            self.bytes_written += f.stat().st_size
+            size = f.stat().st_size
+            self.bytes_written += size
             self.rows[name] += table.num_rows
+            manifest["tables"][name] = {"file": f"{name}/{f.name}", "rows": table.num_rows, "bytes": size}
+            if table.num_rows and t.sort_by in table.column_names:
+                col = table.column(t.sort_by)
+                lo, hi = int(col[0].as_py()), int(col[-1].as_py())
+                ts_lo = lo if ts_lo is None else min(ts_lo, lo)
+                ts_hi = hi if ts_hi is None else max(ts_hi, hi)
+        for name in schema.TABLES:
+            _fsync_dir(self.path / name)
+        manifest["ts_min_ns"] = ts_lo
+        manifest["ts_max_ns"] = ts_hi
+        manifest["committed_at"] = time.time()
+        # The commit point: the segment exists for readers from this rename on.
+        _write_atomic(self.path / schema.COMMIT_DIR / schema.commit_name(self.segment), json.dumps(manifest).encode())
+        _fsync_dir(self.path / schema.COMMIT_DIR)
         self.segment += 1
-        write_meta(self.path, self._full_meta())
 
     def close(self, final_meta: dict[str, Any] | None = None) -> None:
         """Write the last segment and the final metadata."""

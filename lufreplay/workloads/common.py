@@ -499,7 +499,9 @@ def result(
 
 def emit(doc: dict[str, Any], json_out: bool, summary: Iterator[str] | list[str] = ()) -> None:
     if json_out:
-        print(json.dumps(doc, sort_keys=False), flush=True)
+        from lufreplay.jsonout import dumps
+
+        print(dumps(doc, indent=None), flush=True)
         return
     print(
         f"{doc['workload']}: {doc['pages_touched']:,} pages touched in {doc['runtime_s']:.2f} s"
