@@ -73,18 +73,9 @@ def can_luf_init(S, r):
 
 
 @numba.njit(cache=True)
-def fold_luf_batch(S, M, mm, mp, m):
-    """§2.3 fold_luf_batch_mm / the mapping's: an eligible PTE's CPUs join its mm's (and file mapping's) batch
-    with a fresh ugen each. The oracle (until the next commit) takes one ugen per PTE for both."""
-    if M == POL_ORACLE:
-        u = next_ugen(S)
-        if mm >= 0:
-            S.MMB_mask[mm] |= m
-            S.MMB_ugen[mm] = u
-        if mp >= 0:
-            S.ASB_mask[mp] |= m
-            S.ASB_ugen[mp] = u
-        return
+def fold_luf_batch(S, mm, mp, m):
+    """§2.3 fold_luf_batch_mm / the mapping's: an eligible PTE's CPUs join its mm's (and file mapping's) batch,
+    each with a fresh ugen (luf-v12 and the oracle)."""
     if mm >= 0:
         S.MMB_mask[mm] |= m
         S.MMB_ugen[mm] = next_ugen(S)
@@ -107,7 +98,7 @@ def set_tlb_ubc_flush_pending(S, r, M):
     if S.SC[CAN_LUF] != 0:
         S.SU[FOLIO_RO] |= m
         if M == POL_V12 or M == POL_ORACLE:
-            fold_luf_batch(S, M, r["mm"], r["mapping"], m)
+            fold_luf_batch(S, r["mm"], r["mapping"], m)
     else:
         S.SU[NONLUF_MASK] |= m
 
