@@ -29,8 +29,7 @@ from lufreplay.model.kernels import (
     RD_BINS,
     resolve_stale,
 )
-from lufreplay.model.pcpfifo import Obligations
-from lufreplay.model.state import NSC, NSU, Logs, LufBatches, ModelState, PageState, grow, new_acc
+from lufreplay.model.state import Logs, PageState, new_acc
 
 # stale-window histogram: 10 bins per decade from 100 ns to 1000 s
 SW_EDGES = np.logspace(-7, 3, 101)
@@ -113,13 +112,9 @@ class StaleWindow:
 
 
 class Model:
-    """Base class: subclasses set ``name``, ``policy`` (the loop's policy id, state.POL_*) and ``uses`` (the
-    optional parts of the state record they need), and may preset state in ``init_state``."""
+    """Base class: subclasses set ``name`` and implement ``init_state``, ``ensure`` and ``_run``."""
 
     name = "model"
-    policy = -1
-    #: optional state: "batches" (MMB/ASB), "tasks" (per-task keys), "buf" (the open batch), "obl" (pcp FIFOs)
-    uses: frozenset[str] = frozenset()
 
     def __init__(self, opts: dict[str, Any], Y: np.ndarray, tl: np.ndarray, ncpu: int, decisions: bool) -> None:
         self.opts = opts
@@ -134,49 +129,16 @@ class Model:
         self.decision_chunks: list[np.ndarray] = []
         #: the real pfn of one of the model's pfns (the engine replays compact ids: ``PfnMap.real_one``)
         self.pfn_of: Callable[[int], int] = int
-        self.SC = np.zeros(NSC, np.int64)
-        self.SU = np.zeros(NSU, np.uint64)
-        self.done = np.zeros(64, np.int64)
-        self.strikes = np.zeros(64, np.int64)
-        self.KEY_mask = np.zeros(0, np.uint64)
-        self.KEY_ugen = np.zeros(0, np.int64)
-        self.batches = LufBatches()
-        self.task_key = np.zeros(0, np.int64)
-        self.task_anon_key = np.zeros(0, np.int64)
-        self.buf = np.zeros((0, 3), np.int64)
-        self.obl = Obligations()
         self.init_state()
 
     def init_state(self) -> None:
-        """Initial values of the state a policy presets (ugen counters, key table, ...)."""
+        raise NotImplementedError
 
     def ensure(self, n_task: int, n_mm: int, n_map: int, n_ops: int) -> None:
-        """Room for ``n_ops`` more model ops and the ids seen so far."""
-        if "batches" in self.uses:
-            self.batches.ensure(n_mm, n_map)
-        if "tasks" in self.uses:
-            self.task_key = grow(self.task_key, n_task)
-            self.task_anon_key = grow(self.task_anon_key, n_task)
-        if "buf" in self.uses:
-            self.buf = grow(self.buf, n_ops + 1)
-        if "obl" in self.uses:
-            self.obl.ensure(self.pages.n, n_ops)
-
-    def state(self) -> ModelState:
-        """The state record the numba loop replays with (views of this model's arrays)."""
-        pg, lg, ob, b = self.pages, self.logs, self.obl, self.batches
-        return ModelState(
-            self.Y, self.SC, self.SU, self.done, self.strikes, self.KEY_mask, self.KEY_ugen, b.MMB_mask, b.MMB_ugen,
-            b.ASB_mask, b.ASB_ugen, self.task_key, self.task_anon_key, self.buf, pg.state, pg.key, pg.stamp,
-            pg.unmap_ts, pg.unmap_task, pg.sh_mask, pg.sh_ugen, self.acc, self.tl, lg.dec, lg.nlog, lg.hist_g,
-            lg.hist_ts, lg.hist_mask, lg.req_ts, lg.req_ugen, lg.req_mask, lg.req_pages, ob.OB, ob.OBM, ob.free,
-            ob.FH, ob.OBS, ob.pobl,
-        )  # fmt: skip
+        raise NotImplementedError
 
     def _run(self, mops: np.ndarray, n: int) -> int:
-        from lufreplay.model.loop import replay  # the loop imports every policy, and they import this module
-
-        return int(replay(mops, n, self.state(), self.policy))
+        raise NotImplementedError
 
     def run(self, mops: np.ndarray, n: int, max_pfn: int, sizes: tuple[int, int, int]) -> None:
         """Replay ``n`` model ops; carries state to the next call."""

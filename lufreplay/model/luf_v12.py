@@ -1,13 +1,12 @@
-"""LUF RFC v12 (luf-model.md §2–§5, state machine §8): the default model's policy.
+"""LUF RFC v12 (luf-model.md §2–§5, state machine §8): the default model.
 
-State (§8.1, the shared record ``state.ModelState``): ``G`` the global ugen, ``K`` the 16-bit key counter,
-``KEY[65536] = {mask, ugen}``, ``done[cpu]``, ``MMB`` per mm and ``ASB`` per file mapping, the zone
-(``ZB_mask``, ``Z_lufugen``, ``Z_open``, ``Z_done``, ``nr_luf_pages``), the open batch (``LUF_mask``,
-``NONLUF_mask``, ``FOLIO_ro_mask``, ``can_luf``) and, per page, its state (pcp key / buddy stamp / allocated)
-plus the shadow debt checked on every re-allocation (the safety invariant: a violation stops the replay).
+State (§8.1): ``G`` the global ugen, ``K`` the 16-bit key counter, ``KEY[65536] = {mask, ugen}``, ``done[cpu]``,
+``MMB`` per mm and ``ASB`` per file mapping (``{mask, ugen}``), the zone (``ZB_mask``, ``Z_lufugen``, ``Z_open``,
+``Z_done``, ``nr_luf_pages``), the batch being unmapped (``LUF_mask``, ``NONLUF_mask``, ``FOLIO_ro_mask``,
+``can_luf``) and, per page, its state (pcp key / buddy stamp / allocated) plus the shadow debt checked on every
+re-allocation (the safety invariant: a violation stops the replay).
 
-The rmap-walk prologue (§8.2.1–2) and the recorded flushes are the loop's (``model/loop.py``); the functions
-here are v12's answer to each remaining §8.2 event, named after the kernel function that makes the decision.
+The loop below is one ``if`` per §8.2 event; the comments give the event number.
 """
 
 from __future__ import annotations
@@ -17,35 +16,41 @@ import numpy as np
 
 from lufreplay.model import ops as O
 from lufreplay.model.base import Model, SafetyViolation
-from lufreplay.model.kernels import O_MISC, U0, bit, log_decision, notdone, popcount
-from lufreplay.model.pcpfifo import OB_KEY, OB_TASK, OB_UGEN, ob_release, orphan
-from lufreplay.model.prims import (
-    clear_debt,
-    count,
-    defer,
-    flush,
-    free_folios_keyed,
-    luf_batch_target,
-    luf_flush,
-    new_key,
-    ob_own_back,
-    ob_safety,
-    owe,
-    pcp_add_tail,
-    pcp_drain_tail,
-    pcp_head,
-    pcp_take,
-    safety,
-    violation,
+from lufreplay.model.kernels import (
+    L_REQ,
+    O_HOOK_CALLS,
+    O_HOOK_NOIPI,
+    O_MISC,
+    O_VIOL,
+    U0,
+    U1,
+    account_flush,
+    add_history,
+    add_request,
+    bit,
+    folio_begin_ok,
+    folio_end_reason,
+    log_decision,
+    mark_done,
+    notdone,
+    popcount,
+)
+from lufreplay.model.pcpfifo import (
+    FH_HEAD,
+    FH_TAIL,
+    OB_CPU,
+    OB_KEY,
+    OB_TASK,
+    OB_UGEN,
+    Obligations,
+    fifo_push,
+    fifo_unlink,
+    ob_new,
+    ob_release,
+    orphan,
+    relabel,
 )
 from lufreplay.model.state import (
-    COVERED,
-    G,
-    KCTR,
-    LUF_MASK,
-    NBUF,
-    NONLUF_MASK,
-    NR_LUF,
     P_BUDDY_CLEAN,
     P_BUDDY_LUF,
     P_NONE,
@@ -53,449 +58,656 @@ from lufreplay.model.state import (
     P_PCP_LUF,
     P_TAKEN,
     P_UNMAPPED,
-    POL_V12,
-    POOL_MASK,
-    POOL_UGEN,
     Y_ALLOC_LUF,
+    Y_CREDIT_NATURAL,
     Y_EPOCH_LAT_NS,
-    Y_HOOKS_POSTED,
-    Y_KEEP_POSTED,
+    Y_LARGE_ELIG,
     Y_NON_LUF_OK,
     Y_PCP_STRIKES,
-    Z_DONE,
-    Z_DONE_TS,
-    Z_LUFUGEN,
-    Z_OPEN,
-    Z_PREV_DONE,
-    ZB_MASK,
+    Y_UNEXPLAINED_FLUSH,
+    LufBatches,
 )
 
 NKEYS = 65536
+# scalar slots (int64 vector SC)
+(G, KCTR, Z_OPEN, Z_DONE, Z_LUFUGEN, NR_LUF, Z_DONE_TS, Z_PREV_DONE, CAN_LUF, CUR_PFN, CUR_ORDER, CUR_TS, NBUF,
+ POOL_UGEN) = range(14)  # fmt: skip
+NSC = 14
+# uint64 scalar slots (SU)
+# COVERED: LUF work folded by F11 this pass; POOL_MASK: shadow debt of the zone's pend pool (alloc_order=luf)
+ZB_MASK, LUF_MASK, NONLUF_MASK, FOLIO_RO, COVERED, POOL_MASK = range(6)
 
 
 @numba.njit(cache=True)
-def clean_block(S, pfn, npg):
-    """Pending buddy pages of the block are clean from now on (their epoch is done, or a clean block served)."""
-    for p in range(pfn, pfn + npg):
-        if S.pstate[p] == P_BUDDY_LUF:
-            S.pstate[p] = P_BUDDY_CLEAN
+def _mi(name_idx):
+    return O_MISC + name_idx
 
 
 @numba.njit(cache=True)
-def takeoff_end(S, r, pfn, npg):
-    """luf_takeoff_end of a buddy takeoff that closes the open epoch (§4.1): one flush of the whole zone batch,
-    dieted by the zone's luf_ugen; the pend pool is spliced back to free_list and the epoch advances."""
-    SC, SU = S.SC, S.SU
-    ts = r["ts"]
-    target_mask = SU[ZB_MASK]
-    ugen = SC[Z_LUFUGEN]
-    n = luf_flush(S, r, target_mask, ugen, O.C_ALLOC_BUDDY_EPOCH, pfn)
-    count(S, O.K_EPOCH_CLOSES)
-    if n > 0 or (notdone(target_mask, ugen, S.done) != target_mask):
-        count(S, O.K_ALLOC_WITH_FLUSH)
-        count(S, O.K_PAID_IN_ALLOC_FLUSHES)
-    other = 0
-    for p in range(pfn, pfn + npg):
-        if S.pstate[p] == P_BUDDY_LUF and S.punmap_task[p] != r["task"]:
-            other += 1
-    clean_block(S, pfn, npg)
-    if other > 0 and n > 0:
-        count(S, O.K_PAID_BY_OTHER_PAGES, other)
-        count(S, O.K_PAID_BY_OTHER_FLUSHES)
-    if S.Y[Y_ALLOC_LUF] != 0:  # the whole pend pool is spliced back to free_list: nothing in it may still be owed
-        count(S, O.K_SAFETY_CHECKS, SC[NR_LUF])
-        if notdone(SU[POOL_MASK], SC[POOL_UGEN], S.done) != U0:
-            violation(S, pfn, ts)
-        SU[POOL_MASK] = U0
-        SC[POOL_UGEN] = 0
-    SC[Z_PREV_DONE] = SC[Z_DONE]
-    SC[Z_DONE] = SC[Z_OPEN]
-    SC[Z_DONE_TS] = ts + np.int64(S.Y[Y_EPOCH_LAT_NS])
-    SC[Z_OPEN] += 1
-    SU[ZB_MASK] = U0
-    SC[Z_LUFUGEN] = 0
-    SC[NR_LUF] = 0
+def _luf_flush(ts, cpu, task, mask, ugen, cause, op, pfn, SC, done, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask):
+    """The shared pattern of every luf_flush_* helper (§4): diet by ugen, flush what is left, mark it done."""
+    target = notdone(mask, ugen, done)
+    if target == U0:
+        if mask != U0:
+            acc[_mi(O.K_RETIRED_BY_DONE)] += popcount(mask & ~bit(cpu))
+            log_decision(ts, 2, cause, cpu, task, mask, 0, op, pfn, dec, nlog)
+        return 0
+    SC[G] += 1
+    g = SC[G]
+    n = account_flush(ts, cpu, task, target, cause, op, pfn, acc, tl, dec, nlog)
+    acc[_mi(O.K_FLUSHED_CPU_SLOTS)] += n
+    acc[_mi(O.K_RETIRED_BY_DONE)] += popcount(mask & ~target & ~bit(cpu))
+    mark_done(target, g, done)
+    add_history(g, ts, target, hist_g, hist_ts, hist_mask, nlog)
+    return n
 
 
 @numba.njit(cache=True)
-def take_buddy(S, r, pfn, order, can_sd):
-    """§4.1 / §8.2.8 buddy path for a block (luf_takeoff_check_and_fold(zone)): free pass, epoch close (+flush),
-    wait, or refusal.
+def _new_key(mask, SC, KEY_mask, KEY_ugen, done, acc):
+    """fold_unmap_luf step 2: next 16-bit key (0 skipped), merge into a live slot, fresh ugen."""
+    SC[KCTR] = (SC[KCTR] + 1) & 0xFFFF
+    if SC[KCTR] == 0:
+        SC[KCTR] = 1
+    k = SC[KCTR]
+    SC[G] += 1
+    u = SC[G]
+    if KEY_ugen[k] != 0:
+        old = notdone(KEY_mask[k], KEY_ugen[k], done)  # __fold_luf_batch: diet the old request first
+        if old != U0:
+            acc[_mi(O.K_KEY_MERGES)] += 1
+        KEY_mask[k] = old | mask
+    else:
+        KEY_mask[k] = mask
+    KEY_ugen[k] = u
+    return k
+
+
+@numba.njit(cache=True)
+def _safety(p, ts, done, sh_mask, sh_ugen, acc):
+    """The invariant: no pfn reaches a new owner while a CPU still owes a flush for it."""
+    acc[_mi(O.K_SAFETY_CHECKS)] += 1
+    if sh_mask[p] != U0 and notdone(sh_mask[p], sh_ugen[p], done) != U0:
+        if acc[O_VIOL] == 0:
+            acc[O_VIOL + 1] = p
+            acc[O_VIOL + 2] = ts
+        acc[O_VIOL] += 1
+        return False
+    sh_mask[p] = U0
+    sh_ugen[p] = 0
+    return True
+
+
+@numba.njit(cache=True)
+def _take_buddy(
+    ts, cpu, task, pfn, order, can_sd, luf, non_luf_ok, SC, SU, done, pstate, pstamp, punmap_task, acc, tl, dec,
+    nlog, hist_g, hist_ts, hist_mask, lat_ns, op,
+):  # fmt: skip
+    """§4.1 / §8.2.8 buddy path for a block: free pass, epoch close (+flush), wait, or refusal.
 
     ``alloc_order=recorded``: the recorded block itself is taken; returns True when it may be handed out.
     ``alloc_order=luf``: the pending obligations of buddy live in the zone's pend pool (not on pfns); a recorded
     take of a pending block is served by a clean block while ``non_luf_ok`` (no flush), else by the pend_list
     (epoch logic, ``pend_first``); the recorded block always leaves (True)."""
-    SC = S.SC
-    luf = S.Y[Y_ALLOC_LUF] != 0
     s = np.int64(0)
     npg = np.int64(1) << order
     for p in range(pfn, pfn + npg):
-        if S.pstate[p] == P_BUDDY_LUF and S.pstamp[p] > s:
-            s = S.pstamp[p]
+        if pstate[p] == P_BUDDY_LUF and pstamp[p] > s:
+            s = pstamp[p]
     if s == 0:
         return True
     if s <= SC[Z_DONE]:
-        if r["ts"] < SC[Z_DONE_TS] and s > SC[Z_PREV_DONE]:
-            count(S, O.K_EPOCH_WAITS)  # another task's epoch flush is still in flight
-        count(S, O.K_ALLOC_FREE_PASS)
-        clean_block(S, pfn, npg)
+        if ts < SC[Z_DONE_TS] and s > SC[Z_PREV_DONE]:
+            acc[_mi(O.K_EPOCH_WAITS)] += 1  # another task's epoch flush is still in flight
+        acc[_mi(O.K_ALLOC_FREE_PASS)] += 1
+        for p in range(pfn, pfn + npg):
+            if pstate[p] == P_BUDDY_LUF:
+                pstate[p] = P_BUDDY_CLEAN
         return True
     if luf:
-        if S.Y[Y_NON_LUF_OK] != 0:  # get_page_from_free_area: free_list first while non_luf_pages_ok(zone)
-            count(S, O.K_BUDDY_CLEAN_FIRST)
-            clean_block(S, pfn, npg)
+        if non_luf_ok:  # get_page_from_free_area: free_list first while non_luf_pages_ok(zone)
+            acc[_mi(O.K_BUDDY_CLEAN_FIRST)] += 1
+            for p in range(pfn, pfn + npg):
+                if pstate[p] == P_BUDDY_LUF:
+                    pstate[p] = P_BUDDY_CLEAN
             return True
-        count(S, O.K_PEND_FIRST)
+        acc[_mi(O.K_PEND_FIRST)] += 1
     if not can_sd:
-        count(S, O.K_BUDDY_REFUSALS)
+        acc[_mi(O.K_BUDDY_REFUSALS)] += 1
         if luf:  # the pend_list block is unusable: a clean block serves the caller
-            clean_block(S, pfn, npg)
+            for p in range(pfn, pfn + npg):
+                if pstate[p] == P_BUDDY_LUF:
+                    pstate[p] = P_BUDDY_CLEAN
             return True
         return False
-    takeoff_end(S, r, pfn, npg)  # s == Z_open: this task closes the epoch
+    # s == Z_open: this task closes the epoch and flushes the whole zone batch
+    target_mask = SU[ZB_MASK]
+    ugen = SC[Z_LUFUGEN]
+    n = _luf_flush(
+        ts, cpu, task, target_mask, ugen, O.C_ALLOC_BUDDY_EPOCH, op, pfn, SC, done, acc, tl, dec, nlog, hist_g,
+        hist_ts, hist_mask,
+    )  # fmt: skip
+    acc[_mi(O.K_EPOCH_CLOSES)] += 1
+    if n > 0 or (notdone(target_mask, ugen, done) != target_mask):
+        acc[_mi(O.K_ALLOC_WITH_FLUSH)] += 1
+        acc[_mi(O.K_PAID_IN_ALLOC_FLUSHES)] += 1
+    other = 0
+    for p in range(pfn, pfn + npg):
+        if pstate[p] == P_BUDDY_LUF and punmap_task[p] != task:
+            other += 1
+        if pstate[p] == P_BUDDY_LUF:
+            pstate[p] = P_BUDDY_CLEAN
+    if other > 0 and n > 0:
+        acc[_mi(O.K_PAID_BY_OTHER_PAGES)] += other
+        acc[_mi(O.K_PAID_BY_OTHER_FLUSHES)] += 1
+    if luf:  # the whole pend pool is spliced back to free_list: nothing in it may still be owed
+        acc[_mi(O.K_SAFETY_CHECKS)] += SC[NR_LUF]
+        if notdone(SU[POOL_MASK], SC[POOL_UGEN], done) != U0:
+            if acc[O_VIOL] == 0:
+                acc[O_VIOL + 1] = pfn
+                acc[O_VIOL + 2] = ts
+            acc[O_VIOL] += 1
+        SU[POOL_MASK] = U0
+        SC[POOL_UGEN] = 0
+    SC[Z_PREV_DONE] = SC[Z_DONE]
+    SC[Z_DONE] = SC[Z_OPEN]
+    SC[Z_DONE_TS] = ts + lat_ns
+    SC[Z_OPEN] += 1
+    SU[ZB_MASK] = U0
+    SC[Z_LUFUGEN] = 0
+    SC[NR_LUF] = 0
     return True
 
 
 @numba.njit(cache=True)
-def to_buddy(S, p, key, sh_m, sh_u):
+def _to_buddy(p, key, sh_m, sh_u, luf, SC, SU, KEY_mask, KEY_ugen, pstate, pkey, pstamp, acc):
     """§8.2.7: a page with a key enters buddy: the zone batch absorbs the key, the page gets the open stamp.
     With alloc_order=luf its shadow debt joins the zone's pend pool (checked when the pool is spliced back)."""
-    SC, SU = S.SC, S.SU
-    SU[ZB_MASK] |= S.KEY_mask[key]
-    if S.KEY_ugen[key] > SC[Z_LUFUGEN]:
-        SC[Z_LUFUGEN] = S.KEY_ugen[key]
-    S.pstate[p] = P_BUDDY_LUF
-    S.pstamp[p] = SC[Z_OPEN]
-    S.pkey[p] = 0
+    SU[ZB_MASK] |= KEY_mask[key]
+    if KEY_ugen[key] > SC[Z_LUFUGEN]:
+        SC[Z_LUFUGEN] = KEY_ugen[key]
+    pstate[p] = P_BUDDY_LUF
+    pstamp[p] = SC[Z_OPEN]
+    pkey[p] = 0
     SC[NR_LUF] += 1
-    if SC[NR_LUF] > S.acc[O_MISC + O.K_NR_LUF_PAGES_MAX]:
-        S.acc[O_MISC + O.K_NR_LUF_PAGES_MAX] = SC[NR_LUF]
-    if S.Y[Y_ALLOC_LUF] != 0:
+    if SC[NR_LUF] > acc[_mi(O.K_NR_LUF_PAGES_MAX)]:
+        acc[_mi(O.K_NR_LUF_PAGES_MAX)] = SC[NR_LUF]
+    if luf:
         SU[POOL_MASK] |= sh_m
         if sh_u > SC[POOL_UGEN]:
             SC[POOL_UGEN] = sh_u
 
 
 @numba.njit(cache=True)
-def luf_takeoff_check_and_fold(S, r, mask, ugen, can_sd, pfn):
+def _f1(ts, cpu, task, mask, ugen, can_sd, op, pfn, max_strikes, SC, done, strikes, acc, tl, dec, nlog, hist_g,
+        hist_ts, hist_mask):  # fmt: skip
     """F1 on one pcp takeoff: 0 = free pass, 1 = flushed (returns its IPIs in [1]), 2 = skipped (no-shootdown)."""
-    cpu = r["cpu"]
-    target = notdone(mask, ugen, S.done)
+    target = notdone(mask, ugen, done)
     if target == U0:
-        count(S, O.K_ALLOC_FREE_PASS)
-        log_decision(r["ts"], 2, O.C_ALLOC_PCP, cpu, r["task"], mask, 0, r["op"], pfn, S.dec, S.nlog)
+        acc[_mi(O.K_ALLOC_FREE_PASS)] += 1
+        log_decision(ts, 2, O.C_ALLOC_PCP, cpu, task, mask, 0, op, pfn, dec, nlog)
         return 0, 0
     if can_sd:
-        n = luf_flush(S, r, mask, ugen, O.C_ALLOC_PCP, pfn)
-        count(S, O.K_ALLOC_WITH_FLUSH)
-        count(S, O.K_PAID_IN_ALLOC_FLUSHES)
-        S.strikes[cpu] = 0
+        n = _luf_flush(
+            ts, cpu, task, mask, ugen, O.C_ALLOC_PCP, op, pfn, SC, done, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask
+        )
+        acc[_mi(O.K_ALLOC_WITH_FLUSH)] += 1
+        acc[_mi(O.K_PAID_IN_ALLOC_FLUSHES)] += 1
+        strikes[cpu] = 0
         return 1, n
-    count(S, O.K_PCP_SKIPS)
-    S.strikes[cpu] += 1
-    if S.strikes[cpu] >= np.int64(S.Y[Y_PCP_STRIKES]):
-        count(S, O.K_PCP_FALLBACKS)
-        S.strikes[cpu] = 0
+    acc[_mi(O.K_PCP_SKIPS)] += 1
+    strikes[cpu] += 1
+    if strikes[cpu] >= max_strikes:
+        acc[_mi(O.K_PCP_FALLBACKS)] += 1
+        strikes[cpu] = 0
     return 2, 0
 
 
 @numba.njit(cache=True)
-def settle(S, r):
-    """Pages about to be keyed again that the model still holds pending: the trace re-used them without a
-    recorded allocation (a lost event, or a no-shootdown allocation the model served with another page).
-    alloc_order=luf: a pcp obligation stays in its FIFO without a label, a buddy one stays in the pend pool.
-    Otherwise (or for a page keyed but never freed) the missed allocation pays what the page still owes."""
-    luf = S.Y[Y_ALLOC_LUF] != 0
-    for b in range(S.SC[NBUF]):
-        pfn = S.buf[b, 0]
-        for p in range(pfn, pfn + (np.int64(1) << S.buf[b, 1])):
-            st = S.pstate[p]
-            pend = st == P_PCP_LUF or st == P_BUDDY_LUF or (st == P_UNMAPPED and S.pkey[p] != 0)
-            if luf and st == P_PCP_LUF:
-                orphan(p, S.OB, S.pobl)
-            target = U0
-            if S.sh_mask[p] != U0:
-                target = notdone(S.sh_mask[p], S.sh_ugen[p], S.done)
-                if target != U0:
-                    cause = O.C_ALLOC_BUDDY_EPOCH if (st == P_BUDDY_LUF or st == P_TAKEN) else O.C_ALLOC_PCP
-                    luf_flush(S, r, S.sh_mask[p], S.sh_ugen[p], cause, p)
-                clear_debt(S, p)
-            if pend or target != U0:
-                count(S, O.K_UNSEEN_REUSES)
-            if st == P_PCP_LUF or st == P_BUDDY_LUF:
-                S.pstate[p] = P_NONE
-
-
-@numba.njit(cache=True)
-def fold_unmap_luf(S, r):
-    """§3.3: the deferred part D = LUF \\ NONLUF of the open batch gets a new key (0: nothing deferred); the
-    batch's eligible folios leave the walk keyed with it. Returns the key."""
-    settle(S, r)
-    d = S.SU[LUF_MASK] & ~S.SU[NONLUF_MASK]
-    k = 0
-    if d != U0:
-        k = new_key(S, d)
-    return k, d
-
-
-@numba.njit(cache=True)
-def reclaim_keep(S, r):
-    """§8.2.4 / F11: reclaim could not free an eligible folio: key the LUF work so far and flush it at once.
-    ``reclaim_keep=posted`` (§9.3): luf_flush(fold_unmap_luf()) with no diet, and try_to_unmap_flush() also
-    flushes the pending non-LUF work (even for key 0)."""
-    k, d = fold_unmap_luf(S, r)
-    free_folios_keyed(S, POL_V12, r["task"], k, d, S.KEY_ugen[k] if k != 0 else 0)
-    if S.Y[Y_KEEP_POSTED] != 0:
-        km = S.KEY_mask[k] if k != 0 else U0
-        t = km | S.SU[NONLUF_MASK]
-        if t != U0:
-            flush(S, r, t, O.C_RECLAIM_KEEP, r["pfn"])
-            count(S, O.K_FLUSHED_CPU_SLOTS, popcount(km & ~bit(r["cpu"])))
-        S.SU[COVERED] |= S.SU[NONLUF_MASK]
-        S.SU[NONLUF_MASK] = U0
-    elif k != 0:
-        luf_flush(S, r, S.KEY_mask[k], S.KEY_ugen[k], O.C_RECLAIM_KEEP, r["pfn"])
-    S.SU[COVERED] |= S.SU[LUF_MASK]
-    S.SU[LUF_MASK] = U0
-
-
-@numba.njit(cache=True)
-def try_to_unmap_flush(S, r):
-    """§8.2.3 batch_flush: fold_unmap_luf, then the vanilla-style flush of the non-LUF part (marks done), then
-    the folios are freed with the key; F12 flushes the key at once for memory-failure migration."""
-    task = r["task"]
-    k, d = fold_unmap_luf(S, r)
-    if d != U0:
-        defer(S, r, d)
-    nl = S.SU[NONLUF_MASK]
-    if nl != U0:
-        flush(S, r, nl, O.C_BATCH_NONLUF, -1)
-    free_folios_keyed(S, POL_V12, task, k, d, S.KEY_ugen[k] if k != 0 else 0)
-    if task >= 0:
-        S.task_key[task] = k
-        S.task_anon_key[task] = k if (r["flags"] & O.B_ANON_UNKNOWN_PFN) else 0
-    if (r["flags"] & O.B_MEMFAIL) and k != 0:  # F12
-        luf_flush(S, r, S.KEY_mask[k], S.KEY_ugen[k], O.C_MEMFAIL, r["pfn"])
-
-
-@numba.njit(cache=True)
-def free_page(S, r):
-    """§8.2.6 free(page, key): order 0 → pcp (keyed: list tail), else buddy (free_one_page) with the key."""
-    luf = S.Y[Y_ALLOC_LUF] != 0
-    task = r["task"]
-    pfn = r["pfn"]
-    order = r["order"]
-    for p in range(pfn, pfn + (np.int64(1) << order)):
-        st = S.pstate[p]
-        if luf and (st == P_PCP_LUF or st == P_BUDDY_LUF):
-            # freed again with no recorded allocation: the model's obligation stays free, unlabelled
-            count(S, O.K_UNSEEN_REUSES)
-            orphan(p, S.OB, S.pobl)
-            S.pstate[p] = P_NONE
-            st = P_NONE
-        k = 0
-        if st == P_UNMAPPED:
-            k = S.pkey[p]
-        elif r["sub"] == 3 and task >= 0 and S.task_anon_key[task] != 0 and st != P_PCP_LUF and st != P_BUDDY_LUF:
-            k = S.task_anon_key[task]  # anon folio of the last batch: its pfn shows up only here
-            owe(S, p, S.KEY_mask[k], S.KEY_ugen[k])
-            S.punmap_ts[p] = r["ts"]
-            S.punmap_task[p] = task
-        if k != 0:
-            count(S, O.K_LUF_PAGES_FREED)
-            if order == 0:
-                S.pstate[p] = P_PCP_LUF
-                S.pkey[p] = k
-                if luf:  # patch 11: a keyed page goes to the pcp tail
-                    pcp_add_tail(S, p, k, S.punmap_task[p], r["cpu"])
-            else:
-                to_buddy(S, p, k, S.sh_mask[p], S.sh_ugen[p])
-                if luf:
-                    clear_debt(S, p)
-        elif st == P_PCP_LUF or st == P_BUDDY_LUF:
-            pass  # still free and pending in the model (a no-shootdown allocation skipped it)
-        else:
-            S.pstate[p] = P_PCP_CLEAN if order == 0 else P_BUDDY_CLEAN
-
-
-@numba.njit(cache=True)
-def free_pcppages_bulk(S, r):
-    """§8.2.7 pcp_drain: keyed pages enter buddy (alloc_order=luf: the newest of that pcp, from the tail)."""
-    pfn = r["pfn"]
-    for p in range(pfn, pfn + (np.int64(1) << r["order"])):
-        if S.pstate[p] == P_PCP_LUF:
-            if S.Y[Y_ALLOC_LUF] != 0:
-                z, own = pcp_drain_tail(S, p)
-                if z != own:
-                    count(S, O.K_FIFO_REORDERS)
-                S.punmap_task[p] = S.OB[z, OB_TASK]
-                to_buddy(S, p, S.OB[z, OB_KEY], S.OBM[z], S.OB[z, OB_UGEN])
-                ob_release(z, S.OB, S.obfree, S.OBS)
-            else:
-                to_buddy(S, p, S.pkey[p], U0, 0)
-        elif S.pstate[p] == P_PCP_CLEAN:
-            S.pstate[p] = P_BUDDY_CLEAN
-
-
-@numba.njit(cache=True)
-def rmqueue_buddy(S, r):
-    """§8.2.8 a block taken from buddy (F2), incl. the pcp refill."""
-    pfn = r["pfn"]
-    order = r["order"]
-    if take_buddy(S, r, pfn, order, (r["flags"] & O.A_CAN_SD) != 0):
-        for p in range(pfn, pfn + (np.int64(1) << order)):
-            if S.pstate[p] != P_PCP_LUF:
-                S.pstate[p] = P_PCP_CLEAN if (r["flags"] & O.A_REFILL) else P_TAKEN
-
-
-@numba.njit(cache=True)
-def drop_orphans(S, pfn, npg):
-    """The trace's page left while the model kept it free: its obligation stays free, unlabelled."""
-    for p in range(pfn, pfn + npg):
-        if S.pstate[p] == P_PCP_LUF:
-            orphan(p, S.OB, S.pobl)
-            S.pstate[p] = P_NONE
-            S.pkey[p] = 0
-
-
-@numba.njit(cache=True)
-def alloc_pages(S, r):
-    """§8.2.8 alloc: pcp path (F1) / buddy path (F2), then the safety invariant. False on a violation."""
-    luf = S.Y[Y_ALLOC_LUF] != 0
-    cpu = r["cpu"]
-    task = r["task"]
-    ts = r["ts"]
-    can_sd = (r["flags"] & O.A_CAN_SD) != 0
-    pfn = r["pfn"]
-    order = r["order"]
-    npg = np.int64(1) << order
-    mask = U0
-    ugen = np.int64(0)
-    pending_pcp = False
-    pending_buddy = False
-    fifo = luf and order == 0 and S.pstate[pfn] == P_PCP_LUF
-    taken_ob = np.int64(-1)
-    own = np.int64(-1)
-    if fifo:  # v12: the pcp head is reached only after clean pages; the oldest keyed page comes first
-        taken_ob, own = pcp_head(S, cpu, pfn)
-        mask = S.KEY_mask[S.OB[taken_ob, OB_KEY]]
-        ugen = S.KEY_ugen[S.OB[taken_ob, OB_KEY]]
-        pending_pcp = True
-    else:
-        for p in range(pfn, pfn + npg):
-            st = S.pstate[p]
-            if st == P_PCP_LUF or (st == P_UNMAPPED and S.pkey[p] != 0):
-                k = S.OB[S.pobl[p], OB_KEY] if (luf and st == P_PCP_LUF) else S.pkey[p]
-                mask |= S.KEY_mask[k]
-                if S.KEY_ugen[k] > ugen:
-                    ugen = S.KEY_ugen[k]
-                pending_pcp = True
-            elif st == P_BUDDY_LUF:
-                pending_buddy = True
-    if r["flags"] & O.A_ATOMIC and (pending_pcp or pending_buddy):
-        count(S, O.K_ATOMIC_ALLOCS_SKIPPING_LUF)
-    taken = True
-    if pending_pcp:
-        res, n = luf_takeoff_check_and_fold(S, r, mask, ugen, can_sd, pfn)
-        if res == 2:
-            taken = False
-        elif res == 1:
-            other = 0
-            if fifo:
-                other = 1 if S.OB[taken_ob, OB_TASK] != task else 0
-            else:
-                for p in range(pfn, pfn + npg):
-                    st = S.pstate[p]
-                    if st == P_PCP_LUF or st == P_UNMAPPED:
-                        t_un = S.OB[S.pobl[p], OB_TASK] if (luf and st == P_PCP_LUF) else S.punmap_task[p]
-                        if t_un != task:
-                            other += 1
-            if other > 0 and n > 0:
-                count(S, O.K_PAID_BY_OTHER_PAGES, other)
-                count(S, O.K_PAID_BY_OTHER_FLUSHES)
-    if taken and pending_buddy:
-        taken = take_buddy(S, r, pfn, order, can_sd)
-    if not taken:
-        if luf:
-            drop_orphans(S, pfn, npg)
-        return True  # recorded: this block stays free and pending in the model; a clean page served the caller
-    if not pending_pcp and not pending_buddy:
-        count(S, O.K_ALLOC_CLEAN)
-    if fifo:
-        if taken_ob != own:
-            count(S, O.K_FIFO_REORDERS)
-        pcp_take(S, taken_ob, own, pfn)
-        ok = ob_safety(S, taken_ob, pfn, ts)
-        ob_release(taken_ob, S.OB, S.obfree, S.OBS)
-        if not ok:
-            return False
-        S.pstate[pfn] = P_NONE
-        S.pkey[pfn] = 0
-        return True
-    for p in range(pfn, pfn + npg):
-        if S.pstate[p] == P_BUDDY_LUF:
-            S.pstate[p] = P_BUDDY_CLEAN
-        if luf and S.pstate[p] == P_PCP_LUF:  # a keyed page inside a larger block: its own obligation
-            ob_own_back(S, p)
-        if not safety(S, p, ts):
-            return False
-        S.pstate[p] = P_NONE
-        S.pkey[p] = 0
+def _ob_safety(i, pfn, ts, done, OB, OBM, acc):
+    """The invariant for an obligation handed out under alloc_order=luf."""
+    acc[_mi(O.K_SAFETY_CHECKS)] += 1
+    if OBM[i] != U0 and notdone(OBM[i], OB[i, OB_UGEN], done) != U0:
+        if acc[O_VIOL] == 0:
+            acc[O_VIOL + 1] = pfn
+            acc[O_VIOL + 2] = ts
+        acc[O_VIOL] += 1
+        return False
     return True
 
 
 @numba.njit(cache=True)
-def hook_target(S, r, h):
-    """luf_flush_mm / luf_flush_mapping (§4 F3–F10, F13): the CPUs a hook must flush (already dieted), and the
-    ugen they must reach. F13 flushes the task's last key; F3/F7/F10 the mm batch; F3–F7 the mapping batch."""
-    target_mask = U0
-    ugen = np.int64(0)
-    task = r["task"]
-    if h == O.H_DIRTY_WB:
-        k = S.task_key[task] if task >= 0 else 0
+def _settle(ts, cpu, task, luf, SC, done, buf, pstate, pkey, sh_mask, sh_ugen, pobl, OB, acc, tl, dec, nlog,
+            hist_g, hist_ts, hist_mask, op):  # fmt: skip
+    """Pages about to be keyed again that the model still holds pending: the trace re-used them without a
+    recorded allocation (a lost event, or a no-shootdown allocation the model served with another page).
+    alloc_order=luf: a pcp obligation stays in its FIFO without a label, a buddy one stays in the pend pool.
+    Otherwise (or for a page keyed but never freed) the missed allocation pays what the page still owes."""
+    for b in range(SC[NBUF]):
+        pfn = buf[b, 0]
+        for p in range(pfn, pfn + (np.int64(1) << buf[b, 1])):
+            st = pstate[p]
+            pend = st == P_PCP_LUF or st == P_BUDDY_LUF or (st == P_UNMAPPED and pkey[p] != 0)
+            if luf and st == P_PCP_LUF:
+                orphan(p, OB, pobl)
+            target = U0
+            if sh_mask[p] != U0:
+                target = notdone(sh_mask[p], sh_ugen[p], done)
+                if target != U0:
+                    cause = O.C_ALLOC_BUDDY_EPOCH if (st == P_BUDDY_LUF or st == P_TAKEN) else O.C_ALLOC_PCP
+                    _luf_flush(
+                        ts, cpu, task, sh_mask[p], sh_ugen[p], cause, op, p, SC, done, acc, tl, dec, nlog, hist_g,
+                        hist_ts, hist_mask,
+                    )  # fmt: skip
+                sh_mask[p] = U0
+                sh_ugen[p] = 0
+            if pend or target != U0:
+                acc[_mi(O.K_UNSEEN_REUSES)] += 1
+            if st == P_PCP_LUF or st == P_BUDDY_LUF:
+                pstate[p] = P_NONE
+
+
+@numba.njit(cache=True)
+def run_luf_v12(
+    mops, nops, Y, SC, SU, done, KEY_mask, KEY_ugen, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen, task_key, task_anon_key,
+    strikes, buf, pstate, pkey, pstamp, punmap_ts, punmap_task, sh_mask, sh_ugen, acc, tl, dec, nlog,
+    hist_g, hist_ts, hist_mask, req_ts, req_ugen, req_mask, req_pages, OB, OBM, obfree, FH, OBS, pobl,
+):  # fmt: skip
+    lat_ns = np.int64(Y[Y_EPOCH_LAT_NS])
+    max_strikes = np.int64(Y[Y_PCP_STRIKES])
+    luf = Y[Y_ALLOC_LUF] != 0
+    non_luf_ok = Y[Y_NON_LUF_OK] != 0
+    large = Y[Y_LARGE_ELIG] != 0
+    for i in range(nops):
+        r = mops[i]
+        op = r["op"]
+        ts = r["ts"]
+        cpu = r["cpu"]
+        task = r["task"]
+        if op == O.M_FOLIO_BEGIN:  # a folio's rmap walk starts: can_luf_init (§3.2)
+            SC[CAN_LUF] = 1 if folio_begin_ok(r["sub"], large) else 0
+            SU[FOLIO_RO] = U0
+            SC[CUR_PFN] = r["pfn"]
+            SC[CUR_ORDER] = r["order"]
+            SC[CUR_TS] = ts
+        elif op == O.M_PTE:  # 1. unmap_pte
+            if r["flags"] & O.PTE_UNBATCHED:
+                continue  # flushed at once (ptep_clear_flush): a recorded RFLUSH carries its IPIs
+            m = r["mask"]
+            if r["flags"] & O.PTE_WRITABLE:
+                SC[CAN_LUF] = 0
+            if SC[CAN_LUF] != 0:
+                SU[FOLIO_RO] |= m
+                mm = r["mm"]
+                if mm >= 0:
+                    MMB_mask[mm] |= m
+                    SC[G] += 1
+                    MMB_ugen[mm] = SC[G]
+                mp = r["mapping"]
+                if mp >= 0:
+                    ASB_mask[mp] |= m
+                    SC[G] += 1
+                    ASB_ugen[mp] = SC[G]
+            else:
+                SU[NONLUF_MASK] |= m
+        elif op == O.M_FOLIO_END:  # 2. end_folio_unmap
+            reason = folio_end_reason(r["sub"], r["aux"], large)
+            if SC[CAN_LUF] != 0 and (reason == 0 or reason == O.J_KEPT_NOT_FREED):
+                SU[LUF_MASK] |= SU[FOLIO_RO]
+                if reason == 0 and SC[CUR_PFN] >= 0:
+                    b = SC[NBUF]
+                    buf[b, 0] = SC[CUR_PFN]
+                    buf[b, 1] = SC[CUR_ORDER]
+                    buf[b, 2] = SC[CUR_TS]
+                    SC[NBUF] = b + 1
+            else:
+                SU[NONLUF_MASK] |= SU[FOLIO_RO]
+        elif op == O.M_KEEP:  # 4. reclaim_keep (F11): key the work so far and flush it at once
+            _settle(
+                ts, cpu, task, luf, SC, done, buf, pstate, pkey, sh_mask, sh_ugen, pobl, OB, acc, tl, dec, nlog,
+                hist_g, hist_ts, hist_mask, op,
+            )  # fmt: skip
+            d = SU[LUF_MASK] & ~SU[NONLUF_MASK]
+            if d != U0:
+                k = _new_key(d, SC, KEY_mask, KEY_ugen, done, acc)
+                _key_buffer(
+                    k, d, task, SC, KEY_ugen, buf, pstate, pkey, punmap_ts, punmap_task, sh_mask, sh_ugen, acc,
+                    req_ts, req_ugen, req_mask, req_pages, nlog,
+                )  # fmt: skip
+                _luf_flush(
+                    ts, cpu, task, KEY_mask[k], KEY_ugen[k], O.C_RECLAIM_KEEP, op, r["pfn"], SC, done, acc, tl, dec,
+                    nlog, hist_g, hist_ts, hist_mask,
+                )  # fmt: skip
+            else:
+                _key_buffer(
+                    0, U0, task, SC, KEY_ugen, buf, pstate, pkey, punmap_ts, punmap_task, sh_mask, sh_ugen, acc,
+                    req_ts, req_ugen, req_mask, req_pages, nlog,
+                )  # fmt: skip
+            SU[COVERED] |= SU[LUF_MASK]
+            SU[LUF_MASK] = U0
+        elif op == O.M_BATCH:  # 3. batch_flush: fold_unmap_luf + try_to_unmap_flush
+            R = r["mask"]
+            self_ = bit(cpu)
+            covered = SU[LUF_MASK] | SU[NONLUF_MASK] | SU[COVERED]
+            if Y[Y_UNEXPLAINED_FLUSH] != 0:
+                SU[NONLUF_MASK] |= R & ~covered
+            _settle(
+                ts, cpu, task, luf, SC, done, buf, pstate, pkey, sh_mask, sh_ugen, pobl, OB, acc, tl, dec, nlog,
+                hist_g, hist_ts, hist_mask, op,
+            )  # fmt: skip
+            d = SU[LUF_MASK] & ~SU[NONLUF_MASK]
+            k = 0
+            if d != U0:
+                k = _new_key(d, SC, KEY_mask, KEY_ugen, done, acc)
+                acc[_mi(O.K_DEFERRED_CPU_SLOTS)] += popcount(d & ~self_)
+                log_decision(ts, 1, O.C_BATCH, cpu, task, d, popcount(d & ~self_), op, -1, dec, nlog)
+            nl = SU[NONLUF_MASK]
+            if nl != U0:
+                SC[G] += 1
+                g = SC[G]
+                account_flush(ts, cpu, task, nl, O.C_BATCH_NONLUF, op, -1, acc, tl, dec, nlog)
+                mark_done(nl, g, done)
+                add_history(g, ts, nl, hist_g, hist_ts, hist_mask, nlog)
+            _key_buffer(
+                k, d, task, SC, KEY_ugen, buf, pstate, pkey, punmap_ts, punmap_task, sh_mask, sh_ugen, acc, req_ts,
+                req_ugen, req_mask, req_pages, nlog,
+            )  # fmt: skip
+            if task >= 0:
+                task_key[task] = k
+                task_anon_key[task] = k if (r["flags"] & O.B_ANON_UNKNOWN_PFN) else 0
+            if (r["flags"] & O.B_MEMFAIL) and k != 0:  # F12
+                _luf_flush(
+                    ts, cpu, task, KEY_mask[k], KEY_ugen[k], O.C_MEMFAIL, op, r["pfn"], SC, done, acc, tl, dec, nlog,
+                    hist_g, hist_ts, hist_mask,
+                )  # fmt: skip
+            SU[LUF_MASK] = U0
+            SU[NONLUF_MASK] = U0
+            SU[COVERED] = U0
+        elif op == O.M_RFLUSH:  # recorded flushes LUF leaves alone (immediate, zap, batched_pending, ...)
+            cause = r["sub"]
+            R = r["mask"]
+            tg = R | (bit(cpu) if (r["flags"] & 1) else U0)
+            account_flush(ts, cpu, task, tg, cause, op, -1, acc, tl, dec, nlog)
+            credit = U0
+            if cause == O.C_BATCHED_PENDING:  # 12. F9 marks ugen_done for mm_cpumask
+                credit = r["mask2"]
+                acc[_mi(O.K_R6_CREDITS_OTHER_MM)] += popcount(np.uint64(r["pfn"]))
+            elif Y[Y_CREDIT_NATURAL] != 0 and (r["flags"] & 2):
+                credit = tg
+            if credit != U0:
+                SC[G] += 1
+                mark_done(credit, SC[G], done)
+                add_history(SC[G], ts, credit, hist_g, hist_ts, hist_mask, nlog)
+        elif op == O.M_FREE:  # 6. free(page, key)
+            pfn = r["pfn"]
+            order = r["order"]
+            for p in range(pfn, pfn + (np.int64(1) << order)):
+                if luf and (pstate[p] == P_PCP_LUF or pstate[p] == P_BUDDY_LUF):
+                    # freed again with no recorded allocation: the model's obligation stays free, unlabelled
+                    acc[_mi(O.K_UNSEEN_REUSES)] += 1
+                    orphan(p, OB, pobl)
+                    pstate[p] = P_NONE
+                k = 0
+                if pstate[p] == P_UNMAPPED:
+                    k = pkey[p]
+                elif (
+                    r["sub"] == 3
+                    and task >= 0
+                    and task_anon_key[task] != 0
+                    and pstate[p] != P_PCP_LUF
+                    and pstate[p] != P_BUDDY_LUF
+                ):
+                    k = task_anon_key[task]  # anon folio of the last batch: its pfn shows up only here
+                    sh_mask[p] |= KEY_mask[k]
+                    if KEY_ugen[k] > sh_ugen[p]:
+                        sh_ugen[p] = KEY_ugen[k]
+                    punmap_ts[p] = ts
+                    punmap_task[p] = task
+                if k != 0:
+                    acc[_mi(O.K_LUF_PAGES_FREED)] += 1
+                    if order == 0:
+                        pstate[p] = P_PCP_LUF
+                        pkey[p] = k
+                        if luf:  # patch 11: a keyed page goes to the pcp tail
+                            ob = ob_new(k, sh_mask[p], sh_ugen[p], punmap_task[p], p, OB, OBM, obfree, OBS)
+                            fifo_push(ob, cpu, OB, FH)
+                            pobl[p] = ob
+                            sh_mask[p] = U0
+                            sh_ugen[p] = 0
+                    else:
+                        _to_buddy(
+                            p, k, sh_mask[p], sh_ugen[p], luf, SC, SU, KEY_mask, KEY_ugen, pstate, pkey, pstamp, acc
+                        )
+                        if luf:
+                            sh_mask[p] = U0
+                            sh_ugen[p] = 0
+                elif pstate[p] == P_PCP_LUF or pstate[p] == P_BUDDY_LUF:
+                    pass  # still free and pending in the model (a no-shootdown allocation skipped it)
+                else:
+                    pstate[p] = P_PCP_CLEAN if order == 0 else P_BUDDY_CLEAN
+        elif op == O.M_DRAIN:  # 7. pcp_drain (free_pcppages_bulk takes from the list tail)
+            pfn = r["pfn"]
+            for p in range(pfn, pfn + (np.int64(1) << r["order"])):
+                if pstate[p] == P_PCP_LUF:
+                    if luf:
+                        own = np.int64(pobl[p])
+                        z = FH[OB[own, OB_CPU], FH_TAIL]  # the newest keyed page of that pcp goes to buddy
+                        if z != own:
+                            acc[_mi(O.K_FIFO_REORDERS)] += 1
+                        relabel(z, own, p, OB, pobl)
+                        fifo_unlink(z, OB, FH)
+                        punmap_task[p] = OB[z, OB_TASK]
+                        _to_buddy(
+                            p, OB[z, OB_KEY], OBM[z], OB[z, OB_UGEN], luf, SC, SU, KEY_mask, KEY_ugen, pstate, pkey,
+                            pstamp, acc,
+                        )  # fmt: skip
+                        ob_release(z, OB, obfree, OBS)
+                    else:
+                        _to_buddy(
+                            p, pkey[p], U0, 0, luf, SC, SU, KEY_mask, KEY_ugen, pstate, pkey, pstamp, acc
+                        )  # fmt: skip
+                elif pstate[p] == P_PCP_CLEAN:
+                    pstate[p] = P_BUDDY_CLEAN
+        elif op == O.M_TAKE:  # 8. buddy path (F2), incl. pcp refill
+            can_sd = (r["flags"] & O.A_CAN_SD) != 0
+            pfn = r["pfn"]
+            order = r["order"]
+            if _take_buddy(
+                ts, cpu, task, pfn, order, can_sd, luf, non_luf_ok, SC, SU, done, pstate, pstamp, punmap_task, acc, tl,
+                dec, nlog, hist_g, hist_ts, hist_mask, lat_ns, op,
+            ):  # fmt: skip
+                for p in range(pfn, pfn + (np.int64(1) << order)):
+                    if pstate[p] != P_PCP_LUF:
+                        pstate[p] = P_PCP_CLEAN if (r["flags"] & O.A_REFILL) else P_TAKEN
+        elif op == O.M_ALLOC:  # 8. alloc: pcp path (F1) / buddy path (F2), then the safety invariant
+            can_sd = (r["flags"] & O.A_CAN_SD) != 0
+            pfn = r["pfn"]
+            order = r["order"]
+            npg = np.int64(1) << order
+            mask = U0
+            ugen = np.int64(0)
+            pending_pcp = False
+            pending_buddy = False
+            fifo = luf and order == 0 and pstate[pfn] == P_PCP_LUF
+            taken_ob = np.int64(-1)
+            own = np.int64(-1)
+            if fifo:  # v12: the pcp head is reached only after clean pages; the oldest keyed page comes first
+                own = np.int64(pobl[pfn])
+                taken_ob = FH[cpu, FH_HEAD] if FH[cpu, FH_HEAD] >= 0 else own
+                mask = KEY_mask[OB[taken_ob, OB_KEY]]
+                ugen = KEY_ugen[OB[taken_ob, OB_KEY]]
+                pending_pcp = True
+            else:
+                for p in range(pfn, pfn + npg):
+                    st = pstate[p]
+                    if st == P_PCP_LUF or (st == P_UNMAPPED and pkey[p] != 0):
+                        k = OB[pobl[p], OB_KEY] if (luf and st == P_PCP_LUF) else pkey[p]
+                        mask |= KEY_mask[k]
+                        if KEY_ugen[k] > ugen:
+                            ugen = KEY_ugen[k]
+                        pending_pcp = True
+                    elif st == P_BUDDY_LUF:
+                        pending_buddy = True
+            if r["flags"] & O.A_ATOMIC and (pending_pcp or pending_buddy):
+                acc[_mi(O.K_ATOMIC_ALLOCS_SKIPPING_LUF)] += 1
+            taken = True
+            if pending_pcp:
+                res, n = _f1(
+                    ts, cpu, task, mask, ugen, can_sd, op, pfn, max_strikes, SC, done, strikes, acc, tl, dec, nlog,
+                    hist_g, hist_ts, hist_mask,
+                )  # fmt: skip
+                if res == 2:
+                    taken = False
+                elif res == 1:
+                    other = 0
+                    if fifo:
+                        other = 1 if OB[taken_ob, OB_TASK] != task else 0
+                    else:
+                        for p in range(pfn, pfn + npg):
+                            if pstate[p] == P_PCP_LUF or pstate[p] == P_UNMAPPED:
+                                t_un = OB[pobl[p], OB_TASK] if (luf and pstate[p] == P_PCP_LUF) else punmap_task[p]
+                                if t_un != task:
+                                    other += 1
+                    if other > 0 and n > 0:
+                        acc[_mi(O.K_PAID_BY_OTHER_PAGES)] += other
+                        acc[_mi(O.K_PAID_BY_OTHER_FLUSHES)] += 1
+            if taken and pending_buddy:
+                taken = _take_buddy(
+                    ts, cpu, task, pfn, order, can_sd, luf, non_luf_ok, SC, SU, done, pstate, pstamp, punmap_task,
+                    acc, tl, dec, nlog, hist_g, hist_ts, hist_mask, lat_ns, op,
+                )  # fmt: skip
+            if not taken:
+                if luf:  # the trace's page left; its obligation stays free in the model, unlabelled
+                    for p in range(pfn, pfn + npg):
+                        if pstate[p] == P_PCP_LUF:
+                            orphan(p, OB, pobl)
+                            pstate[p] = P_NONE
+                            pkey[p] = 0
+                continue  # recorded: this block stays free and pending in the model; a clean page served the caller
+            if not pending_pcp and not pending_buddy:
+                acc[_mi(O.K_ALLOC_CLEAN)] += 1
+            if fifo:
+                if taken_ob != own:
+                    acc[_mi(O.K_FIFO_REORDERS)] += 1
+                relabel(taken_ob, own, pfn, OB, pobl)
+                fifo_unlink(taken_ob, OB, FH)
+                ok = _ob_safety(taken_ob, pfn, ts, done, OB, OBM, acc)
+                ob_release(taken_ob, OB, obfree, OBS)
+                if not ok:
+                    return i
+                pstate[pfn] = P_NONE
+                pkey[pfn] = 0
+                continue
+            for p in range(pfn, pfn + npg):
+                if pstate[p] == P_BUDDY_LUF:
+                    pstate[p] = P_BUDDY_CLEAN
+                if luf and pstate[p] == P_PCP_LUF:  # a keyed page inside a larger block: its own obligation
+                    own = np.int64(pobl[p])
+                    relabel(own, own, p, OB, pobl)
+                    fifo_unlink(own, OB, FH)
+                    ok = _ob_safety(own, p, ts, done, OB, OBM, acc)
+                    ob_release(own, OB, obfree, OBS)
+                    if not ok:
+                        return i
+                elif not _safety(p, ts, done, sh_mask, sh_ugen, acc):
+                    return i
+                pstate[p] = P_NONE
+                pkey[p] = 0
+        elif op == O.M_HOOK:  # 9.-13. hooks F3-F13
+            h = r["sub"]
+            acc[O_HOOK_CALLS + h] += 1
+            target_mask = U0
+            ugen = np.int64(0)
+            if h == O.H_DIRTY_WB:
+                k = task_key[task] if task >= 0 else 0
+                if k != 0:
+                    target_mask = notdone(KEY_mask[k], KEY_ugen[k], done)
+                    ugen = KEY_ugen[k]
+            else:
+                mm = r["mm"]
+                mp = r["mapping"]
+                use_mm = h == O.H_FAULT or h == O.H_ZAP or h == O.H_CTXSW
+                if use_mm and mm >= 0:
+                    target_mask |= notdone(MMB_mask[mm], MMB_ugen[mm], done)
+                    ugen = MMB_ugen[mm]
+                if mp >= 0 and h != O.H_CTXSW:
+                    target_mask |= notdone(ASB_mask[mp], ASB_ugen[mp], done)
+                    if ASB_ugen[mp] > ugen:
+                        ugen = ASB_ugen[mp]
+            if target_mask == U0:
+                acc[O_HOOK_NOIPI + h] += 1
+            else:
+                _luf_flush(
+                    ts, cpu, task, target_mask, ugen + 1, O.HOOK_CAUSE[h], op, r["pfn"], SC, done, acc, tl, dec, nlog,
+                    hist_g, hist_ts, hist_mask,
+                )  # fmt: skip
+    return -1
+
+
+@numba.njit(cache=True)
+def _key_buffer(
+    k, d, task, SC, KEY_ugen, buf, pstate, pkey, punmap_ts, punmap_task, sh_mask, sh_ugen, acc, req_ts, req_ugen,
+    req_mask, req_pages, nlog,
+):  # fmt: skip
+    """The eligible folios of the batch are freed with key ``k`` (0: clean); their shadow debt is ``d``."""
+    u = KEY_ugen[k] if k != 0 else 0
+    for b in range(SC[NBUF]):
+        pfn = buf[b, 0]
+        order = buf[b, 1]
+        for p in range(pfn, pfn + (np.int64(1) << order)):
+            pstate[p] = P_UNMAPPED
+            pkey[p] = k
+            punmap_ts[p] = buf[b, 2]
+            punmap_task[p] = task
+            if k != 0:
+                sh_mask[p] |= d
+                if u > sh_ugen[p]:
+                    sh_ugen[p] = u
         if k != 0:
-            target_mask = notdone(S.KEY_mask[k], S.KEY_ugen[k], S.done)
-            ugen = S.KEY_ugen[k]
-        return target_mask, ugen
-    if hook_inert(S, h):
-        return target_mask, ugen
-    use_mm = h == O.H_FAULT or h == O.H_ZAP or h == O.H_CTXSW
-    return luf_batch_target(S, r["mm"] if use_mm else -1, r["mapping"] if h != O.H_CTXSW else -1)
+            add_request(buf[b, 2], u, d, np.int64(1) << order, req_ts, req_ugen, req_mask, req_pages, nlog)
+    SC[NBUF] = 0
 
 
-@numba.njit(cache=True)
-def hook_inert(S, h):
-    """§9.1 ``hooks=posted``: fold_luf_batch_mm never sets the mm/mapping batch's flush_required, so
-    luf_flush_mm/luf_flush_mapping (F3–F8, F10) fold nothing and send no IPI (the caller's own tlb_ubc is empty
-    here: the model's open batch is only filled at a batch's end). ``intended``: they flush the batch."""
-    return S.Y[Y_HOOKS_POSTED] != 0 and h != O.H_DIRTY_WB
-
-
-@numba.njit(cache=True)
-def on_hook(S, r):
-    """§8.2.9–13 hooks F3–F13: flush what the hook's batches still owe. True: nothing to flush."""
-    h = r["sub"]
-    target_mask, ugen = hook_target(S, r, h)
-    if target_mask == U0:
-        return True
-    luf_flush(S, r, target_mask, ugen + 1, O.HOOK_CAUSE[h], r["pfn"])
-    return False
+_ = (L_REQ, U1)
 
 
 class LufV12(Model):
     """LUF RFC v12 (default model)."""
 
     name = "luf-v12"
-    policy = POL_V12
-    uses = frozenset({"batches", "tasks", "buf", "obl"})
 
     def init_state(self) -> None:
+        self.SC = np.zeros(NSC, np.int64)
         self.SC[G] = 2  # LUF_UGEN_INIT
         self.SC[Z_OPEN] = 1
-        self.done[:] = 1  # LUF_UGEN_INIT - 1
+        self.SU = np.zeros(6, np.uint64)
+        self.done = np.full(64, 1, np.int64)  # LUF_UGEN_INIT - 1
         self.KEY_mask = np.zeros(NKEYS, np.uint64)
         self.KEY_ugen = np.zeros(NKEYS, np.int64)
+        self.batches = LufBatches()
+        self.task_key = np.zeros(0, np.int64)
+        self.task_anon_key = np.zeros(0, np.int64)
+        self.strikes = np.zeros(64, np.int64)
+        self.buf = np.zeros((0, 3), np.int64)
+        self.obl = Obligations()
+
+    def ensure(self, n_task: int, n_mm: int, n_map: int, n_ops: int) -> None:
+        from lufreplay.model.state import grow
+
+        self.batches.ensure(n_mm, n_map)
+        self.task_key = grow(self.task_key, n_task)
+        self.task_anon_key = grow(self.task_anon_key, n_task)
+        self.buf = grow(self.buf, n_ops + 1)
+        self.obl.ensure(self.pages.n, n_ops)
+
+    def _run(self, mops: np.ndarray, n: int) -> int:
+        pg, lg, ob, b = self.pages, self.logs, self.obl, self.batches
+        return run_luf_v12(
+            mops, n, self.Y, self.SC, self.SU, self.done, self.KEY_mask, self.KEY_ugen, b.MMB_mask, b.MMB_ugen,
+            b.ASB_mask, b.ASB_ugen, self.task_key, self.task_anon_key, self.strikes, self.buf, pg.state, pg.key,
+            pg.stamp, pg.unmap_ts, pg.unmap_task, pg.sh_mask, pg.sh_ugen, self.acc, self.tl, lg.dec, lg.nlog,
+            lg.hist_g, lg.hist_ts, lg.hist_mask, lg.req_ts, lg.req_ugen, lg.req_mask, lg.req_pages, ob.OB, ob.OBM,
+            ob.free, ob.FH, ob.OBS, ob.pobl,
+        )  # fmt: skip
 
     def extras(self) -> dict:
         return {
@@ -508,4 +720,4 @@ class LufV12(Model):
         }
 
 
-__all__ = ["KCTR", "LufV12", "SafetyViolation"]
+__all__ = ["LufV12", "SafetyViolation", "run_luf_v12"]

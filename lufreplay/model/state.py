@@ -1,19 +1,13 @@
-"""The one state record every model replays with, its slot constants, and the per-page / log containers.
+"""Model state containers shared by the model cores: per-page arrays, options vector, accumulators, logs.
 
 Per tracked page a model keeps (``PageState``): state (1 B), key (4 B), zone stamp (8 B), unmap time (8 B),
 unmapping task (4 B), and the shadow debt used by the safety check: CPUs owed (8 B) and the request ugen (8 B)
 — 41 bytes per page id. The engine replays compact pfn ids (``replay.rawops.PfnMap``: one id per page the trace
 touches), so the arrays follow the pages touched, not the host's pfn range.
-
-``ModelState`` (luf-model.md §8.1) is what the numba loop (``model/loop.py``) receives: one named tuple of
-arrays, so a model's whole state is one argument and every model shares one layout. Scalars live in ``SC``
-(int64) and ``SU`` (uint64 masks) at the slots below; a model leaves the slots it does not use at zero and the
-arrays it does not use empty.
 """
 
 from __future__ import annotations
 
-from collections import namedtuple
 from typing import Any
 
 import numpy as np
@@ -34,21 +28,6 @@ PAGE_STATE_NAMES = (
     "held",
 )
 
-# policies (which model the loop runs): the loop and the policy functions branch on these
-POL_VANILLA, POL_V12, POL_V11, POL_HBF, POL_ORACLE = range(5)
-
-# int64 scalar slots (SC)
-# G: the global ugen (v12 luf_ugen; v11 luf_gen; hold-before-free's hold generation; the oracle's flush counter)
-# GEN_DONE: v11 luf_gen_done / hold-before-free's released generation; HELD: pages held (hold-before-free)
-(G, KCTR, Z_OPEN, Z_DONE, Z_LUFUGEN, NR_LUF, Z_DONE_TS, Z_PREV_DONE, CAN_LUF, CUR_PFN, CUR_ORDER, CUR_TS, NBUF,
- POOL_UGEN, GEN_DONE, HELD) = range(16)  # fmt: skip
-NSC = 16
-# uint64 scalar slots (SU)
-# COVERED: LUF work folded by F11 this pass; POOL_MASK: shadow debt of the zone's pend pool (alloc_order=luf);
-# GMASK: the global pending mask (v11) / everything held (hold-before-free); VAN_MASK: vanilla's rebuilt batch
-ZB_MASK, LUF_MASK, NONLUF_MASK, FOLIO_RO, COVERED, POOL_MASK, GMASK, VAN_MASK = range(8)
-NSU = 8
-
 # model options vector (float64)
 (
     Y_UNEXPLAINED_FLUSH,
@@ -62,10 +41,8 @@ NSU = 8
     Y_ALLOC_LUF,
     Y_NON_LUF_OK,
     Y_LARGE_ELIG,
-    Y_HOOKS_POSTED,
-    Y_KEEP_POSTED,
-) = range(13)
-NY = 13
+) = range(11)
+NY = 11
 
 BYTES_PER_PAGE = 1 + 4 + 8 + 8 + 4 + 8 + 8
 
@@ -83,53 +60,7 @@ def model_options(opts: dict[str, Any], ncpu: int) -> np.ndarray:
     y[Y_ALLOC_LUF] = 1.0 if opts["alloc_order"] == "luf" else 0.0
     y[Y_NON_LUF_OK] = 1.0 if opts["non_luf_ok"] else 0.0
     y[Y_LARGE_ELIG] = 1.0 if opts["large_folios"] == "eligible" else 0.0
-    y[Y_HOOKS_POSTED] = 1.0 if opts.get("hooks", "intended") == "posted" else 0.0
-    y[Y_KEEP_POSTED] = 1.0 if opts.get("reclaim_keep", "intended") == "posted" else 0.0
     return y
-
-
-#: The fields of the state record, in order (luf-model.md §8.1).
-STATE_FIELDS = (
-    "Y",  # options (model_options)
-    "SC",  # int64 scalars (slots above)
-    "SU",  # uint64 mask scalars (slots above)
-    "done",  # done[cpu]: ugen of the last LUF-aware flush that covered the CPU
-    "strikes",  # pcp no-shootdown skips per CPU (F1, 3 strikes)
-    "KEY_mask",  # KEY[65536] = {mask, ugen}
-    "KEY_ugen",
-    "MMB_mask",  # mm->luf_batch per dense mm id
-    "MMB_ugen",
-    "ASB_mask",  # address_space->luf_batch per dense mapping id
-    "ASB_ugen",
-    "task_key",  # the last key (v12) a task's batch made (F13)
-    "task_anon_key",  # the key / generation of a task's last batch if its anon folios' pfns show up only at free
-    "buf",  # the open batch's eligible folios: (pfn, order, unmap ts)
-    "pstate",  # per page (PageState)
-    "pkey",
-    "pstamp",
-    "punmap_ts",
-    "punmap_task",
-    "sh_mask",
-    "sh_ugen",
-    "acc",  # accumulators (kernels.O_*)
-    "tl",  # timeline (t0, bin width)
-    "dec",  # logs (Logs)
-    "nlog",
-    "hist_g",
-    "hist_ts",
-    "hist_mask",
-    "req_ts",
-    "req_ugen",
-    "req_mask",
-    "req_pages",
-    "OB",  # pcp obligations (pcpfifo.Obligations)
-    "OBM",
-    "obfree",
-    "FH",
-    "OBS",
-    "pobl",
-)
-ModelState = namedtuple("ModelState", STATE_FIELDS)  # type: ignore[misc]
 
 
 class PageState:
