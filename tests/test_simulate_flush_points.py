@@ -139,6 +139,24 @@ def test_f4_write_begin_flushes_the_mapping_batch(tmp_path: Path) -> None:
     assert m["hooks"]["write_begin"] == {"calls": 2, "no_ipi": 1}
 
 
+def test_hooks_as_posted_send_no_ipi(tmp_path: Path) -> None:
+    """§9.1: as posted, fold_luf_batch_mm never sets flush_required, so F4 (and F3-F8, F10) fold nothing: the
+    write sends no IPI and the page's allocation on CPU1 pays the key instead (CPU0). As intended, the write
+    flushes CPU1 and marks {0, 1} done, so the allocation is a free pass."""
+    s = Scenario()
+    ro_setup(s)
+    s.file(T_EVENT, 0, 300, 300, 0, ino=100)
+    s.alloc(T_ALLOC, 1, *B, 1000)
+    intended = luf(run(s, tmp_path))
+    assert intended["by_cause"] == {"write_begin": 1}
+    assert intended["per_cpu"] == [0, 1]
+    assert intended["allocations"]["alloc_free_pass"] == 1
+    posted = luf(run(s, tmp_path, ["hooks=posted"]))
+    assert posted["by_cause"] == {"alloc_pcp": 1}
+    assert posted["per_cpu"] == [1, 0]
+    assert posted["hooks"]["write_begin"] == {"calls": 1, "no_ipi": 1}
+
+
 def test_f5_truncate_and_invalidate(tmp_path: Path) -> None:
     s = Scenario()
     ro_setup(s)

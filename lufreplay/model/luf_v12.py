@@ -61,6 +61,7 @@ from lufreplay.model.state import (
     Y_ALLOC_LUF,
     Y_CREDIT_NATURAL,
     Y_EPOCH_LAT_NS,
+    Y_HOOKS_POSTED,
     Y_LARGE_ELIG,
     Y_NON_LUF_OK,
     Y_PCP_STRIKES,
@@ -317,6 +318,7 @@ def run_luf_v12(
     luf = Y[Y_ALLOC_LUF] != 0
     non_luf_ok = Y[Y_NON_LUF_OK] != 0
     large = Y[Y_LARGE_ELIG] != 0
+    hooks_posted = Y[Y_HOOKS_POSTED] != 0
     for i in range(nops):
         r = mops[i]
         op = r["op"]
@@ -622,7 +624,7 @@ def run_luf_v12(
                 if k != 0:
                     target_mask = notdone(KEY_mask[k], KEY_ugen[k], done)
                     ugen = KEY_ugen[k]
-            else:
+            elif not _hook_inert(h, hooks_posted):
                 mm = r["mm"]
                 mp = r["mapping"]
                 use_mm = h == O.H_FAULT or h == O.H_ZAP or h == O.H_CTXSW
@@ -641,6 +643,14 @@ def run_luf_v12(
                     hist_g, hist_ts, hist_mask,
                 )  # fmt: skip
     return -1
+
+
+@numba.njit(cache=True)
+def _hook_inert(h, posted):
+    """§9.1 ``hooks=posted``: fold_luf_batch_mm never sets the mm/mapping batch's flush_required, so
+    luf_flush_mm/luf_flush_mapping (F3-F8, F10) fold nothing and send no IPI (the caller's own tlb_ubc is empty at
+    a hook: the model fills its open batch only at the batch's end). ``intended``: they flush the batch."""
+    return posted and h != O.H_DIRTY_WB
 
 
 @numba.njit(cache=True)

@@ -182,16 +182,7 @@ MISC = (
 )
 #: The allocator's share of MISC, reported together as ``allocations`` (luf-model §8.3).
 ALLOC_COUNTERS = (
-    "alloc_clean",
-    "alloc_free_pass",
-    "alloc_with_flush",
-    "pcp_skips",
-    "pcp_fallbacks",
-    "buddy_refusals",
-    "epoch_closes",
-    "epoch_waits",
-    "pend_first",
-    "alloc_failures",
+    *MISC[: MISC.index("alloc_failures") + 1],
     "luf_pages_freed",
     "nr_luf_pages_max",
     "fifo_reorders",

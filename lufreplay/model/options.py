@@ -115,6 +115,14 @@ OPTIONS: tuple[Option, ...] = (
         ("reject", "eligible"),
     ),
     Option(
+        "hooks",
+        "intended",
+        "luf-v12 hooks F3-F8/F10 (fault, write_begin, truncate, mkclean, zap_vma, ctxsw_kthread): 'intended' = they flush"
+        " the mm/mapping batch as the cover letter says; 'posted' = as the v12 code does: fold_luf_batch_mm never sets"
+        " flush_required, so they send no IPI (unsafe: stale entries survive until the page is reused) [C, §9.1]",
+        ("intended", "posted"),
+    ),
+    Option(
         "v11_atomic_flush",
         True,
         "luf-v11: the allocation-time flush (prep_new_page) happens whatever the context [I, §2.6]",

@@ -120,19 +120,21 @@ def run_oracle(
                 SC[CAN_LUF] = 0
             if SC[CAN_LUF] != 0:
                 SU[FOLIO_RO] |= m
-                SC[G] += 1
-                if r["mm"] >= 0:
+                if r["mm"] >= 0:  # fold_luf_batch_mm: a fresh ugen for each batch, as luf-v12
                     MMB_mask[r["mm"]] |= m
+                    SC[G] += 1
                     MMB_ugen[r["mm"]] = SC[G]
                 if r["mapping"] >= 0:
                     ASB_mask[r["mapping"]] |= m
+                    SC[G] += 1
                     ASB_ugen[r["mapping"]] = SC[G]
             else:
                 SU[NONLUF_MASK] |= m
         elif op == O.M_FOLIO_END:
-            if SC[CAN_LUF] != 0 and folio_end_reason(r["sub"], r["aux"], large) == 0:
+            reason = folio_end_reason(r["sub"], r["aux"], large)
+            if SC[CAN_LUF] != 0 and (reason == 0 or reason == O.J_KEPT_NOT_FREED):  # as luf-v12: KEEP settles it
                 SU[LUF_MASK] |= SU[FOLIO_RO]
-                if SC[CUR_PFN] >= 0:
+                if reason == 0 and SC[CUR_PFN] >= 0:
                     b = SC[NBUF]
                     buf[b, 0] = SC[CUR_PFN]
                     buf[b, 1] = SC[CUR_ORDER]

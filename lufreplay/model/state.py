@@ -41,8 +41,9 @@ PAGE_STATE_NAMES = (
     Y_ALLOC_LUF,
     Y_NON_LUF_OK,
     Y_LARGE_ELIG,
-) = range(11)
-NY = 11
+    Y_HOOKS_POSTED,
+) = range(12)
+NY = 12
 
 BYTES_PER_PAGE = 1 + 4 + 8 + 8 + 4 + 8 + 8
 
@@ -60,6 +61,7 @@ def model_options(opts: dict[str, Any], ncpu: int) -> np.ndarray:
     y[Y_ALLOC_LUF] = 1.0 if opts["alloc_order"] == "luf" else 0.0
     y[Y_NON_LUF_OK] = 1.0 if opts["non_luf_ok"] else 0.0
     y[Y_LARGE_ELIG] = 1.0 if opts["large_folios"] == "eligible" else 0.0
+    y[Y_HOOKS_POSTED] = 1.0 if opts.get("hooks") == "posted" else 0.0
     return y
 
 
