@@ -239,9 +239,11 @@ class Scenario:
         return Path(path)
 
 
-def random_scenario(rng: Any, n_steps: int = 60, nr_cpus: int = 3) -> Scenario:
+def random_scenario(rng: Any, n_steps: int = 60, nr_cpus: int = 3, kept: bool = False) -> Scenario:
     """A random but well-formed trace: processes on CPUs, reclaim and migration batches, frees, pcp drains, buddy
-    takes, allocations (some atomic), faults, file writes/truncates, zaps, mprotects, writebacks, kthread switches."""
+    takes, allocations (some atomic), faults, file writes/truncates, zaps, mprotects, writebacks, kthread switches.
+    ``kept``: some reclaim batches end with a file folio unmapped but not deleted (F11); off by default so the
+    traces of existing seeds do not change."""
     s = Scenario(nr_cpus)
     procs = [(100 + 10 * k, 0xA0 + k) for k in range(3)]  # (tgid, mm_id)
     inos = [100, 101]
@@ -287,6 +289,9 @@ def random_scenario(rng: Any, n_steps: int = 60, nr_cpus: int = 3) -> Scenario:
                 s.reclaim_folio(t, c, pid, tgid, pfn, mms, index=rng.randrange(200), ino=ino, order=order)
                 t += 5
                 folios.append((pfn, order))
+            if kept and rng.random() < 0.3:  # a file folio reclaim could not free: unmapped, never deleted
+                s.unmap(t + 10, c, pid, tgid, rng.choice(procs)[1])
+                t += 10
             t += 20
             if rng.random() < 0.15:
                 s.reclaim(t, c, pid, tgid, 12, folios[0][0] if folios else -1)
