@@ -560,4 +560,13 @@ def fast_decisions(dec: np.ndarray) -> list[Decision]:
     return out
 
 
-__all__ = ["FAST_PATH_CHOICES", "SPEC_CHOICES", "Decision", "ReferenceLufV12", "cpuset", "fast_decisions"]
+__all__ = [
+    "FAST_PATH_CHOICES",
+    "SPEC_CHOICES",
+    "Decision",
+    "LufBatch",
+    "Pass",
+    "ReferenceLufV12",
+    "cpuset",
+    "fast_decisions",
+]
