@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import random
 import tempfile
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -68,32 +70,51 @@ def test_fast_path_decisions_match_reference(
     assert ref.violations == []  # the reference's own shadow check agrees that the model is safe
 
 
+def deferrable_flushes_per_cpu(dec: np.ndarray) -> Counter[int]:
+    """For each CPU, how many flushes paying for deferred work reached it (an IPI, or the sender's own local
+    flush): the CPU-flush slots of the DEFERRABLE causes."""
+    n: Counter[int] = Counter()
+    for d in fast_decisions(dec):
+        if d.kind == "performed" and d.cause in DEFERRABLE:
+            n.update(d.targets)
+    return n
+
+
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**32 - 1),
     nr_cpus=st.integers(2, 6),
-    sets=st.sampled_from([[], ["unknown_rw=eligible", "non_luf_ok=false"], ["alloc_order=recorded"]]),
+    sets=st.sampled_from(
+        [[], ["unknown_rw=eligible", "non_luf_ok=false"], ["large_folios=eligible", "clip_to_recorded=false"]]
+    ),
 )
 def test_oracle_bounds_luf_v12_on_the_deferrable_part(seed: int, nr_cpus: int, sets: list[str]) -> None:
     """All five models replay random traces without a safety violation (simulate raises one), pass the recorded
-    flushes through unchanged, and the oracle pays no more IPIs for deferred work than luf-v12.
+    flushes through unchanged, and on every CPU the oracle flushes no more often than luf-v12 for deferred work.
 
-    Where it must hold: every allocation may shoot down (atomic_no_shootdown=false). An atomic allocation of a
-    pending page is served by another (clean) page in luf-v12 (§8.2.8: skip) but counts as a real re-use in the
-    oracle, which then pays more (a known oracle inconsistency). Not asserted for luf-v11 and hold-before-free:
-    the oracle pays at F5/F7, which v11 does not hook, and IPIs are counted relative to the sender, so paying
-    early from the CPU that holds the stale entry can beat the oracle's late payment (hold-before-free releases
-    everything at the first hook)."""
+    Why per CPU and counting local flushes: a flush at time t retires every older request of that CPU, and the
+    oracle pays each request at the latest point it must (re-allocation, F3 write, F4, F5, F7: all points where
+    luf-v12 flushes too), which is the fewest flushes per CPU (interval stabbing). Remote IPIs are not bounded:
+    luf-v12 may pay early from the CPU that holds the stale entry (a local flush at F6/F10) where the oracle pays
+    later from another CPU (seed 372 of random_scenario(.., 100, 4, kept=True): oracle 7 IPIs, luf-v12 6).
+    Where it must hold: both models re-allocate the same pages (alloc_order=recorded) and every allocation may
+    shoot down (atomic_no_shootdown=false). Elsewhere the oracle's "real re-use" is not luf-v12's: an atomic
+    allocation of a pending page is served by a clean page in luf-v12 (§8.2.8 skip) but is a re-use in the
+    oracle; with alloc_order=luf a buddy take of a pfn the FIFO labels still hold on a pcp list makes the oracle
+    pay the pfn's own debt where luf-v12 pays nothing (seed 48 of random_scenario(.., 100, 5, kept=True) with
+    atomic_no_shootdown=false: CPU0 flushed 5 times by the oracle, 4 by luf-v12)."""
     s = random_scenario(random.Random(seed), 100, nr_cpus, kept=seed % 2 == 0)
     with tempfile.TemporaryDirectory() as d:
-        doc, _ = simulate(s.write(Path(d) / "t"), None, [*sets, "atomic_no_shootdown=false"])
+        sets = [*sets, "alloc_order=recorded", "atomic_no_shootdown=false"]
+        doc, res = simulate(s.write(Path(d) / "t"), None, sets, decisions=True)
     models = doc["models"]
     assert set(models) == {"vanilla", "luf-v12", "luf-v11", "hold-before-free", "oracle"}
     passed = {n: [m["by_cause"].get(c, 0) for c in PASS_THROUGH] for n, m in models.items()}
     assert all(v == passed["vanilla"] for v in passed.values()), passed
-    deferrable = {n: sum(m["by_cause"].get(c, 0) for c in DEFERRABLE) for n, m in models.items()}
-    assert deferrable["vanilla"] == 0
-    assert deferrable["oracle"] <= deferrable["luf-v12"], deferrable
+    assert sum(models["vanilla"]["by_cause"].get(c, 0) for c in DEFERRABLE) == 0
+    oracle = deferrable_flushes_per_cpu(res.models["oracle"].decisions_array())
+    luf = deferrable_flushes_per_cpu(res.models["luf-v12"].decisions_array())
+    assert all(oracle[c] <= luf[c] for c in oracle), (dict(oracle), dict(luf))
 
 
 def test_segments_carry_state() -> None:
