@@ -17,6 +17,12 @@ the first value of each is what the fast path does today:
   the task") or ``posted`` (§9.4: only the *open* batch, never already-keyed pages; the open batch's PTEs reach the
   model only at its flush, so nothing is flushed at the hook).
 
+The other §9 points are model options both implementations share: §9.5 pcp tail placement and tail drains
+(``alloc_order=luf``), §9.6 clean free_list first (``non_luf_ok``: one switch, free-list lengths are not traced),
+§9.7 lazy CPUs filtered at the unmap or at the flush (``clip_to_recorded``), §9.8 who may shoot down
+(``atomic_no_shootdown``, decided by the reconstructor). Not modelled: §9.2 (a reclaim pass's two folio batches
+filling independently): the model ops carry vanilla's flush points but no pass end.
+
 Replay conventions that are not LUF rules (docs/simulate.md): the unexplained-target rule at a batch, the
 ``alloc_order=luf`` pcp obligations (oldest keyed page of the CPU's list consumed first, newest drained first,
 pfns as labels), anon folios whose pfn shows up only at their free, and pfns re-used without a recorded
@@ -195,7 +201,7 @@ class ReferenceLufV12:
             self.KEY[self.K] = LufBatch(set(d), ugen)
         return self.K, d
 
-    def free_eligible(self, p: Pass, task: int, key: int, d: set[int]) -> None:
+    def free_eligible(self, p: Pass, key: int, d: set[int]) -> None:
         """The batch's eligible folios leave the rmap walk carrying ``key`` (freed later by FREE ops)."""
         ugen = self.KEY[key].ugen if key else 0
         for pfn, order in p.eligible:
@@ -272,7 +278,7 @@ class ReferenceLufV12:
             self.decisions.append(Decision(ts, "deferred", "batch", cpu, frozenset(d), op))
         if p.nonluf:
             self.flush(ts, cpu, p.nonluf, "batch_nonluf", op)
-        self.free_eligible(p, task, key, d)
+        self.free_eligible(p, key, d)
         if task >= 0:
             self.last_key[task] = key
             self.anon_key[task] = key if r["flags"] & O.B_ANON_UNKNOWN_PFN else 0
@@ -286,7 +292,7 @@ class ReferenceLufV12:
         p = self.passes[r["task"]]
         self.settle_reused(ts, cpu, p, op)
         key, d = self.fold_unmap_luf(p)
-        self.free_eligible(p, r["task"], key, d)
+        self.free_eligible(p, key, d)
         target = self.diet(self.KEY[key].cpus, self.KEY[key].ugen) if key else set()
         if self.choice["keep"] == "posted":  # try_to_unmap_flush(): tlb_ubc (non-LUF) goes too, key 0 or not
             target |= p.nonluf
@@ -308,7 +314,7 @@ class ReferenceLufV12:
     # ---- §8.2.6–8: free, drain, allocation ------------------------------------------------------------------
     def free(self, r: dict[str, Any]) -> None:
         """§8.2.6: a page freed with its batch's key goes to the pcp tail (order 0) or straight to buddy."""
-        ts, cpu, task, order = r["ts"], r["cpu"], r["task"], r["order"]
+        cpu, task, order = r["cpu"], r["task"], r["order"]
         for q in range(r["pfn"], r["pfn"] + (1 << order)):
             pg = self.pages[q]
             if self.luf_order and pg.pending:  # freed again, never allocated in the model: unseen re-use
@@ -333,7 +339,6 @@ class ReferenceLufV12:
                     pg.owed, pg.owed_ugen = set(), 0
             elif not pg.pending:
                 pg.where, pg.key, pg.stamp = ("pcp" if order == 0 else "buddy"), 0, 0
-        _ = ts
 
     def to_buddy(self, pg: Page, key: int, owed: set[int], owed_ugen: int) -> None:
         """§4.1 / §8.2.7: the zone batch absorbs the key; the page is stamped with the open epoch."""
