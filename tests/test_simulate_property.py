@@ -1,33 +1,31 @@
-"""The numba fast path and the pure-Python reference of luf-v12 agree exactly on random traces."""
+"""The numba fast path against the reference written from the specification, on random traces.
+
+Compared on decisions (model/reference.py ``Decision``): for every event, the set of CPUs each flush went to
+and the set of CPUs each batch deferred, in order, not on private counters. The reference runs with the §9
+choices the fast path implements today (``FAST_PATH_CHOICES``); the hand-worked scenarios
+(test_scenarios_4cpu.py) cover the other choices.
+"""
 
 from __future__ import annotations
 
 import random
 import tempfile
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scenarios import random_scenario
 
+from lufreplay.model import ops as O
 from lufreplay.model.options import parse_settings
-from lufreplay.model.reference import ReferenceLufV12
+from lufreplay.model.reference import ReferenceLufV12, fast_decisions
 from lufreplay.replay.engine import replay
-from lufreplay.report.results import check_sums
 from lufreplay.report.simulate_cmd import simulate
 from lufreplay.trace.reader import open_trace
 
-KEYS = (
-    "remote_shootdowns",
-    "flush_events",
-    "local_flushes",
-    "by_cause",
-    "flush_events_by_cause",
-    "per_cpu",
-    "misc",
-    "hooks",
-)
 SETTINGS = st.sampled_from(
     [
         [],
@@ -41,46 +39,82 @@ SETTINGS = st.sampled_from(
 # the allocation policy and the large-folio exclusion change the most state: every combination is drawn
 POLICY = st.tuples(st.sampled_from(["luf", "recorded"]), st.sampled_from(["reject", "eligible"]))
 
+#: Recorded flushes every model passes through unchanged.
+PASS_THROUGH = tuple(c for c in O.RECORDED_CAUSES if c != "batch")
+#: IPIs that pay for deferred work: every cause a deferring model adds on top of the recorded pass-through
+#: flushes and of the batch flush's non-deferred part (``batch_nonluf``), which is sent at the batch.
+DEFERRABLE = tuple(c for c in O.CAUSES if c not in O.RECORDED_CAUSES and c != "batch_nonluf")
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**32 - 1),
-    n_steps=st.integers(5, 120),
-    nr_cpus=st.integers(2, 4),
+    n_steps=st.integers(5, 100),
+    nr_cpus=st.integers(2, 6),
     sets=SETTINGS,
     policy=POLICY,
+    kept=st.booleans(),
 )
-def test_fast_path_matches_reference(
-    seed: int, n_steps: int, nr_cpus: int, sets: list[str], policy: tuple[str, str]
+def test_fast_path_decisions_match_reference(
+    seed: int, n_steps: int, nr_cpus: int, sets: list[str], policy: tuple[str, str], kept: bool
 ) -> None:
-    s = random_scenario(random.Random(seed), n_steps, nr_cpus)
+    s = random_scenario(random.Random(seed), n_steps, nr_cpus, kept=kept)
     with tempfile.TemporaryDirectory() as d:
         path = s.write(Path(d) / "t")
         opts = parse_settings([*sets, f"alloc_order={policy[0]}", f"large_folios={policy[1]}"])
-        res = replay(open_trace(path), ["vanilla", "luf-v12"], opts, keep_ops=True)
+        res = replay(open_trace(path), ["luf-v12"], opts, keep_ops=True, decisions=True)
     ref = ReferenceLufV12(opts)
     for ops in res.ops:
         ref.run(ops)
-    fast = res.models["luf-v12"].counts()
-    slow = ref.counts(res.ncpu)
-    assert {k: fast[k] for k in KEYS} == {k: slow[k] for k in KEYS}
+    assert fast_decisions(res.models["luf-v12"].decisions_array()) == ref.decisions
     assert ref.violations == []  # the reference's own shadow check agrees that the model is safe
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**32 - 1), nr_cpus=st.integers(2, 4))
-def test_every_model_is_safe_and_sums_exactly(seed: int, nr_cpus: int) -> None:
-    """All five models replay random traces without a safety violation; by_cause sums to the totals."""
-    s = random_scenario(random.Random(seed), 100, nr_cpus)
+def deferrable_flushes_per_cpu(dec: np.ndarray) -> Counter[int]:
+    """For each CPU, how many flushes paying for deferred work reached it (an IPI, or the sender's own local
+    flush): the CPU-flush slots of the DEFERRABLE causes."""
+    n: Counter[int] = Counter()
+    for d in fast_decisions(dec):
+        if d.kind == "performed" and d.cause in DEFERRABLE:
+            n.update(d.targets)
+    return n
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    nr_cpus=st.integers(2, 6),
+    sets=st.sampled_from(
+        [[], ["unknown_rw=eligible", "non_luf_ok=false"], ["large_folios=eligible", "clip_to_recorded=false"]]
+    ),
+)
+def test_oracle_bounds_luf_v12_on_the_deferrable_part(seed: int, nr_cpus: int, sets: list[str]) -> None:
+    """All five models replay random traces without a safety violation (simulate raises one), pass the recorded
+    flushes through unchanged, and on every CPU the oracle flushes no more often than luf-v12 for deferred work.
+
+    Why per CPU and counting local flushes: a flush at time t retires every older request of that CPU, and the
+    oracle pays each request at the latest point it must (re-allocation, F3 write, F4, F5, F7: all points where
+    luf-v12 flushes too), which is the fewest flushes per CPU (interval stabbing). Remote IPIs are not bounded:
+    luf-v12 may pay early from the CPU that holds the stale entry (a local flush at F6/F10) where the oracle pays
+    later from another CPU (seed 372 of random_scenario(.., 100, 4, kept=True): oracle 7 IPIs, luf-v12 6).
+    Where it must hold: both models re-allocate the same pages (alloc_order=recorded) and every allocation may
+    shoot down (atomic_no_shootdown=false). Elsewhere the oracle's "real re-use" is not luf-v12's: an atomic
+    allocation of a pending page is served by a clean page in luf-v12 (§8.2.8 skip) but is a re-use in the
+    oracle; with alloc_order=luf a buddy take of a pfn the FIFO labels still hold on a pcp list makes the oracle
+    pay the pfn's own debt where luf-v12 pays nothing (seed 48 of random_scenario(.., 100, 5, kept=True) with
+    atomic_no_shootdown=false: CPU0 flushed 5 times by the oracle, 4 by luf-v12)."""
+    s = random_scenario(random.Random(seed), 100, nr_cpus, kept=seed % 2 == 0)
     with tempfile.TemporaryDirectory() as d:
-        doc, _ = simulate(s.write(Path(d) / "t"), None, [])
-    check_sums(doc)
-    assert set(doc["models"]) == {"vanilla", "luf-v12", "luf-v11", "hold-before-free", "oracle"}
-    # the oracle is a lower bound for the LUF models on what they defer
-    assert (
-        doc["models"]["oracle"]["remote_shootdowns"]
-        <= doc["vanilla"]["remote_shootdowns"] + doc["models"]["luf-v12"]["remote_shootdowns"]
-    )
+        sets = [*sets, "alloc_order=recorded", "atomic_no_shootdown=false"]
+        doc, res = simulate(s.write(Path(d) / "t"), None, sets, decisions=True)
+    models = doc["models"]
+    assert set(models) == {"vanilla", "luf-v12", "luf-v11", "hold-before-free", "oracle"}
+    passed = {n: [m["by_cause"].get(c, 0) for c in PASS_THROUGH] for n, m in models.items()}
+    assert all(v == passed["vanilla"] for v in passed.values()), passed
+    assert sum(models["vanilla"]["by_cause"].get(c, 0) for c in DEFERRABLE) == 0
+    oracle = deferrable_flushes_per_cpu(res.models["oracle"].decisions_array())
+    luf = deferrable_flushes_per_cpu(res.models["luf-v12"].decisions_array())
+    assert all(oracle[c] <= luf[c] for c in oracle), (dict(oracle), dict(luf))
 
 
 def test_segments_carry_state() -> None:

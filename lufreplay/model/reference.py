@@ -1,530 +1,577 @@
-"""A straightforward pure-Python implementation of the luf-v12 model (luf-model.md §8), for cross-checking.
+"""luf-v12 written from the specification (luf-model.md §2–§5, §8, §9), for cross-checking the numba fast path.
 
-It reads the same model ops as the numba core (lufreplay.model.luf_v12) but is written independently in the
-plainest style: CPU sets instead of bitmasks, dicts of page objects instead of parallel arrays, Python lists for
-the per-CPU FIFOs of pending pcp pages (``alloc_order=luf``). The property test runs both on random traces and
-requires identical counters; ``bench/simulate_speed`` times both.
+Independent of ``lufreplay.model.luf_v12``: plain Python, CPU *sets* (any CPU count), one method per §8.2 event,
+named after the kernel function it stands for. It consumes the model ops of the replay (``model/ops.py``), i.e.
+what the trace shows, and logs every decision as ``Decision`` rows (the set of CPUs each flush went to, and the
+CPUs each batch deferred), which the tests compare with the fast path's ``Model.decisions_array()``.
+
+Each point where the posted v12 code and the cover letter disagree (§9) is an explicit option, ``SPEC_CHOICES``;
+the first value of each is what the fast path does today:
+
+- ``hooks``: ``intended`` (§8.2.9–13: F3–F7, F10 flush the mm/mapping batch) or ``posted`` (§9.1: the batches
+  never get ``flush_required``, so those hooks send nothing; the caller's own tlb_ubc is empty at hook time).
+- ``keep``: ``key_only`` (F11 flushes the new key only; the pending non-LUF work waits for the batch flush) or
+  ``posted`` (§9.3 / §8.2.4: ``luf_flush(fold_unmap_luf())`` runs ``try_to_unmap_flush()``, which also flushes
+  the whole pending non-LUF work, even with key 0).
+- ``dirty_writeback``: ``last_key`` (F13 flushes the key of the task's last batch: §8.2.5 "everything pending for
+  the task") or ``posted`` (§9.4: only the *open* batch, never already-keyed pages; the open batch's PTEs reach the
+  model only at its flush, so nothing is flushed at the hook).
+
+The other §9 points are model options both implementations share: §9.5 pcp tail placement and tail drains
+(``alloc_order=luf``), §9.6 clean free_list first (``non_luf_ok``: one switch, free-list lengths are not traced),
+§9.7 lazy CPUs filtered at the unmap or at the flush (``clip_to_recorded``), §9.8 who may shoot down
+(``atomic_no_shootdown``, decided by the reconstructor). Not modelled: §9.2 (a reclaim pass's two folio batches
+filling independently): the model ops carry vanilla's flush points but no pass end.
+
+Replay conventions that are not LUF rules (docs/simulate.md): the unexplained-target rule at a batch, the
+``alloc_order=luf`` pcp obligations (oldest keyed page of the CPU's list consumed first, newest drained first,
+pfns as labels), anon folios whose pfn shows up only at their free, and pfns re-used without a recorded
+allocation ("unseen re-use": what they still owe is paid before they are keyed again).
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
 from lufreplay.model import ops as O
 
-NONE, UNMAPPED, PCP_CLEAN, PCP_LUF, BUDDY_CLEAN, BUDDY_LUF, TAKEN = range(7)
+#: §9 choices the reference exposes; the first value of each is the fast path's behaviour today.
+SPEC_CHOICES: dict[str, tuple[str, ...]] = {
+    "hooks": ("intended", "posted"),
+    "keep": ("key_only", "posted"),
+    "dirty_writeback": ("last_key", "posted"),
+}
+FAST_PATH_CHOICES = {k: v[0] for k, v in SPEC_CHOICES.items()}
+
+LUF_UGEN_INIT = 2  # §2.1: the counter starts at 2; done[] starts at LUF_UGEN_INIT - 1
 
 
-def cpus(mask: int) -> set[int]:
-    return {c for c in range(64) if mask >> c & 1}
+def cpuset(mask: int) -> frozenset[int]:
+    """The CPUs of a model-op mask (the replay's masks are 64-bit; the reference itself uses sets)."""
+    return frozenset(c for c in range(mask.bit_length()) if mask >> c & 1)
+
+
+class Decision(NamedTuple):
+    """One decision: a flush performed (``targets`` = the CPUs flushed, sender included if it flushed locally),
+    or the CPUs a batch deferred (kind ``deferred``)."""
+
+    ts: int
+    kind: str  # "performed" | "deferred"
+    cause: str
+    cpu: int
+    targets: frozenset[int]
+    op: int
 
 
 @dataclass
-class Page:
-    state: int = NONE
-    key: int = 0
-    stamp: int = 0
-    unmap_ts: int = 0
-    unmap_task: int = 0
-    owed: set[int] = field(default_factory=set)  # shadow: CPUs that still owe a flush
-    owed_ugen: int = 0
-    obl: Obligation | None = None  # alloc_order=luf: the pcp obligation this pfn labels
+class LufBatch:
+    """``struct luf_batch``: a CPU set and the ugen of its newest request (§2.3)."""
+
+    cpus: set[int] = field(default_factory=set)
+    ugen: int = 0
 
 
 @dataclass(eq=False)
 class Obligation:
-    """A keyed page on a pcp list (alloc_order=luf): what is owed, not which pfn holds it."""
+    """alloc_order=luf: a keyed page on a pcp list, as what it owes rather than which pfn holds it."""
 
     key: int
     owed: set[int]
     owed_ugen: int
-    task: int
     cpu: int
-    pfn: int  # the pfn the trace still shows free for it; -1: none
+    pfn: int  # the pfn the trace still shows free for it; -1: none (the trace re-used it)
+
+
+@dataclass
+class Page:
+    """§8.1 per-page state: where the page is (None: mapped/allocated), its key or buddy stamp, shadow debt."""
+
+    where: str | None = None  # "unmapped" (in a batch, keyed), "pcp", "buddy", "taken" (off buddy, not yet alloc'd)
+    key: int = 0
+    stamp: int = 0
+    owed: set[int] = field(default_factory=set)  # shadow truth: CPUs that still owe a flush for this page
+    owed_ugen: int = 0
+    ob: Obligation | None = None
+
+    @property
+    def pending(self) -> bool:
+        return (self.where == "pcp" and self.key != 0) or (self.where == "buddy" and self.stamp != 0)
+
+
+@dataclass
+class Zone:
+    """§2.5 / §4.1: the zone batch of the open epoch and the epoch counters."""
+
+    batch: set[int] = field(default_factory=set)  # zone_batch
+    luf_ugen: int = 0
+    open: int = 1  # zone_ugen
+    done: int = 0  # zone_ugen_done
+    pool_owed: set[int] = field(default_factory=set)  # alloc_order=luf: shadow debt of the pend lists
+    pool_ugen: int = 0
+
+
+@dataclass
+class Pass:
+    """§8.1 per-task reclaim/migration state for the open batch."""
+
+    nonluf: set[int] = field(default_factory=set)  # tlb_ubc
+    luf: set[int] = field(default_factory=set)  # tlb_ubc_luf
+    folio_ro: set[int] = field(default_factory=set)  # tlb_ubc_ro
+    can_luf: bool = False
+    folio: tuple[int, int] = (-1, 0)
+    eligible: list[tuple[int, int]] = field(default_factory=list)  # folios to free with the batch's key
+    flushed_early: set[int] = field(default_factory=set)  # work already flushed by F11 in this batch
 
 
 class ReferenceLufV12:
-    """luf-v12, one Python object per page."""
+    """luf-v12 from the specification. ``run(model_ops)`` then read ``decisions`` (and ``violations``)."""
 
     name = "luf-v12-reference"
 
-    def __init__(self, opts: dict[str, Any]) -> None:
+    def __init__(self, opts: dict[str, Any], **choices: str) -> None:
+        self.choice = dict(FAST_PATH_CHOICES)
+        for k, v in choices.items():
+            if k not in SPEC_CHOICES or v not in SPEC_CHOICES[k]:
+                raise ValueError(f"reference choice {k}={v!r}: expected one of {SPEC_CHOICES.get(k)}")
+            self.choice[k] = v
+        self.large_ok = opts["large_folios"] == "eligible"
         self.unexplained_flush = opts["unexplained_targets"] == "flush"
-        self.max_strikes = int(opts["pcp_strikes"])
-        self.lat_ns = int(float(opts["epoch_flush_latency_us"]) * 1000.0)
         self.credit_natural = bool(opts["credit_natural_flushes"])
         self.luf_order = opts["alloc_order"] == "luf"
         self.non_luf_ok = bool(opts["non_luf_ok"])
-        self.large = opts["large_folios"] == "eligible"
-        self.fifo: defaultdict[int, list[Obligation]] = defaultdict(list)  # per CPU, oldest first
-        self.pool_owed: set[int] = set()  # shadow debt of the zone's pend pool (alloc_order=luf)
-        self.pool_ugen = 0
-        self.G = 2
+        self.max_strikes = int(opts["pcp_strikes"])
+        # §8.1 global and per-CPU state
+        self.G = LUF_UGEN_INIT
         self.K = 0
-        self.KEY: dict[int, tuple[set[int], int]] = {}
-        self.done: defaultdict[int, int] = defaultdict(lambda: 1)
-        self.MMB: dict[int, tuple[set[int], int]] = {}
-        self.ASB: dict[int, tuple[set[int], int]] = {}
-        self.ZB: set[int] = set()
-        self.Z_lufugen = 0
-        self.Z_open = 1
-        self.Z_done = 0
-        self.Z_done_ts = 0
-        self.Z_prev_done = 0
-        self.nr_luf = 0
-        self.luf: set[int] = set()
-        self.nonluf: set[int] = set()
-        self.folio_ro: set[int] = set()
-        self.covered: set[int] = set()  # LUF work already folded and flushed by F11 in this pass
-        self.can_luf = False
-        self.cur: tuple[int, int, int] = (-1, 0, 0)
-        self.buffer: list[tuple[int, int, int]] = []
+        self.KEY: dict[int, LufBatch] = {}
+        self.done: defaultdict[int, int] = defaultdict(lambda: LUF_UGEN_INIT - 1)
+        self.MMB: defaultdict[int, LufBatch] = defaultdict(LufBatch)
+        self.ASB: defaultdict[int, LufBatch] = defaultdict(LufBatch)
+        self.zone = Zone()
+        self.passes: defaultdict[int, Pass] = defaultdict(Pass)
         self.pages: defaultdict[int, Page] = defaultdict(Page)
-        self.task_key: dict[int, int] = {}
-        self.task_anon_key: dict[int, int] = {}
-        self.strikes: Counter[int] = Counter()
-        self.ipis: Counter[str] = Counter()
-        self.events: Counter[str] = Counter()
-        self.local: Counter[str] = Counter()
-        self.per_cpu: Counter[int] = Counter()
-        self.misc: Counter[str] = Counter()
-        self.hook_calls: Counter[str] = Counter()
-        self.hook_noipi: Counter[str] = Counter()
+        self.pcp: defaultdict[int, list[Obligation]] = defaultdict(list)  # keyed pages per CPU, oldest first
+        self.strikes: defaultdict[int, int] = defaultdict(int)
+        self.last_key: dict[int, int] = {}  # per task: the key of its last batch (F13)
+        self.anon_key: dict[int, int] = {}  # per task: that key, if the batch had anon folios of unknown pfn
+        self.decisions: list[Decision] = []
         self.violations: list[tuple[int, int]] = []
 
-    # ---- flush helpers ---------------------------------------------------------------------------------
-    def _account(self, cpu: int, targets: set[int], cause: str) -> int:
-        remote = targets - {cpu}
-        self.ipis[cause] += len(remote)
-        if remote:
-            self.events[cause] += 1
-        for c in remote:
-            self.per_cpu[c] += 1
-        if cpu in targets:
-            self.local[cause] += 1
-        return len(remote)
+    # ---- §2.1–2.2: ugen, done, diet ----------------------------------------------------------------------
+    def next_ugen(self) -> int:
+        self.G += 1
+        return self.G
 
-    def _diet(self, mask: set[int], ugen: int) -> set[int]:
-        return {c for c in mask if self.done[c] < ugen}
+    def diet(self, cpus: set[int] | frozenset[int], ugen: int) -> set[int]:
+        """arch_tlbbatch_diet: drop the CPUs whose done stamp already reached ``ugen``."""
+        return {c for c in cpus if self.done[c] < ugen}
 
-    def _mark(self, mask: set[int], g: int) -> None:
-        for c in mask:
+    def mark_done(self, cpus: set[int] | frozenset[int], g: int) -> None:
+        for c in cpus:
             self.done[c] = max(self.done[c], g)
 
-    def _luf_flush(self, cpu: int, mask: set[int], ugen: int, cause: str) -> int:
-        target = self._diet(mask, ugen)
-        if not target:
-            if mask:
-                self.misc["retired_by_done"] += len(mask - {cpu})
-            return 0
-        self.G += 1
-        n = self._account(cpu, target, cause)
-        self.misc["flushed_cpu_slots"] += n
-        self.misc["retired_by_done"] += len(mask - target - {cpu})
-        self._mark(target, self.G)
-        return n
+    def flush(self, ts: int, cpu: int, targets: set[int], cause: str, op: int, g: int | None = None) -> None:
+        """One LUF-aware flush (tlb_flush_start/end): take a ugen, flush ``targets``, mark them done."""
+        g = self.next_ugen() if g is None else g
+        self.decisions.append(Decision(ts, "performed", cause, cpu, frozenset(targets), op))
+        self.mark_done(targets, g)
 
-    def _new_key(self, mask: set[int]) -> int:
-        self.K = (self.K + 1) & 0xFFFF or 1
-        self.G += 1
-        if self.K in self.KEY:
-            old_mask, old_ugen = self.KEY[self.K]
-            old = self._diet(old_mask, old_ugen)
-            if old:
-                self.misc["key_merges"] += 1
-            self.KEY[self.K] = (old | mask, self.G)
+    def luf_flush(self, ts: int, cpu: int, cpus: set[int], ugen: int, cause: str, op: int) -> None:
+        """§4: the pattern of every luf_flush_* helper: diet by ``ugen``, flush what is left."""
+        target = self.diet(cpus, ugen)
+        if target:
+            self.flush(ts, cpu, target, cause, op)
+
+    # ---- §2.3 / §3.3: keys -------------------------------------------------------------------------------
+    def fold_unmap_luf(self, p: Pass) -> tuple[int, set[int]]:
+        """§3.3: the batch's deferred CPUs D = LUF \\ NONLUF get a new key (0 if D is empty)."""
+        d = p.luf - p.nonluf
+        if not d:
+            return 0, d
+        self.K = (self.K + 1) % 65536 or 1  # key 0 is reserved
+        ugen = self.next_ugen()
+        slot = self.KEY.get(self.K)
+        if slot is not None:  # __fold_luf_batch: the old request, dieted by its own ugen, is merged in
+            self.KEY[self.K] = LufBatch(self.diet(slot.cpus, slot.ugen) | d, ugen)
         else:
-            self.KEY[self.K] = (set(mask), self.G)
-        return self.K
+            self.KEY[self.K] = LufBatch(set(d), ugen)
+        return self.K, d
 
-    def _key_buffer(self, k: int, d: set[int], task: int) -> None:
-        u = self.KEY[k][1] if k else 0
-        for pfn, order, ts in self.buffer:
-            for p in range(pfn, pfn + (1 << order)):
-                pg = self.pages[p]
-                pg.state, pg.key, pg.unmap_ts, pg.unmap_task = UNMAPPED, k, ts, task
-                if k:
+    def free_eligible(self, p: Pass, key: int, d: set[int]) -> None:
+        """The batch's eligible folios leave the rmap walk carrying ``key`` (freed later by FREE ops)."""
+        ugen = self.KEY[key].ugen if key else 0
+        for pfn, order in p.eligible:
+            for q in range(pfn, pfn + (1 << order)):
+                pg = self.pages[q]
+                pg.where, pg.key = "unmapped", key
+                if key:
                     pg.owed |= d
-                    pg.owed_ugen = max(pg.owed_ugen, u)
-        self.buffer = []
+                    pg.owed_ugen = max(pg.owed_ugen, ugen)
+        p.eligible = []
 
-    def _to_buddy(self, pg: Page, k: int, owed: set[int], owed_ugen: int) -> None:
-        mask, ugen = self.KEY[k]
-        self.ZB |= mask
-        self.Z_lufugen = max(self.Z_lufugen, ugen)
-        pg.state, pg.stamp, pg.key = BUDDY_LUF, self.Z_open, 0
-        self.nr_luf += 1
-        self.misc["nr_luf_pages_max"] = max(self.misc["nr_luf_pages_max"], self.nr_luf)
-        if self.luf_order:
-            self.pool_owed |= owed
-            self.pool_ugen = max(self.pool_ugen, owed_ugen)
-
-    def _take_buddy(self, ts: int, cpu: int, task: int, pfn: int, order: int, can_sd: bool) -> bool:
-        block = [self.pages[p] for p in range(pfn, pfn + (1 << order))]
-        s = max((pg.stamp for pg in block if pg.state == BUDDY_LUF), default=0)
-
-        def clean() -> None:
-            for pg in block:
-                if pg.state == BUDDY_LUF:
-                    pg.state = BUDDY_CLEAN
-
-        if s == 0:
-            return True
-        if s <= self.Z_done:
-            if ts < self.Z_done_ts and s > self.Z_prev_done:
-                self.misc["epoch_waits"] += 1
-            self.misc["alloc_free_pass"] += 1
-            clean()
-            return True
-        if self.luf_order:
-            if self.non_luf_ok:  # free_list first: a clean block serves the caller
-                self.misc["buddy_clean_first"] += 1
-                clean()
-                return True
-            self.misc["pend_first"] += 1
-        if not can_sd:
-            self.misc["buddy_refusals"] += 1
-            if self.luf_order:
-                clean()
-                return True
-            return False
-        mask, ugen = set(self.ZB), self.Z_lufugen
-        n = self._luf_flush(cpu, mask, ugen, "alloc_buddy_epoch")
-        self.misc["epoch_closes"] += 1
-        if n > 0 or self._diet(mask, ugen) != mask:
-            self.misc["alloc_with_flush"] += 1
-            self.misc["paid_in_alloc_flushes"] += 1
-        other = sum(1 for pg in block if pg.state == BUDDY_LUF and pg.unmap_task != task)
-        clean()
-        if other and n:
-            self.misc["paid_by_other_pages"] += other
-            self.misc["paid_by_other_flushes"] += 1
-        if self.luf_order:  # the pend pool is spliced back to free_list
-            self.misc["safety_checks"] += self.nr_luf
-            if self._diet(self.pool_owed, self.pool_ugen):
-                self.violations.append((pfn, ts))
-            self.pool_owed, self.pool_ugen = set(), 0
-        self.Z_prev_done, self.Z_done = self.Z_done, self.Z_open
-        self.Z_done_ts = ts + self.lat_ns
-        self.Z_open += 1
-        self.ZB, self.Z_lufugen, self.nr_luf = set(), 0, 0
-        return True
-
-    # ---- pcp obligations (alloc_order=luf) ------------------------------------------------------------------
-    def _unlink(self, ob: Obligation) -> None:
-        self.fifo[ob.cpu].remove(ob)
-
-    def _relabel(self, taken: Obligation, own: Obligation | None, pfn: int) -> None:
-        """``taken`` leaves in place of ``pfn``: the pfn that labelled ``taken`` now labels ``own``."""
-        if own is not None and taken is not own:
-            own.pfn = taken.pfn
-            if taken.pfn >= 0:
-                self.pages[taken.pfn].obl = own
-        self.pages[pfn].obl = None
-
-    def _orphan(self, pg: Page) -> None:
-        if pg.obl is not None:
-            pg.obl.pfn = -1
-            pg.obl = None
-
-    def _settle(self, ts: int, cpu: int, task: int) -> None:
-        """Pages keyed again while the model still holds them pending: a re-use the trace did not show."""
-        for pfn, order, _ts in self.buffer:
-            for p in range(pfn, pfn + (1 << order)):
-                pg = self.pages[p]
-                pend = pg.state in (PCP_LUF, BUDDY_LUF) or (pg.state == UNMAPPED and pg.key)
-                if self.luf_order and pg.state == PCP_LUF:
-                    self._orphan(pg)
-                target: set[int] = set()
+    def settle_reused(self, ts: int, cpu: int, p: Pass, op: int) -> None:
+        """Convention: a pfn the model still holds pending that the trace unmaps again was re-used without a
+        recorded allocation; what it still owes is paid now (alloc_order=luf: a pcp obligation stays queued)."""
+        for pfn, order in p.eligible:
+            for q in range(pfn, pfn + (1 << order)):
+                pg = self.pages[q]
+                if self.luf_order and pg.where == "pcp" and pg.key:
+                    self.unlabel(pg)
                 if pg.owed:
-                    target = self._diet(pg.owed, pg.owed_ugen)
-                    if target:
-                        cause = "alloc_buddy_epoch" if pg.state in (BUDDY_LUF, TAKEN) else "alloc_pcp"
-                        self._luf_flush(cpu, pg.owed, pg.owed_ugen, cause)
+                    cause = "alloc_buddy_epoch" if pg.where in ("buddy", "taken") else "alloc_pcp"
+                    self.luf_flush(ts, cpu, pg.owed, pg.owed_ugen, cause, op)
                     pg.owed, pg.owed_ugen = set(), 0
-                if pend or target:
-                    self.misc["unseen_reuses"] += 1
-                if pg.state in (PCP_LUF, BUDDY_LUF):
-                    pg.state = NONE
+                if pg.pending:
+                    pg.where, pg.key, pg.stamp = None, 0, 0
 
-    # ---- the op loop ---------------------------------------------------------------------------------------
-    def run(self, mops: np.ndarray) -> None:
-        for row in mops.tolist():
-            self.step(dict(zip(O.MOP_DTYPE.names, row, strict=True)))
+    # ---- §8.2.1–2: the rmap walk ---------------------------------------------------------------------------
+    def folio_begin(self, r: dict[str, Any]) -> None:
+        """can_luf_init (§3.2): the static exclusions (large folios: option large_folios)."""
+        p = self.passes[r["task"]]
+        p.can_luf = r["sub"] == 0 or (self.large_ok and r["sub"] == O.J_LARGE_FOLIO)
+        p.folio_ro = set()
+        p.folio = (r["pfn"], r["order"])
 
-    def step(self, r: dict[str, Any]) -> None:
-        op, ts, cpu, task = r["op"], r["ts"], r["cpu"], r["task"]
-        if op == O.M_FOLIO_BEGIN:
-            self.can_luf = r["sub"] == 0 or (self.large and r["sub"] == O.J_LARGE_FOLIO)
-            self.folio_ro = set()
-            self.cur = (r["pfn"], r["order"], ts)
-        elif op == O.M_PTE:
-            if r["flags"] & O.PTE_UNBATCHED:
-                return
-            m = cpus(r["mask"])
-            if r["flags"] & O.PTE_WRITABLE:
-                self.can_luf = False
-            if self.can_luf:
-                self.folio_ro |= m
-                if r["mm"] >= 0:
-                    self.G += 1
-                    self.MMB[r["mm"]] = (self.MMB.get(r["mm"], (set(), 0))[0] | m, self.G)
-                if r["mapping"] >= 0:
-                    self.G += 1
-                    self.ASB[r["mapping"]] = (self.ASB.get(r["mapping"], (set(), 0))[0] | m, self.G)
-            else:
-                self.nonluf |= m
-        elif op == O.M_FOLIO_END:
-            reason = r["aux"] if (self.large and r["sub"] == O.J_LARGE_FOLIO) else r["sub"]
-            if self.can_luf and reason in (0, O.J_KEPT_NOT_FREED):
-                self.luf |= self.folio_ro
-                if reason == 0 and self.cur[0] >= 0:
-                    self.buffer.append(self.cur)
-            else:
-                self.nonluf |= self.folio_ro
-        elif op == O.M_KEEP:
-            self._settle(ts, cpu, task)
-            d = self.luf - self.nonluf
-            if d:
-                k = self._new_key(d)
-                self._key_buffer(k, d, task)
-                self._luf_flush(cpu, *self.KEY[k], "reclaim_keep")
-            else:
-                self._key_buffer(0, set(), task)
-            self.covered |= self.luf
-            self.luf = set()
-        elif op == O.M_BATCH:
-            R = cpus(r["mask"])
-            if self.unexplained_flush:
-                self.nonluf |= R - (self.luf | self.nonluf | self.covered)
-            self._settle(ts, cpu, task)
-            d = self.luf - self.nonluf
-            k = 0
-            if d:
-                k = self._new_key(d)
-                self.misc["deferred_cpu_slots"] += len(d - {cpu})
-            if self.nonluf:
-                self.G += 1
-                self._account(cpu, self.nonluf, "batch_nonluf")
-                self._mark(self.nonluf, self.G)
-            self._key_buffer(k, d, task)
-            if task >= 0:
-                self.task_key[task] = k
-                self.task_anon_key[task] = k if r["flags"] & O.B_ANON_UNKNOWN_PFN else 0
-            if r["flags"] & O.B_MEMFAIL and k:
-                self._luf_flush(cpu, *self.KEY[k], "memfail")
-            self.luf, self.nonluf, self.covered = set(), set(), set()
-        elif op == O.M_RFLUSH:
-            cause = O.CAUSES[r["sub"]]
-            tg = cpus(r["mask"]) | ({cpu} if r["flags"] & 1 else set())
-            self._account(cpu, tg, cause)
-            credit: set[int] = set()
-            if cause == "batched_pending":
-                credit = cpus(r["mask2"])
-                self.misc["r6_credits_other_mm"] += len(cpus(r["pfn"]))
-            elif self.credit_natural and r["flags"] & 2:
-                credit = tg
-            if credit:
-                self.G += 1
-                self._mark(credit, self.G)
-        elif op == O.M_FREE:
-            self._free(r)
-        elif op == O.M_DRAIN:
-            for p in range(r["pfn"], r["pfn"] + (1 << r["order"])):
-                pg = self.pages[p]
-                if pg.state == PCP_LUF and self.luf_order:
-                    own = pg.obl
+    def unmap_pte(self, r: dict[str, Any]) -> None:
+        """§8.2.1: a batched PTE clear; read-only PTEs of a still-eligible folio update MMB/ASB."""
+        if r["flags"] & O.PTE_UNBATCHED:
+            return  # ptep_clear_flush: the recorded immediate flush is its own op
+        p = self.passes[r["task"]]
+        cpus = set(cpuset(r["mask"]))
+        if r["flags"] & O.PTE_WRITABLE:
+            p.can_luf = False
+        if not p.can_luf:
+            p.nonluf |= cpus
+            return
+        p.folio_ro |= cpus
+        for batches, ident in ((self.MMB, r["mm"]), (self.ASB, r["mapping"])):
+            if ident >= 0:
+                b = batches[ident]
+                b.cpus |= cpus
+                b.ugen = self.next_ugen()
+
+    def end_folio_unmap(self, r: dict[str, Any]) -> None:
+        """§8.2.2: the folio's read-only CPUs join LUF if it stayed eligible, else NONLUF."""
+        p = self.passes[r["task"]]
+        reason = r["aux"] if (self.large_ok and r["sub"] == O.J_LARGE_FOLIO) else r["sub"]
+        if p.can_luf and reason in (0, O.J_KEPT_NOT_FREED):
+            p.luf |= p.folio_ro
+            if reason == 0 and p.folio[0] >= 0:
+                p.eligible.append(p.folio)
+        else:
+            p.nonluf |= p.folio_ro
+
+    # ---- §8.2.3–5: batch end, kept folio, dirty writeback ---------------------------------------------------
+    def batch_flush(self, r: dict[str, Any]) -> None:
+        """§8.2.3: fold_unmap_luf, then try_to_unmap_flush of the non-LUF part; eligible folios get the key."""
+        ts, cpu, task, op = r["ts"], r["cpu"], r["task"], r["op"]
+        p = self.passes[task]
+        if self.unexplained_flush:  # convention: recorded targets no PTE explains are flushed, not deferred
+            p.nonluf |= cpuset(r["mask"]) - (p.luf | p.nonluf | p.flushed_early)
+        self.settle_reused(ts, cpu, p, op)
+        key, d = self.fold_unmap_luf(p)
+        if d:
+            self.decisions.append(Decision(ts, "deferred", "batch", cpu, frozenset(d), op))
+        if p.nonluf:
+            self.flush(ts, cpu, p.nonluf, "batch_nonluf", op)
+        self.free_eligible(p, key, d)
+        if task >= 0:
+            self.last_key[task] = key
+            self.anon_key[task] = key if r["flags"] & O.B_ANON_UNKNOWN_PFN else 0
+        if r["flags"] & O.B_MEMFAIL and key:  # F12: the key is flushed at once
+            self.luf_flush(ts, cpu, self.KEY[key].cpus, self.KEY[key].ugen, "memfail", op)
+        del self.passes[task]
+
+    def reclaim_keep(self, r: dict[str, Any]) -> None:
+        """§8.2.4 / F11: luf_flush(fold_unmap_luf()): everything LUF so far gets a key and is flushed at once."""
+        ts, cpu, op = r["ts"], r["cpu"], r["op"]
+        p = self.passes[r["task"]]
+        self.settle_reused(ts, cpu, p, op)
+        key, d = self.fold_unmap_luf(p)
+        self.free_eligible(p, key, d)
+        target = self.diet(self.KEY[key].cpus, self.KEY[key].ugen) if key else set()
+        if self.choice["keep"] == "posted":  # try_to_unmap_flush(): tlb_ubc (non-LUF) goes too, key 0 or not
+            target |= p.nonluf
+            p.flushed_early |= p.nonluf
+            p.nonluf = set()
+        if target:
+            self.flush(ts, cpu, target, "reclaim_keep", op)
+        p.flushed_early |= p.luf
+        p.luf = set()
+
+    def dirty_writeback(self, r: dict[str, Any]) -> None:
+        """§8.2.5 / F13 (choice ``dirty_writeback``)."""
+        if self.choice["dirty_writeback"] == "posted":
+            return  # §9.4: keyed pages are never touched; the open batch is not visible yet
+        key = self.last_key.get(r["task"], 0) if r["task"] >= 0 else 0
+        if key:
+            self.luf_flush(r["ts"], r["cpu"], self.KEY[key].cpus, self.KEY[key].ugen, "dirty_writeback", r["op"])
+
+    # ---- §8.2.6–8: free, drain, allocation ------------------------------------------------------------------
+    def free(self, r: dict[str, Any]) -> None:
+        """§8.2.6: a page freed with its batch's key goes to the pcp tail (order 0) or straight to buddy."""
+        cpu, task, order = r["cpu"], r["task"], r["order"]
+        for q in range(r["pfn"], r["pfn"] + (1 << order)):
+            pg = self.pages[q]
+            if self.luf_order and pg.pending:  # freed again, never allocated in the model: unseen re-use
+                self.unlabel(pg)
+                pg.where, pg.key, pg.stamp = None, 0, 0
+            key = 0
+            if pg.where == "unmapped":
+                key = pg.key
+            elif r["sub"] == 3 and self.anon_key.get(task, 0) and not pg.pending:
+                key = self.anon_key[task]  # convention: an anon folio of the task's last batch
+                pg.owed |= self.KEY[key].cpus
+                pg.owed_ugen = max(pg.owed_ugen, self.KEY[key].ugen)
+            if key and order == 0:
+                pg.where, pg.key = "pcp", key
+                if self.luf_order:
+                    ob = Obligation(key, pg.owed, pg.owed_ugen, cpu, q)
+                    self.pcp[cpu].append(ob)
+                    pg.ob, pg.owed, pg.owed_ugen = ob, set(), 0
+            elif key:  # free_one_page: a keyed block pcp cannot hold
+                self.to_buddy(pg, key, pg.owed, pg.owed_ugen)
+                if self.luf_order:
+                    pg.owed, pg.owed_ugen = set(), 0
+            elif not pg.pending:
+                pg.where, pg.key, pg.stamp = ("pcp" if order == 0 else "buddy"), 0, 0
+
+    def to_buddy(self, pg: Page, key: int, owed: set[int], owed_ugen: int) -> None:
+        """§4.1 / §8.2.7: the zone batch absorbs the key; the page is stamped with the open epoch."""
+        kb = self.KEY[key]
+        self.zone.batch |= kb.cpus
+        self.zone.luf_ugen = max(self.zone.luf_ugen, kb.ugen)
+        pg.where, pg.key, pg.stamp = "buddy", 0, self.zone.open
+        if self.luf_order:
+            self.zone.pool_owed |= owed
+            self.zone.pool_ugen = max(self.zone.pool_ugen, owed_ugen)
+
+    def pcp_drain(self, r: dict[str, Any]) -> None:
+        """§8.2.7 / §9.5: free_pcppages_bulk takes from the list tail: the newest keyed page goes to buddy."""
+        for q in range(r["pfn"], r["pfn"] + (1 << r["order"])):
+            pg = self.pages[q]
+            if pg.where == "pcp" and pg.key:
+                if self.luf_order:
+                    own = pg.ob
                     assert own is not None
-                    newest = self.fifo[own.cpu][-1]  # free_pcppages_bulk takes from the tail
-                    if newest is not own:
-                        self.misc["fifo_reorders"] += 1
-                    self._relabel(newest, own, p)
-                    self._unlink(newest)
-                    pg.unmap_task = newest.task
-                    self._to_buddy(pg, newest.key, newest.owed, newest.owed_ugen)
-                elif pg.state == PCP_LUF:
-                    self._to_buddy(pg, pg.key, set(), 0)
-                elif pg.state == PCP_CLEAN:
-                    pg.state = BUDDY_CLEAN
-        elif op == O.M_TAKE:
-            if self._take_buddy(ts, cpu, task, r["pfn"], r["order"], bool(r["flags"] & O.A_CAN_SD)):
-                for p in range(r["pfn"], r["pfn"] + (1 << r["order"])):
-                    pg = self.pages[p]
-                    if pg.state != PCP_LUF:
-                        pg.state = PCP_CLEAN if r["flags"] & O.A_REFILL else TAKEN
-        elif op == O.M_ALLOC:
-            self._alloc(r)
-        elif op == O.M_HOOK:
-            self._hook(r)
-
-    def _free(self, r: dict[str, Any]) -> None:
-        ts, cpu, task, order = r["ts"], r["cpu"], r["task"], r["order"]
-        for p in range(r["pfn"], r["pfn"] + (1 << order)):
-            pg = self.pages[p]
-            if self.luf_order and pg.state in (PCP_LUF, BUDDY_LUF):
-                self.misc["unseen_reuses"] += 1
-                self._orphan(pg)
-                pg.state = NONE
-            k = 0
-            if pg.state == UNMAPPED:
-                k = pg.key
-            elif r["sub"] == 3 and self.task_anon_key.get(task, 0) and pg.state not in (PCP_LUF, BUDDY_LUF):
-                k = self.task_anon_key[task]
-                pg.owed |= self.KEY[k][0]
-                pg.owed_ugen = max(pg.owed_ugen, self.KEY[k][1])
-                pg.unmap_ts, pg.unmap_task = ts, task
-            if k:
-                self.misc["luf_pages_freed"] += 1
-                if order == 0:
-                    pg.state, pg.key = PCP_LUF, k
-                    if self.luf_order:
-                        ob = Obligation(k, pg.owed, pg.owed_ugen, pg.unmap_task, cpu, p)
-                        self.fifo[cpu].append(ob)
-                        pg.obl = ob
-                        pg.owed, pg.owed_ugen = set(), 0
+                    newest = self.pcp[own.cpu][-1]
+                    self.consume(newest, own, q)
+                    self.to_buddy(pg, newest.key, newest.owed, newest.owed_ugen)
                 else:
-                    self._to_buddy(pg, k, pg.owed, pg.owed_ugen)
-                    if self.luf_order:
-                        pg.owed, pg.owed_ugen = set(), 0
-            elif pg.state not in (PCP_LUF, BUDDY_LUF):
-                pg.state = PCP_CLEAN if order == 0 else BUDDY_CLEAN
+                    self.to_buddy(pg, pg.key, set(), 0)
+            elif pg.where == "pcp":
+                pg.where = "buddy"
 
-    def _check(self, owed: set[int], owed_ugen: int, p: int, ts: int) -> bool:
-        self.misc["safety_checks"] += 1
-        if owed and self._diet(owed, owed_ugen):
-            self.violations.append((p, ts))
+    def take_buddy(self, ts: int, cpu: int, pfn: int, order: int, can_sd: bool, op: int) -> bool:
+        """§4.1 / §8.2.8 buddy path: free pass, clean block first, refusal, or epoch close. True: handed out."""
+        block = [self.pages[q] for q in range(pfn, pfn + (1 << order))]
+        stamp = max((pg.stamp for pg in block if pg.where == "buddy"), default=0)
+        z = self.zone
+
+        def make_clean() -> None:
+            for pg in block:
+                if pg.where == "buddy":
+                    pg.stamp = 0
+
+        if stamp == 0 or stamp <= z.done:  # no pending work, or its epoch is already flushed
+            make_clean()
+            return True
+        if self.luf_order and self.non_luf_ok:  # get_page_from_free_area: free_list first (§9.6)
+            make_clean()
+            return True
+        if not can_sd:
+            if self.luf_order:  # the pend_list block is unusable; a clean one serves the caller
+                make_clean()
+                return True
             return False
+        # this task closes the open epoch: one flush of the whole zone batch, dieted by zone->luf_ugen
+        self.luf_flush(ts, cpu, z.batch, z.luf_ugen, "alloc_buddy_epoch", op)
+        make_clean()
+        if self.luf_order:  # the pend lists are spliced back to free_list: nothing in them may be owed
+            if self.diet(z.pool_owed, z.pool_ugen):
+                self.violations.append((pfn, ts))
+            z.pool_owed, z.pool_ugen = set(), 0
+        z.done, z.open = z.open, z.open + 1
+        z.batch, z.luf_ugen = set(), 0
         return True
 
-    def _alloc(self, r: dict[str, Any]) -> None:
-        ts, cpu, task, pfn, order = r["ts"], r["cpu"], r["task"], r["pfn"], r["order"]
+    def take(self, r: dict[str, Any]) -> None:
+        """A block removed from buddy (rmqueue_buddy / rmqueue_bulk refill)."""
+        pfn, order = r["pfn"], r["order"]
+        if self.take_buddy(r["ts"], r["cpu"], pfn, order, bool(r["flags"] & O.A_CAN_SD), r["op"]):
+            for q in range(pfn, pfn + (1 << order)):
+                pg = self.pages[q]
+                if not (pg.where == "pcp" and pg.key):
+                    pg.where, pg.stamp = ("pcp" if r["flags"] & O.A_REFILL else "taken"), 0
+
+    def pcp_takeoff(self, ts: int, cpu: int, cpus: set[int], ugen: int, can_sd: bool, op: int) -> bool:
+        """F1: a keyed pcp page: free if its key is done, flushed if the context can shoot down, else skipped
+        (after ``pcp_strikes`` skips the buddy path is tried: the page is not taken either way)."""
+        target = self.diet(cpus, ugen)
+        if not target:
+            return True
+        if can_sd:
+            self.flush(ts, cpu, target, "alloc_pcp", op)
+            self.strikes[cpu] = 0
+            return True
+        self.strikes[cpu] += 1
+        if self.strikes[cpu] >= self.max_strikes:
+            self.strikes[cpu] = 0
+        return False
+
+    def alloc(self, r: dict[str, Any]) -> None:
+        """§8.2.8: a recorded allocation; which pending work it meets depends on ``alloc_order``."""
+        ts, cpu, pfn, order, op = r["ts"], r["cpu"], r["pfn"], r["order"], r["op"]
         can_sd = bool(r["flags"] & O.A_CAN_SD)
-        block = [self.pages[p] for p in range(pfn, pfn + (1 << order))]
-        mask: set[int] = set()
-        ugen = 0
-        pending_pcp = pending_buddy = False
-        fifo = self.luf_order and order == 0 and block[0].state == PCP_LUF
-        own = taken_ob = None
-        if fifo:  # the oldest keyed page of this CPU's pcp list (keyed pages sit at the tail)
-            own = block[0].obl
-            taken_ob = self.fifo[cpu][0] if self.fifo[cpu] else own
-            assert taken_ob is not None
-            mask, ugen = set(self.KEY[taken_ob.key][0]), self.KEY[taken_ob.key][1]
-            pending_pcp = True
-        else:
-            for pg in block:
-                if pg.state == PCP_LUF or (pg.state == UNMAPPED and pg.key):
-                    key = pg.obl.key if (self.luf_order and pg.state == PCP_LUF and pg.obl) else pg.key
-                    km, ku = self.KEY[key]
-                    mask |= km
-                    ugen = max(ugen, ku)
-                    pending_pcp = True
-                elif pg.state == BUDDY_LUF:
-                    pending_buddy = True
-        if r["flags"] & O.A_ATOMIC and (pending_pcp or pending_buddy):
-            self.misc["atomic_allocs_skipping_luf"] += 1
-        taken = True
-        if pending_pcp:
-            if not self._diet(mask, ugen):
-                self.misc["alloc_free_pass"] += 1
-            elif can_sd:
-                n = self._luf_flush(cpu, mask, ugen, "alloc_pcp")
-                self.misc["alloc_with_flush"] += 1
-                self.misc["paid_in_alloc_flushes"] += 1
-                self.strikes[cpu] = 0
-                if fifo:
-                    assert taken_ob is not None
-                    other = int(taken_ob.task != task)
-                else:
-                    other = 0
-                    for pg in block:
-                        if pg.state in (PCP_LUF, UNMAPPED):
-                            t_un = pg.obl.task if (self.luf_order and pg.state == PCP_LUF and pg.obl) else pg.unmap_task
-                            other += t_un != task
-                if other and n:
-                    self.misc["paid_by_other_pages"] += other
-                    self.misc["paid_by_other_flushes"] += 1
-            else:
-                taken = False
-                self.misc["pcp_skips"] += 1
-                self.strikes[cpu] += 1
-                if self.strikes[cpu] >= self.max_strikes:
-                    self.misc["pcp_fallbacks"] += 1
-                    self.strikes[cpu] = 0
-        if taken and pending_buddy:
-            taken = self._take_buddy(ts, cpu, task, pfn, order, can_sd)
-        if not taken:
-            if self.luf_order:
-                for pg in block:
-                    if pg.state == PCP_LUF:
-                        self._orphan(pg)
-                        pg.state, pg.key = NONE, 0
+        block = [self.pages[q] for q in range(pfn, pfn + (1 << order))]
+        if self.luf_order and order == 0 and block[0].where == "pcp" and block[0].key:
+            # keyed pages sit at the tail behind clean ones: the CPU's oldest keyed page is what is reached
+            own = block[0].ob
+            assert own is not None
+            ob = self.pcp[cpu][0] if self.pcp[cpu] else own
+            kb = self.KEY[ob.key]
+            if not self.pcp_takeoff(ts, cpu, kb.cpus, kb.ugen, can_sd, op):
+                self.unlabel(block[0])
+                block[0].where, block[0].key = None, 0
+                return
+            self.consume(ob, own, pfn)
+            self.check(ob.owed, ob.owed_ugen, pfn, ts)
+            block[0].where, block[0].key = None, 0
             return
-        if not pending_pcp and not pending_buddy:
-            self.misc["alloc_clean"] += 1
-        if fifo:
-            assert taken_ob is not None
-            if taken_ob is not own:
-                self.misc["fifo_reorders"] += 1
-            self._relabel(taken_ob, own, pfn)
-            self._unlink(taken_ob)
-            if self._check(taken_ob.owed, taken_ob.owed_ugen, pfn, ts):
-                block[0].state, block[0].key = NONE, 0
+        keyed = [pg for pg in block if (pg.where in ("pcp", "unmapped") and pg.key)]
+        stamped = any(pg.where == "buddy" and pg.stamp for pg in block)
+        if keyed:
+            keys = [pg.ob.key if (self.luf_order and pg.ob is not None) else pg.key for pg in keyed]
+            cpus = set().union(*(self.KEY[k].cpus for k in keys))
+            ugen = max(self.KEY[k].ugen for k in keys)
+            if not self.pcp_takeoff(ts, cpu, cpus, ugen, can_sd, op):
+                if self.luf_order:
+                    for pg in keyed:
+                        if pg.where == "pcp":
+                            self.unlabel(pg)
+                            pg.where, pg.key = None, 0
+                return
+        if stamped and not self.take_buddy(ts, cpu, pfn, order, can_sd, op):
             return
-        for p, pg in zip(range(pfn, pfn + (1 << order)), block, strict=True):
-            if pg.state == BUDDY_LUF:
-                pg.state = BUDDY_CLEAN
-            if self.luf_order and pg.state == PCP_LUF and pg.obl is not None:
-                ob = pg.obl
-                self._relabel(ob, ob, p)
-                self._unlink(ob)
-                if not self._check(ob.owed, ob.owed_ugen, p, ts):
+        for q, pg in zip(range(pfn, pfn + (1 << order)), block, strict=True):
+            if self.luf_order and pg.where == "pcp" and pg.key and pg.ob is not None:
+                ob = pg.ob
+                self.consume(ob, ob, q)
+                if not self.check(ob.owed, ob.owed_ugen, q, ts):
                     return
             else:
-                ok = self._check(pg.owed, pg.owed_ugen, p, ts)
+                ok = self.check(pg.owed, pg.owed_ugen, q, ts)
                 pg.owed, pg.owed_ugen = set(), 0
                 if not ok:
                     return
-            pg.state, pg.key = NONE, 0
+            pg.where, pg.key, pg.stamp = None, 0, 0
 
-    def _hook(self, r: dict[str, Any]) -> None:
+    # ---- pcp obligations (alloc_order=luf) -----------------------------------------------------------------
+    def consume(self, ob: Obligation, own: Obligation, pfn: int) -> None:
+        """``ob`` leaves its pcp list in place of ``pfn`` (labelled ``own``): ``own`` takes over ``ob``'s label."""
+        if ob is not own:
+            own.pfn = ob.pfn
+            if ob.pfn >= 0:
+                self.pages[ob.pfn].ob = own
+        self.pages[pfn].ob = None
+        self.pcp[ob.cpu].remove(ob)
+
+    def unlabel(self, pg: Page) -> None:
+        if pg.ob is not None:
+            pg.ob.pfn = -1
+            pg.ob = None
+
+    def check(self, owed: set[int], ugen: int, pfn: int, ts: int) -> bool:
+        """The safety invariant: a page reaches a new owner only once no CPU owes a flush for it."""
+        if owed and self.diet(owed, ugen):
+            self.violations.append((pfn, ts))
+            return False
+        return True
+
+    # ---- §8.2.9–14: hooks and recorded flushes -------------------------------------------------------------
+    def hook(self, r: dict[str, Any]) -> None:
+        """F3 fault, F4 write_begin, F5 truncate, F6 mkclean, F7 zap, F10 kthread→user, F13 dirty writeback."""
         h = r["sub"]
-        name = O.HOOKS[h]
-        self.hook_calls[name] += 1
-        target: set[int] = set()
-        ugen = 0
         if h == O.H_DIRTY_WB:
-            k = self.task_key.get(r["task"], 0)
-            if k:
-                target = self._diet(*self.KEY[k])
-                ugen = self.KEY[k][1]
-        else:
-            if h in (O.H_FAULT, O.H_ZAP, O.H_CTXSW) and r["mm"] >= 0 and r["mm"] in self.MMB:
-                target |= self._diet(*self.MMB[r["mm"]])
-                ugen = self.MMB[r["mm"]][1]
-            elif h in (O.H_FAULT, O.H_ZAP, O.H_CTXSW) and r["mm"] >= 0:
-                ugen = 0
-            if r["mapping"] >= 0 and h != O.H_CTXSW and r["mapping"] in self.ASB:
-                target |= self._diet(*self.ASB[r["mapping"]])
-                ugen = max(ugen, self.ASB[r["mapping"]][1])
-        if not target:
-            self.hook_noipi[name] += 1
-        else:
-            self._luf_flush(r["cpu"], target, ugen + 1, O.CAUSES[O.HOOK_CAUSE[h]])
+            self.dirty_writeback(r)
+            return
+        if self.choice["hooks"] == "posted":
+            return  # §9.1: fold_batch() returns at once (!flush_required): no IPI
+        batches = []
+        if h in (O.H_FAULT, O.H_ZAP, O.H_CTXSW) and r["mm"] >= 0 and r["mm"] in self.MMB:
+            batches.append(self.MMB[r["mm"]])
+        if h != O.H_CTXSW and r["mapping"] >= 0 and r["mapping"] in self.ASB:
+            batches.append(self.ASB[r["mapping"]])
+        target: set[int] = set()
+        for b in batches:
+            target |= self.diet(b.cpus, b.ugen)
+        if target:
+            self.flush(r["ts"], r["cpu"], target, O.CAUSES[O.HOOK_CAUSE[h]], r["op"])
 
-    # ---- the same shape as Model.counts() for comparison ----------------------------------------------------
-    def counts(self, ncpu: int) -> dict[str, Any]:
-        return {
-            "remote_shootdowns": sum(self.ipis.values()),
-            "flush_events": sum(self.events.values()),
-            "local_flushes": sum(self.local.values()),
-            "by_cause": {c: self.ipis[c] for c in O.CAUSES if self.ipis[c] or self.events[c] or self.local[c]},
-            "flush_events_by_cause": {c: self.events[c] for c in O.CAUSES if self.events[c]},
-            "per_cpu": [self.per_cpu[c] for c in range(ncpu)],
-            "misc": {k: int(self.misc[k]) for k in O.MISC},
-            "hooks": {h: {"calls": self.hook_calls[h], "no_ipi": self.hook_noipi[h]} for h in O.HOOKS},
-        }
+    def recorded_flush(self, r: dict[str, Any]) -> None:
+        """A flush LUF leaves alone; F9 batched_pending (and, as an option, any natural flush) marks done."""
+        cause = O.CAUSES[r["sub"]]
+        targets = set(cpuset(r["mask"])) | ({r["cpu"]} if r["flags"] & 1 else set())
+        self.decisions.append(Decision(r["ts"], "performed", cause, r["cpu"], frozenset(targets), r["op"]))
+        credit: set[int] = set()
+        if cause == "batched_pending":  # §3.5: marks ugen_done for mm_cpumask(mm) (risk R6)
+            credit = set(cpuset(r["mask2"]))
+        elif self.credit_natural and r["flags"] & 2:
+            credit = targets
+        if credit:
+            self.mark_done(credit, self.next_ugen())
+
+    # ---- the op loop ---------------------------------------------------------------------------------------
+    def run(self, mops: np.ndarray) -> None:
+        names = O.MOP_DTYPE.names
+        for row in mops.tolist():
+            self.step(dict(zip(names, row, strict=True)))
+
+    def step(self, r: dict[str, Any]) -> None:
+        handler = self.HANDLERS.get(r["op"])
+        if handler is not None:
+            handler(self, r)
+
+    HANDLERS: ClassVar[dict[int, Any]] = {
+        O.M_FOLIO_BEGIN: folio_begin,
+        O.M_PTE: unmap_pte,
+        O.M_FOLIO_END: end_folio_unmap,
+        O.M_KEEP: reclaim_keep,
+        O.M_BATCH: batch_flush,
+        O.M_RFLUSH: recorded_flush,
+        O.M_FREE: free,
+        O.M_DRAIN: pcp_drain,
+        O.M_TAKE: take,
+        O.M_ALLOC: alloc,
+        O.M_HOOK: hook,
+    }
+
+    def ipis(self) -> int:
+        """Remote IPIs of every performed flush (the sender's own CPU flushes locally)."""
+        return sum(len(d.targets - {d.cpu}) for d in self.decisions if d.kind == "performed")
+
+
+def fast_decisions(dec: np.ndarray) -> list[Decision]:
+    """The fast path's decision log (``Model.decisions_array()``) as ``Decision`` rows (performed, deferred)."""
+    out = []
+    for row in dec.tolist():
+        ts, kind, cause, cpu, _task, targets, _ipis, op, _pfn = row
+        if kind in (O.D_PERFORMED, O.D_DEFERRED):
+            out.append(Decision(ts, O.DECISION_KIND[kind], O.CAUSES[cause], cpu, cpuset(targets), op))
+    return out
+
+
+__all__ = [
+    "FAST_PATH_CHOICES",
+    "SPEC_CHOICES",
+    "Decision",
+    "LufBatch",
+    "Pass",
+    "ReferenceLufV12",
+    "cpuset",
+    "fast_decisions",
+]
