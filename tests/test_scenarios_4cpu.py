@@ -50,6 +50,8 @@ def ipis(rows: list[Row]) -> int:
     return sum(len(set(t) - {c}) for k, _cause, c, t in rows if k == "performed")
 
 
+#: §9 choices of the reference that the fast path has as a model option (reference choice -> option name)
+FAST_PATH_OPTIONS = {"hooks": "hooks"}
 ALL_CHOICES = [dict(zip(SPEC_CHOICES, v, strict=True)) for v in itertools.product(*SPEC_CHOICES.values())]
 
 
@@ -68,6 +70,15 @@ def check(s: Scenario, tmp: Path, expect: Expect, settings: list[str] | None = N
     want = expect(FAST_PATH_CHOICES)
     assert view(fast_decisions(res.models["luf-v12"].decisions_array())) == want, sets
     assert run(s, tmp, sets, ["luf-v12"])["models"]["luf-v12"]["remote_shootdowns"] == ipis(want), sets
+    # the §9 choices the fast path also implements as an option: it must give the same answer in each value
+    for name, values in SPEC_CHOICES.items():
+        if name not in FAST_PATH_OPTIONS:
+            continue
+        for value in values[1:]:
+            alt = [*sets, f"{FAST_PATH_OPTIONS[name]}={value}"]
+            res = replay(open_trace(path), ["luf-v12"], parse_settings(alt), decisions=True)
+            want = expect({**FAST_PATH_CHOICES, name: value})
+            assert view(fast_decisions(res.models["luf-v12"].decisions_array())) == want, alt
 
 
 def same(rows: list[Row]) -> Expect:
