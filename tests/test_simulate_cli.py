@@ -113,7 +113,26 @@ def test_losses_widen_every_count(tmp_path: Path) -> None:
     m = doc["models"]["luf-v12"]
     assert m["remote_shootdowns_bounds"] == [0, 3]  # 0 ± 3 lost events × 1 other CPU
     r = runner.invoke(app, ["simulate", str(tmp_path / "trace0")])
-    assert "lost 3 events" in r.stdout
+    assert "lost 3 events: counts are shown as value [lower, upper]" in r.stdout  # not eaten as rich markup
+    assert "1 [1, 4]" in r.stdout  # the recorded count with its bounds
+
+
+def test_cause_and_model_names_stay_whole_in_80_columns(tmp_path: Path) -> None:
+    """Piped output is 80 columns wide: every cause and model name must still be readable in full."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from lufreplay.report.simulate_cmd import simulate
+    from lufreplay.report.text import render
+
+    doc = simulate(Path(__file__).resolve().parent.parent / "traces" / "mixed-file").doc
+    buf = StringIO()
+    render(doc, Console(file=buf, width=80, color_system=None))
+    out = buf.getvalue()
+    assert "…" not in out
+    for cause in doc["models"]["luf-v12"]["by_cause"]:
+        assert any(line.split("│")[1].strip() == cause for line in out.splitlines() if line.count("│") > 2), cause
 
 
 def test_fidelity_on_read_only_mmap_reclaim(tmp_path: Path) -> None:

@@ -53,12 +53,12 @@ def render(doc: dict[str, Any], console: Console) -> None:
     console.print(policy_line(doc.get("options", {})))
     if bounded:
         console.print(
-            f"[yellow]the trace lost {doc['losses']['total']:,} events: counts are shown as value [lower, upper][/]"
+            f"[yellow]the trace lost {doc['losses']['total']:,} events: counts are shown as value \\[lower, upper][/]"
         )
 
     t = Table(title="Remote TLB shootdowns (IPIs): recorded kernel vs models")
     for col in ("", "remote shootdown IPIs", "flush events", "CPUs flushed", "avoided %"):
-        t.add_column(col, justify="right" if col else "left")
+        t.add_column(col, justify="right" if col else "left", overflow="fold")
     t.add_row(
         "vanilla (recorded)",
         _b(van["remote_shootdowns"], van["remote_shootdowns_bounds"], bounded),
@@ -78,10 +78,11 @@ def render(doc: dict[str, Any], console: Console) -> None:
 
     causes = [c for c in O.CAUSES if c in van["by_cause"] or any(c in m["by_cause"] for m in models.values())]
     t = Table(title="Remote shootdown IPIs by cause (columns sum to the totals above)")
-    t.add_column("cause")
-    t.add_column("recorded", justify="right")
+    # whole names even in 80 columns or a pipe: batch_nonluf and batch_unseen must stay distinguishable
+    t.add_column("cause", no_wrap=True, min_width=max(len(c) for c in causes))
+    t.add_column("recorded", justify="right", overflow="fold")
     for name in models:
-        t.add_column(_label(name), justify="right")
+        t.add_column(_label(name), justify="right", overflow="fold")
     for c in causes:
         t.add_row(c, f"{van['by_cause'].get(c, 0):,}", *[f"{m['by_cause'].get(c, 0):,}" for m in models.values()])
     t.add_row(
@@ -90,9 +91,9 @@ def render(doc: dict[str, Any], console: Console) -> None:
     console.print(t)
 
     t = Table(title="Per CPU, like the TLB row of /proc/interrupts (shootdowns received)")
-    t.add_column("")
+    t.add_column("", overflow="fold")
     for cpu in range(tr["nr_cpus"]):
-        t.add_column(f"CPU{cpu}", justify="right")
+        t.add_column(f"CPU{cpu}", justify="right", overflow="fold")
     t.add_row("TLB recorded", *[f"{x:,}" for x in van["per_cpu"]])
     for name, m in models.items():
         t.add_row(f"TLB {_label(name)}", *[f"{x:,}" for x in m["per_cpu"]])
@@ -100,9 +101,9 @@ def render(doc: dict[str, Any], console: Console) -> None:
 
     el = doc["eligibility"]
     t = Table(title=f"LUF eligibility of unmapped folios ({el['folios']:,} folios, {el['pages']:,} pages)")
-    t.add_column("")
-    t.add_column("folios", justify="right")
-    t.add_column("pages", justify="right")
+    t.add_column("", overflow="fold")
+    t.add_column("folios", justify="right", overflow="fold")
+    t.add_column("pages", justify="right", overflow="fold")
     t.add_row("eligible", f"{el['eligible']:,}", f"{el['eligible_pages']:,}")
     for k, v in el["rejected"].items():
         t.add_row(f"rejected: {k}", f"{v:,}", f"{el['rejected_pages'].get(k, 0):,}")
@@ -122,9 +123,9 @@ def render(doc: dict[str, Any], console: Console) -> None:
 
     luf_models = {k: v for k, v in models.items() if k != "vanilla"}
     t = Table(title="Stale window (unmap → covering flush), cost shift and risk flags")
-    t.add_column("")
+    t.add_column("", overflow="fold")
     for name in luf_models:
-        t.add_column(name, justify="right")
+        t.add_column(name, justify="right", overflow="fold")
 
     def row(label: str, fn: Any) -> None:
         t.add_row(label, *[fn(m) for m in luf_models.values()])
