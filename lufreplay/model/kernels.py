@@ -109,6 +109,17 @@ def folio_end_reason(sub, aux, large):
 
 
 @numba.njit(cache=True)
+def add_per_cpu(acc, off, m):
+    """One count per CPU of mask ``m`` in the per-CPU counters starting at ``acc[off]``."""
+    c = 0
+    while m != U0:
+        if m & U1:
+            acc[off + c] += 1
+        m >>= U1
+        c += 1
+
+
+@numba.njit(cache=True)
 def account_flush(ts, cpu, task, targets, cause, op, pfn, acc, tl, dec, nlog):
     """Count one flush to ``targets`` sent by ``cpu``: remote IPIs per cause and per target CPU, local flush,
     timeline bin, and (if a decision log is attached) one ``performed`` row. Returns the remote IPI count."""
@@ -117,13 +128,7 @@ def account_flush(ts, cpu, task, targets, cause, op, pfn, acc, tl, dec, nlog):
     acc[O_IPIS + cause] += n
     if n > 0:
         acc[O_EVENTS + cause] += 1
-        m = remote
-        c = 0
-        while m != U0:
-            if m & U1:
-                acc[O_PERCPU + c] += 1
-            m >>= U1
-            c += 1
+        add_per_cpu(acc, O_PERCPU, remote)
         b = (ts - tl[0]) // tl[1]
         if b < 0:
             b = 0

@@ -27,8 +27,8 @@ from lufreplay.model.kernels import (
     O_REC_TL,
     RD_BINS,
     U0,
-    U1,
     account_flush,
+    add_per_cpu,
     bit,
     popcount,
     timeline_bin,
@@ -42,23 +42,7 @@ def _recorded(ts, R, n, cause, acc, tl):
     if n > 0:
         acc[O_REC_EVENTS + cause] += 1
         acc[O_REC_TL + timeline_bin(ts, tl)] += n
-    m = R
-    c = 0
-    while m != U0:
-        if m & U1:
-            acc[O_REC_PERCPU + c] += 1
-        m >>= U1
-        c += 1
-
-
-@numba.njit(cache=True)
-def _per_cpu(acc, off, m):
-    c = 0
-    while m != U0:
-        if m & U1:
-            acc[off + c] += 1
-        m >>= U1
-        c += 1
+    add_per_cpu(acc, O_REC_PERCPU, R)
 
 
 @numba.njit(cache=True)
@@ -76,8 +60,8 @@ def run_vanilla(mops, nops, SU, free_ts, acc, tl, dec, nlog):
             cb = O.C_BATCH
             _recorded(r["ts"], R, r["aux"], cb, acc, tl)
             acc[O_FID_EXPL + cb] += popcount(pred & R)
-            _per_cpu(acc, O_FID_EXPL_CPU, pred & R)
-            _per_cpu(acc, O_FID_MATCH_CPU, pred & R)
+            add_per_cpu(acc, O_FID_EXPL_CPU, pred & R)
+            add_per_cpu(acc, O_FID_MATCH_CPU, pred & R)
             acc[O_FID_PRED + cb] += popcount(pred)
             if r["aux"] == 0 and pred != U0:  # the kernel reached none: all skipped, or no remote CPU in its mask
                 acc[O_FID_SKIPPED + (0 if r["order"] != 0 else 1)] += popcount(pred)
@@ -91,8 +75,8 @@ def run_vanilla(mops, nops, SU, free_ts, acc, tl, dec, nlog):
             acc[O_FID_PRED + cause] += r["aux"]
             if cause != O.C_OTHER and cause != O.C_BATCH_UNSEEN:
                 acc[O_FID_EXPL + cause] += r["aux"]
-                _per_cpu(acc, O_FID_EXPL_CPU, r["mask"])
-            _per_cpu(acc, O_FID_MATCH_CPU, r["mask"])  # passed through: sent as recorded
+                add_per_cpu(acc, O_FID_EXPL_CPU, r["mask"])
+            add_per_cpu(acc, O_FID_MATCH_CPU, r["mask"])  # passed through: sent as recorded
             tg = r["mask"] | (bit(cpu) if (r["flags"] & 1) else U0)
             account_flush(r["ts"], cpu, r["task"], tg, cause, op, -1, acc, tl, dec, nlog)
         elif op == O.M_FREE:
