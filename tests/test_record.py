@@ -363,7 +363,8 @@ def test_sigkill_leaves_a_readable_trace(tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         deadline = time.monotonic() + HANG_S
-        while len(list((out / "sched").glob(schema.SEGMENT_GLOB))) < 3:
+        # three whole segments: their commit manifests are written after every table file of the segment
+        while len(list((out / schema.COMMIT_DIR).glob(schema.COMMIT_GLOB))) < 3:
             assert p.poll() is None, p.communicate()[1]
             assert time.monotonic() < deadline
             time.sleep(0.1)
@@ -398,7 +399,8 @@ def test_bad_input_gives_one_line_errors(tmp_path: Path) -> None:
     existing.mkdir()
     (existing / "keep").write_text("x")
     r = lr_record("-o", str(existing), "--", "true")
-    assert r.returncode != 0 and "already exists" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # not a trace: refused even without --force, and nothing in it is touched
+    assert r.returncode != 0 and "is not a lufreplay trace" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert (existing / "keep").read_text() == "x"
 
     r = lr_record("-o", str(tmp_path / "c"), "--", "/nonexistent/lufreplay-no-such-command")
