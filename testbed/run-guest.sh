@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Boot the test-bed kernel under qemu (TCG) with N vCPUs over the host's own filesystem (read-only) and run
-# testbed/guest-record.sh CASE inside; the trace and counter snapshots land in OUTDIR on the host.
-# Usage: testbed/run-guest.sh CPUS CASE OUTDIR
+# testbed/guest-record.sh for each CASE inside (one boot); each case's trace and counter snapshots land in
+# OUTDIR/CASE on the host.
+# Usage: testbed/run-guest.sh CPUS CASE[,CASE...] OUTDIR
 # Env: LR_ROUTE=vng|qemu (default vng when installed; qemu = this script's own qemu + 9p command line),
 #      LR_MEM (guest RAM, default 2G), LR_DURATION, LR_THREADS (passed to the guest),
+#      LR_DISK_OVERLAY=1 (write to a qcow2 overlay in OUTDIR, not the cached data disk: parallel guests),
 #      LUFREPLAY_TESTBED_CACHE (kernel and data disk; default ${XDG_CACHE_HOME:-~/.cache}/lufreplay-testbed)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 cpus=${1:?cpus}
-case_name=${2:?case}
+cases=${2:?case}
 out=${3:?outdir}
 cache=${LUFREPLAY_TESTBED_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lufreplay-testbed}
 # The kernel: LR_KERNEL, else the one `make testbed` built, else Debian's own 6.12 image if installed
@@ -36,19 +38,28 @@ fi
 rm -rf "$out"
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
+if [ "${LR_DISK_OVERLAY:-0}" = 1 ]; then
+    # a private copy-on-write view of the data disk, so that several guests can run at once
+    qemu-img create -q -f qcow2 -F raw -b "$disk" "$out/data.qcow2"
+    disk="$out/data.qcow2"
+fi
 py=$(command -v python3)
 # what the guest runs: the same Python (host fs), this checkout first on the path
 cat > "$out/guest-cmd.sh" <<EOS
 #!/bin/bash
 export PATH="$PATH" PYTHONPATH="$repo" HOME=/tmp NUMBA_CACHE_DIR=/tmp/numba PYTHONDONTWRITEBYTECODE=1
-export LR_PYTHON="$py" LR_DURATION="${LR_DURATION:-4}" LR_THREADS="${LR_THREADS:-4}" LR_POWEROFF="\${LR_POWEROFF:-0}"
+export LR_PYTHON="$py" LR_DURATION="${LR_DURATION:-4}" LR_THREADS="${LR_THREADS:-4}"
 cd "$repo"
-exec "$here/guest-record.sh" "$case_name" "$out" "\$@"
+rc=0
+for c in ${cases//,/ }; do
+    "$here/guest-record.sh" "\$c" "$out/\$c" "\$@" || rc=1
+done
+exit \$rc
 EOS
 chmod +x "$out/guest-cmd.sh"
 
 t0=$(date +%s)
-log "booting $(basename "$(readlink -f "$kernel")") with $cpus vCPUs, $mem RAM via $route; case $case_name -> $out"
+log "booting $(basename "$(readlink -f "$kernel")") with $cpus vCPUs, $mem RAM via $route; cases $cases -> $out"
 if [ "$route" = vng ]; then
     # virtme-ng: host root read-only (virtiofs or 9p), OUTDIR writable, the data disk on virtio-scsi
     set +e
@@ -63,7 +74,7 @@ else
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mount -t tmpfs tmpfs /tmp; mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /var/tmp
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=1048576 out "$out"
-LR_POWEROFF=1 "$out/guest-cmd.sh" /dev/vda > "$out/guest.log" 2>&1
+"$out/guest-cmd.sh" /dev/vda > "$out/guest.log" 2>&1
 echo \$? > "$out/guest.rc"; sync; echo o > /proc/sysrq-trigger; sleep 30
 EOS
     chmod +x "$out/guest-init.sh"
@@ -73,7 +84,7 @@ EOS
         -append "console=ttyS0 root=host rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=1048576,cache=loose ro init=$out/guest-init.sh sysrq_always_enabled=1 panic=-1" \
         -virtfs local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap \
         -virtfs local,path="$out",mount_tag=out,security_model=none \
-        -drive file="$disk",if=virtio,format=raw,cache=unsafe \
+        -drive file="$disk",if=virtio,cache=unsafe \
         -nic none > "$out/console.log" 2>&1
     rc=$(cat "$out/guest.rc" 2>/dev/null || echo 99)
     set -e
