@@ -3,7 +3,8 @@
 # and leaves the trace plus kernel counter snapshots in OUTDIR (a directory shared with the host).
 # Usage: guest-record.sh CASE OUTDIR [DATA_DEV]
 #   CASE: stream | mixed | three | migration | smoke   (see case_args below)
-# Env: LR_PYTHON (default python3), LR_DURATION (workload seconds), LR_THREADS (stream readers, default 4).
+# Env: LR_PYTHON (default python3), LR_DURATION (workload seconds), LR_THREADS (stream readers, default 4),
+#      LR_SPARSE=1 (stream: a hole file instead of real data).
 set -uo pipefail
 case_name=${1:?case}
 out=${2:?outdir}
@@ -62,9 +63,16 @@ fi
 # Under TCG a Python start (lufreplay imports pandas) takes minutes: the stream case records the workload's
 # C helper directly (what `lufreplay workload mmap-stream` runs: THREADS pinned readers from CPU 0,
 # MADV_RANDOM, one word per page), so the recording holds the streaming and not an interpreter start.
+# LR_SPARSE=1: a hole file (no disk I/O: under TCG the disk reads of a real file run at ~700 pages/s, too
+# slow to fill a 256M cgroup in a short run; the bundled 2-vCPU mmap-stream trace uses --sparse too).
 cmd=(--workload "${wl[0]}" -- "${wl[@]:1}" --duration "$dur" --json)
 if [ "$case_name" = stream ]; then
-    cmd=(-- sh -c "echo go | exec $(helper) stream $data/work/stream0-512M.bin $dur $threads 0 0 s0 1")
+    file="$data/work/stream0-512M.bin"
+    if [ "${LR_SPARSE:-0}" = 1 ]; then
+        file="$data/work/stream0-512M.sparse"
+        [ -f "$file" ] || truncate -s 512M "$file"
+    fi
+    cmd=(-- sh -c "echo go | exec $(helper) stream $file $dur $threads 0 0 s0 1")
 fi
 
 sync

@@ -48,7 +48,7 @@ py=$(command -v python3)
 cat > "$out/guest-cmd.sh" <<EOS
 #!/bin/bash
 export PATH="$PATH" PYTHONPATH="$repo" HOME=/tmp NUMBA_CACHE_DIR=/tmp/numba PYTHONDONTWRITEBYTECODE=1
-export LR_PYTHON="$py" LR_DURATION="${LR_DURATION:-4}" LR_THREADS="${LR_THREADS:-4}"
+export LR_PYTHON="$py" LR_DURATION="${LR_DURATION:-4}" LR_THREADS="${LR_THREADS:-4}" LR_SPARSE="${LR_SPARSE:-0}"
 cd "$repo"
 rc=0
 for c in ${cases//,/ }; do
