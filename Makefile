@@ -14,3 +14,11 @@ lint:
 	ruff format --check lufreplay tests bench
 docs:
 	lufreplay schema --markdown > docs/trace-format.md
+
+# The many-CPU test bed (opt-in, not part of `make test`): a vanilla 6.12 guest kernel built once into
+# ${XDG_CACHE_HOME:-~/.cache}/lufreplay-testbed, booted under qemu with 4 and 8 vCPUs (testbed/README.md).
+.PHONY: testbed testbed-test
+testbed:
+	bash testbed/build-kernel.sh
+testbed-test: testbed
+	bash testbed/test.sh

@@ -620,6 +620,11 @@ def markdown() -> str:
         "Times are int64 nanoseconds of CLOCK_MONOTONIC; `meta.json` has `clock.realtime_minus_monotonic_ns`."
         " Enum columns are stored as the integer id and, next to it, a dictionary-encoded `<column>_name`.",
         "",
+        "`meta.json` `probes_absent` lists the tracepoints the recording kernel lacks (`group:name`): their probes"
+        " were not compiled in, so their events are missing from the table they feed (`probes.<kind>.absent`"
+        " says which kind; e.g. 6.12 has no `vmscan:mm_vmscan_reclaim_pages`, `thp:set_migration_pmd`,"
+        " `thp:remove_migration_pmd`).",
+        "",
     ]
     for t in TABLES.values():
         out += [

@@ -15,6 +15,8 @@
  *   LR_RAW_PAGE       defined: page allocator probes are raw tracepoints; with
  *   LR_VMEMMAP_BASE, LR_STRUCT_PAGE_SIZE  page pointer -> pfn constants (calibrated at record start)
  *   LR_SWP_PFN_BITS, LR_MIG_READ  migration-entry decoding constants (host-probing §4.5)
+ *   LR_NO_<group>__<name>  defined: this kernel has no such tracepoint; its probe is left out (bcc
+ *                     cannot compile a TRACEPOINT_PROBE without the tracepoint's format file)
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
@@ -193,6 +195,7 @@ static __always_inline void ctx_end(void)
 #define TLB_REASON_REMOTE_WRONG_CPU 5
 
 #ifdef LR_RAW_IPI
+#ifndef LR_NO_tlb__tlb_flush
 RAW_TRACEPOINT_PROBE(tlb_flush)
 {
     if (!recording())
@@ -206,7 +209,9 @@ RAW_TRACEPOINT_PROBE(tlb_flush)
     emit(&r, K_TLB_FLUSH);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_csd__csd_queue_cpu
 RAW_TRACEPOINT_PROBE(csd_queue_cpu)
 {
     if (!recording() || ctx->args[2] != LR_FLUSH_TLB_FUNC)
@@ -217,7 +222,9 @@ RAW_TRACEPOINT_PROBE(csd_queue_cpu)
     emit(&r, K_CSD_QUEUE_CPU);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_ipi__ipi_send_cpu
 RAW_TRACEPOINT_PROBE(ipi_send_cpu)
 {
     if (!recording())
@@ -229,7 +236,9 @@ RAW_TRACEPOINT_PROBE(ipi_send_cpu)
     emit(&r, K_IPI_SEND_CPU);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_ipi__ipi_send_cpumask
 RAW_TRACEPOINT_PROBE(ipi_send_cpumask)
 {
     if (!recording())
@@ -243,7 +252,9 @@ RAW_TRACEPOINT_PROBE(ipi_send_cpumask)
     emit(&r, K_IPI_SEND_CPUMASK);
     return 0;
 }
+#endif
 #else
+#ifndef LR_NO_tlb__tlb_flush
 TRACEPOINT_PROBE(tlb, tlb_flush)
 {
     if (!recording())
@@ -257,7 +268,9 @@ TRACEPOINT_PROBE(tlb, tlb_flush)
     emit(&r, K_TLB_FLUSH);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_csd__csd_queue_cpu
 TRACEPOINT_PROBE(csd, csd_queue_cpu)
 {
     if (!recording() || (u64)args->func != LR_FLUSH_TLB_FUNC)
@@ -268,7 +281,9 @@ TRACEPOINT_PROBE(csd, csd_queue_cpu)
     emit(&r, K_CSD_QUEUE_CPU);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_ipi__ipi_send_cpu
 TRACEPOINT_PROBE(ipi, ipi_send_cpu)
 {
     if (!recording())
@@ -280,7 +295,9 @@ TRACEPOINT_PROBE(ipi, ipi_send_cpu)
     emit(&r, K_IPI_SEND_CPU);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_ipi__ipi_send_cpumask
 TRACEPOINT_PROBE(ipi, ipi_send_cpumask)
 {
     if (!recording())
@@ -296,6 +313,7 @@ TRACEPOINT_PROBE(ipi, ipi_send_cpumask)
     emit(&r, K_IPI_SEND_CPUMASK);
     return 0;
 }
+#endif
 #endif
 
 /* ---------------------------------------------------------------- reclaim context */
@@ -313,6 +331,7 @@ static __always_inline void reclaim_rec(u32 event, u32 flags, int nid, u64 a, u6
     emit(&r, K_RECLAIM);
 }
 
+#ifndef LR_NO_vmscan__mm_vmscan_direct_reclaim_begin
 TRACEPOINT_PROBE(vmscan, mm_vmscan_direct_reclaim_begin)
 {
     if (!recording())
@@ -321,7 +340,9 @@ TRACEPOINT_PROBE(vmscan, mm_vmscan_direct_reclaim_begin)
     reclaim_rec(RE_DIRECT_BEGIN, 0, -1, args->order, args->gfp_flags, 0, 0, 0);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_vmscan__mm_vmscan_direct_reclaim_end
 TRACEPOINT_PROBE(vmscan, mm_vmscan_direct_reclaim_end)
 {
     if (!recording())
@@ -330,7 +351,9 @@ TRACEPOINT_PROBE(vmscan, mm_vmscan_direct_reclaim_end)
     reclaim_rec(RE_DIRECT_END, 0, -1, 0, 0, 0, args->nr_reclaimed, 0);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_vmscan__mm_vmscan_memcg_reclaim_begin
 TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_reclaim_begin)
 {
     if (!recording())
@@ -339,7 +362,9 @@ TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_reclaim_begin)
     reclaim_rec(RE_MEMCG_BEGIN, 0, -1, args->order, args->gfp_flags, 0, 0, 0);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_vmscan__mm_vmscan_memcg_reclaim_end
 TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_reclaim_end)
 {
     if (!recording())
@@ -348,7 +373,9 @@ TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_reclaim_end)
     reclaim_rec(RE_MEMCG_END, 0, -1, 0, 0, 0, args->nr_reclaimed, 0);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_vmscan__mm_vmscan_memcg_softlimit_reclaim_begin
 TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_softlimit_reclaim_begin)
 {
     if (!recording())
@@ -357,7 +384,9 @@ TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_softlimit_reclaim_begin)
     reclaim_rec(RE_SOFT_BEGIN, 0, -1, args->order, args->gfp_flags, 0, 0, 0);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_vmscan__mm_vmscan_memcg_softlimit_reclaim_end
 TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_softlimit_reclaim_end)
 {
     if (!recording())
@@ -366,7 +395,9 @@ TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_softlimit_reclaim_end)
     reclaim_rec(RE_SOFT_END, 0, -1, 0, 0, 0, args->nr_reclaimed, 0);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_vmscan__mm_vmscan_node_reclaim_begin
 TRACEPOINT_PROBE(vmscan, mm_vmscan_node_reclaim_begin)
 {
     if (!recording())
@@ -375,7 +406,9 @@ TRACEPOINT_PROBE(vmscan, mm_vmscan_node_reclaim_begin)
     reclaim_rec(RE_NODE_BEGIN, 0, args->nid, args->order, args->gfp_flags, 0, 0, 0);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_vmscan__mm_vmscan_node_reclaim_end
 TRACEPOINT_PROBE(vmscan, mm_vmscan_node_reclaim_end)
 {
     if (!recording())
@@ -384,7 +417,9 @@ TRACEPOINT_PROBE(vmscan, mm_vmscan_node_reclaim_end)
     reclaim_rec(RE_NODE_END, 0, -1, 0, 0, 0, args->nr_reclaimed, 0);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_vmscan__mm_vmscan_kswapd_wake
 TRACEPOINT_PROBE(vmscan, mm_vmscan_kswapd_wake)
 {
     if (!recording())
@@ -392,7 +427,9 @@ TRACEPOINT_PROBE(vmscan, mm_vmscan_kswapd_wake)
     reclaim_rec(RE_KSWAPD_WAKE, 0, args->nid, args->order, 0, 0, 0, 0);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_vmscan__mm_vmscan_kswapd_sleep
 TRACEPOINT_PROBE(vmscan, mm_vmscan_kswapd_sleep)
 {
     if (!recording())
@@ -400,7 +437,9 @@ TRACEPOINT_PROBE(vmscan, mm_vmscan_kswapd_sleep)
     reclaim_rec(RE_KSWAPD_SLEEP, 0, args->nid, 0, 0, 0, 0, 0);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_vmscan__mm_vmscan_lru_shrink_inactive
 TRACEPOINT_PROBE(vmscan, mm_vmscan_lru_shrink_inactive)
 {
     if (!recording())
@@ -409,7 +448,9 @@ TRACEPOINT_PROBE(vmscan, mm_vmscan_lru_shrink_inactive)
                 args->nr_scanned, args->nr_reclaimed, args->nr_dirty);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_vmscan__mm_vmscan_reclaim_pages
 TRACEPOINT_PROBE(vmscan, mm_vmscan_reclaim_pages)
 {
     if (!recording())
@@ -418,7 +459,9 @@ TRACEPOINT_PROBE(vmscan, mm_vmscan_reclaim_pages)
                 args->nr_reclaimed, args->nr_dirty);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_vmscan__mm_vmscan_write_folio
 TRACEPOINT_PROBE(vmscan, mm_vmscan_write_folio)
 {
     if (!recording())
@@ -426,9 +469,11 @@ TRACEPOINT_PROBE(vmscan, mm_vmscan_write_folio)
     reclaim_rec(RE_WRITE_FOLIO, args->reclaim_flags, -1, args->pfn, 0, 0, 0, 0);
     return 0;
 }
+#endif
 
 /* ---------------------------------------------------------------- unmapped mms, mm ids, page cache */
 
+#ifndef LR_NO_kmem__rss_stat
 TRACEPOINT_PROBE(kmem, rss_stat)
 {
     if (!recording())
@@ -461,7 +506,9 @@ TRACEPOINT_PROBE(kmem, rss_stat)
     }
     return 0;
 }
+#endif
 
+#ifndef LR_NO_filemap__mm_filemap_delete_from_page_cache
 TRACEPOINT_PROBE(filemap, mm_filemap_delete_from_page_cache)
 {
     if (!recording())
@@ -481,6 +528,7 @@ TRACEPOINT_PROBE(filemap, mm_filemap_delete_from_page_cache)
     emit(&r, K_FILEMAP_DELETE);
     return 0;
 }
+#endif
 
 /* ---------------------------------------------------------------- migration */
 
@@ -508,6 +556,7 @@ static __always_inline void mig_rec(u32 event, u64 a, u64 b, u64 c, u64 d)
     emit(&r, K_MIGRATE);
 }
 
+#ifndef LR_NO_migrate__set_migration_pte
 TRACEPOINT_PROBE(migrate, set_migration_pte)
 {
     if (!recording())
@@ -516,7 +565,9 @@ TRACEPOINT_PROBE(migrate, set_migration_pte)
     mig_rec(ME_SET_PTE, args->addr, args->pte, args->order, 0);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_migrate__remove_migration_pte
 TRACEPOINT_PROBE(migrate, remove_migration_pte)
 {
     if (!recording())
@@ -524,7 +575,9 @@ TRACEPOINT_PROBE(migrate, remove_migration_pte)
     mig_rec(ME_REMOVE_PTE, args->addr, args->pte, args->order, 0);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_thp__set_migration_pmd
 TRACEPOINT_PROBE(thp, set_migration_pmd)
 {
     if (!recording())
@@ -533,7 +586,9 @@ TRACEPOINT_PROBE(thp, set_migration_pmd)
     mig_rec(ME_SET_PMD, args->addr, args->pmd, 9, 0);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_thp__remove_migration_pmd
 TRACEPOINT_PROBE(thp, remove_migration_pmd)
 {
     if (!recording())
@@ -541,7 +596,9 @@ TRACEPOINT_PROBE(thp, remove_migration_pmd)
     mig_rec(ME_REMOVE_PMD, args->addr, args->pmd, 9, 0);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_migrate__mm_migrate_pages_start
 TRACEPOINT_PROBE(migrate, mm_migrate_pages_start)
 {
     if (!recording())
@@ -550,7 +607,9 @@ TRACEPOINT_PROBE(migrate, mm_migrate_pages_start)
     mig_rec(ME_START, args->mode, args->reason, 0, 0);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_migrate__mm_migrate_pages
 TRACEPOINT_PROBE(migrate, mm_migrate_pages)
 {
     if (!recording())
@@ -559,7 +618,9 @@ TRACEPOINT_PROBE(migrate, mm_migrate_pages)
     mig_rec(ME_END, args->succeeded, args->failed, args->mode, args->reason);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_compaction__mm_compaction_migratepages
 TRACEPOINT_PROBE(compaction, mm_compaction_migratepages)
 {
     if (!recording())
@@ -567,6 +628,7 @@ TRACEPOINT_PROBE(compaction, mm_compaction_migratepages)
     mig_rec(ME_COMPACTION, args->nr_migrated, args->nr_failed, 0, 0);
     return 0;
 }
+#endif
 
 /* ---------------------------------------------------------------- page allocator: free -> re-allocation */
 
@@ -747,6 +809,7 @@ static __always_inline void raw_page_zone_locked(struct bpf_raw_tracepoint_args 
         on_page_zone_locked(PAGE_PFN(page), (u32)ctx->args[1], (s32)ctx->args[2], (s32)ctx->args[3]);
 }
 
+#ifndef LR_NO_kmem__mm_page_free
 RAW_TRACEPOINT_PROBE(mm_page_free)
 {
     u32 *b = page_enter(PG_FREE);
@@ -755,7 +818,9 @@ RAW_TRACEPOINT_PROBE(mm_page_free)
         *b = 0;
     return 0;
 }
+#endif
 
+#ifndef LR_NO_kmem__mm_page_alloc
 RAW_TRACEPOINT_PROBE(mm_page_alloc)
 {
     u32 *b = page_enter(PG_ALLOC);
@@ -764,7 +829,9 @@ RAW_TRACEPOINT_PROBE(mm_page_alloc)
         *b = 0;
     return 0;
 }
+#endif
 
+#ifndef LR_NO_kmem__mm_page_pcpu_drain
 RAW_TRACEPOINT_PROBE(mm_page_pcpu_drain)
 {
     u32 *b = page_enter(PG_PCPU_DRAIN);
@@ -773,7 +840,9 @@ RAW_TRACEPOINT_PROBE(mm_page_pcpu_drain)
         *b = 0;
     return 0;
 }
+#endif
 
+#ifndef LR_NO_kmem__mm_page_alloc_zone_locked
 RAW_TRACEPOINT_PROBE(mm_page_alloc_zone_locked)
 {
     u32 *b = page_enter(PG_ZONE_LOCKED);
@@ -782,36 +851,46 @@ RAW_TRACEPOINT_PROBE(mm_page_alloc_zone_locked)
         *b = 0;
     return 0;
 }
+#endif
 
 /* The second programs (attached by lufreplay/capture/probes.py after the ones above). */
+#ifndef LR_NO_kmem__mm_page_free
 int lr_nested_mm_page_free(struct bpf_raw_tracepoint_args *ctx)
 {
     if (page_nested(PG_FREE))
         raw_page_free(ctx);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_kmem__mm_page_alloc
 int lr_nested_mm_page_alloc(struct bpf_raw_tracepoint_args *ctx)
 {
     if (page_nested(PG_ALLOC))
         raw_page_alloc(ctx);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_kmem__mm_page_pcpu_drain
 int lr_nested_mm_page_pcpu_drain(struct bpf_raw_tracepoint_args *ctx)
 {
     if (page_nested(PG_PCPU_DRAIN))
         raw_page_pcpu_drain(ctx);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_kmem__mm_page_alloc_zone_locked
 int lr_nested_mm_page_alloc_zone_locked(struct bpf_raw_tracepoint_args *ctx)
 {
     if (page_nested(PG_ZONE_LOCKED))
         raw_page_zone_locked(ctx);
     return 0;
 }
+#endif
 #else
+#ifndef LR_NO_kmem__mm_page_free
 TRACEPOINT_PROBE(kmem, mm_page_free)
 {
     if (!recording())
@@ -819,7 +898,9 @@ TRACEPOINT_PROBE(kmem, mm_page_free)
     on_page_free((u64)args->pfn, (u32)args->order);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_kmem__mm_page_alloc
 TRACEPOINT_PROBE(kmem, mm_page_alloc)
 {
     if (!recording() || args->pfn == (unsigned long)-1)
@@ -827,7 +908,9 @@ TRACEPOINT_PROBE(kmem, mm_page_alloc)
     on_page_alloc((u64)args->pfn, (u32)args->order, args->gfp_flags, args->migratetype);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_kmem__mm_page_pcpu_drain
 TRACEPOINT_PROBE(kmem, mm_page_pcpu_drain)
 {
     if (!recording())
@@ -835,7 +918,9 @@ TRACEPOINT_PROBE(kmem, mm_page_pcpu_drain)
     on_page_pcpu_drain((u64)args->pfn, (u32)args->order, args->migratetype);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_kmem__mm_page_alloc_zone_locked
 TRACEPOINT_PROBE(kmem, mm_page_alloc_zone_locked)
 {
     if (!recording())
@@ -844,9 +929,11 @@ TRACEPOINT_PROBE(kmem, mm_page_alloc_zone_locked)
     return 0;
 }
 #endif
+#endif
 
 /* ---------------------------------------------------------------- per-target: faults and syscalls */
 
+#ifndef LR_NO_exceptions__page_fault_user
 TRACEPOINT_PROBE(exceptions, page_fault_user)
 {
     if (!recording() || !traced())
@@ -857,6 +944,7 @@ TRACEPOINT_PROBE(exceptions, page_fault_user)
     emit(&r, K_FAULT);
     return 0;
 }
+#endif
 
 static __always_inline void sc_begin(u32 nr, u64 a0, u64 a1, u64 a2, u64 a3)
 {
@@ -897,96 +985,132 @@ static __always_inline void sc_finish(u32 nr, long ret)
     sc_enter.delete(&tid);
 }
 
+#ifndef LR_NO_syscalls__sys_enter_mmap
 TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
 {
     sc_begin(0, args->addr, args->len, args->prot, args->flags);
     return 0;
 }
+#endif
+#ifndef LR_NO_syscalls__sys_exit_mmap
 TRACEPOINT_PROBE(syscalls, sys_exit_mmap)
 {
     sc_finish(0, args->ret);
     return 0;
 }
+#endif
+#ifndef LR_NO_syscalls__sys_enter_munmap
 TRACEPOINT_PROBE(syscalls, sys_enter_munmap)
 {
     sc_begin(1, args->addr, args->len, 0, 0);
     return 0;
 }
+#endif
+#ifndef LR_NO_syscalls__sys_exit_munmap
 TRACEPOINT_PROBE(syscalls, sys_exit_munmap)
 {
     sc_finish(1, args->ret);
     return 0;
 }
+#endif
+#ifndef LR_NO_syscalls__sys_enter_mprotect
 TRACEPOINT_PROBE(syscalls, sys_enter_mprotect)
 {
     sc_begin(2, args->start, args->len, args->prot, 0);
     return 0;
 }
+#endif
+#ifndef LR_NO_syscalls__sys_exit_mprotect
 TRACEPOINT_PROBE(syscalls, sys_exit_mprotect)
 {
     sc_finish(2, args->ret);
     return 0;
 }
+#endif
+#ifndef LR_NO_syscalls__sys_enter_madvise
 TRACEPOINT_PROBE(syscalls, sys_enter_madvise)
 {
     sc_begin(3, args->start, args->len_in, (u64)(u32)args->behavior, 0);
     return 0;
 }
+#endif
+#ifndef LR_NO_syscalls__sys_exit_madvise
 TRACEPOINT_PROBE(syscalls, sys_exit_madvise)
 {
     sc_finish(3, args->ret);
     return 0;
 }
+#endif
+#ifndef LR_NO_syscalls__sys_enter_mremap
 TRACEPOINT_PROBE(syscalls, sys_enter_mremap)
 {
     sc_begin(4, args->addr, args->old_len, args->new_len, args->flags);
     return 0;
 }
+#endif
+#ifndef LR_NO_syscalls__sys_exit_mremap
 TRACEPOINT_PROBE(syscalls, sys_exit_mremap)
 {
     sc_finish(4, args->ret);
     return 0;
 }
+#endif
+#ifndef LR_NO_syscalls__sys_enter_write
 TRACEPOINT_PROBE(syscalls, sys_enter_write)
 {
     sc_begin(5, (u32)args->fd, args->count, 0, 0);
     return 0;
 }
+#endif
+#ifndef LR_NO_syscalls__sys_exit_write
 TRACEPOINT_PROBE(syscalls, sys_exit_write)
 {
     sc_finish(5, args->ret);
     return 0;
 }
+#endif
+#ifndef LR_NO_syscalls__sys_enter_pwrite64
 TRACEPOINT_PROBE(syscalls, sys_enter_pwrite64)
 {
     sc_begin(6, (u32)args->fd, args->count, args->pos, 0);
     return 0;
 }
+#endif
+#ifndef LR_NO_syscalls__sys_exit_pwrite64
 TRACEPOINT_PROBE(syscalls, sys_exit_pwrite64)
 {
     sc_finish(6, args->ret);
     return 0;
 }
+#endif
+#ifndef LR_NO_syscalls__sys_enter_ftruncate
 TRACEPOINT_PROBE(syscalls, sys_enter_ftruncate)
 {
     sc_begin(7, (u32)args->fd, args->length, 0, 0);
     return 0;
 }
+#endif
+#ifndef LR_NO_syscalls__sys_exit_ftruncate
 TRACEPOINT_PROBE(syscalls, sys_exit_ftruncate)
 {
     sc_finish(7, args->ret);
     return 0;
 }
+#endif
+#ifndef LR_NO_syscalls__sys_enter_fallocate
 TRACEPOINT_PROBE(syscalls, sys_enter_fallocate)
 {
     sc_begin(8, (u32)args->fd, args->len, args->offset, (u32)args->mode);
     return 0;
 }
+#endif
+#ifndef LR_NO_syscalls__sys_exit_fallocate
 TRACEPOINT_PROBE(syscalls, sys_exit_fallocate)
 {
     sc_finish(8, args->ret);
     return 0;
 }
+#endif
 
 /* ---------------------------------------------------------------- file content changes (any writer) */
 
@@ -1001,6 +1125,7 @@ static __always_inline void file_rec(u32 event, u64 dev, u64 ino, s64 pos, s64 l
     emit(&r, K_FILE);
 }
 
+#ifndef LR_NO_ext4__ext4_write_begin
 TRACEPOINT_PROBE(ext4, ext4_write_begin)
 {
     if (!recording() || !not_self())
@@ -1008,7 +1133,9 @@ TRACEPOINT_PROBE(ext4, ext4_write_begin)
     file_rec(FE_WRITE_BEGIN, args->dev, args->ino, args->pos, args->len);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_ext4__ext4_da_write_begin
 TRACEPOINT_PROBE(ext4, ext4_da_write_begin)
 {
     if (!recording() || !not_self())
@@ -1016,7 +1143,9 @@ TRACEPOINT_PROBE(ext4, ext4_da_write_begin)
     file_rec(FE_WRITE_BEGIN, args->dev, args->ino, args->pos, args->len);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_ext4__ext4_truncate_enter
 TRACEPOINT_PROBE(ext4, ext4_truncate_enter)
 {
     if (!recording() || !not_self())
@@ -1024,7 +1153,9 @@ TRACEPOINT_PROBE(ext4, ext4_truncate_enter)
     file_rec(FE_TRUNCATE, args->dev, args->ino, -1, -1);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_writeback__writeback_dirty_folio
 TRACEPOINT_PROBE(writeback, writeback_dirty_folio)
 {
     if (!recording() || !not_self())
@@ -1032,9 +1163,11 @@ TRACEPOINT_PROBE(writeback, writeback_dirty_folio)
     file_rec(FE_DIRTY_FOLIO, 0, args->ino, args->index, -1);
     return 0;
 }
+#endif
 
 /* ---------------------------------------------------------------- scheduling and process lifecycle */
 
+#ifndef LR_NO_sched__sched_switch
 TRACEPOINT_PROBE(sched, sched_switch)
 {
     if (!recording())
@@ -1063,7 +1196,9 @@ TRACEPOINT_PROBE(sched, sched_switch)
     emit(&r, K_SCHED_SWITCH);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_task__task_newtask
 TRACEPOINT_PROBE(task, task_newtask)
 {
     if (!recording())
@@ -1085,7 +1220,9 @@ TRACEPOINT_PROBE(task, task_newtask)
     emit(&r, K_PROC);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_sched__sched_process_exec
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
     if (!recording())
@@ -1098,7 +1235,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     emit(&r, K_PROC);
     return 0;
 }
+#endif
 
+#ifndef LR_NO_sched__sched_process_exit
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     if (!recording())
@@ -1114,3 +1253,4 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     emit(&r, K_PROC);
     return 0;
 }
+#endif

@@ -497,6 +497,107 @@ def test_failed_calibration_keeps_classic_page_probes_and_says_so(
     assert {probes.attach_types(True, build.raw_page)[tp] for tp in probes.RAW_PAGE} == {"raw_tracepoint"}
 
 
+#: Tracepoints hidden from the recorder as if this kernel lacked them: the three 6.12 lacks, and two that
+#: fire on every reclaim-heavy run (one a raw page probe with a second, nested program).
+HIDDEN = (
+    "vmscan:mm_vmscan_lru_shrink_inactive",
+    "vmscan:mm_vmscan_reclaim_pages",
+    "thp:set_migration_pmd",
+    "thp:remove_migration_pmd",
+    "kmem:mm_page_free",
+)
+
+# `lufreplay record` with tracefs seen through a filter that hides HIDDEN (argv[1], comma-separated).
+RECORD_HIDING = textwrap.dedent(
+    """
+    import sys
+    from lufreplay.capture import features
+    hidden, real = set(sys.argv[1].split(",")), features.tracepoint_format
+    features.tracepoint_format = lambda tp: None if tp in hidden else real(tp)
+    sys.argv = ["lufreplay", "record", *sys.argv[2:]]
+    from lufreplay.cli import main
+    main()
+    """
+)
+
+
+def test_every_probe_is_guarded_by_its_absent_flag() -> None:
+    src = probes.PROBE_SOURCE.read_text()
+    for tp in probes.TRACEPOINTS:
+        flag = probes.absent_flag(tp)
+        guarded = src.split(f"#ifndef {flag}\n")[1:]
+        assert guarded, f"{tp} has no #ifndef {flag}"
+        # Each guard closes right after one probe of that tracepoint (classic, raw or nested program).
+        name = tp.split(":", 1)[1]
+        for body in guarded:
+            block = body.split("\n#endif\n", 1)[0]
+            assert f"({tp.replace(':', ', ')})" in block or f"({name})" in block or f"lr_nested_{name}(" in block
+            assert "#ifndef" not in block
+    build = probes.BuildOptions(flush_tlb_func=1, absent=("thp:set_migration_pmd",))
+    assert "-DLR_NO_thp__set_migration_pmd=1" in probes.cflags(build)
+    assert not any(f.startswith("-DLR_NO_") for f in probes.cflags(probes.BuildOptions(flush_tlb_func=1)))
+
+
+@pytest.mark.bpf
+def test_missing_tracepoints_are_left_out_and_listed_in_meta(stream_trace, tmp_path: Path) -> None:
+    assert not set(HIDDEN) & set(probes.absent_tracepoints()), "this host must have them to hide them"
+    scratch = lr_scratch("hidden")
+    data = scratch / "ro.bin"
+    with open(data, "wb") as f:
+        f.truncate(512 << 20)
+    script = scratch / "stream.py"
+    script.write_text(STREAM)
+    out = tmp_path / "T"
+    try:
+        workload = [sys.executable, str(script), str(data), "2"]
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                RECORD_HIDING,
+                ",".join(HIDDEN),
+                "-o",
+                str(out),
+                "--memory-limit",
+                "192M",
+                "--",
+                *workload,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    finally:
+        data.unlink()
+        script.unlink()
+        scratch.rmdir()
+    assert r.returncode == 0, r.stderr
+    assert f"lacks {len(HIDDEN)} tracepoint(s)" in r.stderr and "thp:set_migration_pmd" in r.stderr
+    t = open_trace(out, validate=True)
+    m = t.meta
+    assert m["complete"] is True
+    assert m["probes_absent"] == [tp for tp in probes.TRACEPOINTS if tp in HIDDEN]
+    assert m["probes"]["reclaim"]["absent"] == [
+        "vmscan:mm_vmscan_lru_shrink_inactive",
+        "vmscan:mm_vmscan_reclaim_pages",
+    ]
+    assert m["probes"]["migrate"]["absent"] == ["thp:set_migration_pmd", "thp:remove_migration_pmd"]
+    assert m["probes"]["page"]["absent"] == ["kmem:mm_page_free"] and m["probes"]["tlb_flush"]["absent"] == []
+
+    # The probes left out recorded nothing while their neighbours did; with every probe in, the same kind
+    # of run records both (the module's stream recording).
+    rc, pg = t.pandas("reclaim"), t.pandas("page")
+    assert (rc["event_name"] == "memcg_begin").sum() > 10 and (rc["event_name"] == "shrink_inactive").sum() == 0
+    assert (pg["event_name"] == "free").sum() == 0
+    # In-kernel page totals: the allocation probe counted, the free probe (left out) did not.
+    assert m["pages"]["pages_allocated"] > 10_000 and m["pages"]["pages_freed"] == 0
+    assert len(t.pandas("shootdown")) > 0
+    full = open_trace(stream_trace[0])
+    assert full.meta["probes_absent"] == []
+    assert (full.pandas("reclaim")["event_name"] == "shrink_inactive").sum() > 0
+    assert (full.pandas("page")["event_name"] == "free").sum() > 0 and full.meta["pages"]["pages_freed"] > 10_000
+
+
 def test_dump_bpf_prints_the_program_with_its_flags() -> None:
     r = lr_record("--dump-bpf")
     assert r.returncode == 0, r.stderr

@@ -1,8 +1,9 @@
 """Build, load and attach the recorder's BPF program (probes/lufreplay.bpf.c) with bcc.
 
 The C source is compiled with its filters and constants as ``-D`` flags (bcc style): kind ids from
-``schema.RAW_KIND``, the address of the TLB flush function, the traced-tgid filter, the ring size and the
-migration-entry decoding constants of this kernel.
+``schema.RAW_KIND``, the address of the TLB flush function, the traced-tgid filter, the ring size, the
+migration-entry decoding constants of this kernel, and ``LR_NO_<group>__<name>`` for each tracepoint this
+kernel lacks (its probe is left out: bcc cannot compile a probe without the tracepoint's format).
 """
 
 from __future__ import annotations
@@ -196,6 +197,8 @@ class BuildOptions:
     calibration: dict[str, Any] = field(default_factory=migration_calibration)
     #: (vmemmap base, sizeof(struct page)) from ``calibrate``; None keeps the page probes classic.
     page_pfn: tuple[int, int] | None = None
+    #: Tracepoints ("group:name") this kernel lacks; their probes are not compiled in.
+    absent: tuple[str, ...] = ()
 
     @property
     def raw_page(self) -> bool:
@@ -220,7 +223,21 @@ def cflags(opts: BuildOptions) -> list[str]:
     if opts.page_pfn is not None:
         base, size = opts.page_pfn
         flags += ["-DLR_RAW_PAGE=1", f"-DLR_VMEMMAP_BASE={base:#x}ULL", f"-DLR_STRUCT_PAGE_SIZE={size}ULL"]
+    flags += [f"-D{absent_flag(tp)}=1" for tp in opts.absent]
     return flags
+
+
+def absent_flag(tp: str) -> str:
+    """The C macro that leaves out the probe of tracepoint "group:name"."""
+    group, _, name = tp.partition(":")
+    return f"LR_NO_{group}__{name}"
+
+
+def absent_tracepoints() -> tuple[str, ...]:
+    """The recorder's tracepoints this kernel has no format file for (tracefs must be mounted)."""
+    from lufreplay.capture import features  # features imports this module at load time
+
+    return tuple(tp for tp in TRACEPOINTS if features.tracepoint_format(tp) is None)
 
 
 def program_text(opts: BuildOptions) -> str:
@@ -246,14 +263,25 @@ def attach_types(raw_ipi: bool, raw_page: bool = False) -> dict[str, str]:
     return {tp: ("raw_tracepoint" if raw(tp) else "tracepoint") for tp in TRACEPOINTS}
 
 
-def probes_meta(raw_ipi: bool, raw_page: bool = False) -> dict[str, dict[str, Any]]:
-    """``meta.probes``: per raw kind, its tracepoints and the attach type used."""
+def probes_meta(raw_ipi: bool, raw_page: bool = False, absent: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """``meta.probes``: per raw kind, its tracepoints, the attach type used and the ones left out
+    (``absent``: this kernel lacks them)."""
     at = attach_types(raw_ipi, raw_page)
     out: dict[str, dict[str, Any]] = {}
     for tp, kind in TRACEPOINTS.items():
-        d = out.setdefault(kind, {"tracepoint": tp, "tracepoints": [], "attach": at[tp], "table": KIND_TABLE[kind]})
+        d = out.setdefault(
+            kind, {"tracepoint": tp, "tracepoints": [], "attach": at[tp], "table": KIND_TABLE[kind], "absent": []}
+        )
         d["tracepoints"].append(tp)
-    out["mm"] = {"tracepoint": "kmem:rss_stat", "tracepoints": ["kmem:rss_stat"], "attach": "tracepoint", "table": "mm"}
+        if tp in absent:
+            d["absent"].append(tp)
+    out["mm"] = {
+        "tracepoint": "kmem:rss_stat",
+        "tracepoints": ["kmem:rss_stat"],
+        "attach": "tracepoint",
+        "table": "mm",
+        "absent": [tp for tp in ("kmem:rss_stat",) if tp in absent],
+    }
     return out
 
 
@@ -268,7 +296,9 @@ class LoadedProgram:
 
     @property
     def attach(self) -> dict[str, str]:
-        return attach_types(self.opts.raw_ipi, self.opts.raw_page)
+        return {
+            tp: a for tp, a in attach_types(self.opts.raw_ipi, self.opts.raw_page).items() if tp not in self.opts.absent
+        }
 
     def set_state(self, state: int) -> None:
         """0 not started, 1 recording, 2 stopped (every program checks this first)."""
@@ -296,7 +326,11 @@ class LoadedProgram:
         if not self.opts.raw_page:
             return {}
         arr = self.bpf[b"rescued"]
-        return {f"raw_tracepoint__{tp.split(':', 1)[1]}": int(sum(arr[ct.c_int(i)])) for i, tp in enumerate(RAW_PAGE)}
+        return {
+            f"raw_tracepoint__{tp.split(':', 1)[1]}": int(sum(arr[ct.c_int(i)]))
+            for i, tp in enumerate(RAW_PAGE)
+            if tp not in self.opts.absent
+        }
 
     def ring_fd(self) -> int:
         return int(self.bpf["events"].map_fd)
@@ -338,7 +372,7 @@ def load(opts: BuildOptions) -> LoadedProgram:
         try:
             bpf = bcc.BPF(src_file=str(PROBE_SOURCE).encode(), cflags=cflags(opts))
             if opts.raw_page:
-                _attach_nested(bcc, bpf)
+                _attach_nested(bcc, bpf, opts.absent)
             return LoadedProgram(bpf, opts, errors)
         except Exception as e:  # bcc raises bare Exception for compile, load and attach failures
             errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -347,12 +381,14 @@ def load(opts: BuildOptions) -> LoadedProgram:
     raise ProbeError(f"cannot load the BPF program: {errors[-1]}")
 
 
-def _attach_nested(bcc: Any, bpf: Any) -> None:
+def _attach_nested(bcc: Any, bpf: Any, absent: tuple[str, ...] = ()) -> None:
     """Attach the second program of each raw page probe, after the first (so it runs second on a hit).
 
     bcc keeps one raw tracepoint per name, so the link goes in under its own key; ``cleanup`` closes it.
     """
     for tp in RAW_PAGE:
+        if tp in absent:
+            continue
         name = tp.split(":", 1)[1]
         fn = bpf.load_func(f"{NESTED_PREFIX}{name}".encode(), bcc.BPF.RAW_TRACEPOINT)
         fd = bcc.libbcc.lib.bpf_attach_raw_tracepoint(fn.fd, name.encode())

@@ -454,6 +454,12 @@ class Recorder:
 
         if features.tracefs_path() is None:
             raise RecordError("tracefs is not mounted and could not be mounted at /sys/kernel/tracing")
+        build.absent = probes.absent_tracepoints()
+        if build.absent:
+            sys.stderr.write(
+                f"lufreplay: warning: this kernel lacks {len(build.absent)} tracepoint(s), recorded without them: "
+                f"{', '.join(build.absent)}\n"
+            )
         try:
             probes.import_bcc()
         except probes.ProbeError as e:
@@ -617,7 +623,8 @@ class Recorder:
                     "memory_limit": limit,
                     "memory_cgroup_version": self.cgroup.version if self.cgroup else None,
                 },
-                "probes": probes.probes_meta(build.raw_ipi, build.raw_page),
+                "probes": probes.probes_meta(build.raw_ipi, build.raw_page, build.absent),
+                "probes_absent": list(build.absent),
                 "page_pfn": page_pfn,
                 "tracepoint_formats": formats,
                 "enums": {
