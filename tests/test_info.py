@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from lufreplay import open_trace, schema
+from lufreplay import schema
 from lufreplay.trace.info import rel_error
 from lufreplay.trace.writer import TraceWriter, prepare_output
 
@@ -277,11 +277,6 @@ def test_info_reconciles_a_real_recording(tmp_path: Path) -> None:
     assert abs(recl["rel_error"]) <= 0.02 and recl["vmstat"] > 0, recl
     # DAMON's proactive reclaim (kdamond) is reported, outside the comparison it does not belong in.
     assert recl["reclaim_pages"]["recorded"] >= 0 and recl["reclaim_pages"]["vmstat"] is None
-    # The workload's own threads did reclaim under its memory limit (not only the host's kswapd/kdamond).
-    t = open_trace(out)
-    rc = t.pandas("reclaim")
-    own = rc[rc["tgid"].isin(t.meta["targets_final"])]  # the workload and the processes it forked
-    assert own.loc[own["event_name"] == "shrink_inactive", "nr_reclaimed"].sum() > 0
     assert abs(rec["pages"]["allocated"]["rel_error"]) <= 0.02
     assert abs(rec["pages"]["freed"]["rel_error"]) <= 0.02
     assert doc["counts"]["_total"]["kernel_events"] > 0
