@@ -37,6 +37,12 @@ def main(args: list[str]) -> int:
         help="filler memory interleaved, then freed (default 1G)",
     )
     p.add_argument("--compactions", type=int, default=1, help="times to write compact_memory (default 1; 0: none)")
+    p.add_argument(
+        "--list-pfns",
+        action="store_true",
+        help="list each region's pfns before compaction in the JSON (`pfns_before`): matches migrate rows (old pfn)"
+        " to regions without relying on addresses, which other processes may share",
+    )
     o = p.parse_args(args)
     compact = o.compactions > 0 and c.can_compact()
     if o.compactions > 0 and not compact:
@@ -71,6 +77,8 @@ def main(args: list[str]) -> int:
         for g in ready["regions"]:
             g["migrated_pages"] = c.moved_pages(before[g["name"]], c.pagemap_pfns(ready["pid"], g["start"], g["end"]))
             g["pages"] = (g["end"] - g["start"]) // c.PAGE
+            if o.list_pfns and before[g["name"]] is not None:
+                g["pfns_before"] = [int(x) for x in before[g["name"]] if x >= 0]
         s.send(h)
         r = s.finish(h, timeout=60)
         runtime = s.elapsed
