@@ -14,9 +14,14 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 
+def error(msg: str) -> None:
+    """Print the one-line error every command gives on stderr."""
+    typer.echo(f"lufreplay: error: {msg}", err=True)
+
+
 def fail(msg: str, code: int = 1) -> typer.Exit:
     """Print a one-line error on stderr and return the Exit to raise (its code is the process exit status)."""
-    typer.echo(f"lufreplay: error: {msg}", err=True)
+    error(msg)
     return typer.Exit(code)
 
 
@@ -34,4 +39,4 @@ def make_console(stderr: bool = False) -> Console:
     return Console(stderr=stderr)
 
 
-__all__ = ["emit_json", "fail", "make_console"]
+__all__ = ["emit_json", "error", "fail", "make_console"]

@@ -19,7 +19,7 @@ from lufreplay.capture.cgroup import clean_stale, memory_hierarchy
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 RECORD = [sys.executable, "-m", "lufreplay", "record"]
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="recording needs root")
+pytestmark = pytest.mark.bpf  # root + BPF: runs for real in CI (as root), never skipped
 
 
 def _alive(pid: int) -> bool:

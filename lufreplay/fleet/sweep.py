@@ -21,6 +21,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lufreplay.console import error
+
 
 class SweepError(Exception):
     """A sweep cannot start (bad grid, Ray missing or unreachable); one-line message."""
@@ -334,10 +336,10 @@ def run_sweep_cmd(
             result = run_sweep([str(t) for t in traces], grid, models, address, num_cpus, tick)
         table, page = write_results(result, output)
     except SweepError as e:
-        print(f"lufreplay: error: {e}", file=sys.stderr)
+        error(str(e))
         return 2
     except OSError as e:
-        print(f"lufreplay: error: {e.filename or output}: {e.strerror}", file=sys.stderr)
+        error(f"{e.filename or output}: {e.strerror}")
         return 2
     for r in result.rows:
         if r["error"]:

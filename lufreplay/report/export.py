@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from lufreplay.console import error
+
 RECORDED_PID = 1
 #: Track for a decision with no CPU (cpu < 0): sorted after the CPUs.
 NO_CPU_TID = 100_000
@@ -164,18 +166,18 @@ def run_export(trace: Path, chrome_trace: Path | None, models: list[str] | None,
     from lufreplay.trace.reader import TraceError
 
     if chrome_trace is None:
-        print("lufreplay: error: nothing to export: give --chrome-trace FILE", file=sys.stderr)
+        error("nothing to export: give --chrome-trace FILE")
         return 2
     try:
         n = write_chrome_trace(trace, chrome_trace, models, settings)
     except (TraceError, OptionError) as e:
-        print(f"lufreplay: error: {e}", file=sys.stderr)
+        error(str(e))
         return 2
     except SafetyViolation as e:
-        print(f"lufreplay: error: safety invariant violated: {e}", file=sys.stderr)
+        error(f"safety invariant violated: {e}")
         return 3
     except OSError as e:
-        print(f"lufreplay: error: {e.filename or chrome_trace}: {e.strerror}", file=sys.stderr)
+        error(f"{e.filename or chrome_trace}: {e.strerror}")
         return 2
     print(f"lufreplay: {n} events written to {chrome_trace} (open it in https://ui.perfetto.dev)", file=sys.stderr)
     return 0
