@@ -15,6 +15,7 @@
  *   LR_RAW_PAGE       defined: page allocator probes are raw tracepoints; with
  *   LR_VMEMMAP_BASE, LR_STRUCT_PAGE_SIZE  page pointer -> pfn constants (calibrated at record start)
  *   LR_SWP_PFN_BITS, LR_MIG_READ  migration-entry decoding constants (host-probing §4.5)
+ *   LR_WAKE_RECORDS   records one CPU may add since the consumer's last drain before it wakes the consumer
  *   LR_NO_<group>__<name>  defined: this kernel has no such tracepoint; its probe is left out (bcc
  *                     cannot compile a TRACEPOINT_PROBE without the tracepoint's format file)
  */
@@ -86,6 +87,16 @@ BPF_RINGBUF_OUTPUT(events, LR_RB_PAGES);
 BPF_PERCPU_ARRAY(lost, u64, LR_NKINDS);      /* ring reserve failures per kind */
 BPF_ARRAY(ctl, u64, 1);                      /* 0: not started, 1: recording, 2: stopped */
 BPF_PERCPU_ARRAY(totals, u64, 2);            /* 0: pages allocated, 1: pages freed (2^order summed) */
+/* Records this CPU added since userspace last drained the ring (userspace zeroes it after each drain). */
+BPF_PERCPU_ARRAY(since_drain, u64, 1);
+/* The recorder's own time on each CPU, from sched_switch: what its wake-ups cost the workload's CPUs. */
+struct self_run_t {
+    u64 last_switch;  /* ts of this CPU's previous context switch */
+    u64 ns;           /* time the recorder's threads ran here */
+    u64 slices;       /* times one of its threads was switched out here */
+    u64 shootdowns;   /* remote shootdowns the recorder itself sent from here (its own frees) */
+};
+BPF_PERCPU_ARRAY(self_run, struct self_run_t, 1);
 BPF_HASH(targets, u32, u8, 65536);           /* traced tgids */
 struct task_ctx_t {
     u8 ctx;
@@ -131,6 +142,14 @@ static __always_inline int not_self(void)
     return (bpf_get_current_pid_tgid() >> 32) != LR_SELF_TGID;
 }
 
+static __always_inline void count_self_shootdown(void)
+{
+    int z = 0;
+    struct self_run_t *sr = self_run.lookup(&z);
+    if (sr && !not_self())
+        sr->shootdowns++;
+}
+
 static __always_inline void emit(struct lr_rec *r, u16 kind)
 {
     u64 pt = bpf_get_current_pid_tgid();
@@ -139,7 +158,15 @@ static __always_inline void emit(struct lr_rec *r, u16 kind)
     r->tgid = pt >> 32;
     r->cpu = bpf_get_smp_processor_id();
     r->kind = kind;
-    if (events.ringbuf_output(r, sizeof(*r), BPF_RB_NO_WAKEUP) < 0) {
+    /* The consumer polls on a timer and is never woken per record: a woken recorder would pull an idle
+     * CPU out of lazy-TLB mode and make it receive the very shootdowns being counted. Only a CPU whose
+     * share of the ring passes the watermark wakes it, once per drain. */
+    u64 flags = BPF_RB_NO_WAKEUP;
+    int z = 0;
+    u64 *sd = since_drain.lookup(&z);
+    if (sd && ++(*sd) == LR_WAKE_RECORDS)
+        flags = BPF_RB_FORCE_WAKEUP;
+    if (events.ringbuf_output(r, sizeof(*r), flags) < 0) {
         u32 k = kind;
         u64 *v = lost.lookup(&k);
         if (v)
@@ -219,6 +246,7 @@ RAW_TRACEPOINT_PROBE(csd_queue_cpu)
     struct lr_rec r = {};
     r.a = (u32)ctx->args[0];
     r.b = ctx->args[1];
+    count_self_shootdown();
     emit(&r, K_CSD_QUEUE_CPU);
     return 0;
 }
@@ -278,6 +306,7 @@ TRACEPOINT_PROBE(csd, csd_queue_cpu)
     struct lr_rec r = {};
     r.a = args->cpu;
     r.b = (u64)args->callsite;
+    count_self_shootdown();
     emit(&r, K_CSD_QUEUE_CPU);
     return 0;
 }
@@ -1172,6 +1201,19 @@ TRACEPOINT_PROBE(sched, sched_switch)
 {
     if (!recording())
         return 0;
+    {
+        /* current is still prev here: charge the time since this CPU's last switch to the recorder. */
+        int z = 0;
+        struct self_run_t *sr = self_run.lookup(&z);
+        if (sr) {
+            u64 now = bpf_ktime_get_ns();
+            if (!not_self() && sr->last_switch) {
+                sr->ns += now - sr->last_switch;
+                sr->slices++;
+            }
+            sr->last_switch = now;
+        }
+    }
     /* kswapd and kdamond never enter a reclaim bracket: tag them by comm when they are switched in. */
     char nc[8] = {};
     bpf_probe_read_kernel(&nc, sizeof(nc), args->next_comm);

@@ -215,6 +215,7 @@ def cflags(opts: BuildOptions) -> list[str]:
         f"-DLR_SELF_TGID={opts.self_tgid}",
         f"-DLR_SWP_PFN_BITS={opts.calibration['swp_pfn_bits']}",
         f"-DLR_MIG_READ={opts.calibration['mig_read']}",
+        f"-DLR_WAKE_RECORDS={wake_records(opts.rb_bytes)}ULL",
     ]
     if opts.filter_tgid:
         flags.append("-DLR_FILTER=1")
@@ -225,6 +226,23 @@ def cflags(opts: BuildOptions) -> list[str]:
         flags += ["-DLR_RAW_PAGE=1", f"-DLR_VMEMMAP_BASE={base:#x}ULL", f"-DLR_STRUCT_PAGE_SIZE={size}ULL"]
     flags += [f"-D{absent_flag(tp)}=1" for tp in opts.absent]
     return flags
+
+
+def wake_records(rb_bytes: int) -> int:
+    """Records one CPU may add between two drains before it wakes the consumer: its share of half the
+    ring, so a wake-up comes while the ring still has room for the time the consumer takes to run."""
+    ncpu = max(1, len(possible_cpus()))
+    return max(1, rb_bytes // schema.RING_SLOT.itemsize // 2 // ncpu)
+
+
+def possible_cpus() -> list[int]:
+    """/sys/devices/system/cpu/possible as a list (per-CPU maps have one slot per possible CPU)."""
+    from lufreplay.capture.procfs import parse_cpulist
+
+    try:
+        return parse_cpulist(Path("/sys/devices/system/cpu/possible").read_text())
+    except OSError:
+        return list(range(os.cpu_count() or 1))
 
 
 def absent_flag(tp: str) -> str:
@@ -331,6 +349,29 @@ class LoadedProgram:
             for i, tp in enumerate(RAW_PAGE)
             if tp not in self.opts.absent
         }
+
+    def drained(self) -> None:
+        """Tell the programs the ring was just drained (zero every CPU's since-drain count)."""
+        self.bpf["since_drain"].clearitem(ct.c_int(0))
+
+    def self_run(self) -> dict[str, list[int]]:
+        """Per CPU, while recording: ns the recorder's own threads ran, their time slices, and the remote
+        shootdowns they sent."""
+        vals = self.bpf["self_run"].getvalue(ct.c_int(0))
+        return {
+            "cpu_ns_per_cpu": [int(v.ns) for v in vals],
+            "slices_per_cpu": [int(v.slices) for v in vals],
+            "shootdowns_sent_per_cpu": [int(v.shootdowns) for v in vals],
+        }
+
+    def run_stats(self) -> dict[str, dict[str, int]]:
+        """Program name → run_cnt and run_time_ns (counted only while kernel.bpf_stats_enabled is 1)."""
+        out = {}
+        for name, fd in self.prog_fds().items():
+            info = prog_info(fd)
+            if info is not None and info.run_cnt:
+                out[name] = {"run_cnt": int(info.run_cnt), "run_time_ns": int(info.run_time_ns)}
+        return out
 
     def ring_fd(self) -> int:
         return int(self.bpf["events"].map_fd)

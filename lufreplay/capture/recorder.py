@@ -1,8 +1,14 @@
 """``lufreplay record``: load the probes, run or attach to the workload, stream the ring into Parquet.
 
-Threads: the main thread polls the ring buffer every ~25 ms (one bulk copy per poll, no callback per
+Threads: the main thread drains the ring buffer on a timer (one bulk copy per poll, no callback per
 event), reads loss counters every second and takes maps snapshots; a writer thread cuts the raw stream
 into time segments, decodes each segment in bulk and writes it through TraceWriter.
+
+The consumer wakes rarely on purpose: every wake-up of the recorder on an otherwise idle CPU takes that
+CPU out of lazy-TLB idle, so it receives shootdowns it would have skipped, inflating the very count being
+recorded. It sleeps POLL_MAX_S between drains, or less when the measured event rate would fill more
+than POLL_FILL of the ring in that time; a CPU that fills its share of half the ring between two drains
+wakes it early (BPF_RB_FORCE_WAKEUP, once per drain), so a burst is never lost to the timer.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import errno
 import os
 import queue
 import resource
+import select
 import shutil
 import signal
 import sys
@@ -31,7 +38,11 @@ from lufreplay import schema
 from lufreplay.capture import decode, probes
 from lufreplay.capture.ringbuf import RingConsumer
 
-POLL_S = 0.025
+#: Longest and shortest sleep between two drains of the ring.
+POLL_MAX_S = 0.25
+POLL_MIN_S = 0.01
+#: Fraction of the ring the timer lets fill at the measured event rate before it drains.
+POLL_FILL = 0.25
 LOSS_READ_S = 1.0
 MAPS_MIN_INTERVAL_S = 0.1
 #: Events newer than (segment end - margin) wait for the next segment: per-CPU ring reservations race
@@ -124,6 +135,32 @@ class KthreadCache:
         uniq, inv = np.unique(pids, return_inverse=True)
         vals = np.array([self.lookup(int(p)) for p in uniq.tolist()], dtype=bool)
         return vals[inv.reshape(-1)]
+
+
+#: glibc mallopt parameters (malloc.h) and the largest mmap threshold glibc accepts on 64-bit.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 << 20
+
+
+def keep_freed_memory() -> None:
+    """Make the recorder keep the memory it frees instead of unmapping it.
+
+    Returning memory (munmap, madvise DONTNEED, heap trims) flushes the TLB of every CPU where one of the
+    recorder's threads is or was lately running: those remote shootdowns land in the very count being
+    recorded. glibc keeps blocks up to 32 MiB in its heaps and never trims them; Arrow allocates through
+    glibc too instead of its own pool (mimalloc/jemalloc purge freed pages on a timer).
+    """
+    _LIBC.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+    _LIBC.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    pa.set_memory_pool(pa.system_memory_pool())
+
+
+def _bpf_stats_enabled() -> bool:
+    try:
+        return Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip() == "1"
+    except OSError:
+        return False
 
 
 def _recorder_usage() -> dict[str, int]:
@@ -271,6 +308,9 @@ class SegmentWriter(threading.Thread):
         self.error: BaseException | None = None
         self.events = 0
         self.unknown = 0
+        #: CPU time of this thread decoding records and encoding/writing Parquet segments.
+        self.decode_ns = 0
+        self.encode_ns = 0
 
     def put_raw(self, recs: np.ndarray, drained_ns: int) -> None:
         self.q.put(("raw", recs, drained_ns))
@@ -282,10 +322,12 @@ class SegmentWriter(threading.Thread):
         self.q.put(("finish",))
 
     def _emit(self, recs: np.ndarray) -> None:
+        t = time.thread_time_ns()
         self.unknown += decode.unknown_kinds(recs)
         for name, table in decode.decode(recs, self.ctx).items():
             self.writer.add(name, table)
         self.events += len(recs)
+        self.decode_ns += time.thread_time_ns() - t
 
     def _cut(self, cut_ns: int | None) -> None:
         allr = np.concatenate(self.pending) if len(self.pending) > 1 else (self.pending[0] if self.pending else None)
@@ -311,7 +353,9 @@ class SegmentWriter(threading.Thread):
                         self.pending.append(recs)
                     while drained >= self.seg_end + HOLD_BACK_NS:
                         self._cut(self.seg_end)
+                        t = time.thread_time_ns()
                         self.writer.rotate()
+                        self.encode_ns += time.thread_time_ns() - t
                         self.seg_end += self.segment_ns
                 elif msg[0] == "table":
                     self.writer.add(msg[1], msg[2])
@@ -393,6 +437,12 @@ class Recorder:
         self.maps_snapshot = 0
         self.maps_last: dict[int, float] = {}
         self.maps_dirty: set[int] = set()
+        self.t_run0 = time.monotonic()
+        self.startup_s: float | None = None
+        #: Consumer activity: drains, early wake-ups by the watermark, main-thread CPU spent draining.
+        self.polls = 0
+        self.watermark_wakeups = 0
+        self.drain_ns = 0
 
     # ---- validation -------------------------------------------------------------------------------
 
@@ -447,6 +497,7 @@ class Recorder:
             sys.stdout.write(probes.program_text(build))
             return 0
         mode = self._mode()
+        keep_freed_memory()
         build = probes.BuildOptions(rb_bytes=rb_bytes, filter_tgid=(mode != "system"))
         if os.geteuid() != 0:
             raise RecordError("recording needs root (BPF and tracefs); run with sudo")
@@ -569,7 +620,9 @@ class Recorder:
         from lufreplay.trace.writer import TraceWriter
 
         o = self.opts
+        t_cal = time.monotonic()
         page_pfn = self._calibrate_page_pfn(build)
+        page_pfn["calibrate_s"] = round(time.monotonic() - t_cal, 3)
         t_load = time.monotonic()
         try:
             self.prog = probes.load(build)
@@ -657,6 +710,7 @@ class Recorder:
                 self._snapshot_maps(pid)
             if self.child is not None:
                 self.child.release()
+            self.startup_s = time.monotonic() - self.t_run0
 
             self._loop(consumer, start_ns, target_pids, mode)
 
@@ -673,6 +727,8 @@ class Recorder:
             self.seg.put_table("counters", recorder_counter_rows(1, end_ns, extra))
             time.sleep(0.01)  # let programs that passed the state check before the flip commit their records
             self.seg.put_raw(consumer.drain(), end_ns)
+            self_run = prog.self_run()
+            bpf_run = prog.run_stats() if _bpf_stats_enabled() else {}
             self._read_losses(end_ns)
             ignored: dict[str, int] = {}
             rescued = {k: v - rescued0.get(k, 0) for k, v in rescued1.items()}
@@ -713,7 +769,21 @@ class Recorder:
                 },
                 "events": self.seg.events,
                 "unknown_records": self.seg.unknown,
-                "recorder": {"cpu_ns": usage["recorder_cpu_ns"], "max_rss_kb": usage["recorder_max_rss_kb"]},
+                "recorder": {
+                    "cpu_ns": usage["recorder_cpu_ns"],
+                    "max_rss_kb": usage["recorder_max_rss_kb"],
+                    "startup_s": round(self.startup_s, 3) if self.startup_s is not None else None,
+                    "polls": self.polls,
+                    "watermark_wakeups": self.watermark_wakeups,
+                    "wake_records_per_cpu": probes.wake_records(build.rb_bytes),
+                    **self_run,
+                    "stage_cpu_ns": {
+                        "drain": self.drain_ns,
+                        "decode": self.seg.decode_ns,
+                        "encode": self.seg.encode_ns,
+                    },
+                    "bpf_run": bpf_run,
+                },
                 "pages": prog.totals(),
                 "workload": self._workload_meta(),
                 "targets_final": prog.targets() if mode != "system" else None,
@@ -817,11 +887,27 @@ class Recorder:
         progress = Progress()
         total = 0
         lost = 0
+        # Edge-triggered: epoll reports only the programs' forced wake-ups, not "the ring holds data".
+        ep = select.epoll()
+        ep.register(consumer_fd := self.prog.ring_fd(), select.EPOLLIN | select.EPOLLET)
+        ep.poll(0)  # consume the readiness reported at registration
+        capacity = consumer.size / consumer.slot
+        interval = POLL_MAX_S
+        last_drain = time.monotonic()
         try:
             while not self.stop_event.is_set():
-                time.sleep(POLL_S)
+                if ep.poll(interval):
+                    self.watermark_wakeups += 1
                 now_ns = _monotonic_ns()
+                t = time.thread_time_ns()
                 recs = consumer.drain()
+                self.prog.drained()
+                self.drain_ns += time.thread_time_ns() - t
+                self.polls += 1
+                now = time.monotonic()
+                rate = len(recs) / max(now - last_drain, 1e-3)
+                last_drain = now
+                interval = min(POLL_MAX_S, max(POLL_MIN_S, POLL_FILL * capacity / max(rate, 1.0)))
                 total += len(recs)
                 self.seg.put_raw(recs, now_ns)
                 if len(recs):
@@ -845,6 +931,8 @@ class Recorder:
                     break
         finally:
             progress.stop()
+            ep.unregister(consumer_fd)
+            ep.close()
         return _monotonic_ns(), lost
 
     def _read_losses(self, now_ns: int) -> int:

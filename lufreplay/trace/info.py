@@ -308,12 +308,63 @@ def summarize(trace: Trace) -> dict[str, Any]:
     c["_total"] = {"kernel_events": events, "events_per_s": events / (w / 1e9) if w else None}
     return {
         "recording": recording(trace),
+        "recorder": recorder_usage(trace.meta),
         "meta": trace.meta,
         "counts": c,
         "losses": losses(trace, events),
         "reconciliation": rec,
         "warnings": trace.warnings.as_list(),
     }
+
+
+def recorder_usage(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """What recording cost: the recorder's CPU time in all and, inside the window, per CPU (measured by the
+    probes at each context switch), its consumer's polls and wake-ups, the shootdowns it sent itself."""
+    rec = meta.get("recorder")
+    if not isinstance(rec, dict) or "cpu_ns" not in rec:
+        return None
+    win = meta.get("window") or {}
+    window_s = (win["end_ns"] - win["start_ns"]) / 1e9 if win.get("end_ns") and win.get("start_ns") else None
+    per_cpu = rec.get("cpu_ns_per_cpu")
+    out: dict[str, Any] = {
+        "cpu_s": rec["cpu_ns"] / 1e9,
+        "max_rss_mb": rec["max_rss_kb"] / 1024 if rec.get("max_rss_kb") else None,
+        "window_s": window_s,
+        "cpu_s_per_cpu": [ns / 1e9 for ns in per_cpu] if per_cpu is not None else None,
+        "cpu_share_per_cpu": [ns / 1e9 / window_s for ns in per_cpu] if per_cpu is not None and window_s else None,
+        "polls": rec.get("polls"),
+        "watermark_wakeups": rec.get("watermark_wakeups"),
+        "slices": sum(rec["slices_per_cpu"]) if rec.get("slices_per_cpu") is not None else None,
+        "shootdowns_sent": sum(rec["shootdowns_sent_per_cpu"]) if rec.get("shootdowns_sent_per_cpu") else None,
+        "startup_s": rec.get("startup_s"),
+        "stage_cpu_s": {k: v / 1e9 for k, v in (rec.get("stage_cpu_ns") or {}).items()},
+    }
+    for k in ("polls", "watermark_wakeups", "slices"):
+        out[f"{k}_per_s"] = out[k] / window_s if out[k] is not None and window_s else None
+    return out
+
+
+def _recorder_line(r: dict[str, Any]) -> str:
+    parts = [f"{r['cpu_s']:.2f} CPU-s in all"]
+    if r["cpu_s_per_cpu"] is not None:
+        shares = r["cpu_share_per_cpu"] or [None] * len(r["cpu_s_per_cpu"])
+        parts.append(
+            "in the window "
+            + ", ".join(
+                f"CPU{i} {s:.2f} s" + (f" ({sh:.1%})" if sh is not None else "")
+                for i, (s, sh) in enumerate(zip(r["cpu_s_per_cpu"], shares, strict=True))
+            )
+        )
+    if r["polls"] is not None:
+        rate = f" ({r['polls_per_s']:.1f}/s)" if r["polls_per_s"] is not None else ""
+        parts.append(f"{r['polls']:,} polls{rate}, {r['watermark_wakeups']:,} watermark wake-ups")
+    if r["slices"] is not None:
+        parts.append(f"{r['slices']:,} time slices")
+    if r["shootdowns_sent"] is not None:
+        parts.append(f"{r['shootdowns_sent']:,} shootdowns sent itself")
+    if r["max_rss_mb"]:
+        parts.append(f"peak RSS {r['max_rss_mb']:,.0f} MB")
+    return "recorder: " + "; ".join(parts)
 
 
 def recording(trace: Trace) -> dict[str, Any]:
@@ -385,6 +436,9 @@ def _print_human(doc: dict[str, Any], path: Path) -> None:
             text = " ".join(v) if is_argv else json.dumps(v, default=str)
             t.add_row(k, text if len(text) <= 120 else f"({len(v)} entries)")
     con.print(t)
+
+    if doc.get("recorder"):
+        con.print(escape(_recorder_line(doc["recorder"])))
 
     counts_ = doc["counts"]
     t = Table(title="events per table")

@@ -100,6 +100,14 @@ def footer_meta(meta: dict[str, Any]) -> bytes:
     return json.dumps({k: v for k, v in meta.items() if k not in FOOTER_EXCLUDE}, default=str).encode()
 
 
+def _dictionary_columns(sch: pa.Schema) -> list[str]:
+    return [
+        f.name
+        for f in sch
+        if pa.types.is_string(f.type) or pa.types.is_large_string(f.type) or pa.types.is_dictionary(f.type)
+    ]
+
+
 class TraceWriter:
     """Accumulates Arrow tables per trace table and writes one sorted segment per table on ``rotate``."""
 
@@ -159,6 +167,9 @@ class TraceWriter:
                     table,
                     fh,
                     compression="zstd",
+                    # Dictionaries only where values repeat (strings): on timestamps, pfns and addresses
+                    # they cost over half of the encode time and make the files larger.
+                    use_dictionary=_dictionary_columns(table.schema),
                     row_group_size=self.row_group_size,
                     sorting_columns=[pq.SortingColumn(table.schema.get_field_index(t.sort_by))],
                     write_page_index=True,

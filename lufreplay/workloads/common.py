@@ -265,6 +265,8 @@ class Session:
         #: the memory cgroup's limit and reclaim counters, read just before it is removed
         self.memcg: dict[str, Any] | None = None
         self.t0 = 0.0
+        self._tlb0: list[int] | None = None
+        self._steal0: int | None = None
 
     def __enter__(self) -> Session:
         self._old_term = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -317,6 +319,8 @@ class Session:
         return h
 
     def open_gates(self) -> None:
+        self._tlb0 = _tlb_row()
+        self._steal0 = _pgsteal()
         self.t0 = time.monotonic()
         for h in self.helpers:
             self.send(h)
@@ -351,6 +355,18 @@ class Session:
         if rc != 0:
             raise WorkloadError(f"{h.label}: helper exited with status {rc} {_oom_hint(rc)}".rstrip())
         return h.result
+
+    def kernel_since_gates(self) -> dict[str, int | None]:
+        """Remote TLB shootdowns received by all CPUs (/proc/interrupts TLB row) and pages reclaimed
+        (/proc/vmstat pgsteal_anon + pgsteal_file) since ``open_gates``. Both are system-wide, so they are
+        the workload's alone only on a host where nothing else reclaims or shoots down; a cgroup v1
+        memory.stat has no page count of reclaim (its pgpgout counts folios)."""
+        now, steal = _tlb_row(), _pgsteal()
+        tlb = None
+        if now is not None and self._tlb0 is not None and len(now) == len(self._tlb0):
+            tlb = sum(now) - sum(self._tlb0)
+        reclaimed = steal - self._steal0 if steal is not None and self._steal0 is not None else None
+        return {"tlb_shootdowns": tlb, "pgsteal": reclaimed}
 
     @property
     def elapsed(self) -> float:
@@ -400,6 +416,25 @@ def inherited_memory_limit() -> int | None:
         if d == root or root not in d.parents:
             return best
         d = d.parent
+
+
+def _tlb_row() -> list[int] | None:
+    from lufreplay.capture.procfs import read_interrupts
+
+    try:
+        return read_interrupts().get("TLB")
+    except OSError:
+        return None
+
+
+def _pgsteal() -> int | None:
+    from lufreplay.capture.procfs import read_vmstat
+
+    try:
+        vm = read_vmstat()
+    except OSError:
+        return None
+    return vm.get("pgsteal_anon", 0) + vm.get("pgsteal_file", 0)
 
 
 def _oom_hint(rc: int) -> str:

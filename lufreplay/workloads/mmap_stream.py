@@ -79,6 +79,7 @@ def main(args: list[str]) -> int:
         s.open_gates()
         res = [s.finish(h, timeout=o.duration + 120) for h in helpers]
         runtime = s.elapsed
+        kernel = s.kernel_since_gates()
     doc = c.result(
         NAME,
         runtime,
@@ -92,6 +93,7 @@ def main(args: list[str]) -> int:
         advice=o.advice,
         memory_limit=o.memory_limit,
         memcg=s.memcg,
+        kernel=kernel,
         ncpu=os.cpu_count(),
         files=[str(f) for f in files],
         pids=[r["pid"] for r in res],
