@@ -20,9 +20,9 @@
  *                     cannot compile a TRACEPOINT_PROBE without the tracepoint's format file)
  */
 #include <uapi/linux/ptrace.h>
-#include <linux/sched.h>
+/* Only what the tracepoint formats need (enum migrate_mode): linux/sched.h and linux/mmzone.h, once included
+ * here, doubled the compile time and changed no instruction of any program. */
 #include <linux/migrate_mode.h>
-#include <linux/mmzone.h>
 
 struct lr_rec {
     u64 ts;

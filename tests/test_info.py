@@ -125,8 +125,9 @@ def test_info_json_reconciliation_math(tmp_path: Path) -> None:
     r = run_info(str(p), "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert set(doc) == {"recording", "meta", "counts", "losses", "reconciliation", "warnings"}
+    assert set(doc) == {"recording", "recorder", "meta", "counts", "losses", "reconciliation", "warnings"}
     assert doc["meta"]["run_id"] == "synthetic"
+    assert doc["recorder"] is None  # a synthetic trace says nothing about a recorder
 
     tlb = doc["reconciliation"]["tlb_shootdowns"]
     assert tlb["recorded"] == [98, 252]
@@ -280,3 +281,34 @@ def test_info_reconciles_a_real_recording(tmp_path: Path) -> None:
     assert abs(rec["pages"]["allocated"]["rel_error"]) <= 0.02
     assert abs(rec["pages"]["freed"]["rel_error"]) <= 0.02
     assert doc["counts"]["_total"]["kernel_events"] > 0
+
+
+def test_recorder_usage_per_cpu_and_rates() -> None:
+    """meta.recorder → info's recorder figures: per-CPU seconds and shares of the window, rates per second."""
+    from lufreplay.trace.info import _recorder_line, recorder_usage
+
+    meta = {
+        "window": {"start_ns": 1_000_000_000, "end_ns": 5_000_000_000},
+        "recorder": {
+            "cpu_ns": 3_000_000_000,
+            "max_rss_kb": 204800,
+            "polls": 16,
+            "watermark_wakeups": 1,
+            "cpu_ns_per_cpu": [200_000_000, 600_000_000],
+            "slices_per_cpu": [30, 50],
+            "shootdowns_sent_per_cpu": [2, 3],
+            "stage_cpu_ns": {"decode": 100_000_000},
+        },
+    }
+    u = recorder_usage(meta)
+    assert u is not None and u["window_s"] == 4.0
+    assert u["cpu_s_per_cpu"] == [0.2, 0.6] and u["cpu_share_per_cpu"] == [0.05, 0.15]
+    assert u["polls_per_s"] == 4.0 and u["slices"] == 80 and u["slices_per_s"] == 20.0
+    assert u["shootdowns_sent"] == 5 and u["max_rss_mb"] == 200 and u["stage_cpu_s"] == {"decode": 0.1}
+    line = _recorder_line(u)
+    assert "CPU0 0.20 s (5.0%)" in line and "CPU1 0.60 s (15.0%)" in line and "16 polls (4.0/s)" in line
+    # Older traces carry only the totals; a trace without a recorder section has none.
+    old = recorder_usage({"recorder": {"cpu_ns": 7_700_000_000, "max_rss_kb": 1024}})
+    assert old is not None and old["cpu_s_per_cpu"] is None and old["polls_per_s"] is None
+    assert _recorder_line(old) == "recorder: 7.70 CPU-s in all; peak RSS 1 MB"
+    assert recorder_usage({}) is None

@@ -151,6 +151,7 @@ def keep_freed_memory() -> None:
     recorded. glibc keeps blocks up to 32 MiB in its heaps and never trims them; Arrow allocates through
     glibc too instead of its own pool (mimalloc/jemalloc purge freed pages on a timer).
     """
+    _LIBC.malloc_trim(0)  # first give back what compiling the probes used (hundreds of MB of LLVM)
     _LIBC.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
     _LIBC.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
     pa.set_memory_pool(pa.system_memory_pool())
@@ -438,6 +439,7 @@ class Recorder:
         self.maps_last: dict[int, float] = {}
         self.maps_dirty: set[int] = set()
         self.t_run0 = time.monotonic()
+        self._syms: Any = None
         self.startup_s: float | None = None
         #: Consumer activity: drains, early wake-ups by the watermark, main-thread CPU spent draining.
         self.polls = 0
@@ -474,12 +476,18 @@ class Recorder:
                 raise RecordError(bad)
         return chosen[0]
 
-    def _flush_func(self) -> int:
+    def _symbols(self) -> Any:
+        """/proc/kallsyms, parsed once per recording (it takes seconds on a busy host)."""
         from lufreplay.capture.procfs import Symbols
 
+        if self._syms is None:
+            self._syms = Symbols()
+        return self._syms
+
+    def _flush_func(self) -> int:
         name = probes.FLUSH_FUNC.get(os.uname().machine, "flush_tlb_func")
         try:
-            return Symbols().address(name)
+            return self._symbols().address(name)
         except (KeyError, OSError) as e:
             raise RecordError(f"cannot find the TLB flush function: {e}") from None
 
@@ -497,7 +505,6 @@ class Recorder:
             sys.stdout.write(probes.program_text(build))
             return 0
         mode = self._mode()
-        keep_freed_memory()
         build = probes.BuildOptions(rb_bytes=rb_bytes, filter_tgid=(mode != "system"))
         if os.geteuid() != 0:
             raise RecordError("recording needs root (BPF and tracefs); run with sudo")
@@ -656,7 +663,7 @@ class Recorder:
                 prog.add_targets(target_pids)
 
             cal = build.calibration
-            sym = procfs.Symbols()
+            sym = self._symbols()
             ctx = decode.DecodeContext(resolve=sym.resolve, calibration=cal, is_kthread=KthreadCache())
             formats = {tp: features.tracepoint_format(tp) for tp in probes.TRACEPOINTS}
             meta: dict[str, Any] = {
@@ -694,6 +701,7 @@ class Recorder:
             }
             self.writer = TraceWriter(o.output, meta)
             consumer = RingConsumer(prog.ring_fd(), build.rb_bytes)
+            keep_freed_memory()
 
             # Open the window: probes on, then the start snapshot right away (the end reads, then stops).
             prog.set_state(1)

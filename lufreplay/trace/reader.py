@@ -10,10 +10,9 @@ import datetime as dt
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -28,6 +27,9 @@ from lufreplay.trace.validate import (
     skip_columns,
     stats_out_of_bounds,
 )
+
+if TYPE_CHECKING:  # pandas takes seconds to import and only Trace.pandas needs it (to_pandas imports it)
+    import pandas as pd
 
 
 class Trace:
