@@ -625,6 +625,14 @@ def markdown() -> str:
         " says which kind; e.g. 6.12 has no `vmscan:mm_vmscan_reclaim_pages`, `thp:set_migration_pmd`,"
         " `thp:remove_migration_pmd`).",
         "",
+        "`meta.json` `recorder` says what recording cost: `cpu_ns` and `max_rss_kb` (getrusage, whole run),"
+        " `startup_s` (start to probes attached), and, measured by the probes inside the window, per CPU the"
+        " recorder's own run time (`cpu_ns_per_cpu`), its time slices (`slices_per_cpu`) and the remote"
+        " shootdowns it sent itself (`shootdowns_sent_per_cpu`); the consumer's drains (`polls`) and early"
+        " wake-ups by the ring's watermark (`watermark_wakeups`); CPU per stage (`stage_cpu_ns`: drain,"
+        " decode, encode) and, when `kernel.bpf_stats_enabled` was 1, each program's `run_cnt` and"
+        " `run_time_ns` (`bpf_run`). `lufreplay info` prints them.",
+        "",
     ]
     for t in TABLES.values():
         out += [
