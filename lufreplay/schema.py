@@ -551,6 +551,20 @@ META_FIELDS: dict[str, tuple[tuple[type | None, ...], bool]] = {
     "workload": ((dict, None), False),
     "interrupted": ((dict, None), False),
     "repaired": ((dict, None), False),
+    # `record --calibrate`: what a remote shootdown costs on the recording host (lufreplay.capture.shootdown_cost)
+    "shootdown_cost": ((dict, None), False),
+    "shootdown_cost.format": ((str,), False),
+    "shootdown_cost.method": ((str,), False),
+    "shootdown_cost.sender_ns": ((dict,), False),
+    "shootdown_cost.sender_ns.p10": ((int, float), False),
+    "shootdown_cost.sender_ns.p50": ((int, float), False),
+    "shootdown_cost.sender_ns.p90": ((int, float), False),
+    "shootdown_cost.receiver_ns": ((dict,), False),
+    "shootdown_cost.receiver_ns.p10": ((int, float), False),
+    "shootdown_cost.receiver_ns.p50": ((int, float), False),
+    "shootdown_cost.receiver_ns.p90": ((int, float), False),
+    "shootdown_cost.nr_threads": ((int,), False),
+    "shootdown_cost.host": ((dict,), False),
 }
 
 
