@@ -14,7 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -321,8 +321,11 @@ def replay(
     keep_ops: bool = False,
     prefetch: bool = True,
     pfn_scan: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> ReplayResult:
     """Replay a trace through the named models (one pass over the segments, after a scan of the pfn columns).
+
+    ``progress`` is called after each segment with the number of raw events it held.
 
     ``pfn_scan=False`` skips the scan: compact ids are then handed out by aligned 1024-pfn chunks in order of
     first appearance (same results, per-page memory follows the chunks touched instead of the pages).
@@ -370,6 +373,8 @@ def replay(
         for raw in raws:
             n_raw += raw.shape[0]
             n_ops += feed(raw, False)
+            if progress is not None:
+                progress(raw.shape[0])
             del raw
     finally:
         if pf is not None:

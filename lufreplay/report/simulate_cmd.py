@@ -18,14 +18,17 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
+from lufreplay.capture.shootdown_cost import CalibrationError, check_profile, load_profile
 from lufreplay.console import emit_json, fail, make_console
 from lufreplay.inputs import check_option_values
 from lufreplay.model import DEFAULT_MODELS, MODELS, SafetyViolation
 from lufreplay.model import ops as O
 from lufreplay.model.options import OptionError, describe, parse_settings
 from lufreplay.replay.engine import ReplayResult, replay
+from lufreplay.report.cost import cost_block
+from lufreplay.report.progress import ReplayProgress
 from lufreplay.report.results import build
-from lufreplay.trace.reader import TraceError, open_trace
+from lufreplay.trace.reader import Trace, TraceError, open_trace
 
 
 def list_options_table(console: Console) -> None:
@@ -89,12 +92,31 @@ class Simulation(NamedTuple):
     result: ReplayResult
 
 
+def shootdown_cost(trace: Trace, cost: Path | None) -> tuple[dict[str, Any], str] | None:
+    """The cost profile to use and where it came from: ``--cost PROFILE``, else the trace's own (``record
+    --calibrate``), else None. Raises CalibrationError (one line) for a bad one."""
+    if cost is not None:
+        return load_profile(cost), str(cost)
+    p = trace.meta.get("shootdown_cost")
+    if p is None:
+        return None
+    where = f"{trace.path / 'meta.json'} shootdown_cost"
+    return check_profile(p, where), "trace"
+
+
 def simulate(
-    trace_path: Path, models: list[str] | None = None, settings: list[str] | dict | None = None, decisions: bool = False
+    trace_path: Path,
+    models: list[str] | None = None,
+    settings: list[str] | dict | None = None,
+    decisions: bool = False,
+    cost: Path | None = None,
+    progress: bool | None = False,
 ) -> Simulation:
     """Replay ``trace_path`` through ``models`` (default: all) with model options ``settings``.
 
-    Raises TraceError / OptionError / SafetyViolation; ``decisions`` keeps every flush decision in the result.
+    Raises TraceError / OptionError / SafetyViolation / CalibrationError; ``decisions`` keeps every flush
+    decision in the result; ``cost`` is a shootdown-cost profile (else the trace's, if any) for the ``cost``
+    block; ``progress`` draws a bar on stderr (None: only on a terminal and after a couple of seconds).
     """
     opts = parse_settings(settings)
     bad = check_option_values(opts)
@@ -105,14 +127,26 @@ def simulate(
     if unknown:
         raise OptionError(f"unknown model(s) {', '.join(unknown)} (choose from {', '.join(MODELS)})")
     trace = open_trace(trace_path)
+    profile = shootdown_cost(trace, cost)  # a bad profile fails before the replay, not after
     run = ["vanilla", *[m for m in requested if m != "vanilla"]]
     t0 = time.perf_counter()
-    res = replay(trace, run, opts, decisions=decisions)
-    return Simulation(build(trace, res, opts, requested, time.perf_counter() - t0), res)
+    with ReplayProgress(trace, progress) as bar:
+        res = replay(trace, run, opts, decisions=decisions, progress=bar)
+    doc = build(trace, res, opts, requested, time.perf_counter() - t0)
+    if profile is not None:
+        doc["cost"] = cost_block(doc, trace, *profile)
+    return Simulation(doc, res)
 
 
 def run_simulate(
-    trace: Path, models: list[str] | None, settings: list[str], list_options: bool, json_out: bool, out: Path | None
+    trace: Path,
+    models: list[str] | None,
+    settings: list[str],
+    list_options: bool,
+    json_out: bool,
+    out: Path | None,
+    cost: Path | None = None,
+    progress: bool | None = None,
 ) -> int:
     """The ``simulate`` command; returns the exit code (raises the Exit of a one-line error)."""
     console = make_console()
@@ -125,8 +159,8 @@ def run_simulate(
     if out is not None and out.exists() and not out.is_dir():
         raise fail(f"--out {out}: exists and is not a directory", 2)
     try:
-        doc, res = simulate(trace, models, settings, decisions=out is not None)
-    except (TraceError, OptionError) as e:
+        doc, res = simulate(trace, models, settings, decisions=out is not None, cost=cost, progress=progress)
+    except (TraceError, OptionError, CalibrationError) as e:
         raise fail(str(e), 2) from None
     except SafetyViolation as e:
         raise fail(f"safety invariant violated: {e}", 3) from None

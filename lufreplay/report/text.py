@@ -154,6 +154,9 @@ def render(doc: dict[str, Any], console: Console) -> None:
     if luf_models:
         console.print(t)
 
+    if doc.get("cost"):
+        render_cost(doc, console)
+
     changed = {k: v for k, v in doc["options"].items() if doc["option_defaults"].get(k) != v}
     console.print(
         "Options: "
@@ -162,6 +165,62 @@ def render(doc: dict[str, Any], console: Console) -> None:
     )
     rp = doc["replay"]
     console.print(f"[dim]replayed {rp['raw_events']:,} events in {rp['seconds']} s[/]")
+
+
+def _iv(x: list[float] | None, scale: float = 1.0, fmt: str = "{:.3g}") -> str:
+    """An interval [p10, p50, p90] as ``p10..p90`` (the median is in the JSON)."""
+    if x is None:
+        return "—"
+    lo, hi = sorted((x[0] * scale, x[2] * scale))
+    return f"{fmt.format(lo)}..{fmt.format(hi)}"
+
+
+def render_cost(doc: dict[str, Any], console: Console) -> None:
+    """CPU-seconds on shootdowns (recorded kernel and each model), share of the workload's CPU, runtime change."""
+    c = doc["cost"]
+    p = c["profile"]
+    host = (p.get("host") or {}).get("hostname")
+    console.print(
+        f"Shootdown cost ({'from the trace' if c['source'] == 'trace' else escape(c['source'])}; host {host},"
+        f" {p.get('nr_threads')} receiver thread(s)): sender {_iv(_q(p['sender_ns']), 1e-3)} us per flush,"
+        f" receiver {_iv(_q(p['receiver_ns']), 1e-3)} us per IPI; workload CPU time"
+        f" {c['workload_cpu_s']:.3f} s (sched table)."
+    )
+    t = Table(title="CPU time on remote TLB shootdowns: sender wait + receivers (10th–90th percentile of the cost)")
+    for col in ("", "CPU ms", "% workload CPU", "saved CPU ms", "est. runtime %"):
+        t.add_column(col, justify="right" if col else "left", overflow="fold")
+    r = c["recorded"]
+    t.add_row("vanilla (recorded)", _iv(r["total_s"], 1e3), _iv(r["share_of_workload_cpu_pct"], fmt="{:.2f}"), "—", "—")
+    for name, m in c["models"].items():
+        rebuilt = name == "vanilla"  # the rebuild checks the replay; it saves nothing
+        t.add_row(
+            _label(name),
+            _iv(m["total_s"], 1e3),
+            _iv(m["share_of_workload_cpu_pct"], fmt="{:.2f}"),
+            "—" if rebuilt else _iv(m["saved_s"], 1e3),
+            "—" if rebuilt else _iv(m["runtime_change_pct"], fmt="{:+.2f}"),
+        )
+    extra = [
+        f"{_label(n)} {_iv(m['luf_extra']['late_flushes_s'], 1e3)} ms"
+        f" (allocation-time {_iv(m['luf_extra']['alloc_time_flushes_s'], 1e3)} ms)"
+        + (
+            f" + {m['luf_extra']['epoch_waits']:,} epoch waits 0–{m['luf_extra']['epoch_waits_s'][2] * 1e3:.3g} ms"
+            if m["luf_extra"]["epoch_waits"]
+            else ""
+        )
+        for n, m in c["models"].items()
+        if n != "vanilla" and m["luf_extra"]["late_flushes_s"][2] + m["luf_extra"]["epoch_waits"] > 0
+    ]
+    t.caption = (
+        ("Flushes the models pay later (in the totals; epoch waits are not): " + "; ".join(extra) + ". ")
+        if extra
+        else ""
+    ) + ("Leaves out: " + "; ".join(c["leaves_out"]) + ".")
+    console.print(t)
+
+
+def _q(x: dict[str, float]) -> list[float]:
+    return [x["p10"], x["p50"], x["p90"]]
 
 
 def _fmt_pct(v: float | None, sign: bool = False) -> str:
