@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -566,6 +567,24 @@ META_FIELDS: dict[str, tuple[tuple[type | None, ...], bool]] = {
     "shootdown_cost.nr_threads": ((int,), False),
     "shootdown_cost.host": ((dict,), False),
 }
+
+
+#: ``format`` of a shootdown-cost profile (``lufreplay calibrate``; meta.json ``shootdown_cost``)
+SHOOTDOWN_COST_FORMAT = "lufreplay-shootdown-cost"
+
+
+def shootdown_cost_problem(p: Any) -> str | None:
+    """What is wrong with a shootdown-cost profile (None if usable): its format, and positive, ordered
+    ``p10 <= p50 <= p90`` nanosecond intervals for the sender and the receiver."""
+    if not isinstance(p, dict) or p.get("format") != SHOOTDOWN_COST_FORMAT:
+        return "not a lufreplay shootdown-cost profile"
+    for k in ("sender_ns", "receiver_ns"):
+        iv = p.get(k)
+        vals = [iv.get(q) for q in ("p10", "p50", "p90")] if isinstance(iv, dict) else []
+        ok = len(vals) == 3 and all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals)
+        if not ok or not 0 < vals[0] <= vals[1] <= vals[2]:
+            return f"{k} must hold positive, ordered p10 <= p50 <= p90 (got {iv!r})"
+    return None
 
 
 def empty_table(name: str) -> pa.Table:

@@ -31,10 +31,11 @@ from typing import Any
 
 import numpy as np
 
+from lufreplay import schema
 from lufreplay.capture import procfs
 
 SOURCE = Path(__file__).with_name("shootcost.c")
-FORMAT = "lufreplay-shootdown-cost"
+FORMAT = schema.SHOOTDOWN_COST_FORMAT
 VERSION = 1
 PERCENTILES = (10, 50, 90)
 METHOD = (
@@ -239,31 +240,6 @@ def calibrate(opts: CalibrateOptions, progress: Any = None) -> dict[str, Any]:
     }
 
 
-def check_profile(p: Any, where: str) -> dict[str, Any]:
-    """A shootdown-cost profile (file or meta.json field) with positive, ordered intervals; else one-line error."""
-    if not isinstance(p, dict) or p.get("format") != FORMAT:
-        raise CalibrationError(f"{where}: not a lufreplay shootdown-cost profile")
-    for k in ("sender_ns", "receiver_ns"):
-        iv = p.get(k)
-        vals = [iv.get(f"p{q}") for q in PERCENTILES] if isinstance(iv, dict) else []
-        ok = len(vals) == 3 and all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals)
-        if not ok or not 0 < vals[0] <= vals[1] <= vals[2]:
-            raise CalibrationError(f"{where}: {k} must hold positive, ordered p10 <= p50 <= p90 (got {iv!r})")
-    return p
-
-
-def load_profile(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise CalibrationError(f"--cost {path}: {e.strerror or e}") from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CalibrationError(f"--cost {path}: not JSON ({e.msg}, line {e.lineno})") from None
-    return check_profile(doc, f"--cost {path}")
-
-
 def save_profile(profile: dict[str, Any], path: Path) -> None:
     from lufreplay.jsonout import dumps
 
@@ -290,6 +266,9 @@ def run_calibrate(
 
     try:
         profile = calibrate(opts, tick)
+        bad = schema.shootdown_cost_problem(profile)
+        if bad:  # estimate() refuses non-positive costs; this guards the file's other readers
+            raise CalibrationError(bad)
         save_profile(profile, path)
     except CalibrationError as e:
         raise fail(str(e), 2) from None

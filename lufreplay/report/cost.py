@@ -8,10 +8,13 @@ CPU time measured from the trace's ``sched`` table.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lufreplay import schema
 from lufreplay.model import ops as O
 from lufreplay.trace.reader import Trace
 
@@ -25,6 +28,35 @@ LEAVES_OUT = [
     "IPIs a KVM guest skips to preempted vCPUs (counted by the models as if sent)",
     "the runtime estimate assumes the workload is CPU-bound and every shootdown cycle is on its critical path",
 ]
+
+
+class CostError(ValueError):
+    """An unusable ``--cost`` profile; the message is one line."""
+
+
+def load_profile(path: Path) -> dict[str, Any]:
+    """A shootdown-cost profile file (``lufreplay calibrate --save``), checked like meta.json's."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise CostError(f"--cost {path}: {e.strerror or e}") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CostError(f"--cost {path}: not JSON ({e.msg}, line {e.lineno})") from None
+    bad = schema.shootdown_cost_problem(doc)
+    if bad:
+        raise CostError(f"--cost {path}: {bad}")
+    return doc
+
+
+def profile_for(trace: Trace, cost: Path | None) -> tuple[dict[str, Any], str] | None:
+    """The profile to use and where it came from: ``--cost PROFILE``, else the trace's own (``record
+    --calibrate``; checked when the trace was opened), else None."""
+    if cost is not None:
+        return load_profile(cost), str(cost)
+    p = trace.meta.get("shootdown_cost")
+    return (p, "trace") if p is not None else None
 
 
 def workload_tgids(trace: Trace) -> set[int] | None:
@@ -158,4 +190,4 @@ def cost_block(doc: dict[str, Any], trace: Trace, profile: dict[str, Any], sourc
     }
 
 
-__all__ = ["cost_block", "cpu_time", "workload_tgids"]
+__all__ = ["CostError", "cost_block", "cpu_time", "load_profile", "profile_for", "workload_tgids"]

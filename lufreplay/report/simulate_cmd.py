@@ -18,17 +18,16 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from lufreplay.capture.shootdown_cost import CalibrationError, check_profile, load_profile
 from lufreplay.console import emit_json, fail, make_console
 from lufreplay.inputs import check_option_values
 from lufreplay.model import DEFAULT_MODELS, MODELS, SafetyViolation
 from lufreplay.model import ops as O
 from lufreplay.model.options import OptionError, describe, parse_settings
 from lufreplay.replay.engine import ReplayResult, replay
-from lufreplay.report.cost import cost_block
+from lufreplay.report.cost import CostError, cost_block, profile_for
 from lufreplay.report.progress import ReplayProgress
 from lufreplay.report.results import build
-from lufreplay.trace.reader import Trace, TraceError, open_trace
+from lufreplay.trace.reader import TraceError, open_trace
 
 
 def list_options_table(console: Console) -> None:
@@ -92,18 +91,6 @@ class Simulation(NamedTuple):
     result: ReplayResult
 
 
-def shootdown_cost(trace: Trace, cost: Path | None) -> tuple[dict[str, Any], str] | None:
-    """The cost profile to use and where it came from: ``--cost PROFILE``, else the trace's own (``record
-    --calibrate``), else None. Raises CalibrationError (one line) for a bad one."""
-    if cost is not None:
-        return load_profile(cost), str(cost)
-    p = trace.meta.get("shootdown_cost")
-    if p is None:
-        return None
-    where = f"{trace.path / 'meta.json'} shootdown_cost"
-    return check_profile(p, where), "trace"
-
-
 def simulate(
     trace_path: Path,
     models: list[str] | None = None,
@@ -114,7 +101,7 @@ def simulate(
 ) -> Simulation:
     """Replay ``trace_path`` through ``models`` (default: all) with model options ``settings``.
 
-    Raises TraceError / OptionError / SafetyViolation / CalibrationError; ``decisions`` keeps every flush
+    Raises TraceError / OptionError / SafetyViolation / CostError; ``decisions`` keeps every flush
     decision in the result; ``cost`` is a shootdown-cost profile (else the trace's, if any) for the ``cost``
     block; ``progress`` draws a bar on stderr (None: only on a terminal and after a couple of seconds).
     """
@@ -127,7 +114,7 @@ def simulate(
     if unknown:
         raise OptionError(f"unknown model(s) {', '.join(unknown)} (choose from {', '.join(MODELS)})")
     trace = open_trace(trace_path)
-    profile = shootdown_cost(trace, cost)  # a bad profile fails before the replay, not after
+    profile = profile_for(trace, cost)  # a bad profile fails before the replay, not after
     run = ["vanilla", *[m for m in requested if m != "vanilla"]]
     t0 = time.perf_counter()
     with ReplayProgress(trace, progress) as bar:
@@ -160,7 +147,7 @@ def run_simulate(
         raise fail(f"--out {out}: exists and is not a directory", 2)
     try:
         doc, res = simulate(trace, models, settings, decisions=out is not None, cost=cost, progress=progress)
-    except (TraceError, OptionError, CalibrationError) as e:
+    except (TraceError, OptionError, CostError) as e:
         raise fail(str(e), 2) from None
     except SafetyViolation as e:
         raise fail(f"safety invariant violated: {e}", 3) from None

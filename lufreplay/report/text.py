@@ -186,9 +186,13 @@ def render_cost(doc: dict[str, Any], console: Console) -> None:
         f" receiver {_iv(_q(p['receiver_ns']), 1e-3)} us per IPI; workload CPU time"
         f" {c['workload_cpu_s']:.3f} s (sched table)."
     )
-    t = Table(title="CPU time on remote TLB shootdowns: sender wait + receivers (10th–90th percentile of the cost)")
-    for col in ("", "CPU ms", "% workload CPU", "saved CPU ms", "est. runtime %"):
-        t.add_column(col, justify="right" if col else "left", overflow="fold")
+    t = Table(
+        title="CPU time on TLB shootdowns: sender + receivers, share of the workload's CPU time, estimated"
+        " runtime change (10th..90th percentile)"
+    )
+    t.add_column("", no_wrap=True)
+    for col in ("CPU ms", "% of CPU", "saved ms", "runtime %"):
+        t.add_column(col, justify="right", overflow="fold")
     r = c["recorded"]
     t.add_row("vanilla (recorded)", _iv(r["total_s"], 1e3), _iv(r["share_of_workload_cpu_pct"], fmt="{:.2f}"), "—", "—")
     for name, m in c["models"].items():

@@ -67,6 +67,10 @@ def check_meta(meta: Any, where: Path) -> None:
             f"{where}: format version {meta['format_version']} is not supported"
             f" (this lufreplay reads version {schema.FORMAT_VERSION})"
         )
+    if meta.get("shootdown_cost") is not None:
+        bad = schema.shootdown_cost_problem(meta["shootdown_cost"])
+        if bad:
+            raise TraceError(f"{where}: field 'shootdown_cost': {bad}")
     n = nr_cpus_of(meta)
     if n is not None and not 1 <= n <= schema.MAX_NR_CPUS:
         raise TraceError(f"{where}: host.nr_cpus {n} is out of range (1..{schema.MAX_NR_CPUS})")
