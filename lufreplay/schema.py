@@ -658,6 +658,11 @@ def markdown() -> str:
         " says which kind; e.g. 6.12 has no `vmscan:mm_vmscan_reclaim_pages`, `thp:set_migration_pmd`,"
         " `thp:remove_migration_pmd`).",
         "",
+        "`meta.json` `shootdown_cost` (written by `record --calibrate`; absent otherwise) is what one remote TLB"
+        " shootdown cost on the recording host (`lufreplay calibrate`): `sender_ns` (the sender's wait, per flush)"
+        " and `receiver_ns` (per IPI received), each `{p10, p50, p90}` in ns, positive and ordered, with `method`,"
+        " `nr_threads`, `host`; `simulate` turns it into CPU-seconds (docs/simulate.md).",
+        "",
     ]
     for t in TABLES.values():
         out += [

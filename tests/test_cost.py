@@ -231,3 +231,62 @@ def test_live_bar_on_a_terminal(tmp_path: Path) -> None:
     with ReplayProgress(tr, None, delay_s=60.0, console=Console(file=quiet, force_terminal=True)) as bar:
         bar(bar.total)  # finished before the delay: nothing drawn
     assert quiet.getvalue() == ""
+
+
+@pytest.mark.bpf
+def test_record_calibrate_stores_the_cost_and_simulate_uses_it(tmp_path: Path) -> None:
+    out = tmp_path / "t"
+    script = (
+        "import mmap\nfor _ in range(200):\n    m = mmap.mmap(-1, 1 << 20)\n    m[::4096] = b'x' * 256\n    m.close()\n"
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lufreplay",
+            "record",
+            "-o",
+            str(out),
+            "--calibrate",
+            "--",
+            sys.executable,
+            "-c",
+            script,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "measuring the cost of a remote TLB shootdown" in r.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    sc = meta["shootdown_cost"]
+    assert shootdown_cost_problem(sc) is None and sc["trials"] == 8 and sc["ipis_received"] > 0
+    doc = _strict(_run(["simulate", str(out), "--json"]).stdout)
+    c = doc["cost"]
+    assert c["source"] == "trace" and c["profile"]["sender_ns"] == sc["sender_ns"]
+    # the recorded python process ran: its CPU time comes from the sched table, within the window
+    assert 0 < c["workload_cpu_s"] <= doc["trace"]["duration_s"] * doc["trace"]["nr_cpus"]
+    van = doc["vanilla"]
+    assert _close(c["recorded"]["total_s"], [
+        (van["flush_events"] * sc["sender_ns"][q] + van["remote_shootdowns"] * sc["receiver_ns"][q]) * 1e-9
+        for q in ("p10", "p50", "p90")
+    ])  # fmt: skip
+
+
+def test_report_page_has_the_cost_table_of_a_calibrated_trace(tmp_path: Path) -> None:
+    import re
+
+    from lufreplay.report.html import render_html
+    from lufreplay.report.simulate_cmd import simulate
+
+    doc = simulate(_trace(tmp_path, {"shootdown_cost": PROFILE})).doc
+    page = render_html(doc, [])
+    table = re.search(r'<table id="cost-table">(.*?)</table>', page)
+    assert table is not None and "CPU time on shootdowns" in page
+    c = doc["cost"]["recorded"]["total_s"]
+    recorded = f'<td class="l">vanilla (recorded)</td><td>{c[0] * 1e3:.3g}–{c[2] * 1e3:.3g}</td>'
+    assert recorded in table.group(1) and "luf-v12" in table.group(1)
+    assert "Leaves out: TLB refills" in page
+    plain = simulate(_trace(tmp_path / "plain")).doc
+    assert "cost-table" not in render_html(plain, [])

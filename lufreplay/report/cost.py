@@ -110,10 +110,10 @@ def cpu_time(trace: Trace, start_ns: int | None, end_ns: int | None) -> dict[str
     last[:-1] = cpu[1:] != cpu[:-1]
     tail_busy = tail_mine = 0
     if end_ns is not None:
-        owner = dict(zip(pid.tolist(), zip(tgid.tolist(), kth.tolist(), strict=True), strict=True))
         for i in np.flatnonzero(last):
             n, d = int(nxt[i]), max(int(end_ns) - int(ts[i]), 0)
-            tgi, k = owner.get(n, (-1, False))
+            seen = np.flatnonzero(pid == n)  # the task's process, from a row where it was switched out
+            tgi, k = (int(tgid[seen[0]]), bool(kth[seen[0]])) if seen.size else (-1, False)
             if n != 0 and not k:
                 tail_busy += d
                 tail_mine += d if tg is None or tgi in tg else 0
@@ -158,7 +158,7 @@ def cost_block(doc: dict[str, Any], trace: Trace, profile: dict[str, Any], sourc
         saved = [a - b for a, b in zip(rec["total_s"], e["total_s"], strict=True)]
         e["saved_s"] = [round(v, 9) for v in saved]
         # less CPU on shootdowns is a shorter run only as far as the workload is CPU-bound: an estimate
-        e["runtime_change_pct"] = None if den <= 0 else [round(-100.0 * v / den, 4) for v in saved]
+        e["runtime_change_pct"] = None if den <= 0 else [round(-100.0 * v / den, 4) + 0.0 for v in saved]  # no -0.0
         ev, ip = m.get("flush_events_by_cause", {}), m.get("by_cause", {})
         late = _cpu_s(sum(ev.get(c, 0) for c in LATE_CAUSES), sum(ip.get(c, 0) for c in LATE_CAUSES), send, recv)
         alloc = _cpu_s(sum(ev.get(c, 0) for c in ALLOC_CAUSES), sum(ip.get(c, 0) for c in ALLOC_CAUSES), send, recv)

@@ -204,23 +204,21 @@ def render_cost(doc: dict[str, Any], console: Console) -> None:
             "—" if rebuilt else _iv(m["saved_s"], 1e3),
             "—" if rebuilt else _iv(m["runtime_change_pct"], fmt="{:+.2f}"),
         )
-    extra = [
-        f"{_label(n)} {_iv(m['luf_extra']['late_flushes_s'], 1e3)} ms"
-        f" (allocation-time {_iv(m['luf_extra']['alloc_time_flushes_s'], 1e3)} ms)"
-        + (
-            f" + {m['luf_extra']['epoch_waits']:,} epoch waits 0–{m['luf_extra']['epoch_waits_s'][2] * 1e3:.3g} ms"
-            if m["luf_extra"]["epoch_waits"]
-            else ""
-        )
-        for n, m in c["models"].items()
-        if n != "vanilla" and m["luf_extra"]["late_flushes_s"][2] + m["luf_extra"]["epoch_waits"] > 0
-    ]
-    t.caption = (
-        ("Flushes the models pay later (in the totals; epoch waits are not): " + "; ".join(extra) + ". ")
-        if extra
-        else ""
-    ) + ("Leaves out: " + "; ".join(c["leaves_out"]) + ".")
+    lines = []
+    for n, m in c["models"].items():
+        x = m["luf_extra"]
+        if n == "vanilla" or x["late_flushes_s"][2] + x["epoch_waits"] == 0:
+            continue
+        line = f"{_label(n)} {_iv(x['late_flushes_s'], 1e3)} ms"
+        if x["alloc_time_flushes_s"][2]:
+            line += f" (at allocation {_iv(x['alloc_time_flushes_s'], 1e3)} ms)"
+        if x["epoch_waits"]:
+            line += f", {x['epoch_waits']:,} epoch waits 0..{x['epoch_waits_s'][2] * 1e3:.3g} ms (not in the total)"
+        lines.append(line)
     console.print(t)
+    if lines:
+        console.print("Flushes the models pay later, in their totals: " + "; ".join(lines) + ".")
+    console.print("[dim]Leaves out: " + "; ".join(c["leaves_out"]) + ".[/]")
 
 
 def _q(x: dict[str, float]) -> list[float]:
