@@ -41,8 +41,11 @@ def trace_events(trace: Trace) -> int:
 
 class _Rate(ProgressColumn):
     def render(self, task: Task) -> Text:
+        # rich's own speed needs several updates; a replay of few segments has one or two
         speed = task.finished_speed or task.speed
-        return Text("—" if speed is None else f"{speed / 1e6:.2f} M events/s")
+        if speed is None and task.elapsed:
+            speed = task.completed / task.elapsed if task.completed else None
+        return Text("—" if speed is None else f"{speed / 1e6:.2f}M/s")
 
 
 class ReplayProgress:
