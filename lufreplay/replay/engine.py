@@ -355,7 +355,9 @@ def replay(
     """
     footers = Footers.scan(trace)
     host_cpus = nr_cpus(trace, footers)
+    t = time.perf_counter()
     cpus, ncpu = model_cpus(trace)
+    t_cpus = time.perf_counter() - t
     t0, t1 = footers.t0, footers.t1
     tl = np.array([t0, max(1, (t1 - t0) // O.TIMELINE_BINS + 1)], np.int64)
     ids = Ids()
@@ -370,7 +372,7 @@ def replay(
         m.pfn_of = pfns.real_one
         m.pages.ensure(pfns.limit, exact=True)  # the scan saw every block: no growth unless segments are injected
     seg_iter = segments if segments is not None else read_segments(trace)
-    stages = {"pfn_scan": t_scan, "read+raw": 0.0, "reconstruct": 0.0, **{n: 0.0 for n in models}}
+    stages = {"cpu_scan": t_cpus, "pfn_scan": t_scan, "read+raw": 0.0, "reconstruct": 0.0, **{n: 0.0 for n in models}}
     builder = RawBuilder(ids, nbuf=2 if prefetch else 1, pfns=pfns, cpus=cpus)
     pf = _Prefetch(seg_iter, builder) if prefetch else None
     raws = iter(pf) if pf is not None else _sequential(seg_iter, builder, stages)
