@@ -180,12 +180,14 @@ def test_decode_joins_mask_words_of_a_wide_cpumask() -> None:
         [1, 4, 1],
     )
     ctx = decode.DecodeContext()
-    out = decode.decode(np.concatenate([r[:1], words[:1], r[1:], words[1:]]), ctx)["ipi"]
+    assert decode.decode(words[:1], ctx) == {} and len(ctx.ipi_words) == 1  # a drain of words only: they wait
+    out = decode.decode(np.concatenate([r[:1], r[1:], words[1:]]), ctx)["ipi"]
     assert out.column("targets").to_pylist() == [[4000], [0, 2, 100, 320], [63]]
     assert out.column("nr_targets").to_pylist() == [1, 4, 1]
     assert out.column("kind_name").to_pylist() == ["send_cpu", "send_cpumask", "send_cpumask"]
     assert len(ctx.ipi_words) == 1  # ts 50 on CPU 3: its head has not come yet
-    nxt = decode.decode(_recs(["ipi_send_cpumask"], [50], [3], [0], [2]), ctx)["ipi"]
+    lost = _recs(["ipi_mask_words"], [40], [3], [1], [1])  # its head was lost (ring full): a later head of CPU 3
+    nxt = decode.decode(np.concatenate([lost, _recs(["ipi_send_cpumask"], [50], [3], [0], [2])]), ctx)["ipi"]
     assert nxt.column("targets").to_pylist() == [[8127, 8128]] and len(ctx.ipi_words) == 0
 
 

@@ -100,7 +100,7 @@ def _shootdown(r: np.ndarray, ctx: DecodeContext) -> pa.Table:
 def _bits(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(row, bit) of every set bit of a (rows, words) uint64 array, bits numbered across the words."""
     w = np.ascontiguousarray(words, np.uint64)
-    bits = np.unpackbits(w.view(np.uint8).reshape(len(w), -1), axis=1, bitorder="little")
+    bits = np.unpackbits(w.view(np.uint8).reshape(len(w), 8 * w.shape[1]), axis=1, bitorder="little")
     return np.nonzero(bits)
 
 
@@ -116,13 +116,15 @@ def _ipi(r: np.ndarray, ctx: DecodeContext) -> pa.Table:
     rows, cpus = rows[keep], cpus[keep]
     rows = np.concatenate([rows, np.flatnonzero(one)])
     cpus = np.concatenate([cpus, r["a"][one].astype(np.int64)])
-    head = {(int(t), int(c)): i for i, (t, c) in enumerate(zip(r["ts"], r["cpu"], strict=True)) if not one[i]}
-    if len(cont):
+    if len(cont):  # only on hosts of more than 64 CPUs: a dict per drain is cheap there
+        head = {(int(t), int(c)): i for i, (t, c) in enumerate(zip(r["ts"], r["cpu"], strict=True)) if not one[i]}
         at = np.array([head.get((int(t), int(c)), -1) for t, c in zip(cont["ts"], cont["cpu"], strict=True)])
         found = at >= 0
         # a words record with no head yet waits for the next drain, unless a later head of its CPU came already
         # (its head was lost: a full ring)
-        last = {int(c): int(t) for c, t in zip(r["cpu"], r["ts"], strict=True)}
+        last: dict[int, int] = {}
+        for c, t in zip(r["cpu"].tolist(), r["ts"].tolist(), strict=True):
+            last[c] = max(last.get(c, -1), t)
         wait = ~found & np.array([last.get(int(c), -1) < int(t) for t, c in zip(cont["ts"], cont["cpu"], strict=True)])
         ctx.ipi_words = cont[wait]
         got = cont[found]
