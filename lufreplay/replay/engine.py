@@ -4,7 +4,9 @@ Memory is bounded by one segment of each table plus the model state (per-page ar
 touches, per-task/mm/mapping arrays, carried across segments). pfns are remapped to compact ids (``PfnMap``,
 built by a scan of the pfn columns before the replay), so the per-page arrays do not follow the host's pfn
 range; pfns that leave the simulator (``--out`` decisions, error messages) are mapped back. ``maps`` and ``mm``
-are small user-side tables and are loaded whole up front. The per-segment buffers (raw ops, model ops) are reused from one segment
+are small user-side tables and are loaded whole up front. CPUs are relabelled densely (``CpuMap``, built by a scan
+of the cpu columns): the models run on the CPUs the trace involves (at most 64), whatever the host's CPU count, and
+``ReplayResult.cpus`` maps their per-CPU outputs back to the real CPU ids. The per-segment buffers (raw ops, model ops) are reused from one segment
 to the next, so their size follows the largest segment, not the trace. By default the next segment is read and
 turned into raw ops in a second thread while the current one is replayed (``prefetch``).
 """
@@ -32,6 +34,7 @@ from lufreplay.replay.rawops import (
     COLUMNS,
     EVENT_TABLES,
     KIND,
+    CpuMap,
     Footers,
     IdMap,
     Ids,
@@ -41,9 +44,9 @@ from lufreplay.replay.rawops import (
     read_segments,
 )
 from lufreplay.replay.rawops import col as _col
-from lufreplay.trace.reader import Trace, TraceError
+from lufreplay.trace.reader import Trace
 
-__all__ = ["COLUMNS", "EVENT_TABLES", "KIND", "IdMap", "Ids", "PfnMap", "ReplayResult", "raw_ops", "replay"]
+__all__ = ["COLUMNS", "EVENT_TABLES", "KIND", "CpuMap", "IdMap", "Ids", "PfnMap", "ReplayResult", "raw_ops", "replay"]
 
 
 def raw_ops(seg: dict[str, pa.Table], ids: Ids) -> np.ndarray:
@@ -201,21 +204,26 @@ def time_range(trace: Trace) -> tuple[int, int]:
 
 
 def nr_cpus(trace: Trace, footers: Footers | None = None) -> int:
-    """CPUs of the recorded machine: meta.json, else the largest CPU number seen."""
+    """CPUs of the recorded machine: meta.json, else the largest CPU number seen (any count up to 8192; the
+    models run on the CPUs involved, ``CpuMap``)."""
     host = trace.meta.get("host")
     n = trace.meta.get("nr_cpus") or (host.get("nr_cpus") if isinstance(host, dict) else None)
     if not n:
         n = 1 + max((footers or Footers.scan(trace)).max_cpu, 0)
-    n = int(n)
-    if n > O.MAX_CPUS:
-        raise TraceError(f"{trace.path}: {n} CPUs; lufreplay models at most {O.MAX_CPUS} (uint64 CPU masks)")
-    return n
+    return int(n)
+
+
+def model_cpus(trace: Trace) -> tuple[CpuMap, int]:
+    """The dense CPU map of a trace and the CPU count the models run on (the CPUs involved, at least 1)."""
+    cpus = CpuMap.scan(trace)
+    return cpus, max(cpus.n, 1)
 
 
 @dataclass
 class ReplayResult:
     models: dict[str, Model]
     recon_stats: np.ndarray
+    #: CPUs the models ran on (dense ids 0..ncpu-1)
     ncpu: int
     t0: int
     t1: int
@@ -228,6 +236,24 @@ class ReplayResult:
     stages: dict[str, float]
     #: the pfn ↔ compact id map the models' pfns are in (``pfns.real`` maps them back)
     pfns: PfnMap
+    #: the dense ↔ real CPU map the models' CPUs are in (``cpus.real[i]``: real id of model CPU i)
+    cpus: CpuMap
+    #: CPUs of the recorded host (meta.json): the length of per-CPU outputs indexed by real CPU id
+    host_cpus: int
+
+    def real_cpus(self) -> np.ndarray:
+        """Real CPU id of each model CPU 0..ncpu-1 (a CPU the trace never names keeps its own id)."""
+        r = np.arange(self.ncpu, dtype=np.int64)
+        r[: self.cpus.n] = self.cpus.real[: self.ncpu]
+        return r
+
+    def per_cpu(self, values: Iterable[int] | np.ndarray) -> list[int]:
+        """Values per model CPU → a list indexed by real CPU id, ``host_cpus`` long (0 where not involved)."""
+        v = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, np.int64)[: self.ncpu]
+        real = self.real_cpus()[: v.size]
+        out = np.zeros(max(self.host_cpus, int(real.max()) + 1 if real.size else 0), np.int64)
+        out[real] = v
+        return [int(x) for x in out]
 
 
 class _Prefetch:
@@ -331,7 +357,10 @@ def replay(
     first appearance (same results, per-page memory follows the chunks touched instead of the pages).
     """
     footers = Footers.scan(trace)
-    ncpu = nr_cpus(trace, footers)
+    host_cpus = nr_cpus(trace, footers)
+    t = time.perf_counter()
+    cpus, ncpu = model_cpus(trace)
+    t_cpus = time.perf_counter() - t
     t0, t1 = footers.t0, footers.t1
     tl = np.array([t0, max(1, (t1 - t0) // O.TIMELINE_BINS + 1)], np.int64)
     ids = Ids()
@@ -346,8 +375,8 @@ def replay(
         m.pfn_of = pfns.real_one
         m.pages.ensure(pfns.limit, exact=True)  # the scan saw every block: no growth unless segments are injected
     seg_iter = segments if segments is not None else read_segments(trace)
-    stages = {"pfn_scan": t_scan, "read+raw": 0.0, "reconstruct": 0.0, **{n: 0.0 for n in models}}
-    builder = RawBuilder(ids, nbuf=2 if prefetch else 1, pfns=pfns)
+    stages = {"cpu_scan": t_cpus, "pfn_scan": t_scan, "read+raw": 0.0, "reconstruct": 0.0, **{n: 0.0 for n in models}}
+    builder = RawBuilder(ids, nbuf=2 if prefetch else 1, pfns=pfns, cpus=cpus)
     pf = _Prefetch(seg_iter, builder) if prefetch else None
     raws = iter(pf) if pf is not None else _sequential(seg_iter, builder, stages)
     n_raw = n_ops = 0
@@ -384,4 +413,4 @@ def replay(
     stages["raw_buffer_bytes"] = float(builder.nbytes)
     stages["reconstruct_bytes"] = float(rec.nbytes)
     stages["pfn_map_bytes"] = float(pfns.nbytes)
-    return ReplayResult(models, rec.RS.copy(), ncpu, t0, t1, tl, n_raw, n_ops, ids, kept, stages, pfns)
+    return ReplayResult(models, rec.RS.copy(), ncpu, t0, t1, tl, n_raw, n_ops, ids, kept, stages, pfns, cpus, host_cpus)

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
+from lufreplay import schema
 from lufreplay.console import emit_json, fail, make_console
 from lufreplay.inputs import check_option_values
 from lufreplay.model import DEFAULT_MODELS, MODELS, SafetyViolation
@@ -41,6 +42,13 @@ def list_options_table(console: Console) -> None:
     console.print(t)
 
 
+def mask_cpus(masks: np.ndarray, real: np.ndarray) -> pa.ListArray:
+    """Model CPU masks (uint64, bit i = model CPU i) → lists of real CPU ids, ascending."""
+    lists = schema.mask_to_cpus(np.asarray(masks).astype(np.uint64))
+    flat = np.asarray(lists.values.to_numpy(zero_copy_only=False), np.int64)
+    return pa.ListArray.from_arrays(lists.offsets, pa.array(real[flat].astype(np.uint16), pa.uint16()))
+
+
 def write_decisions(res: ReplayResult, out: Path) -> Path:
     """Every flush decision of every model as one Parquet file (performed / deferred / avoided)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -48,11 +56,13 @@ def write_decisions(res: ReplayResult, out: Path) -> Path:
     for pid, i in res.ids.task.ids.items():
         task_pid[i] = pid
     tables = []
+    real = res.real_cpus()  # the models ran on dense CPU ids
     for name, m in res.models.items():
         d = m.decisions_array()
         if d.size == 0:
             continue
         task = d["task"].astype(np.int64)
+        cpu = d["cpu"].astype(np.int64)
         tables.append(
             pa.table(
                 {
@@ -62,9 +72,9 @@ def write_decisions(res: ReplayResult, out: Path) -> Path:
                         pa.array(d["kind"].astype(np.int8)), pa.array(O.DECISION_KIND)
                     ),
                     "cause": pa.DictionaryArray.from_arrays(pa.array(d["cause"].astype(np.int8)), pa.array(O.CAUSES)),
-                    "cpu": d["cpu"],
+                    "cpu": np.where(cpu >= 0, real[np.clip(cpu, 0, real.size - 1)], cpu).astype(d["cpu"].dtype),
                     "pid": np.where(task >= 0, task_pid[np.maximum(task, 0)], 0),
-                    "target_mask": d["targets"],
+                    "targets": mask_cpus(d["targets"], real),
                     "remote_ipis": d["ipis"],
                     "event": pa.DictionaryArray.from_arrays(
                         pa.array(d["op"].astype(np.int8)), pa.array(O.MODEL_OP_NAMES)

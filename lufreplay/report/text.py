@@ -41,8 +41,9 @@ def render(doc: dict[str, Any], console: Console) -> None:
     van = doc["vanilla"]
     models = doc["models"]
     console.print(
-        f"[bold]lufreplay simulate[/] {tr['path']}  run={tr.get('run_id')}  {tr['nr_cpus']} CPUs  "
-        f"{tr.get('duration_s')} s  kernel={tr.get('kernel')}"
+        f"[bold]lufreplay simulate[/] {tr['path']}  run={tr.get('run_id')}  {tr['nr_cpus']} CPUs"
+        + (f" ({len(tr['cpus_involved'])} involved)" if len(tr.get("cpus_involved") or ()) < tr["nr_cpus"] else "")
+        + f"  {tr.get('duration_s')} s  kernel={tr.get('kernel')}"
     )
     if tr.get("interrupted_message"):
         console.print(f"[bold red]warning: {escape(tr['interrupted_message'])}[/]")
@@ -93,11 +94,12 @@ def render(doc: dict[str, Any], console: Console) -> None:
 
     t = Table(title="Per CPU, like the TLB row of /proc/interrupts (shootdowns received)")
     t.add_column("", overflow="fold")
-    for cpu in range(tr["nr_cpus"]):
+    cpus = tr.get("cpus_involved") or list(range(tr["nr_cpus"]))  # per_cpu is indexed by real CPU id
+    for cpu in cpus:
         t.add_column(f"CPU{cpu}", justify="right", overflow="fold")
-    t.add_row("TLB recorded", *[f"{x:,}" for x in van["per_cpu"]])
+    t.add_row("TLB recorded", *[f"{van['per_cpu'][c]:,}" for c in cpus])
     for name, m in models.items():
-        t.add_row(f"TLB {_label(name)}", *[f"{x:,}" for x in m["per_cpu"]])
+        t.add_row(f"TLB {_label(name)}", *[f"{m['per_cpu'][c]:,}" for c in cpus])
     console.print(t)
 
     el = doc["eligibility"]
