@@ -133,6 +133,14 @@ def simulate(
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="write every flush decision as Parquet into DIR")] = None,
+    scope: Annotated[
+        str | None,
+        typer.Option(
+            "--scope",
+            help="what the headline counts: 'host' (default: every process, as the kernel counted) or 'target'"
+            " (the traced command's mms alone); both totals are always printed",
+        ),
+    ] = None,
 ) -> None:
     """Replay a trace through vanilla, LUF v12, LUF v11, hold-before-free and oracle models; report shootdowns avoided.
 
@@ -147,7 +155,15 @@ def simulate(
     from lufreplay.report.simulate_cmd import run_simulate
 
     raise typer.Exit(
-        run_simulate(trace, models=model, settings=set_ or [], list_options=list_options, json_out=json_out, out=out)
+        run_simulate(
+            trace,
+            models=model,
+            settings=set_ or [],
+            list_options=list_options,
+            json_out=json_out,
+            out=out,
+            scope=scope,
+        )
     )
 
 
