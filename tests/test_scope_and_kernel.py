@@ -200,3 +200,27 @@ def test_scope_on_a_bundled_trace() -> None:
     )
     tv = sc["target"]["models"]["vanilla"]["by_cause"]
     assert tv.get("other", 0) < sc["host"]["models"]["vanilla"]["by_cause"]["other"]
+
+
+# ---- the lazy set of a batched flush is read when its IPIs go out --------------------------------------------
+def test_a_cpu_going_lazy_after_the_send_was_still_flushed(tmp_path: Path) -> None:
+    """A reclaimer on CPU0 (not in mm A's cpumask: no local flush row closes its flush) unmaps A's folio, A on
+    CPUs 1-3; reason 4 and the IPIs to 1-3; then CPU3 idles, and only later the reclaimer's next row (its free)
+    ends the recorded flush. should_flush_tlb ran at the send: CPU3 was not lazy then."""
+    kswapd = (60, 60)
+    s = Scenario(4)
+    s.sched(100, 0, *kswapd, 0, prev_kthread=True)  # the reclaimer is a kernel thread
+    for c in (1, 2, 3):
+        user_on(s, 1000 + 10 * c, c, A[c], MM_A)
+    s.sched(2000, 0, 0, 0, kswapd[0])
+    s.reclaim(10_000, 0, *kswapd, 2)
+    s.reclaim_folio(10_010, 0, *kswapd, 1000, [MM_A])
+    s.tlb(10_100, 0, *kswapd, 4)
+    for k, t in enumerate((1, 2, 3)):
+        s.sd(10_101 + k, 0, *kswapd, t)
+    s.sched(10_500, 3, *A[3], 0)  # CPU3 idles after the IPIs went out
+    s.free(50_000, 0, *kswapd, 1000)
+    s.reclaim(50_100, 0, *kswapd, 3)
+    doc = simulate(write(s, tmp_path, "6.12.1"), ["vanilla"]).doc
+    assert doc["models"]["vanilla"]["per_cpu"] == [0, 1, 1, 1]
+    assert doc["fidelity"]["recall_pct"] == 100.0 and doc["fidelity"]["precision_pct"] == 100.0

@@ -124,7 +124,8 @@ def settle(
 ):
     """Apply the CPU state to the ops ``out[lo:hi]`` emitted since the last call; returns ``hi``.
 
-    BATCH: ``mask2`` = the CPUs lazy now (the flush skips them). A recorded flush of a user task's own mm (or of
+    BATCH without a traced reason 4 (``order`` 0; one with it carries the lazy set of its reason 4): ``mask2`` =
+    the CPUs lazy now (the flush skips them). A recorded flush of a user task's own mm (or of
     the op's mm) under ``kept``: its targets running another mm leave that mm's mask. Called before every change
     of a CPU's state (``sched``) and before an unmap reads a mask, so each op sees the state of its moment."""
     if lo >= hi:
@@ -133,7 +134,8 @@ def settle(
     for j in range(lo, hi):
         r = out[j]
         if r["op"] == batch_op:
-            r["mask2"] = lz
+            if r["order"] == 0:
+                r["mask2"] = lz
         elif r["op"] == rflush_op and mode == MASK_KEPT and r["mask"] != U0:
             mm = r["mm"]
             task = r["task"]
