@@ -148,6 +148,9 @@ def test_scope_splits_the_target_from_the_rest_of_the_host(tmp_path: Path) -> No
     tv = sc["target"]["models"]["vanilla"]
     assert tv["remote_shootdowns"] == 2 + 2 + 1  # batch 3 rebuilt from A's PTE alone
     assert tv["by_cause"] == {"batch": 5}
+    # the target's rebuild: every recorded target explained, 1 of 6 recorded IPIs (batch 3's CPU3, B's) not rebuilt
+    assert sc["target"]["fidelity"]["recall_pct"] == round(100 * 5 / 6, 3)
+    assert sc["target"]["fidelity"]["precision_pct"] == 100.0
     assert sc["host"]["models"]["vanilla"]["remote_shootdowns"] == 8
     assert sc["rest_of_host"]["models"]["vanilla"]["remote_shootdowns"] == 3
     for name, m in sc["host"]["models"].items():  # the other process's own flush is outside the target, everywhere

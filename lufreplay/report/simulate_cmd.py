@@ -151,6 +151,9 @@ def scope_section(
         return out
     tdoc = build(trace, dataclasses.replace(res, models=res.scoped), opts, requested, dt)
     tgt = SC.summary(tdoc["models"], tdoc["vanilla"]["remote_shootdowns"])
+    # the rebuild checked against the recorded flushes of the target alone: other processes' own flushes, which
+    # the rebuild passes through without a cause, no longer lower its recall
+    tgt["fidelity"] = {k: tdoc["fidelity"].get(k) for k in ("recall_pct", "precision_pct", "rebuilt_vs_recorded_pct")}
     out["target"] = tgt
     out["rest_of_host"] = {
         "recorded": host["recorded"] - tgt["recorded"],

@@ -186,6 +186,12 @@ def _scope_table(sc: dict[str, Any], console: Console) -> None:
         more = ", ..." if len(procs) > 8 else ""
         t.caption = f"target: {len(procs)} process(es): {', '.join(map(str, procs[:8]))}{more}"
         console.print(t)
+        f = sc["target"].get("fidelity") or {}
+        if f.get("recall_pct") is not None:
+            console.print(
+                f"Rebuilt vanilla on the target alone: recall {_fmt_pct(f['recall_pct'])}, precision"
+                f" {_fmt_pct(f['precision_pct'])}, {_fmt_pct(f['rebuilt_vs_recorded_pct'], True)} vs recorded."
+            )
     console.print(f"Scope: {sc['shown']} shown ({escape(sc['why'])}).")
 
 
