@@ -227,3 +227,11 @@ def test_a_cpu_going_lazy_after_the_send_was_still_flushed(tmp_path: Path) -> No
     doc = simulate(write(s, tmp_path, "6.12.1"), ["vanilla"]).doc
     assert doc["models"]["vanilla"]["per_cpu"] == [0, 1, 1, 1]
     assert doc["fidelity"]["recall_pct"] == 100.0 and doc["fidelity"]["precision_pct"] == 100.0
+
+
+def test_list_options_says_mm_cpumask_comes_from_the_trace() -> None:
+    r = CliRunner().invoke(app, ["simulate", "--list-options", "--json"])
+    assert r.exit_code == 0
+    rows = {o["name"]: o for o in json.loads(r.stdout)}
+    assert rows["mm_cpumask"]["auto"].startswith("from the trace's kernel: switch up to 6.12")
+    assert "auto" not in rows["clip_to_recorded"]

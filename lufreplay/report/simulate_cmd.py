@@ -30,15 +30,27 @@ from lufreplay.replay.engine import ReplayResult, replay
 from lufreplay.report.results import build
 from lufreplay.trace.reader import TraceError, open_trace
 
+#: options ``simulate`` takes from the trace unless set (``auto_options``): what --list-options says of them
+AUTO_DOC = {"mm_cpumask": "from the trace's kernel: switch up to 6.12, kept after; {default} if unknown"}
+
+
+def options_rows() -> list[dict[str, Any]]:
+    """describe() with, for an option the trace decides, ``auto``: how."""
+    rows = describe()
+    for o in rows:
+        if o["name"] in AUTO_DOC:
+            o["auto"] = AUTO_DOC[o["name"]].format(default=o["default"])
+    return rows
+
 
 def list_options_table(console: Console) -> None:
     t = Table(title="Model options (--set NAME=VALUE); [I] = a modelling assumption of luf-model.md")
     t.add_column("name")
     t.add_column("default")
     t.add_column("meaning")
-    for o in describe():
+    for o in options_rows():
         choices = f" (one of: {', '.join(o['choices'])})" if o["choices"] else ""
-        t.add_row(o["name"], str(o["default"]), o["doc"] + choices)
+        t.add_row(o["name"], o.get("auto") or str(o["default"]), o["doc"] + choices)
     console.print(t)
 
 
@@ -207,7 +219,7 @@ def run_simulate(
     console = make_console()
     if list_options:
         if json_out:
-            emit_json(describe())
+            emit_json(options_rows())
         else:
             list_options_table(console)
         return 0
