@@ -183,6 +183,14 @@ def simulate(
             show_default=False,
         ),
     ] = None,
+    scope: Annotated[
+        str | None,
+        typer.Option(
+            "--scope",
+            help="what the headline counts: 'host' (default: every process, as the kernel counted) or 'target'"
+            " (the traced command's mms alone); both totals are always printed",
+        ),
+    ] = None,
 ) -> None:
     """Replay a trace through vanilla, LUF v12, LUF v11, hold-before-free and oracle models; report shootdowns avoided.
 
@@ -208,6 +216,7 @@ def simulate(
             out=out,
             cost=cost,
             progress=progress,
+            scope=scope,
         )
     )
 

@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ from lufreplay.model import ops as O
 from lufreplay.model.base import Model
 from lufreplay.model.state import grow, model_options
 from lufreplay.replay import reconstruct as RC
+from lufreplay.replay import scope as SC
 from lufreplay.replay.cpustate import MASK_MODES
 from lufreplay.replay.rawops import (
     COLUMNS,
@@ -255,6 +256,9 @@ class ReplayResult:
         out[real] = v
         return [int(x) for x in out]
 
+    #: the same models replayed over the target scope's ops (``lufreplay.replay.scope``); empty without a target
+    scoped: dict[str, Model] = field(default_factory=dict)
+
 
 class _Prefetch:
     """Reads and builds the next segment's raw ops in a thread while the caller replays the current one.
@@ -348,6 +352,7 @@ def replay(
     prefetch: bool = True,
     pfn_scan: bool = True,
     progress: Callable[[int], None] | None = None,
+    scope_tgids: set[int] | None = None,
 ) -> ReplayResult:
     """Replay a trace through the named models (one pass over the segments, after a scan of the pfn columns).
 
@@ -355,6 +360,7 @@ def replay(
 
     ``pfn_scan=False`` skips the scan: compact ids are then handed out by aligned 1024-pfn chunks in order of
     first appearance (same results, per-page memory follows the chunks touched instead of the pages).
+    ``scope_tgids``: also replay every model over the ops of these processes' mms alone (``ReplayResult.scoped``).
     """
     footers = Footers.scan(trace)
     host_cpus = nr_cpus(trace, footers)
@@ -371,7 +377,9 @@ def replay(
     pfns = PfnMap.scan(trace) if pfn_scan else PfnMap()
     t_scan = time.perf_counter() - t
     models = {n: MODELS[n](opts, Y, tl, ncpu, decisions) for n in model_names}
-    for m in models.values():
+    scoped = {n: MODELS[n](opts, Y, tl, ncpu, False) for n in model_names} if scope_tgids is not None else {}
+    scope_buf = np.empty(0, O.MOP_DTYPE)
+    for m in (*models.values(), *scoped.values()):
         m.pfn_of = pfns.real_one
         m.pages.ensure(pfns.limit, exact=True)  # the scan saw every block: no growth unless segments are injected
     seg_iter = segments if segments is not None else read_segments(trace)
@@ -396,6 +404,16 @@ def replay(
             t = time.perf_counter()
             m.run(mops, mops.shape[0], mp, sizes)
             stages[name] += time.perf_counter() - t
+        if scoped:
+            nonlocal scope_buf
+            t = time.perf_counter()
+            if scope_buf.shape[0] < mops.shape[0]:
+                scope_buf = np.empty(int(1.25 * mops.shape[0]) + 16, O.MOP_DTYPE)
+            ins = SC.in_scope_procs(ids.proc, scope_tgids or set())
+            k = SC.scope_filter(mops, mops.shape[0], ins, rec.MM, rec.T, RC.T_PROC, scope_buf)
+            for m in scoped.values():
+                m.run(scope_buf, k, mp, sizes)
+            stages["scope"] = stages.get("scope", 0.0) + time.perf_counter() - t
         return int(mops.shape[0])
 
     try:
@@ -413,4 +431,6 @@ def replay(
     stages["raw_buffer_bytes"] = float(builder.nbytes)
     stages["reconstruct_bytes"] = float(rec.nbytes)
     stages["pfn_map_bytes"] = float(pfns.nbytes)
-    return ReplayResult(models, rec.RS.copy(), ncpu, t0, t1, tl, n_raw, n_ops, ids, kept, stages, pfns, cpus, host_cpus)
+    return ReplayResult(
+        models, rec.RS.copy(), ncpu, t0, t1, tl, n_raw, n_ops, ids, kept, stages, pfns, cpus, host_cpus, scoped
+    )

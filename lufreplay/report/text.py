@@ -78,6 +78,10 @@ def render(doc: dict[str, Any], console: Console) -> None:
         )
     console.print(t)
 
+    sc = doc.get("scope")
+    if sc:
+        _scope_table(sc, console)
+
     causes = [c for c in O.CAUSES if c in van["by_cause"] or any(c in m["by_cause"] for m in models.values())]
     t = Table(title="Remote shootdown IPIs by cause (columns sum to the totals above)")
     # whole names even in 80 columns or a pipe: batch_nonluf and batch_unseen must stay distinguishable
@@ -159,12 +163,15 @@ def render(doc: dict[str, Any], console: Console) -> None:
     if doc.get("cost"):
         render_cost(doc, console)
 
-    changed = {k: v for k, v in doc["options"].items() if doc["option_defaults"].get(k) != v}
+    auto = doc.get("options_auto") or {}
+    changed = {k: v for k, v in doc["options"].items() if doc["option_defaults"].get(k) != v and k not in auto}
     console.print(
         "Options: "
-        + ", ".join(f"{k}={v}" for k, v in doc["options"].items())
+        + ", ".join(f"{k}={v}" + (" (auto)" if k in auto else "") for k, v in doc["options"].items())
         + (f"  [bold](changed: {', '.join(changed)})[/]" if changed else "  (all defaults)")
     )
+    for k, a in auto.items():
+        console.print(f"{k}={a['value']} chosen from the trace: {escape(a['why'])} (--set {k}=... to override)")
     rp = doc["replay"]
     console.print(f"[dim]replayed {rp['raw_events']:,} events in {rp['seconds']} s[/]")
 
@@ -225,6 +232,30 @@ def render_cost(doc: dict[str, Any], console: Console) -> None:
 
 def _q(x: dict[str, float]) -> list[float]:
     return [x["p10"], x["p50"], x["p90"]]
+
+
+def _scope_table(sc: dict[str, Any], console: Console) -> None:
+    """Target (the traced command's mms), the rest of the host and the host, side by side."""
+    if sc.get("target"):
+        t = Table(title="Remote shootdown IPIs by scope: the traced command's mms vs the rest of the host")
+        t.add_column("", overflow="fold")
+        for col in ("target", "rest of host", "host"):
+            t.add_column(col, justify="right", overflow="fold")
+        parts = (sc["target"], sc["rest_of_host"], sc["host"])
+        t.add_row("recorded", *[f"{p['recorded']:,}" for p in parts])
+        for name in sc["host"]["models"]:
+            t.add_row(_label(name), *[f"{p['models'][name]['remote_shootdowns']:,}" for p in parts])
+        procs = sc.get("target_processes") or []
+        more = ", ..." if len(procs) > 8 else ""
+        t.caption = f"target: {len(procs)} process(es): {', '.join(map(str, procs[:8]))}{more}"
+        console.print(t)
+        f = sc["target"].get("fidelity") or {}
+        if f.get("recall_pct") is not None:
+            console.print(
+                f"Rebuilt vanilla on the target alone: recall {_fmt_pct(f['recall_pct'])}, precision"
+                f" {_fmt_pct(f['precision_pct'])}, {_fmt_pct(f['rebuilt_vs_recorded_pct'], True)} vs recorded."
+            )
+    console.print(f"Scope: {sc['shown']} shown ({escape(sc['why'])}).")
 
 
 def _fmt_pct(v: float | None, sign: bool = False) -> str:
