@@ -61,6 +61,10 @@ def record(
     ] = 2.0,
     strict: Annotated[bool, typer.Option("--strict", help="exit non-zero if any event was lost")] = False,
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing output directory")] = False,
+    calibrate: Annotated[
+        bool,
+        typer.Option("--calibrate", help="first measure what a shootdown costs here and store it in the trace"),
+    ] = False,
     dump_bpf: Annotated[bool, typer.Option("--dump-bpf", hidden=True, help="print the BPF program and exit")] = False,
 ) -> None:
     """Record a workload's memory-management events into a trace directory (root).
@@ -74,6 +78,8 @@ def record(
         sudo lufreplay record -o T -a -d 10
 
         sudo lufreplay record -o T --memory-limit 1G --workload mmap-stream
+
+        sudo lufreplay record -o T --calibrate --workload anon-churn   # simulate then reports CPU-seconds
     """
     from lufreplay.capture.recorder import RecordOptions, run_record
     from lufreplay.console import fail
@@ -95,8 +101,40 @@ def record(
         strict=strict,
         force=force,
         dump_bpf=dump_bpf,
+        calibrate=calibrate,
     )
     raise typer.Exit(run_record(opts))
+
+
+@app.command()
+def calibrate(
+    save: Annotated[
+        Path | None,
+        typer.Option("--save", help="profile file to write (default: shootdown-cost-HOST.json in the config dir)"),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", "-n", help="receiver threads, one per other CPU (default: up to 4)")
+    ] = None,
+    trials: Annotated[int | None, typer.Option("--trials", help="pairs of trials (default 8; --short: 3)")] = None,
+    ops: Annotated[int | None, typer.Option("--ops", help="zaps per trial (default 20000; --short: 4000)")] = None,
+    short: Annotated[bool, typer.Option("--short", help="a quick calibration (a few seconds)")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the profile as JSON")] = False,
+) -> None:
+    """Measure what a remote TLB shootdown costs on this host, for the sender and each receiver (root).
+
+    Threads of one process zap a page with madvise(MADV_DONTNEED) while N threads spin on other CPUs (same mm:
+    IPIs; another mm: none). Gives 10th-90th percentile intervals; `simulate --cost PROFILE` turns them into
+    CPU-seconds. `record --calibrate` stores the profile in the trace.
+
+    Examples:
+
+        sudo lufreplay calibrate
+
+        sudo lufreplay calibrate --threads 3 --trials 20 --save host.json
+    """
+    from lufreplay.capture.shootdown_cost import run_calibrate
+
+    raise typer.Exit(run_calibrate(save, threads, trials, ops, short, json_out))
 
 
 @app.command()
@@ -133,6 +171,26 @@ def simulate(
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="write every flush decision as Parquet into DIR")] = None,
+    cost: Annotated[
+        Path | None,
+        typer.Option("--cost", help="shootdown-cost profile (`lufreplay calibrate`): report CPU-seconds"),
+    ] = None,
+    progress: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="progress bar on stderr (default: on a terminal, for replays longer than ~2 s)",
+            show_default=False,
+        ),
+    ] = None,
+    scope: Annotated[
+        str | None,
+        typer.Option(
+            "--scope",
+            help="what the headline counts: 'host' (default: every process, as the kernel counted) or 'target'"
+            " (the traced command's mms alone); both totals are always printed",
+        ),
+    ] = None,
 ) -> None:
     """Replay a trace through vanilla, LUF v12, LUF v11, hold-before-free and oracle models; report shootdowns avoided.
 
@@ -143,11 +201,23 @@ def simulate(
         lufreplay simulate T --json | jq .models
 
         lufreplay simulate T -m luf-v12 --set credit_natural_flushes=true --out decisions/
+
+        lufreplay simulate T --cost ~/.config/lufreplay/shootdown-cost-HOST.json   # CPU-seconds (calibrate)
     """
     from lufreplay.report.simulate_cmd import run_simulate
 
     raise typer.Exit(
-        run_simulate(trace, models=model, settings=set_ or [], list_options=list_options, json_out=json_out, out=out)
+        run_simulate(
+            trace,
+            models=model,
+            settings=set_ or [],
+            list_options=list_options,
+            json_out=json_out,
+            out=out,
+            cost=cost,
+            progress=progress,
+            scope=scope,
+        )
     )
 
 

@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 FORMAT_NAME = "lufreplay-trace"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this lufreplay reads; older ones are converted on read (``upgrade``). 2: ``ipi.targets`` (any CPU
+#: count) replaced ``ipi.target_mask`` (a uint64 bitmap of CPUs 0-63).
+READABLE_VERSIONS = (1, 2)
 META_FILE = "meta.json"
 META_KEY = b"lufreplay"  # key of the JSON metadata in each Parquet footer
 SEGMENT_GLOB = "part-*.parquet"
@@ -202,6 +206,7 @@ RAW_KIND = {
     "sched_switch": 13,
     "proc": 14,
     "mm": 15,
+    "ipi_mask_words": 16,  # words 1.. of a cpumask wider than 64 CPUs (x: first word); joined to its ipi row
 }
 
 #: The ring record as numpy sees it, including the 8-byte BPF ring buffer header in front.
@@ -352,8 +357,13 @@ IPI = _table(
     "ipi",
     "IPIs actually sent (ipi:ipi_send_cpu / ipi_send_cpumask). On x86 their callback is generic_smp_call_function_single_interrupt, never the TLB function.",
     _c("kind", pa.uint8(), "which tracepoint", enum=IPI_KIND),
-    _c("target_mask", pa.uint64(), "bitmap of target CPUs 0-63"),
-    _c("nr_targets", pa.uint16(), "number of target CPUs", hi=MAX_NR_CPUS + 1),
+    _c(
+        "targets",
+        pa.list_(pa.uint16()),
+        "target CPU ids, ascending (any CPU below nr_cpu_ids; version 1 traces: read from their target_mask)",
+        hi=NR_CPUS,
+    ),
+    _c("nr_targets", pa.uint16(), "number of target CPUs (the kernel's mask; == len(targets))", hi=MAX_NR_CPUS + 1),
     _c("callback", pa.string(), "symbol of the IPI callback"),
 )
 RECLAIM = _table(
@@ -551,7 +561,79 @@ META_FIELDS: dict[str, tuple[tuple[type | None, ...], bool]] = {
     "workload": ((dict, None), False),
     "interrupted": ((dict, None), False),
     "repaired": ((dict, None), False),
+    # `record --calibrate`: what a remote shootdown costs on the recording host (lufreplay.capture.shootdown_cost)
+    "shootdown_cost": ((dict, None), False),
+    "shootdown_cost.format": ((str,), False),
+    "shootdown_cost.method": ((str,), False),
+    "shootdown_cost.sender_ns": ((dict,), False),
+    "shootdown_cost.sender_ns.p10": ((int, float), False),
+    "shootdown_cost.sender_ns.p50": ((int, float), False),
+    "shootdown_cost.sender_ns.p90": ((int, float), False),
+    "shootdown_cost.receiver_ns": ((dict,), False),
+    "shootdown_cost.receiver_ns.p10": ((int, float), False),
+    "shootdown_cost.receiver_ns.p50": ((int, float), False),
+    "shootdown_cost.receiver_ns.p90": ((int, float), False),
+    "shootdown_cost.nr_threads": ((int,), False),
+    "shootdown_cost.host": ((dict,), False),
 }
+
+
+#: ``format`` of a shootdown-cost profile (``lufreplay calibrate``; meta.json ``shootdown_cost``)
+SHOOTDOWN_COST_FORMAT = "lufreplay-shootdown-cost"
+
+
+def shootdown_cost_problem(p: Any) -> str | None:
+    """What is wrong with a shootdown-cost profile (None if usable): its format, and positive, ordered
+    ``p10 <= p50 <= p90`` nanosecond intervals for the sender and the receiver."""
+    if not isinstance(p, dict) or p.get("format") != SHOOTDOWN_COST_FORMAT:
+        return "not a lufreplay shootdown-cost profile"
+    for k in ("sender_ns", "receiver_ns"):
+        iv = p.get(k)
+        vals = [iv.get(q) for q in ("p10", "p50", "p90")] if isinstance(iv, dict) else []
+        ok = len(vals) == 3 and all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals)
+        if not ok or not 0 < vals[0] <= vals[1] <= vals[2]:
+            return f"{k} must hold positive, ordered p10 <= p50 <= p90 (got {iv!r})"
+    return None
+
+
+#: Columns of older format versions that ``upgrade`` converts: version -> table -> {old column: new column}.
+LEGACY_COLUMNS: dict[int, dict[str, dict[str, str]]] = {1: {"ipi": {"target_mask": "targets"}}}
+#: Arrow types of those old columns (what a version-1 segment's schema holds).
+LEGACY_TYPES: dict[str, pa.DataType] = {"target_mask": pa.uint64()}
+
+
+def legacy_schema(name: str, version: int) -> pa.Schema:
+    """The Arrow schema a segment of table ``name`` written by format ``version`` has."""
+    sch = TABLES[name].schema
+    for old, new in LEGACY_COLUMNS.get(version, {}).get(name, {}).items():
+        i = sch.get_field_index(new)
+        sch = sch.set(i, pa.field(old, LEGACY_TYPES[old], nullable=False, metadata=sch.field(i).metadata))
+    return sch
+
+
+def legacy_columns(name: str, columns: list[str] | None, version: int) -> list[str] | None:
+    """The columns to read from a segment of format ``version`` to get ``columns`` of the current format."""
+    ren = {new: old for old, new in LEGACY_COLUMNS.get(version, {}).get(name, {}).items()}
+    return None if columns is None else [ren.get(c, c) for c in columns]
+
+
+def mask_to_cpus(mask: np.ndarray) -> pa.ListArray:
+    """uint64 CPU bitmaps (CPUs 0-63) → lists of CPU ids, ascending."""
+    m = np.ascontiguousarray(mask, np.uint64)
+    bits = np.unpackbits(m.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little").astype(bool)
+    rows, cpus = np.nonzero(bits)  # row-major: ascending CPU within each row
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(m)))]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(cpus.astype(np.uint16)))
+
+
+def upgrade(name: str, table: pa.Table, version: int) -> pa.Table:
+    """Rows of table ``name`` read from a segment of format ``version``, converted to the current format."""
+    for old, new in LEGACY_COLUMNS.get(version, {}).get(name, {}).items():
+        if old in table.column_names:
+            i = table.column_names.index(old)
+            arr = mask_to_cpus(table.column(old).to_numpy(zero_copy_only=False))
+            table = table.set_column(i, TABLES[name].schema.field(new), arr)
+    return table
 
 
 def empty_table(name: str) -> pa.Table:
@@ -617,6 +699,10 @@ def markdown() -> str:
         " `host.nr_cpus` of meta.json): a bad value is a one-line error naming file, column and first bad row,"
         " except in columns marked *skip*, whose bad rows are dropped and counted in a warning.",
         "",
+        "CPU sets have any width: a CPU is a uint16 id below `nr_cpus` (up to nr_cpu_ids 8192), a set of CPUs a"
+        " `list<uint16>` of ids (`ipi.targets`). Version 1 traces stored `ipi.target_mask`, a uint64 bitmap of"
+        " CPUs 0-63; readers convert it to `targets` on read.",
+        "",
         "Times are int64 nanoseconds of CLOCK_MONOTONIC; `meta.json` has `clock.realtime_minus_monotonic_ns`."
         " Enum columns are stored as the integer id and, next to it, a dictionary-encoded `<column>_name`.",
         "",
@@ -632,6 +718,11 @@ def markdown() -> str:
         " wake-ups by the ring's watermark (`watermark_wakeups`); CPU per stage (`stage_cpu_ns`: drain,"
         " decode, encode) and, when `kernel.bpf_stats_enabled` was 1, each program's `run_cnt` and"
         " `run_time_ns` (`bpf_run`). `lufreplay info` prints them.",
+        "",
+        "`meta.json` `shootdown_cost` (written by `record --calibrate`; absent otherwise) is what one remote TLB"
+        " shootdown cost on the recording host (`lufreplay calibrate`): `sender_ns` (the sender's wait, per flush)"
+        " and `receiver_ns` (per IPI received), each `{p10, p50, p90}` in ns, positive and ordered, with `method`,"
+        " `nr_threads`, `host`; `simulate` turns it into CPU-seconds (docs/simulate.md).",
         "",
     ]
     for t in TABLES.values():

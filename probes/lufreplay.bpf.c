@@ -16,6 +16,7 @@
  *   LR_VMEMMAP_BASE, LR_STRUCT_PAGE_SIZE  page pointer -> pfn constants (calibrated at record start)
  *   LR_SWP_PFN_BITS, LR_MIG_READ  migration-entry decoding constants (host-probing §4.5)
  *   LR_WAKE_RECORDS   records one CPU may add since the consumer's last drain before it wakes the consumer
+ *   LR_MASK_WORDS     u64 words of a cpumask on this host (nr_cpu_ids / 64, rounded up; 1 up to 64 CPUs)
  *   LR_NO_<group>__<name>  defined: this kernel has no such tracepoint; its probe is left out (bcc
  *                     cannot compile a TRACEPOINT_PROBE without the tracepoint's format file)
  */
@@ -150,10 +151,10 @@ static __always_inline void count_self_shootdown(void)
         sr->shootdowns++;
 }
 
-static __always_inline void emit(struct lr_rec *r, u16 kind)
+static __always_inline void emit_at(struct lr_rec *r, u16 kind, u64 ts)
 {
     u64 pt = bpf_get_current_pid_tgid();
-    r->ts = bpf_ktime_get_ns();
+    r->ts = ts;
     r->pid = (u32)pt;
     r->tgid = pt >> 32;
     r->cpu = bpf_get_smp_processor_id();
@@ -172,6 +173,11 @@ static __always_inline void emit(struct lr_rec *r, u16 kind)
         if (v)
             (*v)++;
     }
+}
+
+static __always_inline void emit(struct lr_rec *r, u16 kind)
+{
+    emit_at(r, kind, bpf_ktime_get_ns());
 }
 
 static __always_inline void total_add(int idx, u32 order)
@@ -221,6 +227,44 @@ static __always_inline void ctx_end(void)
 #define TLB_REASON_REMOTE_SHOOTDOWN 1
 #define TLB_REASON_REMOTE_WRONG_CPU 5
 
+#ifndef LR_MASK_WORDS
+#define LR_MASK_WORDS 1
+#endif
+#define LR_MASK_GROUPS ((LR_MASK_WORDS - 1 + 4) / 5)
+
+/* A cpumask of more than 64 CPUs: words 1.. go into K_IPI_MASK_WORDS records (5 words each, x = index of the
+ * first; all-zero groups left out), emitted before the head record with the head's timestamp, so that the
+ * decoder joins them to it by (cpu, ts) and a ring drain that holds the head holds them too. Returns the
+ * number of CPUs set in those words. */
+static __always_inline u32 ipi_mask_rest(const u8 *mask, u32 nbytes, u64 ts)
+{
+    u32 n = 0;
+#if LR_MASK_WORDS > 1
+#pragma unroll
+    for (u32 g = 0; g < LR_MASK_GROUPS; g++) {
+        struct lr_rec c = {};
+        u64 w[5] = {};
+        u32 w0 = 1 + g * 5;
+#pragma unroll
+        for (u32 k = 0; k < 5; k++)
+            if ((w0 + k) * 8 < nbytes)
+                bpf_probe_read_kernel(&w[k], 8, mask + (w0 + k) * 8);
+        if (!(w[0] | w[1] | w[2] | w[3] | w[4]))
+            continue;
+        c.x = w0;
+        c.a = w[0];
+        c.b = w[1];
+        c.c = w[2];
+        c.d = w[3];
+        c.e = w[4];
+        n += __builtin_popcountll(w[0]) + __builtin_popcountll(w[1]) + __builtin_popcountll(w[2]) +
+             __builtin_popcountll(w[3]) + __builtin_popcountll(w[4]);
+        emit_at(&c, K_IPI_MASK_WORDS, ts);
+    }
+#endif
+    return n;
+}
+
 #ifdef LR_RAW_IPI
 #ifndef LR_NO_tlb__tlb_flush
 RAW_TRACEPOINT_PROBE(tlb_flush)
@@ -258,7 +302,8 @@ RAW_TRACEPOINT_PROBE(ipi_send_cpu)
     if (!recording())
         return 0;
     struct lr_rec r = {};
-    r.a = 1ULL << ((u32)ctx->args[0] & 63);
+    r.a = (u32)ctx->args[0]; /* the target CPU id */
+    r.x = 1;
     r.b = ctx->args[2];
     r.c = ctx->args[1];
     emit(&r, K_IPI_SEND_CPU);
@@ -273,11 +318,13 @@ RAW_TRACEPOINT_PROBE(ipi_send_cpumask)
         return 0;
     struct lr_rec r = {};
     u64 mask = 0;
+    u64 ts = bpf_ktime_get_ns();
     bpf_probe_read_kernel(&mask, sizeof(mask), (void *)ctx->args[0]);
+    r.x = __builtin_popcountll(mask) + ipi_mask_rest((const u8 *)ctx->args[0], LR_MASK_WORDS * 8, ts);
     r.a = mask;
     r.b = ctx->args[2];
     r.c = ctx->args[1];
-    emit(&r, K_IPI_SEND_CPUMASK);
+    emit_at(&r, K_IPI_SEND_CPUMASK, ts);
     return 0;
 }
 #endif
@@ -318,7 +365,8 @@ TRACEPOINT_PROBE(ipi, ipi_send_cpu)
     if (!recording())
         return 0;
     struct lr_rec r = {};
-    r.a = 1ULL << (args->cpu & 63);
+    r.a = args->cpu; /* the target CPU id */
+    r.x = 1;
     r.b = (u64)args->callback;
     r.c = (u64)args->callsite;
     emit(&r, K_IPI_SEND_CPU);
@@ -334,12 +382,16 @@ TRACEPOINT_PROBE(ipi, ipi_send_cpumask)
     struct lr_rec r = {};
     u32 dl = 0;
     u64 mask = 0;
+    u64 ts = bpf_ktime_get_ns();
     bpf_probe_read_kernel(&dl, sizeof(dl), (void *)args + 8);
     bpf_probe_read_kernel(&mask, sizeof(mask), (void *)args + (dl & 0xffff));
+    /* __data_loc: low 16 bits offset, high 16 bits length in bytes of the bitmask */
+    u32 nbytes = dl >> 16 < LR_MASK_WORDS * 8 ? dl >> 16 : LR_MASK_WORDS * 8;
+    r.x = __builtin_popcountll(mask) + ipi_mask_rest((const u8 *)args + (dl & 0xffff), nbytes, ts);
     r.a = mask;
     r.b = (u64)args->callback;
     r.c = (u64)args->callsite;
-    emit(&r, K_IPI_SEND_CPUMASK);
+    emit_at(&r, K_IPI_SEND_CPUMASK, ts);
     return 0;
 }
 #endif

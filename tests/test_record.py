@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 
 from lufreplay import open_trace, schema
@@ -143,6 +144,14 @@ def test_stream_recording_is_complete_and_reconciles(stream_trace) -> None:
     # (or 16 interrupts: a handful per recording have no recorded shootdown, see test_info)
     assert np.all(np.abs(recorded - tlb) <= np.maximum(0.01 * tlb, 16)), (recorded, tlb)
     assert sd["callsite"].str.contains(r"\+0x").all()
+
+    # IPIs (format 2): every row lists its target CPUs, as many as it counts, each a CPU of this host.
+    ipi = t.table("ipi")
+    lens = np.asarray(pc.list_value_length(ipi.column("targets")).to_numpy())
+    cpus = np.asarray(pc.list_flatten(ipi.column("targets")).to_numpy())
+    assert ipi.num_rows > 100 and (lens >= 1).all()
+    assert (lens == ipi.column("nr_targets").to_numpy()).all()
+    assert cpus.max() < m["host"]["nr_cpus"]
 
     # In-kernel page totals agree with vmstat: both are read back to back at each end of the window.
     c = t.pandas("counters")

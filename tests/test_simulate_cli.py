@@ -98,7 +98,7 @@ def test_out_writes_every_decision(tmp_path: Path) -> None:
         and list(performed["pfn"]) == [1000]
     )
     deferred = v12[v12["decision"] == "deferred"]
-    assert list(deferred["target_mask"]) == [0b11] and list(deferred["pid"]) == [A[0]]
+    assert [list(t) for t in deferred["targets"]] == [[0, 1]] and list(deferred["pid"]) == [A[0]]
     for name in ("vanilla", "luf-v11", "hold-before-free", "oracle"):
         assert int(df[(df["model"] == name) & (df["decision"] == "performed")]["remote_ipis"].sum()) == 1
 

@@ -121,7 +121,7 @@ def test_unknown_counter_codes_are_skipped_with_a_counted_warning(trace: Path) -
             '{"format": "lufreplay-trace", "format_version": 1, "host": {"nr_cpus": 0}}',
             "host.nr_cpus 0 is out of range",
         ),
-        ('{"format": "lufreplay-trace", "format_version": 2}', "format version 2 is not supported"),
+        ('{"format": "lufreplay-trace", "format_version": 3}', "format version 3 is not supported"),
         ('{"format": "x", "format_version": 1}', "not a lufreplay trace (format='x')"),
         ("{", "meta.json: not valid JSON"),
         ('{"format_version": 1}', "field 'format' missing"),

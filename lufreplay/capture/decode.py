@@ -24,6 +24,7 @@ KIND_TABLE = {
     K["csd_queue_cpu"]: "shootdown",
     K["ipi_send_cpu"]: "ipi",
     K["ipi_send_cpumask"]: "ipi",
+    K["ipi_mask_words"]: "ipi",
     K["reclaim"]: "reclaim",
     K["rss_stat"]: "unmap",
     K["filemap_delete"]: "page_cache",
@@ -45,6 +46,8 @@ class DecodeContext:
     resolve: Callable[[int], str] = hex
     calibration: dict[str, Any] = field(default_factory=dict)
     is_kthread: Callable[[np.ndarray], np.ndarray] | None = None
+    #: ipi_mask_words records whose head record is not decoded yet (it comes in a later ring drain)
+    ipi_words: np.ndarray = field(default_factory=lambda: np.zeros(0, schema.RAW_RECORD))
     _sym_cache: dict[int, str] = field(default_factory=dict)
 
     def symbols(self, addrs: np.ndarray) -> pa.Array:
@@ -94,15 +97,52 @@ def _shootdown(r: np.ndarray, ctx: DecodeContext) -> pa.Table:
     )
 
 
+def _bits(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, bit) of every set bit of a (rows, words) uint64 array, bits numbered across the words."""
+    w = np.ascontiguousarray(words, np.uint64)
+    bits = np.unpackbits(w.view(np.uint8).reshape(len(w), 8 * w.shape[1]), axis=1, bitorder="little")
+    return np.nonzero(bits)
+
+
 def _ipi(r: np.ndarray, ctx: DecodeContext) -> pa.Table:
-    kind = np.where(r["kind"] == K["ipi_send_cpumask"], 1, 0).astype(np.uint8)
+    """Head records (ipi_send_cpu: the CPU in ``a``; ipi_send_cpumask: CPUs 0-63 in ``a``, the mask's popcount
+    in ``x``) joined with the ipi_mask_words records of the same (cpu, ts) that carry the mask's higher words."""
+    words = r["kind"] == K["ipi_mask_words"]
+    cont = np.concatenate([ctx.ipi_words, r[words]])
+    r = r[~words]
+    one = r["kind"] == K["ipi_send_cpu"]
+    rows, cpus = _bits(r["a"][:, None])
+    keep = ~one[rows]
+    rows, cpus = rows[keep], cpus[keep]
+    rows = np.concatenate([rows, np.flatnonzero(one)])
+    cpus = np.concatenate([cpus, r["a"][one].astype(np.int64)])
+    if len(cont):  # only on hosts of more than 64 CPUs: a dict per drain is cheap there
+        head = {(int(t), int(c)): i for i, (t, c) in enumerate(zip(r["ts"], r["cpu"], strict=True)) if not one[i]}
+        at = np.array([head.get((int(t), int(c)), -1) for t, c in zip(cont["ts"], cont["cpu"], strict=True)])
+        found = at >= 0
+        # a words record with no head yet waits for the next drain, unless a later head of its CPU came already
+        # (its head was lost: a full ring)
+        last: dict[int, int] = {}
+        for c, t in zip(r["cpu"].tolist(), r["ts"].tolist(), strict=True):
+            last[c] = max(last.get(c, -1), t)
+        wait = ~found & np.array([last.get(int(c), -1) < int(t) for t, c in zip(cont["ts"], cont["cpu"], strict=True)])
+        ctx.ipi_words = cont[wait]
+        got = cont[found]
+        crow, cbit = _bits(np.stack([got[k] for k in "abcde"], 1))
+        rows = np.concatenate([rows, at[found][crow]])
+        cpus = np.concatenate([cpus, 64 * got["x"][crow].astype(np.int64) + cbit])
+    o = np.lexsort((cpus, rows))
+    rows, cpus = rows[o], cpus[o]
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(r)))]).astype(np.int32)
+    targets = pa.ListArray.from_arrays(pa.array(offsets), pa.array(cpus.astype(np.uint16)))
+    n = np.diff(offsets)
     return schema.from_columns(
         "ipi",
         {
             **_task(r),
-            "kind": kind,
-            "target_mask": r["a"],
-            "nr_targets": np.bitwise_count(r["a"]).astype(np.uint16),
+            "kind": np.where(one, 0, 1).astype(np.uint8),
+            "targets": targets,
+            "nr_targets": np.where(one, 1, np.maximum(r["x"], n)).astype(np.uint16),
             "callback": ctx.symbols(r["b"]),
         },
     )
@@ -341,7 +381,9 @@ def decode(recs: np.ndarray, ctx: DecodeContext) -> dict[str, pa.Table]:
     for i, name in enumerate(names):
         lo, hi = bounds[i + 1], bounds[i + 2]
         if hi > lo:
-            out[name] = _DECODERS[name](recs[order[lo:hi]], ctx)
+            t = _DECODERS[name](recs[order[lo:hi]], ctx)
+            if t.num_rows:  # an ipi group of words records only: their heads come in the next drain
+                out[name] = t
     return out
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lufreplay import schema
+from lufreplay.capture.procfs import parse_cpulist
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROBE_SOURCE = REPO_ROOT / "probes" / "lufreplay.bpf.c"
@@ -88,6 +89,7 @@ KIND_TABLE = {
     "csd_queue_cpu": "shootdown",
     "ipi_send_cpu": "ipi",
     "ipi_send_cpumask": "ipi",
+    "ipi_mask_words": "ipi",
     "reclaim": "reclaim",
     "rss_stat": "unmap",
     "filemap_delete": "page_cache",
@@ -199,6 +201,8 @@ class BuildOptions:
     page_pfn: tuple[int, int] | None = None
     #: Tracepoints ("group:name") this kernel lacks; their probes are not compiled in.
     absent: tuple[str, ...] = ()
+    #: nr_cpu_ids of this host: how many CPUs an IPI cpumask can name (the probes read that many bits)
+    nr_cpu_ids: int = field(default_factory=lambda: nr_cpu_ids())
 
     @property
     def raw_page(self) -> bool:
@@ -216,6 +220,7 @@ def cflags(opts: BuildOptions) -> list[str]:
         f"-DLR_SWP_PFN_BITS={opts.calibration['swp_pfn_bits']}",
         f"-DLR_MIG_READ={opts.calibration['mig_read']}",
         f"-DLR_WAKE_RECORDS={wake_records(opts.rb_bytes)}ULL",
+        f"-DLR_MASK_WORDS={(min(max(opts.nr_cpu_ids, 1), schema.MAX_NR_CPUS) + 63) // 64}",
     ]
     if opts.filter_tgid:
         flags.append("-DLR_FILTER=1")
@@ -237,12 +242,19 @@ def wake_records(rb_bytes: int) -> int:
 
 def possible_cpus() -> list[int]:
     """/sys/devices/system/cpu/possible as a list (per-CPU maps have one slot per possible CPU)."""
-    from lufreplay.capture.procfs import parse_cpulist
-
     try:
         return parse_cpulist(Path("/sys/devices/system/cpu/possible").read_text())
     except OSError:
         return list(range(os.cpu_count() or 1))
+
+
+def nr_cpu_ids() -> int:
+    """The kernel's nr_cpu_ids: highest possible CPU + 1 (CPU ids can exceed the online count)."""
+    try:
+        cpus = parse_cpulist(Path("/sys/devices/system/cpu/possible").read_text())
+    except (OSError, ValueError):
+        cpus = []
+    return max(cpus) + 1 if cpus else (os.cpu_count() or 1)
 
 
 def absent_flag(tp: str) -> str:

@@ -84,6 +84,7 @@ class RecordOptions:
     strict: bool = False
     force: bool = False
     dump_bpf: bool = False
+    calibrate: bool = False  # measure the shootdown cost first and store it in meta.json
 
 
 # --------------------------------------------------------------------------------------------------
@@ -445,6 +446,7 @@ class Recorder:
         self.polls = 0
         self.watermark_wakeups = 0
         self.drain_ns = 0
+        self.shootdown_cost: dict[str, Any] | None = None
 
     # ---- validation -------------------------------------------------------------------------------
 
@@ -475,6 +477,16 @@ class Recorder:
             if bad:
                 raise RecordError(bad)
         return chosen[0]
+
+    def _calibrate(self) -> None:
+        """Before the probes and the workload: the calibration's own shootdowns stay out of the trace."""
+        from lufreplay.capture import shootdown_cost as sc
+
+        sys.stderr.write("lufreplay: measuring the cost of a remote TLB shootdown on this host (--calibrate)\n")
+        try:
+            self.shootdown_cost = sc.calibrate(sc.CalibrateOptions())
+        except sc.CalibrationError as e:
+            raise RecordError(f"--calibrate: {e}") from None
 
     def _symbols(self) -> Any:
         """/proc/kallsyms, parsed once per recording (it takes seconds on a busy host)."""
@@ -508,6 +520,8 @@ class Recorder:
         build = probes.BuildOptions(rb_bytes=rb_bytes, filter_tgid=(mode != "system"))
         if os.geteuid() != 0:
             raise RecordError("recording needs root (BPF and tracefs); run with sudo")
+        if o.calibrate:
+            self._calibrate()
         from lufreplay.capture import features
 
         if features.tracefs_path() is None:
@@ -699,6 +713,8 @@ class Recorder:
                 "bpf_load_s": round(load_s, 3),
                 "complete": False,
             }
+            if self.shootdown_cost is not None:
+                meta["shootdown_cost"] = self.shootdown_cost
             self.writer = TraceWriter(o.output, meta)
             consumer = RingConsumer(prog.ring_fd(), build.rb_bytes)
             keep_freed_memory()

@@ -30,6 +30,8 @@ known, else it is taken as a kernel thread (lazy: the CPU keeps what it had load
 
 from __future__ import annotations
 
+import re
+
 import numba
 
 from lufreplay.model.kernels import U0, bit
@@ -122,7 +124,8 @@ def settle(
 ):
     """Apply the CPU state to the ops ``out[lo:hi]`` emitted since the last call; returns ``hi``.
 
-    BATCH: ``mask2`` = the CPUs lazy now (the flush skips them). A recorded flush of a user task's own mm (or of
+    BATCH without a traced reason 4 (``order`` 0; one with it carries the lazy set of its reason 4): ``mask2`` =
+    the CPUs lazy now (the flush skips them). A recorded flush of a user task's own mm (or of
     the op's mm) under ``kept``: its targets running another mm leave that mm's mask. Called before every change
     of a CPU's state (``sched``) and before an unmap reads a mask, so each op sees the state of its moment."""
     if lo >= hi:
@@ -131,7 +134,8 @@ def settle(
     for j in range(lo, hi):
         r = out[j]
         if r["op"] == batch_op:
-            r["mask2"] = lz
+            if r["order"] == 0:
+                r["mask2"] = lz
         elif r["op"] == rflush_op and mode == MASK_KEPT and r["mask"] != U0:
             mm = r["mm"]
             task = r["task"]
@@ -140,3 +144,27 @@ def settle(
             if mm >= 0:
                 _wrong_cpu(mm, r["mask"], ncpu, MM, CPU, c_loaded, last_run)
     return hi
+
+
+#: the last kernel that clears a CPU's mm_cpumask bit at every switch (``switch``); "Update mm_cpumask lazily"
+#: (209954cbc7d0) came after it
+LAST_SWITCH_TRIM = (6, 12)
+
+
+def kernel_version(release: str | None) -> tuple[int, int] | None:
+    """(major, minor) of a ``uname -r`` string such as ``6.12.118+deb12-amd64``; None when it has none."""
+    if not release:
+        return None
+    m = re.match(r"\s*(\d+)\.(\d+)", str(release))
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def mask_mode_for_kernel(release: str | None, default: str) -> tuple[str, str]:
+    """The ``mm_cpumask`` mode of the recorded kernel and why: ``switch`` up to 6.12, ``kept`` after; ``default``
+    when the release is unknown."""
+    v = kernel_version(release)
+    if v is None:
+        return default, f"kernel release unknown: the default {default!r}"
+    if v <= LAST_SWITCH_TRIM:
+        return "switch", f"kernel {release} ≤ 6.12 clears mm_cpumask at every switch"
+    return "kept", f"kernel {release} > 6.12 keeps lazy CPUs in mm_cpumask ('Update mm_cpumask lazily')"

@@ -4,7 +4,9 @@ Memory is bounded by one segment of each table plus the model state (per-page ar
 touches, per-task/mm/mapping arrays, carried across segments). pfns are remapped to compact ids (``PfnMap``,
 built by a scan of the pfn columns before the replay), so the per-page arrays do not follow the host's pfn
 range; pfns that leave the simulator (``--out`` decisions, error messages) are mapped back. ``maps`` and ``mm``
-are small user-side tables and are loaded whole up front. The per-segment buffers (raw ops, model ops) are reused from one segment
+are small user-side tables and are loaded whole up front. CPUs are relabelled densely (``CpuMap``, built by a scan
+of the cpu columns): the models run on the CPUs the trace involves (at most 64), whatever the host's CPU count, and
+``ReplayResult.cpus`` maps their per-CPU outputs back to the real CPU ids. The per-segment buffers (raw ops, model ops) are reused from one segment
 to the next, so their size follows the largest segment, not the trace. By default the next segment is read and
 turned into raw ops in a second thread while the current one is replayed (``prefetch``).
 """
@@ -14,8 +16,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,11 +29,13 @@ from lufreplay.model import ops as O
 from lufreplay.model.base import Model
 from lufreplay.model.state import grow, model_options
 from lufreplay.replay import reconstruct as RC
+from lufreplay.replay import scope as SC
 from lufreplay.replay.cpustate import MASK_MODES
 from lufreplay.replay.rawops import (
     COLUMNS,
     EVENT_TABLES,
     KIND,
+    CpuMap,
     Footers,
     IdMap,
     Ids,
@@ -41,9 +45,9 @@ from lufreplay.replay.rawops import (
     read_segments,
 )
 from lufreplay.replay.rawops import col as _col
-from lufreplay.trace.reader import Trace, TraceError
+from lufreplay.trace.reader import Trace
 
-__all__ = ["COLUMNS", "EVENT_TABLES", "KIND", "IdMap", "Ids", "PfnMap", "ReplayResult", "raw_ops", "replay"]
+__all__ = ["COLUMNS", "EVENT_TABLES", "KIND", "CpuMap", "IdMap", "Ids", "PfnMap", "ReplayResult", "raw_ops", "replay"]
 
 
 def raw_ops(seg: dict[str, pa.Table], ids: Ids) -> np.ndarray:
@@ -201,21 +205,26 @@ def time_range(trace: Trace) -> tuple[int, int]:
 
 
 def nr_cpus(trace: Trace, footers: Footers | None = None) -> int:
-    """CPUs of the recorded machine: meta.json, else the largest CPU number seen."""
+    """CPUs of the recorded machine: meta.json, else the largest CPU number seen (any count up to 8192; the
+    models run on the CPUs involved, ``CpuMap``)."""
     host = trace.meta.get("host")
     n = trace.meta.get("nr_cpus") or (host.get("nr_cpus") if isinstance(host, dict) else None)
     if not n:
         n = 1 + max((footers or Footers.scan(trace)).max_cpu, 0)
-    n = int(n)
-    if n > O.MAX_CPUS:
-        raise TraceError(f"{trace.path}: {n} CPUs; lufreplay models at most {O.MAX_CPUS} (uint64 CPU masks)")
-    return n
+    return int(n)
+
+
+def model_cpus(trace: Trace) -> tuple[CpuMap, int]:
+    """The dense CPU map of a trace and the CPU count the models run on (the CPUs involved, at least 1)."""
+    cpus = CpuMap.scan(trace)
+    return cpus, max(cpus.n, 1)
 
 
 @dataclass
 class ReplayResult:
     models: dict[str, Model]
     recon_stats: np.ndarray
+    #: CPUs the models ran on (dense ids 0..ncpu-1)
     ncpu: int
     t0: int
     t1: int
@@ -228,6 +237,27 @@ class ReplayResult:
     stages: dict[str, float]
     #: the pfn ↔ compact id map the models' pfns are in (``pfns.real`` maps them back)
     pfns: PfnMap
+    #: the dense ↔ real CPU map the models' CPUs are in (``cpus.real[i]``: real id of model CPU i)
+    cpus: CpuMap
+    #: CPUs of the recorded host (meta.json): the length of per-CPU outputs indexed by real CPU id
+    host_cpus: int
+
+    def real_cpus(self) -> np.ndarray:
+        """Real CPU id of each model CPU 0..ncpu-1 (a CPU the trace never names keeps its own id)."""
+        r = np.arange(self.ncpu, dtype=np.int64)
+        r[: self.cpus.n] = self.cpus.real[: self.ncpu]
+        return r
+
+    def per_cpu(self, values: Iterable[int] | np.ndarray) -> list[int]:
+        """Values per model CPU → a list indexed by real CPU id, ``host_cpus`` long (0 where not involved)."""
+        v = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, np.int64)[: self.ncpu]
+        real = self.real_cpus()[: v.size]
+        out = np.zeros(max(self.host_cpus, int(real.max()) + 1 if real.size else 0), np.int64)
+        out[real] = v
+        return [int(x) for x in out]
+
+    #: the same models replayed over the target scope's ops (``lufreplay.replay.scope``); empty without a target
+    scoped: dict[str, Model] = field(default_factory=dict)
 
 
 class _Prefetch:
@@ -321,14 +351,22 @@ def replay(
     keep_ops: bool = False,
     prefetch: bool = True,
     pfn_scan: bool = True,
+    progress: Callable[[int], None] | None = None,
+    scope_tgids: set[int] | None = None,
 ) -> ReplayResult:
     """Replay a trace through the named models (one pass over the segments, after a scan of the pfn columns).
 
+    ``progress`` is called after each segment with the number of raw events it held.
+
     ``pfn_scan=False`` skips the scan: compact ids are then handed out by aligned 1024-pfn chunks in order of
     first appearance (same results, per-page memory follows the chunks touched instead of the pages).
+    ``scope_tgids``: also replay every model over the ops of these processes' mms alone (``ReplayResult.scoped``).
     """
     footers = Footers.scan(trace)
-    ncpu = nr_cpus(trace, footers)
+    host_cpus = nr_cpus(trace, footers)
+    t = time.perf_counter()
+    cpus, ncpu = model_cpus(trace)
+    t_cpus = time.perf_counter() - t
     t0, t1 = footers.t0, footers.t1
     tl = np.array([t0, max(1, (t1 - t0) // O.TIMELINE_BINS + 1)], np.int64)
     ids = Ids()
@@ -339,12 +377,14 @@ def replay(
     pfns = PfnMap.scan(trace) if pfn_scan else PfnMap()
     t_scan = time.perf_counter() - t
     models = {n: MODELS[n](opts, Y, tl, ncpu, decisions) for n in model_names}
-    for m in models.values():
+    scoped = {n: MODELS[n](opts, Y, tl, ncpu, False) for n in model_names} if scope_tgids is not None else {}
+    scope_buf = np.empty(0, O.MOP_DTYPE)
+    for m in (*models.values(), *scoped.values()):
         m.pfn_of = pfns.real_one
         m.pages.ensure(pfns.limit, exact=True)  # the scan saw every block: no growth unless segments are injected
     seg_iter = segments if segments is not None else read_segments(trace)
-    stages = {"pfn_scan": t_scan, "read+raw": 0.0, "reconstruct": 0.0, **{n: 0.0 for n in models}}
-    builder = RawBuilder(ids, nbuf=2 if prefetch else 1, pfns=pfns)
+    stages = {"cpu_scan": t_cpus, "pfn_scan": t_scan, "read+raw": 0.0, "reconstruct": 0.0, **{n: 0.0 for n in models}}
+    builder = RawBuilder(ids, nbuf=2 if prefetch else 1, pfns=pfns, cpus=cpus)
     pf = _Prefetch(seg_iter, builder) if prefetch else None
     raws = iter(pf) if pf is not None else _sequential(seg_iter, builder, stages)
     n_raw = n_ops = 0
@@ -364,12 +404,24 @@ def replay(
             t = time.perf_counter()
             m.run(mops, mops.shape[0], mp, sizes)
             stages[name] += time.perf_counter() - t
+        if scoped:
+            nonlocal scope_buf
+            t = time.perf_counter()
+            if scope_buf.shape[0] < mops.shape[0]:
+                scope_buf = np.empty(int(1.25 * mops.shape[0]) + 16, O.MOP_DTYPE)
+            ins = SC.in_scope_procs(ids.proc, scope_tgids or set())
+            k = SC.scope_filter(mops, mops.shape[0], ins, rec.MM, rec.T, RC.T_PROC, scope_buf)
+            for m in scoped.values():
+                m.run(scope_buf, k, mp, sizes)
+            stages["scope"] = stages.get("scope", 0.0) + time.perf_counter() - t
         return int(mops.shape[0])
 
     try:
         for raw in raws:
             n_raw += raw.shape[0]
             n_ops += feed(raw, False)
+            if progress is not None:
+                progress(raw.shape[0])
             del raw
     finally:
         if pf is not None:
@@ -379,4 +431,6 @@ def replay(
     stages["raw_buffer_bytes"] = float(builder.nbytes)
     stages["reconstruct_bytes"] = float(rec.nbytes)
     stages["pfn_map_bytes"] = float(pfns.nbytes)
-    return ReplayResult(models, rec.RS.copy(), ncpu, t0, t1, tl, n_raw, n_ops, ids, kept, stages, pfns)
+    return ReplayResult(
+        models, rec.RS.copy(), ncpu, t0, t1, tl, n_raw, n_ops, ids, kept, stages, pfns, cpus, host_cpus, scoped
+    )

@@ -7,7 +7,10 @@ straight into a reused buffer at those places. Equal timestamps keep the ``EVENT
 row order, exactly as a stable sort of the concatenated tables would.
 
 pfns are remapped to compact ids here (``PfnMap``), before the reconstruction and the models see them, so that
-the models' per-page arrays follow the pages the trace touches, not the host's pfn range.
+the models' per-page arrays follow the pages the trace touches, not the host's pfn range. CPUs likewise
+(``CpuMap``): the CPUs a trace involves get dense ids 0..n-1 in ascending order, so a trace of CPUs 0 and 100 of a
+200-CPU host replays as one of CPUs 0 and 1, and the models' uint64 CPU masks cover any host of at most 64
+involved CPUs.
 """
 
 from __future__ import annotations
@@ -330,6 +333,75 @@ class PfnMap:
         return int(self.real(np.array([compact], np.int64))[0])
 
 
+#: Tables whose rows name a CPU besides their ``cpu`` column.
+CPU_COLUMNS = {"shootdown": ("target_cpu",)}
+
+
+class CpuMap:
+    """Real CPU id ↔ dense model CPU id, for the CPUs a trace involves (ascending: dense order = real order).
+
+    ``scan`` reads the ``cpu`` column of every event table the replay reads, and ``shootdown.target_cpu``.
+    A CPU the scan did not see (segments not from the scanned files) gets the next id. More than
+    ``O.MAX_CPUS`` involved CPUs is a TraceError: the models' CPU masks are uint64.
+    """
+
+    def __init__(self, real: np.ndarray | list[int] | None = None, where: str = "trace") -> None:
+        r = np.unique(np.asarray(real if real is not None else [], np.int64))
+        self.where = where
+        self.real = np.zeros(0, np.int64)
+        self._lut = np.full(0, -1, np.int64)
+        self._add(r)
+
+    @property
+    def n(self) -> int:
+        return int(self.real.size)
+
+    def _add(self, new: np.ndarray) -> None:
+        real = np.concatenate([self.real, new.astype(np.int64)])
+        if real.size > O.MAX_CPUS:
+            ids = np.sort(real)
+            raise TraceError(
+                f"{self.where}: {real.size} CPUs take part (ids {int(ids[0])}..{int(ids[-1])}); the models replay at"
+                f" most {O.MAX_CPUS} involved CPUs per trace (uint64 CPU masks), whatever the host's CPU count"
+            )
+        if new.size and int(new.max()) >= schema.MAX_NR_CPUS:
+            raise TraceError(f"{self.where}: CPU id {int(new.max())} is beyond {schema.MAX_NR_CPUS - 1}")
+        lut = np.full(max(int(real.max()) + 1 if real.size else 0, self._lut.size), -1, np.int64)
+        lut[: self._lut.size] = self._lut
+        lut[new] = np.arange(self.real.size, real.size)
+        self.real, self._lut = real, lut
+
+    def dense(self, cpu: np.ndarray) -> np.ndarray:
+        """Dense ids of real CPU ids (new CPUs get the next ids, in ascending order)."""
+        cpu = np.asarray(cpu, np.int64)
+        if cpu.size == 0:
+            return cpu
+        if int(cpu.min()) < 0:
+            raise TraceError(f"{self.where}: negative CPU id {int(cpu.min())}")
+        hi = int(cpu.max())
+        if hi >= self._lut.size or (self._lut[cpu] < 0).any():
+            seen = np.unique(cpu)
+            known = seen < self._lut.size
+            known[known] = self._lut[seen[known]] >= 0
+            self._add(seen[~known])
+        return self._lut[cpu]
+
+    @property
+    def identity(self) -> bool:
+        """Dense ids equal the real ones (CPUs 0..n-1 all involved)."""
+        return bool((self.real == np.arange(self.real.size)).all())
+
+    @classmethod
+    def scan(cls, trace: Trace) -> CpuMap:
+        """The CPUs of every event table's ``cpu`` column and of ``CPU_COLUMNS`` (reads only those columns)."""
+        seen: list[np.ndarray] = []
+        for name in EVENT_TABLES:
+            for f in trace.files.get(name, []):
+                t = trace.read_file(f, ["cpu", *CPU_COLUMNS.get(name, ())])
+                seen += [np.unique(col(t, c)) for c in t.column_names]
+        return cls(np.concatenate(seen) if seen else None, where=str(trace.path))
+
+
 @numba.njit(cache=True, nogil=True)
 def _block_keys(pfn, order, event, out):  # type: ignore[no-untyped-def]
     """One key pfn * 2048 + pages per row with a pfn (order: empty = 0; event 2/3 = a PMD, ≥ order 9).
@@ -379,21 +451,25 @@ def _u64(t: pa.Table, name: str) -> np.ndarray:
     return col(t, name, np.uint64).view(np.int64)
 
 
-def _fields(name: str, t: pa.Table, ids: Ids) -> dict[str, np.ndarray]:
+def _fields(name: str, t: pa.Table, ids: Ids, cpus: CpuMap | None = None) -> dict[str, np.ndarray]:
     """A table's raw-op fields as int64 arrays. Id assignment order (task, proc, then the table's own ids)
-    matters: ids are handed out in call order."""
+    matters: ids are handed out in call order. With ``cpus``, CPU ids are written as its dense ids."""
     pid = col(t, "pid")
     tgid = col(t, "tgid")
+
+    def cpu(c: str) -> np.ndarray:
+        return col(t, c) if cpus is None else cpus.dense(col(t, c))
+
     f: dict[str, np.ndarray] = {
         "ts": col(t, "ts_ns"),
-        "cpu": col(t, "cpu"),
+        "cpu": cpu("cpu"),
         "task": ids.tasks(pid),
         "proc": ids.procs(tgid),
     }
     if name == "tlb_flush":
         f |= {"sub": col(t, "reason"), "a": col(t, "pages")}
     elif name == "shootdown":
-        f |= {"a": col(t, "target_cpu")}
+        f |= {"a": cpu("target_cpu")}
     elif name == "reclaim":
         f |= {"sub": col(t, "event"), "a": col(t, "pfn")}
     elif name == "unmap":
@@ -481,13 +557,16 @@ def _i64(f: dict[str, np.ndarray], k: str) -> np.ndarray:
 class RawBuilder:
     """Builds segments' raw ops into reused buffers (no fresh 60-byte-per-row allocation per segment).
 
-    With ``pfns``, the pfn column of every ``PFN_TABLES`` row is written as a compact id.
+    With ``pfns``, the pfn column of every ``PFN_TABLES`` row is written as a compact id; with ``cpus``, every CPU
+    id as a dense one.
     ``nbuf`` buffers are used in turn, so the last ``nbuf`` results stay valid (the prefetch pipeline keeps one
     segment in flight while the previous one is replayed).
     """
 
-    def __init__(self, ids: Ids, nbuf: int = 1, pfns: PfnMap | None = None) -> None:
+    def __init__(self, ids: Ids, nbuf: int = 1, pfns: PfnMap | None = None, cpus: CpuMap | None = None) -> None:
         self.ids = ids
+        #: CPU ids are written as this map's dense ids (None: as recorded)
+        self.cpus = cpus
         #: pfns are written as this map's compact ids (None: as recorded)
         self.pfns = pfns
         self.bufs = [np.zeros(0, O.RAW_DTYPE) for _ in range(nbuf)]
@@ -503,7 +582,7 @@ class RawBuilder:
         for name in EVENT_TABLES:
             t = seg.get(name)
             if t is not None and t.num_rows:
-                f = _fields(name, t, self.ids)
+                f = _fields(name, t, self.ids, self.cpus)
                 if self.pfns is not None and name in PFN_TABLES:
                     f["a"] = self.pfns.compact(f["a"], block_order(name, f))
                 parts.append((KIND[name], f))

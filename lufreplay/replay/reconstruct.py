@@ -56,7 +56,8 @@ NT = 18
 C_OPEN, C_TASK, C_N, C_TS, C_LOCAL, C_FULL, C_CUR_TASK, C_CUR_MM, C_PROC, C_PAGES = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9
 C_LOADED, C_LAZY = 10, 11  # the mm loaded (process + 1) and lazy-TLB mode (lufreplay.replay.cpustate)
 C_SENT = 12  # the open flush traced reason 4 (remote_send_ipi, before lazy/PV filtering)
-NC = 13
+C_LAZY_AT = 13  # the CPUs lazy at that reason 4 (uint64 bits in an int64): should_flush_tlb reads them right then
+NC = 14
 # ---- scalars S --------------------------------------------------------------------------------------------
 S_FREE, S_NOUT, S_POOL_LIVE, S_LAST_TS = 0, 1, 2, 3
 S_STAMPED = 4  # BATCH ops of ``out`` before this index carry their lazy set (cpustate.settle)
@@ -444,7 +445,12 @@ def close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X, nx_set=
     CPU[c, C_SENT] = 0
     if task >= 0 and local != 3 and _has_batch(task, T):
         if close_batch(task, ts, c, R, n, lflag, T, pool, nxt, S, out, RS, X):
-            out[S[S_NOUT] - 1]["order"] = sent  # BATCH.order: reason 4 traced, the cpumask had a remote CPU
+            b = out[S[S_NOUT] - 1]
+            b["order"] = sent  # BATCH.order: reason 4 traced, the cpumask had a remote CPU
+            if sent != 0:
+                # the lazy set when the IPIs went out, not when the group closed (the sender's next row may come
+                # ms later, after other CPUs switched): cpustate.settle leaves it
+                b["mask2"] = np.uint64(CPU[c, C_LAZY_AT])
         return
     if local == 2:
         cause = O.C_BATCH_UNSEEN if in_ctx else O.C_OTHER
@@ -579,6 +585,7 @@ def tlb_flush_row(r, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X):
             close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
         _open_group(c, r["task"], r["ts"], pages, CPU)
         CPU[c, C_SENT] = 1
+        CPU[c, C_LAZY_AT] = np.int64(CS.lazy_cpus(np.int64(X[X_NCPU]), CPU, C_LAZY))
     elif sub == 2 or sub == 3:
         if CPU[c, C_OPEN] != 0:
             if pages == -1:

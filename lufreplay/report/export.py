@@ -27,10 +27,6 @@ RECORDED_PID = 1
 NO_CPU_TID = 100_000
 
 
-def _mask_cpus(mask: int) -> list[int]:
-    return [i for i in range(64) if mask >> i & 1]
-
-
 def decisions_table(trace: Path, models: list[str] | None, settings: list[str]) -> tuple[pa.Table, dict[str, Any]]:
     """Every model's flush decisions (the ``simulate --out`` decisions.parquet table) and the results document."""
     from lufreplay.report.simulate_cmd import simulate, write_decisions
@@ -57,7 +53,7 @@ def events(trace: Path, models: list[str] | None = None, settings: list[str] | N
     shoots = tr.table("shootdown", ["ts_ns", "cpu", "pid", "tgid", "target_cpu", "callsite"])
     dec, doc = decisions_table(trace, models, settings or [])
     names = list(doc["models"])  # the requested models, in the document's order
-    ncpu = int(doc["trace"]["nr_cpus"])
+    cpus = doc["trace"].get("cpus_involved") or range(int(doc["trace"]["nr_cpus"]))  # real CPU ids
     starts = [int(pc.min(t["ts_ns"]).as_py()) for t in (flushes, shoots, dec) if t.num_rows]
     t0 = min(starts, default=0)
 
@@ -70,7 +66,7 @@ def events(trace: Path, models: list[str] | None = None, settings: list[str] | N
     for pid, pname in procs:
         yield {"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": pname}}
         yield {"name": "process_sort_index", "ph": "M", "pid": pid, "tid": 0, "args": {"sort_index": pid}}
-        for cpu in range(ncpu):
+        for cpu in cpus:
             yield {"name": "thread_name", "ph": "M", "pid": pid, "tid": cpu, "args": {"name": f"CPU {cpu}"}}
             yield {"name": "thread_sort_index", "ph": "M", "pid": pid, "tid": cpu, "args": {"sort_index": cpu}}
     if dec.num_rows and "cpu" in dec.column_names and pc.min(dec["cpu"]).as_py() < 0:
@@ -107,7 +103,7 @@ def events(trace: Path, models: list[str] | None = None, settings: list[str] | N
             "args": {"target_cpu": r["target_cpu"], "callsite": r["callsite"], "pid": r["pid"], "tgid": r["tgid"]},
         }
     mpid = {m: RECORDED_PID + 1 + i for i, m in enumerate(names)}
-    cols = ["ts_ns", "model", "decision", "cause", "cpu", "pid", "target_mask", "remote_ipis", "event", "pfn"]
+    cols = ["ts_ns", "model", "decision", "cause", "cpu", "pid", "targets", "remote_ipis", "event", "pfn"]
     for r in _rows(dec, cols):
         if r["model"] not in mpid:  # the rebuilt vanilla runs as the reference even when not requested
             continue
@@ -123,7 +119,7 @@ def events(trace: Path, models: list[str] | None = None, settings: list[str] | N
                 "decision": r["decision"],
                 "cause": r["cause"],
                 "remote_ipis": r["remote_ipis"],
-                "targets": _mask_cpus(int(r["target_mask"])),
+                "targets": list(r["targets"]),
                 "event": r["event"],
                 "pid": r["pid"],
                 "pfn": r["pfn"],

@@ -182,6 +182,48 @@ def _models_table(doc: dict[str, Any]) -> str:
     return f'<table id="models-table">{head}{"".join(rows)}</table>'
 
 
+def _iv(x: Any, scale: float = 1.0, fmt: str = "{:.3g}") -> str:
+    """An interval [p10, p50, p90] as ``p10–p90``."""
+    if not isinstance(x, list) or len(x) != 3:
+        return ""
+    lo, hi = sorted((x[0] * scale, x[2] * scale))
+    return f"{fmt.format(lo)}–{fmt.format(hi)}"
+
+
+def _cost(doc: dict[str, Any]) -> str:
+    """CPU time on shootdowns (a calibrated trace, or ``simulate --cost``): one row per kernel, intervals."""
+    c = doc["cost"]
+    p = c.get("profile") or {}
+    head = (
+        '<tr><th class="l">kernel</th><th>CPU ms</th><th>% of workload CPU</th><th>saved CPU ms</th>'
+        "<th>est. runtime change %</th><th>flushes paid later ms</th></tr>"
+    )
+    r = c.get("recorded") or {}
+    rows = [
+        f'<tr><td class="l">vanilla (recorded)</td><td>{_iv(r.get("total_s"), 1e3)}</td>'
+        f"<td>{_iv(r.get('share_of_workload_cpu_pct'), fmt='{:.2f}')}</td><td></td><td></td><td></td></tr>"
+    ]
+    for m, e in (c.get("models") or {}).items():
+        x = e.get("luf_extra") or {}
+        rebuilt = m == "vanilla"
+        rows.append(
+            f'<tr><td class="l">{_e(plots.label(m))}</td><td>{_iv(e.get("total_s"), 1e3)}</td>'
+            f"<td>{_iv(e.get('share_of_workload_cpu_pct'), fmt='{:.2f}')}</td>"
+            f"<td>{'' if rebuilt else _iv(e.get('saved_s'), 1e3)}</td>"
+            f"<td>{'' if rebuilt else _iv(e.get('runtime_change_pct'), fmt='{:+.2f}')}</td>"
+            f"<td>{'' if rebuilt else _iv(x.get('late_flushes_s'), 1e3)}</td></tr>"
+        )
+    send, recv = p.get("sender_ns") or {}, p.get("receiver_ns") or {}
+    return (
+        f"<p>Shootdown cost ({_e('from the trace' if c.get('source') == 'trace' else c.get('source'))}):"
+        f" sender {_e(send.get('p10'))}–{_e(send.get('p90'))} ns per flush, receiver {_e(recv.get('p10'))}–"
+        f"{_e(recv.get('p90'))} ns per IPI (10th–90th percentile); workload CPU time"
+        f" {_e(c.get('workload_cpu_s'))} s from the sched table.</p>"
+        f'<table id="cost-table">{head}{"".join(rows)}</table>'
+        f'<p class="sub">Leaves out: {_e("; ".join(c.get("leaves_out") or []))}.</p>'
+    )
+
+
 def _fidelity(doc: dict[str, Any]) -> str:
     fid = doc.get("fidelity") or {}
     losses = doc.get("losses") or {}
@@ -267,7 +309,8 @@ def render_html(doc: dict[str, Any], figures: list[plots.Plot]) -> str:
         f"<h2>Headline</h2>{_headline(doc)}"
         f"<h2>Fidelity and losses</h2>{_fidelity(doc)}"
         f"<h2>Models</h2>{_models_table(doc)}"
-        f"<h2>Trace</h2>{info}"
+        + (f"<h2>CPU time on shootdowns</h2>{_cost(doc)}" if doc.get("cost") else "")
+        + f"<h2>Trace</h2>{info}"
         f"<h2>Eligibility</h2>{elig}"
         f"{figs}"
         f"<h2>Model options</h2>{opts}"

@@ -93,14 +93,17 @@ def plot_per_cpu(doc: dict[str, Any]) -> Figure | None:
     if not series:
         return None
     ncpu = max(v.size for _, v in series)
+    # per_cpu is indexed by real CPU id; only the CPUs the trace involves get a bar
+    cpus = np.asarray(doc.get("trace", {}).get("cpus_involved") or range(ncpu), dtype=np.int64)
+    cpus = cpus[cpus < ncpu]
     col = colors(doc)
-    fig, ax = _fig(max(6.0, min(16.0, 1.2 + 0.5 * ncpu * len(series) / 2)), 3.8)
+    fig, ax = _fig(max(6.0, min(16.0, 1.2 + 0.5 * cpus.size * len(series) / 2)), 3.8)
     width = 0.8 / len(series)
-    x = np.arange(ncpu)
+    x = np.arange(cpus.size)
     for i, (name, v) in enumerate(series):
-        v = np.pad(v, (0, ncpu - v.size))
+        v = np.pad(v, (0, ncpu - v.size))[cpus]
         ax.bar(x + (i - (len(series) - 1) / 2) * width, v, width, label=name, color=col.get(name))
-    ax.set_xticks(x, [f"CPU{c}" for c in x])
+    ax.set_xticks(x, [f"CPU{c}" for c in cpus])
     ax.set_ylabel("TLB shootdown interrupts")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncols=min(len(series), 4), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)

@@ -2,6 +2,10 @@
 
 Every count in ``by_cause`` comes from one accumulator slot per cause that every IPI is added to exactly once,
 so ``sum(by_cause.values()) == remote_shootdowns`` for vanilla and for every model.
+
+The models run on dense CPU ids (the CPUs the trace involves); every per-CPU output here is in real CPU ids:
+``per_cpu`` lists are indexed by the real id (``trace.nr_cpus`` long, 0 for CPUs the trace never names) and
+``fidelity.per_cpu`` rows carry the real id; ``trace.cpus_involved`` lists the CPUs the models ran on.
 """
 
 from __future__ import annotations
@@ -84,7 +88,8 @@ def build(
             "path": str(trace.path),
             "run_id": meta.get("run_id"),
             "duration_s": _duration(meta, res),
-            "nr_cpus": ncpu,
+            "nr_cpus": res.host_cpus,
+            "cpus_involved": [int(c) for c in res.real_cpus()],
             "host": host,
             "kernel": meta.get("kernel") or (host.get("uname") or {}).get("release"),
             "complete": trace.complete,
@@ -99,7 +104,7 @@ def build(
             "remote_shootdowns": recorded,
             "remote_shootdowns_bounds": [recorded, recorded + L],
             "flush_events": int(va[O_REC_EVENTS : O_REC_EVENTS + O.NCAUSE].sum()),
-            "per_cpu": [int(x) for x in va[O_REC_PERCPU : O_REC_PERCPU + ncpu]],
+            "per_cpu": res.per_cpu(va[O_REC_PERCPU : O_REC_PERCPU + ncpu]),
             "by_cause": rec_by_cause,
             "flush_events_by_cause": {
                 c: int(va[O_REC_EVENTS + i]) for i, c in enumerate(O.CAUSES) if va[O_REC_EVENTS + i]
@@ -122,7 +127,7 @@ def build(
             "avoided_pct": round(100.0 * (1.0 - v / recorded), 3) if recorded else 0.0,
             "by_cause": c["by_cause"],
             "flush_events_by_cause": c["flush_events_by_cause"],
-            "per_cpu": c["per_cpu"],
+            "per_cpu": res.per_cpu(c["per_cpu"]),
             "allocations": {k: misc[k] for k in O.ALLOC_COUNTERS},
             "hooks": c["hooks"],
             "deferred": {k: misc[k] for k in ("deferred_cpu_slots", "retired_by_done", "flushed_cpu_slots")},
@@ -172,7 +177,7 @@ def build(
             if fid["recorded"][i]
         },
     }
-    doc["fidelity"].update(precision(fid, va, ncpu))
+    doc["fidelity"].update(precision(fid, va, ncpu, res.real_cpus()))
     rs = res.recon_stats
     doc["fidelity"]["cpu_state"] = {
         "switches_of_unknown_kind": int(rs[RC.RS_SWITCH_GUESSED]),
@@ -233,10 +238,10 @@ def _scores(recorded: float, explained: float, rebuilt: float, matched: float) -
     }
 
 
-def precision(fid: dict[str, np.ndarray], va: np.ndarray, ncpu: int) -> dict[str, Any]:
+def precision(fid: dict[str, np.ndarray], va: np.ndarray, ncpu: int, real: np.ndarray | None = None) -> dict[str, Any]:
     """Recall (recorded shootdowns the rebuilt vanilla explains), precision (rebuilt shootdowns that the kernel
     really sent: a batch target it predicted and the kernel reached, or a recorded flush passed through) and
-    rebuilt / recorded − 1, overall, per cause and per target CPU."""
+    rebuilt / recorded − 1, overall, per cause and per target CPU (``real[c]``: real id of model CPU c)."""
     rec, expl, pred = fid["recorded"], fid["explained"], fid["predicted"]
     matched = pred.astype(np.int64).copy()  # recorded flushes pass through as sent
     matched[O.C_BATCH] = expl[O.C_BATCH]  # a batch's targets are predicted: only those really reached match
@@ -256,7 +261,8 @@ def precision(fid: dict[str, np.ndarray], va: np.ndarray, ncpu: int) -> dict[str
     out["per_cpu"] = []
     for c in range(ncpu):
         r, e, b, m = (float(va[o + c]) for o in (O_REC_PERCPU, O_FID_EXPL_CPU, O_PERCPU, O_FID_MATCH_CPU))
-        out["per_cpu"].append({"cpu": c, "recorded": int(r), "rebuilt": int(b), **_scores(r, e, b, m)})
+        cpu = int(real[c]) if real is not None else c
+        out["per_cpu"].append({"cpu": cpu, "recorded": int(r), "rebuilt": int(b), **_scores(r, e, b, m)})
     return out
 
 

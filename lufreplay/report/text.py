@@ -41,8 +41,9 @@ def render(doc: dict[str, Any], console: Console) -> None:
     van = doc["vanilla"]
     models = doc["models"]
     console.print(
-        f"[bold]lufreplay simulate[/] {tr['path']}  run={tr.get('run_id')}  {tr['nr_cpus']} CPUs  "
-        f"{tr.get('duration_s')} s  kernel={tr.get('kernel')}"
+        f"[bold]lufreplay simulate[/] {tr['path']}  run={tr.get('run_id')}  {tr['nr_cpus']} CPUs"
+        + (f" ({len(tr['cpus_involved'])} involved)" if len(tr.get("cpus_involved") or ()) < tr["nr_cpus"] else "")
+        + f"  {tr.get('duration_s')} s  kernel={tr.get('kernel')}"
     )
     if tr.get("interrupted_message"):
         console.print(f"[bold red]warning: {escape(tr['interrupted_message'])}[/]")
@@ -77,6 +78,10 @@ def render(doc: dict[str, Any], console: Console) -> None:
         )
     console.print(t)
 
+    sc = doc.get("scope")
+    if sc:
+        _scope_table(sc, console)
+
     causes = [c for c in O.CAUSES if c in van["by_cause"] or any(c in m["by_cause"] for m in models.values())]
     t = Table(title="Remote shootdown IPIs by cause (columns sum to the totals above)")
     # whole names even in 80 columns or a pipe: batch_nonluf and batch_unseen must stay distinguishable
@@ -93,11 +98,12 @@ def render(doc: dict[str, Any], console: Console) -> None:
 
     t = Table(title="Per CPU, like the TLB row of /proc/interrupts (shootdowns received)")
     t.add_column("", overflow="fold")
-    for cpu in range(tr["nr_cpus"]):
+    cpus = tr.get("cpus_involved") or list(range(tr["nr_cpus"]))  # per_cpu is indexed by real CPU id
+    for cpu in cpus:
         t.add_column(f"CPU{cpu}", justify="right", overflow="fold")
-    t.add_row("TLB recorded", *[f"{x:,}" for x in van["per_cpu"]])
+    t.add_row("TLB recorded", *[f"{van['per_cpu'][c]:,}" for c in cpus])
     for name, m in models.items():
-        t.add_row(f"TLB {_label(name)}", *[f"{x:,}" for x in m["per_cpu"]])
+        t.add_row(f"TLB {_label(name)}", *[f"{m['per_cpu'][c]:,}" for c in cpus])
     console.print(t)
 
     el = doc["eligibility"]
@@ -154,14 +160,102 @@ def render(doc: dict[str, Any], console: Console) -> None:
     if luf_models:
         console.print(t)
 
-    changed = {k: v for k, v in doc["options"].items() if doc["option_defaults"].get(k) != v}
+    if doc.get("cost"):
+        render_cost(doc, console)
+
+    auto = doc.get("options_auto") or {}
+    changed = {k: v for k, v in doc["options"].items() if doc["option_defaults"].get(k) != v and k not in auto}
     console.print(
         "Options: "
-        + ", ".join(f"{k}={v}" for k, v in doc["options"].items())
+        + ", ".join(f"{k}={v}" + (" (auto)" if k in auto else "") for k, v in doc["options"].items())
         + (f"  [bold](changed: {', '.join(changed)})[/]" if changed else "  (all defaults)")
     )
+    for k, a in auto.items():
+        console.print(f"{k}={a['value']} chosen from the trace: {escape(a['why'])} (--set {k}=... to override)")
     rp = doc["replay"]
     console.print(f"[dim]replayed {rp['raw_events']:,} events in {rp['seconds']} s[/]")
+
+
+def _iv(x: list[float] | None, scale: float = 1.0, fmt: str = "{:.3g}") -> str:
+    """An interval [p10, p50, p90] as ``p10..p90`` (the median is in the JSON)."""
+    if x is None:
+        return "—"
+    lo, hi = sorted((x[0] * scale, x[2] * scale))
+    return f"{fmt.format(lo)}..{fmt.format(hi)}"
+
+
+def render_cost(doc: dict[str, Any], console: Console) -> None:
+    """CPU-seconds on shootdowns (recorded kernel and each model), share of the workload's CPU, runtime change."""
+    c = doc["cost"]
+    p = c["profile"]
+    host = (p.get("host") or {}).get("hostname")
+    console.print(
+        f"Shootdown cost ({'from the trace' if c['source'] == 'trace' else escape(c['source'])}; host {host},"
+        f" {p.get('nr_threads')} receiver thread(s)): sender {_iv(_q(p['sender_ns']), 1e-3)} us per flush,"
+        f" receiver {_iv(_q(p['receiver_ns']), 1e-3)} us per IPI; workload CPU time"
+        f" {c['workload_cpu_s']:.3f} s (sched table)."
+    )
+    t = Table(
+        title="CPU time on TLB shootdowns: sender + receivers, share of the workload's CPU time, estimated"
+        " runtime change (10th..90th percentile)"
+    )
+    t.add_column("", no_wrap=True)
+    for col in ("CPU ms", "% of CPU", "saved ms", "runtime %"):
+        t.add_column(col, justify="right", overflow="fold")
+    r = c["recorded"]
+    t.add_row("vanilla (recorded)", _iv(r["total_s"], 1e3), _iv(r["share_of_workload_cpu_pct"], fmt="{:.2f}"), "—", "—")
+    for name, m in c["models"].items():
+        rebuilt = name == "vanilla"  # the rebuild checks the replay; it saves nothing
+        t.add_row(
+            _label(name),
+            _iv(m["total_s"], 1e3),
+            _iv(m["share_of_workload_cpu_pct"], fmt="{:.2f}"),
+            "—" if rebuilt else _iv(m["saved_s"], 1e3),
+            "—" if rebuilt else _iv(m["runtime_change_pct"], fmt="{:+.2f}"),
+        )
+    lines = []
+    for n, m in c["models"].items():
+        x = m["luf_extra"]
+        if n == "vanilla" or x["late_flushes_s"][2] + x["epoch_waits"] == 0:
+            continue
+        line = f"{_label(n)} {_iv(x['late_flushes_s'], 1e3)} ms"
+        if x["alloc_time_flushes_s"][2]:
+            line += f" (at allocation {_iv(x['alloc_time_flushes_s'], 1e3)} ms)"
+        if x["epoch_waits"]:
+            line += f", {x['epoch_waits']:,} epoch waits 0..{x['epoch_waits_s'][2] * 1e3:.3g} ms (not in the total)"
+        lines.append(line)
+    console.print(t)
+    if lines:
+        console.print("Flushes the models pay later, in their totals: " + "; ".join(lines) + ".")
+    console.print("[dim]Leaves out: " + "; ".join(c["leaves_out"]) + ".[/]")
+
+
+def _q(x: dict[str, float]) -> list[float]:
+    return [x["p10"], x["p50"], x["p90"]]
+
+
+def _scope_table(sc: dict[str, Any], console: Console) -> None:
+    """Target (the traced command's mms), the rest of the host and the host, side by side."""
+    if sc.get("target"):
+        t = Table(title="Remote shootdown IPIs by scope: the traced command's mms vs the rest of the host")
+        t.add_column("", overflow="fold")
+        for col in ("target", "rest of host", "host"):
+            t.add_column(col, justify="right", overflow="fold")
+        parts = (sc["target"], sc["rest_of_host"], sc["host"])
+        t.add_row("recorded", *[f"{p['recorded']:,}" for p in parts])
+        for name in sc["host"]["models"]:
+            t.add_row(_label(name), *[f"{p['models'][name]['remote_shootdowns']:,}" for p in parts])
+        procs = sc.get("target_processes") or []
+        more = ", ..." if len(procs) > 8 else ""
+        t.caption = f"target: {len(procs)} process(es): {', '.join(map(str, procs[:8]))}{more}"
+        console.print(t)
+        f = sc["target"].get("fidelity") or {}
+        if f.get("recall_pct") is not None:
+            console.print(
+                f"Rebuilt vanilla on the target alone: recall {_fmt_pct(f['recall_pct'])}, precision"
+                f" {_fmt_pct(f['precision_pct'])}, {_fmt_pct(f['rebuilt_vs_recorded_pct'], True)} vs recorded."
+            )
+    console.print(f"Scope: {sc['shown']} shown ({escape(sc['why'])}).")
 
 
 def _fmt_pct(v: float | None, sign: bool = False) -> str:

@@ -49,6 +49,8 @@ class Trace:
         self.manifests = manifests or []
         self.remains = remains or []
         self.nr_cpus = nr_cpus_of(meta)
+        #: the format version the segments were written in (older ones are converted on read)
+        self.version = int(meta.get("format_version", schema.FORMAT_VERSION))
         self.warnings = Warnings()
 
     @property
@@ -95,12 +97,13 @@ class Trace:
         """Rows of one segment file, every value checked (bad rows of ``skip`` columns dropped and counted)."""
         name = f.parent.name
         extra = [c for c in skip_columns(name) if columns is not None and c not in columns]
+        want = schema.legacy_columns(name, None if columns is None else [*columns, *extra], self.version)
         try:
-            t = pq.ParquetFile(f, page_checksum_verification=True).read(
-                columns=None if columns is None else [*columns, *extra]
-            )
+            t = pq.ParquetFile(f, page_checksum_verification=True).read(columns=want)
         except Exception as e:  # pyarrow raises several types for truncated/corrupt files
             raise TraceError(f"{f}: unreadable Parquet segment ({_first_line(e)})") from None
+        if self.version != schema.FORMAT_VERSION:
+            t = schema.upgrade(name, t, self.version)
         t = check_columns(t, name, f, self.nr_cpus, self.warnings)
         return t.select(columns) if extra else t
 
@@ -283,7 +286,7 @@ def validate_trace(trace: Trace) -> None:
         raise TraceError(f"{trace.path}: missing table(s) {', '.join(missing)}")
     last_ts: dict[tuple[str, int], int] = {}
     for name, files in trace.files.items():
-        want = schema.TABLES[name].schema
+        want = schema.legacy_schema(name, trace.version)
         for i, f in enumerate(files):
             try:
                 md = pq.read_metadata(f)
@@ -332,7 +335,7 @@ def _check_stats(trace: Trace, name: str, f: Path, md: pq.FileMetaData) -> None:
     cols = ranged_columns(name)
     if not cols or md.num_rows == 0:
         return
-    names = [md.schema.column(j).name for j in range(md.num_columns)]
+    names = [md.schema.column(j).path.split(".")[0] for j in range(md.num_columns)]  # a list's leaf: its column
     idx = {c.name: names.index(c.name) for c in cols if c.name in names}
     suspect = []
     for c in cols:

@@ -7,6 +7,7 @@ Checks are vectorised (one ``min_max`` per column; the first bad row is searched
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,11 +63,15 @@ def check_meta(meta: Any, where: Path) -> None:
             raise TraceError(f"{where}: field {key!r} must be {want}, not {_json_type(v)} {_short(v)}")
     if meta["format"] != schema.FORMAT_NAME:
         raise TraceError(f"{where}: not a lufreplay trace (format={meta['format']!r})")
-    if meta["format_version"] != schema.FORMAT_VERSION:
+    if meta["format_version"] not in schema.READABLE_VERSIONS:
         raise TraceError(
             f"{where}: format version {meta['format_version']} is not supported"
-            f" (this lufreplay reads version {schema.FORMAT_VERSION})"
+            f" (this lufreplay reads versions {', '.join(map(str, schema.READABLE_VERSIONS))})"
         )
+    if meta.get("shootdown_cost") is not None:
+        bad = schema.shootdown_cost_problem(meta["shootdown_cost"])
+        if bad:
+            raise TraceError(f"{where}: field 'shootdown_cost': {bad}")
     n = nr_cpus_of(meta)
     if n is not None and not 1 <= n <= schema.MAX_NR_CPUS:
         raise TraceError(f"{where}: host.nr_cpus {n} is out of range (1..{schema.MAX_NR_CPUS})")
@@ -145,6 +150,14 @@ def _bad_mask(col: schema.Column, arr: pa.ChunkedArray | pa.Array, nr_cpus: int)
         return np.asarray(pc.is_null(arr).to_numpy(zero_copy_only=False), bool)
     if len(arr) == 0:
         return None
+    if pa.types.is_list(col.type):  # a row is bad when any of its elements is
+        vals = pc.list_flatten(arr)
+        bad_v = _bad_mask(dataclasses.replace(col, type=col.type.value_type), vals, nr_cpus)
+        if bad_v is None:
+            return None
+        bad = np.zeros(len(arr), bool)
+        bad[np.asarray(pc.list_parent_indices(arr).to_numpy(zero_copy_only=False))[bad_v]] = True
+        return bad
     eff_lo, hi, gaps = _bounds(col, nr_cpus)
     if eff_lo is None and hi is None:
         return None
