@@ -258,6 +258,16 @@ class Child:
 # --------------------------------------------------------------------------------------------------
 
 
+def release_memory() -> None:
+    """Give the memory of a written segment back to the system: Arrow's pool and glibc's arenas keep freed
+    blocks for reuse, so without this the recorder's RSS keeps the high-water mark of its largest segments."""
+    pa.default_memory_pool().release_unused()
+    try:
+        _LIBC.malloc_trim(0)
+    except AttributeError:  # not glibc
+        pass
+
+
 class SegmentWriter(threading.Thread):
     """Receives raw record arrays and user tables; cuts, decodes and writes one segment per time window."""
 
@@ -314,6 +324,7 @@ class SegmentWriter(threading.Thread):
                         self._cut(self.seg_end)
                         self.writer.rotate()
                         self.seg_end += self.segment_ns
+                        release_memory()
                 elif msg[0] == "table":
                     self.writer.add(msg[1], msg[2])
                 else:
