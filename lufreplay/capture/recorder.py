@@ -271,7 +271,10 @@ def release_memory() -> None:
 class SegmentWriter(threading.Thread):
     """Receives raw record arrays and user tables; cuts, decodes and writes one segment per time window."""
 
-    def __init__(self, writer: Any, ctx: decode.DecodeContext, start_ns: int, segment_ns: int) -> None:
+    def __init__(
+        self, writer: Any, ctx: decode.DecodeContext, start_ns: int, segment_ns: int, max_queued: int = 64 << 20
+    ) -> None:
+        """``max_queued``: bytes of raw records waiting for this thread beyond which ``put_raw`` blocks."""
         super().__init__(name="lufreplay-writer", daemon=True)
         self.writer = writer
         self.ctx = ctx
@@ -282,8 +285,24 @@ class SegmentWriter(threading.Thread):
         self.error: BaseException | None = None
         self.events = 0
         self.unknown = 0
+        self.max_queued = max_queued
+        self.queued = 0
+        self.blocked_s = 0.0
+        self._cv = threading.Condition()
 
     def put_raw(self, recs: np.ndarray, drained_ns: int) -> None:
+        """Queue drained records; wait while ``max_queued`` bytes already wait. A writer that falls behind (a
+        busy host) then holds back the poller, the ring fills and the kernel counts what it drops as losses,
+        instead of the recorder's memory growing with the backlog."""
+        with self._cv:
+            if self.queued and self.queued + recs.nbytes > self.max_queued:
+                t0 = time.monotonic()
+                while self.queued and self.queued + recs.nbytes > self.max_queued:
+                    if self.error is not None or not self.is_alive():
+                        break
+                    self._cv.wait(0.1)
+                self.blocked_s += time.monotonic() - t0
+            self.queued += recs.nbytes
         self.q.put(("raw", recs, drained_ns))
 
     def put_table(self, name: str, table: pa.Table) -> None:
@@ -318,6 +337,9 @@ class SegmentWriter(threading.Thread):
                 msg = self.q.get()
                 if msg[0] == "raw":
                     _, recs, drained = msg
+                    with self._cv:
+                        self.queued -= recs.nbytes
+                        self._cv.notify_all()
                     if len(recs):
                         self.pending.append(recs)
                     while drained >= self.seg_end + HOLD_BACK_NS:
@@ -662,7 +684,8 @@ class Recorder:
             start_counters = procfs.counter_rows(0, start_ns, with_vmstat=prog.totals)
             misses0 = prog.recursion_misses()
             rescued0 = prog.rescued()
-            self.seg = SegmentWriter(self.writer, ctx, start_ns, int(o.segment_seconds * 1e9))
+            # The writer may fall one ring's worth behind before the poller waits for it.
+            self.seg = SegmentWriter(self.writer, ctx, start_ns, int(o.segment_seconds * 1e9), build.rb_bytes)
             self.seg.start()
             self.seg.put_table("counters", start_counters)
             self.seg.put_table("counters", recorder_counter_rows(0, start_ns, _recorder_usage()))
@@ -724,7 +747,11 @@ class Recorder:
                 },
                 "events": self.seg.events,
                 "unknown_records": self.seg.unknown,
-                "recorder": {"cpu_ns": usage["recorder_cpu_ns"], "max_rss_kb": usage["recorder_max_rss_kb"]},
+                "recorder": {
+                    "cpu_ns": usage["recorder_cpu_ns"],
+                    "max_rss_kb": usage["recorder_max_rss_kb"],
+                    "waited_for_writer_s": round(self.seg.blocked_s, 3),
+                },
                 "pages": prog.totals(),
                 "workload": self._workload_meta(),
                 "targets_final": prog.targets() if mode != "system" else None,
