@@ -28,7 +28,7 @@ class TraceExistsError(Exception):
 
 def _is_trace_dir(path: Path) -> bool:
     """True when every entry of ``path`` is something a lufreplay recorder writes (tables, commits, meta)."""
-    known = {*schema.TABLES, schema.COMMIT_DIR, schema.META_FILE, schema.META_FILE + ".tmp"}
+    known = {*schema.TABLES, schema.COMMIT_DIR, schema.META_FILE, schema.META_FILE + ".tmp", f".{schema.META_FILE}.tmp"}
     entries = list(path.iterdir())
     if not all(e.name in known for e in entries):
         return False
@@ -60,6 +60,7 @@ def prepare_output(path: Path, force: bool) -> None:
                         f.unlink()
         (path / schema.META_FILE).unlink(missing_ok=True)
         (path / (schema.META_FILE + ".tmp")).unlink(missing_ok=True)
+        (path / f".{schema.META_FILE}.tmp").unlink(missing_ok=True)
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o700)
 
@@ -120,6 +121,21 @@ class TraceWriter:
             (self.path / name).mkdir(parents=True, exist_ok=True)
         self.meta.setdefault("complete", False)
         write_meta(self.path, self._full_meta())
+        self._reserve_meta_space()
+
+    def _reserve_meta_space(self) -> None:
+        """Hold room for the final meta.json in its own temporary file, which writing meta.json truncates and
+        reuses: on a full disk the final meta (stop reason, what was kept) still fits. Best effort."""
+        f = self.path / f".{schema.META_FILE}.tmp"
+        size = (self.path / schema.META_FILE).stat().st_size + (64 << 10)
+        try:
+            fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
+        except OSError:
+            f.unlink(missing_ok=True)
 
     def _full_meta(self) -> dict[str, Any]:
         m = dict(self.meta)
