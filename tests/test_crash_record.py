@@ -178,8 +178,10 @@ def test_ctrl_c_to_the_process_group_stops_and_finalises(tmp_path: Path) -> None
         _, err_b = rec.communicate(timeout=600)
     err = err_b.decode()
     assert rec.returncode == 0, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    assert err.startswith("lufreplay: interrupted: the command was stopped; recorded "), err
+    # One line says what happened; others may only be the recorder's own warnings (e.g. counted losses).
+    lines = err.splitlines()
+    assert "Traceback" not in err and all(x.startswith("lufreplay: warning: ") for x in lines[:-1]), err
+    assert lines[-1].startswith("lufreplay: interrupted: the command was stopped; recorded "), err
     _leftovers(out, rec.pid)
     for pid in members:
         _wait_for(lambda pid=pid: not _alive(pid), 30, f"workload process {pid} to die")
@@ -205,7 +207,9 @@ def test_disk_full_stops_cleanly_and_keeps_committed_segments(tmp_path: Path) ->
             text=True,
         )
         _, err = rec.communicate(timeout=900)
-        assert rec.returncode == 1 and err.count("\n") == 1, err
+        lines = err.splitlines()
+        assert rec.returncode == 1 and all(x.startswith("lufreplay: warning: ") for x in lines[:-1]), err
+        assert lines[-1].startswith("lufreplay: error: "), err
         assert "no space left on device; recording stopped" in err and "Traceback" not in err
         committed = len(list((out / schema.COMMIT_DIR).glob(schema.COMMIT_GLOB)))
         assert committed >= 1 and f"{committed} committed segment(s) kept" in err
