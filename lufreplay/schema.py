@@ -178,6 +178,8 @@ LOSS_SOURCE = {
 
 #: Sources of counter snapshots.
 COUNTER_SOURCE = {0: "interrupts", 1: "vmstat", 2: "meminfo", 3: "recorder"}
+#: ``recorder`` counter row: when the read of /proc/interrupts began (that file's rows carry when it ended).
+COUNTER_READ_BEGIN_IRQ = "interrupts_read_begin_ns"
 #: When a counter snapshot was taken.
 COUNTER_PHASE = {0: "start", 1: "end"}
 

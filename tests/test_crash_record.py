@@ -15,6 +15,7 @@ import pytest
 
 from lufreplay import open_trace, schema
 from lufreplay.capture.cgroup import clean_stale, memory_hierarchy
+from lufreplay.jsonout import loads_strict
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -143,3 +144,99 @@ def test_workload_dies_with_the_recorder_without_cgroup_or_watchdog(tmp_path: Pa
     assert r.returncode == -signal.SIGKILL, r.stderr
     pid = int(r.stdout)
     _wait_for(lambda: not _alive(pid), 30, f"sleep {pid} to die")
+
+
+#: A Python workload with a C helper in a memory cgroup, running until stopped (sparse file: no disk I/O).
+STREAM = ["--memory-limit", "64M", "--segment-seconds", "0.5", "--workload", "mmap-stream", "--", "--duration", "600"]
+STREAM += ["--file-size", "128M", "--sparse"]
+
+
+def _members(cg: Path) -> list[int]:
+    f = cg / "cgroup.procs"
+    return [int(x) for x in f.read_text().split()] if f.exists() else []
+
+
+def test_ctrl_c_to_the_process_group_stops_and_finalises(tmp_path: Path) -> None:
+    """kill -INT -PGID, as a terminal's Ctrl-C: the Python workload and its helpers stop without a traceback, the
+    recorder finalises every segment and says so in one line, and nothing is left behind."""
+    out = tmp_path / "t"
+    rec = subprocess.Popen(
+        [*RECORD, "-o", str(out), *STREAM, "--dir", str(tmp_path)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, as a shell job
+    )
+    cg = _memroot() / f"lufreplay-rec-{rec.pid}"
+    members: list[int] = []
+    try:
+        _wait_for(lambda: len(_members(cg)) >= 2, 600, "the workload's helper to start")
+        members = _members(cg)
+        _wait_for(lambda: (out / schema.COMMIT_DIR / schema.commit_name(2)).exists(), 600, "3 committed segments")
+    finally:
+        os.killpg(rec.pid, signal.SIGINT)
+        _, err_b = rec.communicate(timeout=600)
+    err = err_b.decode()
+    assert rec.returncode == 0, err
+    # One line of the recorder says what happened; its others may only be warnings (e.g. counted losses).
+    # The workload's own progress lines share stderr; no process may print a traceback.
+    lines = [x for x in err.splitlines() if x.startswith("lufreplay: ")]
+    assert "Traceback" not in err and all(x.startswith("lufreplay: warning: ") for x in lines[:-1]), err
+    assert lines[-1].startswith("lufreplay: interrupted: the command was stopped; recorded "), err
+    assert err.splitlines()[-1] == lines[-1], err  # and it is the last word
+    _leftovers(out, rec.pid)
+    for pid in members:
+        _wait_for(lambda pid=pid: not _alive(pid), 30, f"workload process {pid} to die")
+    tr = open_trace(out)
+    assert tr.complete and tr.remains == [] and tr.n_segments >= 3
+    assert tr.meta["stop_reason"] == "interrupted" and tr.meta["events"] > 0
+    assert tr.interruption_line() is None
+
+
+def test_disk_full_stops_cleanly_and_keeps_committed_segments(tmp_path: Path) -> None:
+    """A trace directory on a 2 MiB tmpfs that fills up: the command is stopped, one line says why, every
+    committed segment stays, no partial file is left, and info and simulate read the result as interrupted."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    try:
+        out = mnt / "t"
+        rec = subprocess.Popen(
+            [*RECORD, "-o", str(out), *STREAM, "--dir", str(tmp_path)],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _, err = rec.communicate(timeout=900)
+        lines = err.splitlines()
+        assert rec.returncode == 1 and all(x.startswith("lufreplay: warning: ") for x in lines[:-1]), err
+        assert lines[-1].startswith("lufreplay: error: "), err
+        assert "no space left on device; recording stopped" in err and "Traceback" not in err
+        committed = len(list((out / schema.COMMIT_DIR).glob(schema.COMMIT_GLOB)))
+        assert committed >= 1 and f"{committed} committed segment(s) kept" in err
+        _leftovers(out, rec.pid)
+        # No partial file: every file is meta.json, a manifest or a table file a manifest names.
+        tr = open_trace(out)
+        named = {m_["tables"][t]["file"] for m_ in tr.manifests for t in m_["tables"]}
+        files = {str(f.relative_to(out)) for f in out.rglob("*") if f.is_file()}
+        manifests = {f"{schema.COMMIT_DIR}/{schema.commit_name(i)}" for i in range(committed)}
+        assert files - named - manifests <= {schema.META_FILE}, files - named - manifests
+        assert tr.remains == [] and tr.n_segments == committed and not tr.complete
+        for cmd in (["info", str(out)], ["simulate", str(out)]):
+            s = subprocess.run(
+                [sys.executable, "-m", "lufreplay", *cmd], env=ENV, capture_output=True, text=True, timeout=900
+            )
+            assert s.returncode == 0, s.stderr
+            head = " ".join(" ".join(s.stdout.splitlines()[:6]).split())
+            assert (
+                "recording interrupted (no space left on device)" in head
+                and f"{committed} whole segment(s) kept" in head
+            ), s.stdout
+        info = subprocess.run(
+            [sys.executable, "-m", "lufreplay", "info", str(out), "--json"], env=ENV, capture_output=True, text=True
+        )
+        losses = loads_strict(info.stdout)["losses"]
+        assert losses["complete"] is False and losses["total"] is None
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

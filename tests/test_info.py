@@ -266,11 +266,14 @@ def test_info_reconciles_a_real_recording(tmp_path: Path) -> None:
     tlb = rec["tlb_shootdowns"]
     assert len(tlb["recorded"]) == len(tlb["proc_interrupts"]) == doc["meta"]["host"]["nr_cpus"]
     assert sum(tlb["proc_interrupts"]) > 0  # reclaim under the limit really shot down TLBs
-    # Per CPU within 1%, or 16 interrupts where few were taken: a handful of TLB interrupts per recording
-    # (4-16, issue 10 item 7) still have no recorded shootdown, and window edges are not the cause
-    # (``outside_window`` is 0 or 1 then): an open question, bounded here rather than hidden.
-    ref, got = np.array(tlb["proc_interrupts"]), np.array(tlb["recorded"])
-    assert np.all(np.abs(got - ref) <= np.maximum(0.01 * ref, 16)), tlb
+    # The TLB row is read at an unknown instant of a /proc/interrupts read (0.1 ms, up to 84 ms seen on a busy
+    # host): the kernel's count lies between the shootdowns recorded strictly between the two reads and those
+    # recorded during them too. That explains the 4-16 per recording that used to be unmatched (issue 10
+    # item 7): 0 left over in 8 recordings on a load-25 host. 2 per CPU of slack: a shootdown queued just
+    # before a read and taken by its (descheduled) vCPU just after it.
+    edges = tlb["read_edges"]
+    assert all(0 <= a - b <= 1_000 for a, b in zip(edges["recorded_max"], edges["recorded_min"], strict=True))
+    assert max(abs(u) for u in edges["unexplained"]) <= 2, tlb
     # Probes and counters both see the whole host: other work on a busy box adds to both sides alike.
     # LRU reclaim (shrink_inactive) is what pgsteal counts, so the two agree but for the pages reclaimed
     # in the few ms between the stop flag and the counter reads at the window edges: 2% is ample.

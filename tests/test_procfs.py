@@ -90,12 +90,15 @@ def test_counter_rows_live() -> None:
     assert len(df[(df["name"] == "CAL")]) == ncpu
     assert not df["name"].str.fullmatch(r"\d+").any()  # numbered device IRQs are left out
     rec = df[df["source_name"] == "recorder"]
-    assert rec[["name", "cpu", "value"]].values.tolist() == [["pages_allocated", -1, 17]]
+    assert rec[["name", "cpu", "value"]].values.tolist()[0] == ["pages_allocated", -1, 17]
+    # the interrupts read began at the row's own time, after ``ts`` and before the read ended
+    (begin,) = rec[rec["name"] == procfs.READ_BEGIN_IRQ][["value", "ts_ns"]].values.tolist()
+    assert len(rec) == 2 and begin[0] == begin[1] and ts <= begin[0] <= df[df["name"] == "TLB"]["ts_ns"].min()
     assert {"pgfree", "pgalloc_normal"} <= set(df[df["source_name"] == "vmstat"]["name"])
     assert "MemTotal" in set(df[df["source_name"] == "meminfo"]["name"])
     assert set(df["phase_name"].astype(str)) == {"end"}
     # each file's rows carry the time it was read (in that order); the recorder's own rows the given time
-    read = df.groupby("source_name", observed=True)["ts_ns"].agg(["min", "max"])
+    read = df[df["name"] != procfs.READ_BEGIN_IRQ].groupby("source_name", observed=True)["ts_ns"].agg(["min", "max"])
     assert (read["min"] == read["max"]).all()
     assert ts == read.loc["recorder", "min"] < read.loc["interrupts", "min"]
     assert read.loc["interrupts", "min"] <= read.loc["vmstat", "min"] <= read.loc["meminfo", "min"]

@@ -48,6 +48,7 @@ def checks(det: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(
             _check("bcc import", False, bcc.get("error") or "python3-bpfcc not installed", FIX_SETUP, required=True)
         )
+    out.append(probe_source_check())
     tp = det["attach"]["tracepoint"]
     if tp.get("ok"):
         detail = f"compile+load+attach {bcc.get('compile_load_attach_s')} s; fired {tp.get('fired')} times"
@@ -321,6 +322,15 @@ def families(det: dict[str, Any]) -> list[dict[str, Any]]:
         "" if pmu else "no hardware TLB events on this host",
     )
     return out
+
+
+def probe_source_check() -> dict[str, Any]:
+    """The recorder's BPF C source is installed (a wheel ships it as package data, a checkout has probes/)."""
+    from lufreplay.capture.probes import PROBE_SOURCE
+
+    ok = PROBE_SOURCE.is_file()
+    fix = "" if ok else "reinstall lufreplay from a wheel or source tree that has probes/lufreplay.bpf.c"
+    return _check("BPF program source", ok, str(PROBE_SOURCE) + ("" if ok else ": missing"), fix, required=True)
 
 
 def can_record(det: dict[str, Any]) -> bool:

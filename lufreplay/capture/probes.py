@@ -21,7 +21,21 @@ from lufreplay import schema
 from lufreplay.capture.procfs import parse_cpulist
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PROBE_SOURCE = REPO_ROOT / "probes" / "lufreplay.bpf.c"
+PROBE_NAME = "lufreplay.bpf.c"
+
+
+def find_probe_source() -> Path:
+    """The BPF C source: the copy a wheel ships as package data (``lufreplay/probes/``, put there by the build
+    hook in setup.py), else the checkout's ``probes/`` where it is written (source tree, editable install)."""
+    from importlib.resources import files
+
+    shipped = files("lufreplay") / "probes" / PROBE_NAME
+    if shipped.is_file():
+        return Path(str(shipped))
+    return REPO_ROOT / "probes" / PROBE_NAME
+
+
+PROBE_SOURCE = find_probe_source()
 BCC_PATH = "/usr/lib/python3/dist-packages"
 
 #: The TLB flush function whose csd_queue_cpu events are remote shootdowns, per architecture.

@@ -94,6 +94,9 @@ def read_meminfo() -> dict[str, int]:
     return parse_meminfo((PROC / "meminfo").read_text())
 
 
+READ_BEGIN_IRQ = schema.COUNTER_READ_BEGIN_IRQ
+
+
 def counter_rows(
     phase: int,
     ts_ns: int,
@@ -113,6 +116,9 @@ def counter_rows(
     if phase not in schema.COUNTER_PHASE:
         raise ValueError(f"counter phase must be one of {sorted(schema.COUNTER_PHASE)}, not {phase}")
     # Read the three files back to back, interrupts first: it is the one reconciled per CPU.
+    # The TLB row is read at some instant between these two times: info counts the shootdowns recorded in
+    # between as possibly on either side of the snapshot (a read takes ~0.1 ms, tens of ms on a busy host).
+    t_irq0 = monotonic_ns()
     irq = read_interrupts()
     t_irq = monotonic_ns()
     vm = read_vmstat()
@@ -144,6 +150,7 @@ def counter_rows(
         ("meminfo", mem, t_mem),
         ("recorder", beside, t_beside),
         ("recorder", extra or {}, ts_ns),
+        ("recorder", {READ_BEGIN_IRQ: t_irq0}, t_irq0),
     ):
         names += d.keys()
         cpus += [-1] * len(d)

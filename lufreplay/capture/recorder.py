@@ -214,7 +214,8 @@ PR_SET_PDEATHSIG = 1
 class Child:
     """A command forked now but held before exec until the probes are attached and it is in its cgroup."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], ignore_sigint: bool = False) -> None:
+        """``ignore_sigint``: the command (and what it forks) ignores Ctrl-C; the recorder stops it in order."""
         self.argv = argv
         go_r, self._go_w = os.pipe()
         self._err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -228,7 +229,7 @@ class Child:
                     os._exit(1)
                 os.close(self._go_w)
                 os.close(self._err_r)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint else signal.SIG_DFL)
                 os.read(go_r, 1)
                 os.close(go_r)
                 os.execvp(argv[0], argv)
@@ -299,7 +300,10 @@ class Child:
 class SegmentWriter(threading.Thread):
     """Receives raw record arrays and user tables; cuts, decodes and writes one segment per time window."""
 
-    def __init__(self, writer: Any, ctx: decode.DecodeContext, start_ns: int, segment_ns: int) -> None:
+    def __init__(
+        self, writer: Any, ctx: decode.DecodeContext, start_ns: int, segment_ns: int, max_queued: int = 64 << 20
+    ) -> None:
+        """``max_queued``: bytes of raw records waiting for this thread beyond which ``put_raw`` blocks."""
         super().__init__(name="lufreplay-writer", daemon=True)
         self.writer = writer
         self.ctx = ctx
@@ -313,8 +317,24 @@ class SegmentWriter(threading.Thread):
         #: CPU time of this thread decoding records and encoding/writing Parquet segments.
         self.decode_ns = 0
         self.encode_ns = 0
+        self.max_queued = max_queued
+        self.queued = 0
+        self.blocked_s = 0.0
+        self._cv = threading.Condition()
 
     def put_raw(self, recs: np.ndarray, drained_ns: int) -> None:
+        """Queue drained records; wait while ``max_queued`` bytes already wait. A writer that falls behind (a
+        busy host) then holds back the poller, the ring fills and the kernel counts what it drops as losses,
+        instead of the recorder's memory growing with the backlog."""
+        with self._cv:
+            if self.queued and self.queued + recs.nbytes > self.max_queued:
+                t0 = time.monotonic()
+                while self.queued and self.queued + recs.nbytes > self.max_queued:
+                    if self.error is not None or not self.is_alive():
+                        break
+                    self._cv.wait(0.1)
+                self.blocked_s += time.monotonic() - t0
+            self.queued += recs.nbytes
         self.q.put(("raw", recs, drained_ns))
 
     def put_table(self, name: str, table: pa.Table) -> None:
@@ -351,6 +371,9 @@ class SegmentWriter(threading.Thread):
                 msg = self.q.get()
                 if msg[0] == "raw":
                     _, recs, drained = msg
+                    with self._cv:
+                        self.queued -= recs.nbytes
+                        self._cv.notify_all()
                     if len(recs):
                         self.pending.append(recs)
                     while drained >= self.seg_end + HOLD_BACK_NS:
@@ -619,8 +642,7 @@ class Recorder:
                 self.prog.set_state(2)
             except Exception:
                 pass
-        if self.child is not None:
-            self.child.terminate(grace_s=0.5)
+        self._stop_workload(grace_s=0.5)
         if self.cgroup is not None:
             try:
                 self.cgroup.close()
@@ -661,7 +683,9 @@ class Recorder:
             if mode == "command":
                 from lufreplay.capture.watchdog import start_time
 
-                self.child = Child(argv)
+                # A built-in workload is Python: a Ctrl-C reaching it while it imports prints a traceback. It
+                # ignores SIGINT (so do its helpers) and the recorder stops it with SIGTERM, which it handles.
+                self.child = Child(argv, ignore_sigint=o.workload is not None)
                 target_pids = [self.child.pid]
                 if self.watchdog is not None:
                     self.watchdog.tell("pid", f"{self.child.pid} {start_time(self.child.pid)}")
@@ -726,7 +750,8 @@ class Recorder:
             start_counters = procfs.counter_rows(0, start_ns, with_vmstat=prog.totals)
             misses0 = prog.recursion_misses()
             rescued0 = prog.rescued()
-            self.seg = SegmentWriter(self.writer, ctx, start_ns, int(o.segment_seconds * 1e9))
+            # The writer may fall one ring's worth behind before the poller waits for it.
+            self.seg = SegmentWriter(self.writer, ctx, start_ns, int(o.segment_seconds * 1e9), build.rb_bytes)
             self.seg.start()
             self.seg.put_table("counters", start_counters)
             self.seg.put_table("counters", recorder_counter_rows(0, start_ns, _recorder_usage()))
@@ -769,9 +794,7 @@ class Recorder:
                 self.seg.put_table("losses", loss_rows(self.loss_rows))
             for pid in sorted(set(target_pids) | set(prog.targets() if mode != "system" else [])):
                 self._snapshot_maps(pid, force=True)
-            if self.child is not None:
-                if not self.child.poll():
-                    self.child.terminate()
+            self._stop_workload()
             self.seg.finish()
             self.seg.join()
             consumer.close()
@@ -807,6 +830,7 @@ class Recorder:
                         "encode": self.seg.encode_ns,
                     },
                     "bpf_run": bpf_run,
+                    "waited_for_writer_s": round(self.seg.blocked_s, 3),
                 },
                 "pages": prog.totals(),
                 "workload": self._workload_meta(),
@@ -821,8 +845,7 @@ class Recorder:
                 return self._writer_failed(final)
             return self._report(total_lost, by_probe)
         finally:
-            if self.child is not None:
-                self.child.terminate(grace_s=0.5)
+            self._stop_workload(grace_s=0.5)
             if self.cgroup is not None:
                 try:
                     self.cgroup.close()
@@ -833,6 +856,20 @@ class Recorder:
                     self.prog.close()
                 except Exception:
                     pass
+
+    def _stop_workload(self, grace_s: float = 2.0) -> None:
+        """Stop a command that still runs (SIGTERM, then SIGKILL) and, when the recorder stopped it, every
+        process it left in the recorder's cgroup (a background job ignores Ctrl-C); a command that exited
+        by itself keeps its leftovers, which the cgroup's close moves out."""
+        if self.child is None:
+            return
+        running = not self.child.poll()
+        if running:
+            self.child.terminate(grace_s=grace_s)
+        if self.cgroup is not None and (running or self.stop_reason in ("interrupted", "terminated")):
+            from lufreplay.capture.watchdog import kill_cgroup
+
+            kill_cgroup(self.cgroup.path)
 
     def _calibrate_page_pfn(self, build: probes.BuildOptions) -> dict[str, Any]:
         """Measure vmemmap base and struct page size so the page allocator probes can be raw tracepoints;
@@ -871,18 +908,23 @@ class Recorder:
         from lufreplay.console import fail
 
         e = self.seg.error if self.seg else None
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+        final["stop_reason"] = "no space left on device" if full else f"writing the trace failed ({e})"
         try:
             self.writer.meta.update(final)
             self.writer.meta["complete"] = False
             from lufreplay.trace.writer import write_meta
 
+            # The failed segment's files are gone, which usually leaves room for this; if not, the meta.json
+            # written at the start stays, and the readers still find the committed segments.
             write_meta(self.writer.path, self.writer._full_meta())
         except Exception:
             pass
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            msg = f"{self.opts.output}: no space left on device; recording stopped, completed segments are readable"
+        kept = f"{self.writer.segment} committed segment(s) kept and readable"
+        if full:
+            msg = f"{self.opts.output}: no space left on device; recording stopped, {kept}"
         else:
-            msg = f"{self.opts.output}: writing the trace failed ({e}); completed segments are readable"
+            msg = f"{self.opts.output}: writing the trace failed ({e}); recording stopped, {kept}"
         fail(msg)
         return 1
 
@@ -891,11 +933,15 @@ class Recorder:
             worst = ", ".join(f"{k} {v}" for k, v in sorted(by_probe.items(), key=lambda kv: -kv[1])[:4])
             sys.stderr.write(f"lufreplay: warning: {total_lost} events lost ({worst}); see the losses table\n")
         ev = self.seg.events if self.seg else 0
+        how = "recorded"
+        if self.stop_reason in ("interrupted", "terminated"):
+            stopped = " the command was stopped;" if self.child else ""
+            how = f"{self.stop_reason}:{stopped} recorded"
         sys.stderr.write(
-            f"lufreplay: recorded {ev:,} events into {self.opts.output} ({self.writer.bytes_written / 1e6:.1f} MB,"
+            f"lufreplay: {how} {ev:,} events into {self.opts.output} ({self.writer.bytes_written / 1e6:.1f} MB,"
             f" {self.writer.segment} segments)\n"
         )
-        if self.child is not None and self.child.status not in (0, None):
+        if self.child is not None and self.child.status not in (0, None) and self.stop_reason == "command exited":
             sys.stderr.write(f"lufreplay: note: the command exited with status {self.child.status}\n")
         if total_lost and self.opts.strict:
             return 2
@@ -942,16 +988,16 @@ class Recorder:
                     next_loss += LOSS_READ_S
                 progress.update(time.monotonic() - t0, total, self.writer.bytes_written / 1e6, lost)
                 if self.seg.error is not None:
-                    self.stop_reason = "writer error"
+                    self.stop_reason = self.stop_reason or "writer error"
                     break
                 if self.child is not None and self.child.poll():
-                    self.stop_reason = "command exited"
+                    self.stop_reason = self.stop_reason or "command exited"
                     break
                 if o.duration is not None and time.monotonic() - t0 >= o.duration:
-                    self.stop_reason = "duration"
+                    self.stop_reason = self.stop_reason or "duration"
                     break
                 if mode == "pid" and not any(Path(f"/proc/{p}").is_dir() for p in target_pids):
-                    self.stop_reason = "processes exited"
+                    self.stop_reason = self.stop_reason or "processes exited"
                     break
         finally:
             progress.stop()

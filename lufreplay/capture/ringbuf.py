@@ -1,7 +1,9 @@
 """Bulk consumer of a BPF ring buffer: mmap the map fd and decode whole spans with numpy.
 
 Layout (kernel/bpf/ringbuf.c): page 0 holds consumer_pos (RW for userspace); page 1 holds producer_pos;
-the data area follows and is mapped twice back to back, so a record that wraps is contiguous. Each
+the data area follows (the kernel maps it twice back to back so a wrapping record is contiguous; this
+consumer maps it once and copies a wrapping span in two parts: the second mapping would count the whole
+ring a second time in the recorder's RSS, as the kernel populates it at mmap). Each
 record has an 8-byte header whose ``rb_len`` carries BUSY (bit 31: still being written) and DISCARD
 (bit 30). All records here have the same size, so a span is one ``numpy.frombuffer`` of ``RING_SLOT``.
 """
@@ -33,7 +35,7 @@ class RingConsumer:
         self.page = mmap.PAGESIZE
         self.slot = schema.RING_SLOT.itemsize
         self._cons_map = mmap.mmap(map_fd, self.page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        self._prod_map = mmap.mmap(map_fd, self.page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=self.page)
+        self._prod_map = mmap.mmap(map_fd, self.page + size, mmap.MAP_SHARED, mmap.PROT_READ, offset=self.page)
         self._cons = np.frombuffer(self._cons_map, dtype=np.uint64, count=1)
         self._prod = np.frombuffer(self._prod_map, dtype=np.uint64, count=1)
         self._data = np.frombuffer(self._prod_map, dtype=np.uint8, offset=self.page)
@@ -52,7 +54,11 @@ class RingConsumer:
             return np.empty(0, dtype=schema.RAW_RECORD)
         off = cons & (self.size - 1)
         # Copy first: once consumer_pos moves the kernel may overwrite the span.
-        raw = np.frombuffer(self._data[off : off + n * self.slot].tobytes(), dtype=schema.RING_SLOT)
+        end = off + n * self.slot
+        span = self._data[off:end].tobytes()
+        if end > self.size:
+            span += self._data[: end - self.size].tobytes()
+        raw = np.frombuffer(span, dtype=schema.RING_SLOT)
         hdr = raw["rb_len"]
         busy = (hdr & BUSY_BIT) != 0
         if busy.any():

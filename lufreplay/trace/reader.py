@@ -63,6 +63,8 @@ class Trace:
         if self.complete:
             return None
         out: dict[str, Any] = {"segments_committed": self.n_segments, "last_event_ns": None}
+        if isinstance(self.meta.get("stop_reason"), str):  # a recorder that stopped on an error says which
+            out["reason"] = self.meta["stop_reason"]
         out["remains"] = [str(f.relative_to(self.path)) for f in self.remains]
         lo = [m["ts_min_ns"] for m in self.manifests if isinstance(m.get("ts_min_ns"), int)]
         hi = [m["ts_max_ns"] for m in self.manifests if isinstance(m.get("ts_max_ns"), int)]
@@ -88,8 +90,9 @@ class Trace:
             if i.get("last_event_utc"):
                 when += f" ({i['last_event_utc']})"
         left = f"; {len(i['remains'])} uncommitted file(s) ignored (`lufreplay repair` removes them)"
+        why = f" ({i['reason']})" if i.get("reason") else ""
         return (
-            f"recording interrupted: {i['segments_committed']} whole segment(s) kept{when}; events and losses"
+            f"recording interrupted{why}: {i['segments_committed']} whole segment(s) kept{when}; events and losses"
             f" after that point are unknown{left if i['remains'] else ''}"
         )
 

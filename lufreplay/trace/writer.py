@@ -28,7 +28,7 @@ class TraceExistsError(Exception):
 
 def _is_trace_dir(path: Path) -> bool:
     """True when every entry of ``path`` is something a lufreplay recorder writes (tables, commits, meta)."""
-    known = {*schema.TABLES, schema.COMMIT_DIR, schema.META_FILE, schema.META_FILE + ".tmp"}
+    known = {*schema.TABLES, schema.COMMIT_DIR, schema.META_FILE, schema.META_FILE + ".tmp", f".{schema.META_FILE}.tmp"}
     entries = list(path.iterdir())
     if not all(e.name in known for e in entries):
         return False
@@ -60,6 +60,7 @@ def prepare_output(path: Path, force: bool) -> None:
                         f.unlink()
         (path / schema.META_FILE).unlink(missing_ok=True)
         (path / (schema.META_FILE + ".tmp")).unlink(missing_ok=True)
+        (path / f".{schema.META_FILE}.tmp").unlink(missing_ok=True)
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o700)
 
@@ -67,12 +68,16 @@ def prepare_output(path: Path, force: bool) -> None:
 def _write_atomic(target: Path, data: bytes) -> None:
     """Write ``data`` to ``target`` through a synced temporary file and a rename, 0600."""
     tmp = target.with_name(f".{target.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a truncated temporary behind
+        raise
 
 
 def _fsync_dir(path: Path) -> None:
@@ -124,6 +129,21 @@ class TraceWriter:
             (self.path / name).mkdir(parents=True, exist_ok=True)
         self.meta.setdefault("complete", False)
         write_meta(self.path, self._full_meta())
+        self._reserve_meta_space()
+
+    def _reserve_meta_space(self) -> None:
+        """Hold room for the final meta.json in its own temporary file, which writing meta.json truncates and
+        reuses: on a full disk the final meta (stop reason, what was kept) still fits. Best effort."""
+        f = self.path / f".{schema.META_FILE}.tmp"
+        size = (self.path / schema.META_FILE).stat().st_size + (64 << 10)
+        try:
+            fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
+        except OSError:
+            f.unlink(missing_ok=True)
 
     def _full_meta(self) -> dict[str, Any]:
         m = dict(self.meta)
@@ -144,13 +164,28 @@ class TraceWriter:
             self._pending[name].append(table)
 
     def rotate(self) -> None:
-        """Write the current segment of every table (empty tables too, so segments line up) and start the next."""
+        """Write the current segment of every table (empty tables too, so segments line up) and start the next.
+
+        When writing fails (a full disk), the segment's files are removed before the error propagates: the
+        trace is left as its committed segments, with no partial or uncommitted file."""
         with self._lock:
             pending, self._pending = self._pending, {name: [] for name in schema.TABLES}
+        written: list[Path] = []
+        try:
+            self._write_segment(pending, written)
+        except BaseException:
+            for f in written:
+                f.unlink(missing_ok=True)
+            raise
+        self.segment += 1
+
+    def _write_segment(self, pending: dict[str, list[pa.Table]], written: list[Path]) -> None:
+        """Write and commit segment ``self.segment``; every file it creates is appended to ``written`` first."""
         meta_bytes = footer_meta(self._full_meta())
         manifest: dict[str, Any] = {"segment": self.segment, "tables": {}}
         ts_lo: int | None = None
         ts_hi: int | None = None
+        sizes: dict[str, int] = {}
         for name, parts in pending.items():
             t = schema.TABLES[name]
             table = pa.concat_tables(parts) if parts else schema.empty_table(name)
@@ -161,6 +196,7 @@ class TraceWriter:
             # Write under a hidden temporary name and rename when the footer is on disk, so a crash never
             # leaves a truncated part-*.parquet behind.
             tmp = f.with_name(f".{f.name}.tmp")
+            written += [tmp, f]
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as fh:
                 pq.write_table(
@@ -178,9 +214,7 @@ class TraceWriter:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, f)
-            size = f.stat().st_size
-            self.bytes_written += size
-            self.rows[name] += table.num_rows
+            size = sizes[name] = f.stat().st_size
             manifest["tables"][name] = {"file": f"{name}/{f.name}", "rows": table.num_rows, "bytes": size}
             if table.num_rows and t.sort_by in table.column_names:
                 col = table.column(t.sort_by)
@@ -194,8 +228,11 @@ class TraceWriter:
         manifest["committed_at"] = time.time()
         # The commit point: the segment exists for readers from this rename on.
         _write_atomic(self.path / schema.COMMIT_DIR / schema.commit_name(self.segment), json.dumps(manifest).encode())
+        written.clear()  # committed: nothing of it may be removed any more
+        for name, e in manifest["tables"].items():
+            self.rows[name] += e["rows"]
+        self.bytes_written += sum(sizes.values())
         _fsync_dir(self.path / schema.COMMIT_DIR)
-        self.segment += 1
 
     def close(self, final_meta: dict[str, Any] | None = None) -> None:
         """Write the last segment and the final metadata."""
