@@ -27,6 +27,7 @@ from lufreplay.replay.engine import ReplayResult, replay
 from lufreplay.report.cost import CostError, cost_block, profile_for
 from lufreplay.report.progress import ReplayProgress
 from lufreplay.report.results import build
+from lufreplay.report.usage import usage_block
 from lufreplay.trace.reader import TraceError, open_trace
 
 
@@ -122,6 +123,9 @@ def simulate(
     doc = build(trace, res, opts, requested, time.perf_counter() - t0)
     if profile is not None:
         doc["cost"] = cost_block(doc, trace, *profile)
+    usage = usage_block(trace, int(doc["vanilla"]["remote_shootdowns"]))
+    if usage is not None:
+        doc["usage"] = usage
     return Simulation(doc, res)
 
 
