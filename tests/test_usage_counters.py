@@ -16,6 +16,7 @@ from lufreplay import open_trace
 from lufreplay.capture import _trials
 from lufreplay.capture.perfcount import online_cpus
 from lufreplay.jsonout import loads_strict
+from lufreplay.report.html import render_html
 
 HANG_S = 900  # a hang guard only: compiling the probes on a loaded 2-vCPU host can take minutes
 
@@ -142,3 +143,9 @@ def test_simulate_shows_the_counts_next_to_the_shootdowns(usage_trace) -> None:
     assert f"page-faults: {ev['count']:,} in the window" in text.stdout
     if u["pmu"] == "absent":
         assert f"TLB-miss counters: not recorded (no PMU: {u['pmu_error']})" in text.stdout
+
+    # the report page shows the same block
+    page = render_html(doc, [])
+    table = page[page.index('<table id="usage-table">') :]
+    table = table[: table.index("</table>")]
+    assert f"{ev['count']:,} in the window" in table and f"process {t.meta['workload']['pid']}" in table
