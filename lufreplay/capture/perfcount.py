@@ -208,7 +208,10 @@ class UsageSampler:
         for name, opened in self.fds.items():
             for cpu, fd in opened:
                 t = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-                v, en, run = _READ.unpack(os.read(fd, _READ.size))
+                try:
+                    v, en, run = _READ.unpack(os.read(fd, _READ.size))
+                except (OSError, struct.error):
+                    continue  # e.g. the CPU went offline: no row rather than a made-up value
                 add(t, "perf", name, cpu, -1, v, en, run)
         done = dict(exited or {})
         for pid in sorted(set(pids) | set(done)):
