@@ -65,6 +65,13 @@ def record(
         bool,
         typer.Option("--calibrate", help="first measure what a shootdown costs here and store it in the trace"),
     ] = False,
+    counters: Annotated[
+        str,
+        typer.Option(
+            "--counters",
+            help="perf events counted per CPU into the usage table (default: dTLB-load/store-, iTLB-load-misses)",
+        ),
+    ] = "default",
     dump_bpf: Annotated[bool, typer.Option("--dump-bpf", hidden=True, help="print the BPF program and exit")] = False,
 ) -> None:
     """Record a workload's memory-management events into a trace directory (root).
@@ -102,6 +109,7 @@ def record(
         force=force,
         dump_bpf=dump_bpf,
         calibrate=calibrate,
+        counters=counters,
     )
     raise typer.Exit(run_record(opts))
 

@@ -183,6 +183,11 @@ COUNTER_READ_BEGIN_IRQ = "interrupts_read_begin_ns"
 #: When a counter snapshot was taken.
 COUNTER_PHASE = {0: "start", 1: "end"}
 
+#: What a ``usage`` row measures.
+USAGE_KIND = {0: "perf", 1: "process"}
+#: When a ``usage`` sample was taken.
+USAGE_PHASE = {0: "start", 1: "segment", 2: "end"}
+
 #: Probe attach types, richest last. The trace records which one each probe used.
 ATTACH_TYPES = ("tracepoint", "raw_tracepoint", "tp_btf", "fentry", "kprobe")
 
@@ -521,7 +526,40 @@ LOSSES = _table(
     source="user",
     task=False,
 )
-for _t in (MAPS, COUNTERS, LOSSES):
+USAGE = _table(
+    "usage",
+    "Cumulative counts sampled at the start, at each segment boundary and at the stop (meta.json `counters` says"
+    " which events opened and why others did not): perf counting events per CPU, system-wide (by default the"
+    " TLB misses dTLB-load-misses, dTLB-store-misses, iTLB-load-misses; they need a PMU), and each traced"
+    " process's CPU time and runtime. The difference of two samples is the count between them.",
+    _c("ts_ns", pa.int64(), "time the value was read", "ns", lo=0),
+    _c("phase", pa.uint8(), "start, segment boundary or end", enum=USAGE_PHASE, on_bad="skip"),
+    _c(
+        "kind", pa.uint8(), "perf: a perf event on one CPU; process: one traced process", enum=USAGE_KIND, on_bad="skip"
+    ),
+    _c("name", pa.string(), "perf: event name as perf(1) spells it; process: cpu_ns or runtime_ns"),
+    _c("cpu", pa.int16(), "perf: CPU counted; process: -1", lo=-1, hi=NR_CPUS),
+    _c("pid", pa.int32(), "process: its pid; perf: -1 (every task)", lo=-1),
+    _c(
+        "value",
+        pa.int64(),
+        "perf: count since the event was opened (not scaled); process: cpu_ns = utime+stime+cutime+cstime"
+        " (or wait4's rusage once reaped), runtime_ns = time since it started",
+        lo=0,
+    ),
+    _c("enabled_ns", pa.int64(), "perf: time the event was enabled (0 for process rows)", "ns", lo=0),
+    _c(
+        "running_ns",
+        pa.int64(),
+        "perf: time it was counting; below enabled_ns when the PMU was multiplexed (scale value by"
+        " enabled/running); 0 for process rows",
+        "ns",
+        lo=0,
+    ),
+    source="user",
+    task=False,
+)
+for _t in (MAPS, COUNTERS, LOSSES, USAGE):
     object.__setattr__(_t, "sort_by", "ts_ns" if "ts_ns" in {c.name for c in _t.columns} else "ts_start_ns")
 
 KERNEL_TABLES = tuple(n for n, t in TABLES.items() if t.source == "kernel")
@@ -577,7 +615,17 @@ META_FIELDS: dict[str, tuple[tuple[type | None, ...], bool]] = {
     "shootdown_cost.receiver_ns.p90": ((int, float), False),
     "shootdown_cost.nr_threads": ((int,), False),
     "shootdown_cost.host": ((dict,), False),
+    # the ``usage`` table's perf events: which opened, and whether the host has a PMU (lufreplay.capture.perfcount)
+    "counters": ((dict, None), False),
+    "counters.pmu": ((str,), False),
+    "counters.pmu_error": ((str, None), False),
+    "counters.requested": ((list,), False),
+    "counters.events": ((list,), False),
+    "counters.failed": ((dict,), False),
 }
+
+#: ``counters.pmu``: a hardware TLB-miss event opened on this host, or the kernel refused it.
+PMU_STATES = ("present", "absent")
 
 
 #: ``format`` of a shootdown-cost profile (``lufreplay calibrate``; meta.json ``shootdown_cost``)
@@ -725,6 +773,12 @@ def markdown() -> str:
         " shootdown cost on the recording host (`lufreplay calibrate`): `sender_ns` (the sender's wait, per flush)"
         " and `receiver_ns` (per IPI received), each `{p10, p50, p90}` in ns, positive and ordered, with `method`,"
         " `nr_threads`, `host`; `simulate` turns it into CPU-seconds (docs/simulate.md).",
+        "",
+        "`meta.json` `counters` describes the `usage` table: `pmu` is `present` when a hardware TLB-miss event"
+        " (dTLB-load-misses) opened and `absent` when the kernel refused it (`pmu_error` holds the errno text,"
+        " e.g. on virtual machines without a PMU); `requested` lists the events asked for (`record --counters`),"
+        " `events` those counted on every CPU, `failed` maps each other one to the errno text. An absent event has"
+        " no rows: nothing is estimated.",
         "",
     ]
     for t in TABLES.values():

@@ -23,15 +23,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import crash_writer  # noqa: E402
 
 # (kill point, manifests committed when the kill came). Operation numbers are os.replace calls of the
-# writer: 1 the first meta.json, then per segment 17 table files and the manifest (19, 37, 55), 56 the
-# final meta.json. "before" leaves the operation's hidden temporary file behind.
+# writer: 1 the first meta.json, then per segment one file per table of the schema and the manifest (with 18
+# tables: 20, 39, 58), then the final meta.json. "before" leaves the operation's hidden temporary file behind.
+PER_SEG = len(schema.TABLES) + 1
+
+
+def _manifest_op(k: int) -> int:
+    """Operation number of segment ``k``'s manifest."""
+    return 1 + (k + 1) * PER_SEG
+
+
+FINAL_META = _manifest_op(NSEG - 1) + 1
 KILLS = [
     ("1before", None),  # before the first meta.json: nothing to read
-    ("19before", 0),  # every table of segment 0 written, its manifest not yet renamed
-    ("19after", 1),  # segment 0 committed
-    ("28after", 1),  # in the middle of segment 1
-    ("55before", 2),  # during the last segment's commit (finalisation)
-    ("56before", 3),  # every segment committed, the final meta.json not written
+    (f"{_manifest_op(0)}before", 0),  # every table of segment 0 written, its manifest not yet renamed
+    (f"{_manifest_op(0)}after", 1),  # segment 0 committed
+    (f"{_manifest_op(0) + PER_SEG // 2}after", 1),  # in the middle of segment 1
+    (f"{_manifest_op(NSEG - 1)}before", 2),  # during the last segment's commit (finalisation)
+    (f"{FINAL_META}before", 3),  # every segment committed, the final meta.json not written
 ]
 
 
@@ -63,8 +72,8 @@ def _same_rows(got: pa.Table, want: pa.Table) -> None:
 def test_operation_numbers_match_the_writer(tmp_path: Path) -> None:
     ops = _run(tmp_path / "t", "-1")
     manifests = [line.split()[0] for line in ops if "commits/" in line]
-    assert manifests == ["19", "37", "55"]
-    assert ops[0] == "1 meta.json" and ops[55] == "56 meta.json"
+    assert manifests == [str(_manifest_op(k)) for k in range(NSEG)]
+    assert ops[0] == "1 meta.json" and ops[FINAL_META - 1] == f"{FINAL_META} meta.json"
     assert open_trace(tmp_path / "t").complete
 
 

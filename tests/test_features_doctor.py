@@ -85,6 +85,13 @@ def test_doctor_json_shape() -> None:
     assert fams["migration (old/new pfn, READ/READ_EXCLUSIVE/WRITE)"]["fidelity"] == "exact"
     assert fams["RO/RW of pages unmapped by reclaim"]["fidelity"] == "inferred"
     assert fams["PMU TLB-miss counts"]["fidelity"] == ("exact" if doc["detect"]["pmu_tlb"]["ok"] else "missing")
+    # the three events record counts per CPU by default, each named with what the kernel said about it
+    pmu = doc["detect"]["pmu_tlb"]
+    assert set(pmu["events"]) == {"dTLB-load-misses", "dTLB-store-misses", "iTLB-load-misses"}
+    detail = by_check["PMU TLB events"]["detail"]
+    for name, said in pmu["events"].items():
+        assert name in detail and (said == "ok" or said in detail)
+    assert by_check["PMU TLB events"]["ok"] == (pmu["events"]["dTLB-load-misses"] == "ok")
 
 
 @pytest.mark.bpf

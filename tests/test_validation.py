@@ -125,6 +125,18 @@ def test_unknown_counter_codes_are_skipped_with_a_counted_warning(trace: Path) -
         ('{"format": "x", "format_version": 1}', "not a lufreplay trace (format='x')"),
         ("{", "meta.json: not valid JSON"),
         ('{"format_version": 1}', "field 'format' missing"),
+        (
+            '{"format": "lufreplay-trace", "format_version": 1, "counters": {"pmu": "maybe"}}',
+            "field 'counters.pmu' must be one of present, absent, not 'maybe'",
+        ),
+        (
+            '{"format": "lufreplay-trace", "format_version": 1, "counters": {"pmu": "absent", "pmu_error": null}}',
+            "'counters.pmu' is 'absent' but 'counters.pmu_error' does not say why",
+        ),
+        (
+            '{"format": "lufreplay-trace", "format_version": 1, "counters": {"events": "dTLB-load-misses"}}',
+            "field 'counters.events' must be an array, not a string",
+        ),
     ],
 )
 def test_meta_json_errors_name_the_cause(trace: Path, content: str, expect: str) -> None:
@@ -176,6 +188,8 @@ def test_simulate_out_on_an_existing_file(tmp_path: Path) -> None:
         (["-d", "inf", "--", "true"], "-d/--duration must be a positive number of seconds, not inf"),
         (["--segment-seconds", "nan", "--", "true"], "--segment-seconds must be a positive number of seconds"),
         (["--workload", "nosuch"], "unknown workload 'nosuch' (choose from mmap-stream"),
+        (["--counters", "dTLB-misses", "--", "true"], "--counters: unknown event 'dTLB-misses' (choose from default,"),
+        (["--counters", ",", "--", "true"], "--counters: no event given"),
     ],
 )
 def test_record_refuses_bad_arguments_before_starting(tmp_path: Path, args: list[str], expect: str) -> None:

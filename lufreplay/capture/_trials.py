@@ -211,19 +211,29 @@ def _trial_ringbuf(s: _Sys) -> dict[str, Any]:
 
 
 def _trial_pmu(s: _Sys) -> dict[str, Any]:
-    # PERF_TYPE_HW_CACHE, config = DTLB | OP_READ << 8 | RESULT_MISS << 16 ("dTLB-load-misses").
-    perf_type_hw_cache, dtlb, op_read, result_miss = 3, 3, 0, 1
-    config = dtlb | (op_read << 8) | (result_miss << 16)
-    attr = _attr(
-        64,
-        [(0, ctypes.c_uint32, perf_type_hw_cache), (4, ctypes.c_uint32, 64), (8, ctypes.c_uint64, config)],
-    )
-    fd = s.libc.syscall(s.nr_perf, ctypes.byref(attr), 0, -1, -1, 0)
-    e = ctypes.get_errno()
-    if fd < 0:
-        return {"ok": False, "event": "dTLB-load-misses", "error": f"{os.strerror(e)} (errno {e})"}
-    os.close(fd)
-    return {"ok": True, "event": "dTLB-load-misses"}
+    # PERF_TYPE_HW_CACHE, config = cache | op << 8 | RESULT_MISS << 16: the three events record counts by default.
+    perf_type_hw_cache, dtlb, itlb, op_read, op_write, result_miss = 3, 3, 4, 0, 1, 1
+    events = {
+        "dTLB-load-misses": dtlb | (op_read << 8) | (result_miss << 16),
+        "dTLB-store-misses": dtlb | (op_write << 8) | (result_miss << 16),
+        "iTLB-load-misses": itlb | (op_read << 8) | (result_miss << 16),
+    }
+    out: dict[str, Any] = {"ok": True, "event": "dTLB-load-misses", "events": {}}
+    for name, config in events.items():
+        attr = _attr(
+            64,
+            [(0, ctypes.c_uint32, perf_type_hw_cache), (4, ctypes.c_uint32, 64), (8, ctypes.c_uint64, config)],
+        )
+        fd = s.libc.syscall(s.nr_perf, ctypes.byref(attr), 0, -1, -1, 0)
+        e = ctypes.get_errno()
+        if fd < 0:
+            out["events"][name] = f"{os.strerror(e)} (errno {e})"
+            if name == "dTLB-load-misses":  # the event that decides the trace's counters.pmu
+                out.update(ok=False, error=out["events"][name])
+            continue
+        os.close(fd)
+        out["events"][name] = "ok"
+    return out
 
 
 def trial_bpf() -> dict[str, Any]:

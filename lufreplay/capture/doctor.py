@@ -21,6 +21,18 @@ def _check(name: str, ok: bool | None, detail: str, fix: str = "", required: boo
     return {"check": name, "status": status, "ok": ok, "required": required, "detail": detail, "fix": fix}
 
 
+def _pmu_detail(pmu: dict[str, Any]) -> str:
+    """Which TLB-miss events open here (record counts them per CPU into the usage table)."""
+    evs = pmu.get("events") or {pmu.get("event", "dTLB-load-misses"): "ok" if pmu.get("ok") else pmu.get("error", "")}
+    ok = [k for k, v in evs.items() if v == "ok"]
+    bad = {k: v for k, v in evs.items() if v != "ok"}
+    parts = [f"{', '.join(ok)}: available"] if ok else []
+    if bad:
+        errs = set(bad.values())
+        parts.append(f"{', '.join(bad)}: " + ("; ".join(errs) if len(errs) > 1 else errs.pop()))
+    return "; ".join(parts)
+
+
 def checks(det: dict[str, Any]) -> list[dict[str, Any]]:
     """The environment checks, in the order a user fixes them."""
     out: list[dict[str, Any]] = []
@@ -130,8 +142,11 @@ def checks(det: dict[str, Any]) -> list[dict[str, Any]]:
         _check(
             "PMU TLB events",
             pmu.get("ok"),
-            f"{pmu.get('event', 'dTLB-load-misses')}: " + ("available" if pmu.get("ok") else pmu.get("error", "")),
-            "" if pmu.get("ok") else "no TLB-miss counts in the trace (virtual machines often expose no PMU)",
+            _pmu_detail(pmu),
+            ""
+            if pmu.get("ok")
+            else "record marks the trace counters.pmu absent with this errno; no TLB-miss counts"
+            " (virtual machines often expose no PMU)",
         )
     )
     mc = det["memcg"]
@@ -318,7 +333,7 @@ def families(det: dict[str, Any]) -> list[dict[str, Any]]:
         "PMU TLB-miss counts",
         EXACT if pmu else MISSING,
         "perf_event" if pmu else "-",
-        "dTLB-load-misses",
+        "dTLB-load/store and iTLB-load misses per CPU (usage table)",
         "" if pmu else "no hardware TLB events on this host",
     )
     return out

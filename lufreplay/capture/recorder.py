@@ -85,6 +85,7 @@ class RecordOptions:
     force: bool = False
     dump_bpf: bool = False
     calibrate: bool = False  # measure the shootdown cost first and store it in meta.json
+    counters: str = "default"  # perf events for the usage table (perfcount.parse_events)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,6 +244,7 @@ class Child:
         self.started_ns = 0
         self.status: int | None = None
         self.ended_ns = 0
+        self.cpu_ns: int | None = None  # from wait4's rusage once reaped (its /proc entry is then gone)
 
     def release(self) -> None:
         """Let the child exec; raise RecordError if exec fails."""
@@ -265,13 +267,14 @@ class Child:
         if self.status is not None:
             return True
         try:
-            pid, st = os.waitpid(self.pid, 0 if block else os.WNOHANG)
+            pid, st, ru = os.wait4(self.pid, 0 if block else os.WNOHANG)
         except ChildProcessError:
             self.status, self.ended_ns = -1, _monotonic_ns()
             return True
         if pid == 0:
             return False
         self.ended_ns = _monotonic_ns()
+        self.cpu_ns = int((ru.ru_utime + ru.ru_stime) * 1e9)
         self.status = os.waitstatus_to_exitcode(st)
         return True
 
@@ -470,6 +473,10 @@ class Recorder:
         self.watermark_wakeups = 0
         self.drain_ns = 0
         self.shootdown_cost: dict[str, Any] | None = None
+        self.usage: Any = None  # lufreplay.capture.perfcount.UsageSampler
+        self.counter_events: list[str] = []
+        self.usage_pids: list[int] = []
+        self.next_usage_ns = 0
 
     # ---- validation -------------------------------------------------------------------------------
 
@@ -540,6 +547,12 @@ class Recorder:
             sys.stdout.write(probes.program_text(build))
             return 0
         mode = self._mode()
+        from lufreplay.capture import perfcount
+
+        try:
+            self.counter_events = perfcount.parse_events(o.counters)
+        except perfcount.CounterError as e:
+            raise RecordError(str(e)) from None
         build = probes.BuildOptions(rb_bytes=rb_bytes, filter_tgid=(mode != "system"))
         if os.geteuid() != 0:
             raise RecordError("recording needs root (BPF and tracefs); run with sudo")
@@ -739,6 +752,11 @@ class Recorder:
             }
             if self.shootdown_cost is not None:
                 meta["shootdown_cost"] = self.shootdown_cost
+            from lufreplay.capture.perfcount import UsageSampler
+
+            self.usage = UsageSampler(self.counter_events)
+            meta["counters"] = self.usage.meta()
+            self.usage_pids = target_pids if mode != "system" else []
             self.writer = TraceWriter(o.output, meta)
             consumer = RingConsumer(prog.ring_fd(), build.rb_bytes)
             keep_freed_memory()
@@ -755,6 +773,7 @@ class Recorder:
             self.seg.start()
             self.seg.put_table("counters", start_counters)
             self.seg.put_table("counters", recorder_counter_rows(0, start_ns, _recorder_usage()))
+            self._sample_usage(0, start_ns)
             for pid in target_pids:
                 self._snapshot_maps(pid)
             if self.child is not None:
@@ -774,6 +793,7 @@ class Recorder:
             rescued1 = prog.rescued()
             self.seg.put_table("counters", end_counters)
             self.seg.put_table("counters", recorder_counter_rows(1, end_ns, extra))
+            self._sample_usage(2, end_ns)
             time.sleep(0.01)  # let programs that passed the state check before the flip commit their records
             self.seg.put_raw(consumer.drain(), end_ns)
             self_run = prog.self_run()
@@ -851,6 +871,8 @@ class Recorder:
                     self.cgroup.close()
                 except Exception as e:
                     sys.stderr.write(f"lufreplay: warning: {e}\n")
+            if self.usage is not None:
+                self.usage.close()
             if self.prog is not None:
                 try:
                     self.prog.close()
@@ -987,6 +1009,7 @@ class Recorder:
                     lost = self._read_losses(now_ns)
                     next_loss += LOSS_READ_S
                 progress.update(time.monotonic() - t0, total, self.writer.bytes_written / 1e6, lost)
+                self._sample_usage(1, now_ns)
                 if self.seg.error is not None:
                     self.stop_reason = self.stop_reason or "writer error"
                     break
@@ -1004,6 +1027,24 @@ class Recorder:
             ep.unregister(consumer_fd)
             ep.close()
         return _monotonic_ns(), lost
+
+    def _sample_usage(self, phase: int, now_ns: int) -> None:
+        """The usage table's perf counts and process times: at start (0), at each segment boundary (1), at
+        the stop (2). Processes are the targets and every process the probes followed (forks)."""
+        if self.usage is None or self.seg is None or self.prog is None:
+            return
+        seg_ns = int(self.opts.segment_seconds * 1e9)
+        if phase == 1 and now_ns < self.next_usage_ns:
+            return
+        self.next_usage_ns = self.next_usage_ns or now_ns
+        while self.next_usage_ns <= now_ns:  # stay on the start's grid, one sample per late boundary
+            self.next_usage_ns += seg_ns
+        pids = set(self.usage_pids)
+        if self.usage_pids:
+            pids.update(self.prog.targets())
+        c = self.child
+        exited = {c.pid: (c.cpu_ns, c.ended_ns - c.started_ns)} if c is not None and c.cpu_ns is not None else {}
+        self.seg.put_table("usage", self.usage.sample(phase, pids, exited))
 
     def _read_losses(self, now_ns: int) -> int:
         """Ring reserve failures since the last read, per CPU and kind, as loss rows; returns the total so far."""

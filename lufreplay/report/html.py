@@ -224,6 +224,32 @@ def _cost(doc: dict[str, Any]) -> str:
     )
 
 
+def _usage(doc: dict[str, Any]) -> str:
+    """TLB-miss (perf) counts and the traced processes' CPU time over the window, or why there are none."""
+    u = doc["usage"]
+    rows: list[tuple[str, Any]] = []
+    if u.get("pmu") != "present":
+        rows.append(("TLB-miss counters", f"not recorded (no PMU: {u.get('pmu_error')})"))
+    for name, e in (u.get("events") or {}).items():
+        per = e.get("per_remote_shootdown")
+        rows.append(
+            (
+                name,
+                f"{fmt_int(e.get('count'))} in the window"
+                + (f" (scaled {fmt_int(e.get('count_scaled'))}: multiplexed)" if e.get("multiplexed") else "")
+                + (f"; {per:,} per recorded remote shootdown" if per is not None else ""),
+            )
+        )
+    for pid, p in (u.get("processes") or {}).items():
+        rows.append(
+            (
+                f"process {pid}",
+                f"{p.get('cpu_s', 0):.3f} CPU-s in the window; running for {p.get('runtime_total_s', 0):.3f} s",
+            )
+        )
+    return _kv_table(rows, "usage-table")
+
+
 def _fidelity(doc: dict[str, Any]) -> str:
     fid = doc.get("fidelity") or {}
     losses = doc.get("losses") or {}
@@ -310,6 +336,7 @@ def render_html(doc: dict[str, Any], figures: list[plots.Plot]) -> str:
         f"<h2>Fidelity and losses</h2>{_fidelity(doc)}"
         f"<h2>Models</h2>{_models_table(doc)}"
         + (f"<h2>CPU time on shootdowns</h2>{_cost(doc)}" if doc.get("cost") else "")
+        + (f"<h2>TLB misses and CPU time</h2>{_usage(doc)}" if doc.get("usage") else "")
         + f"<h2>Trace</h2>{info}"
         f"<h2>Eligibility</h2>{elig}"
         f"{figs}"

@@ -31,6 +31,7 @@ from lufreplay.replay.engine import ReplayResult, replay
 from lufreplay.report.cost import CostError, cost_block, profile_for
 from lufreplay.report.progress import ReplayProgress
 from lufreplay.report.results import build
+from lufreplay.report.usage import usage_block
 from lufreplay.trace.reader import TraceError, open_trace
 
 #: options ``simulate`` takes from the trace unless set (``auto_options``): what --list-options says of them
@@ -159,6 +160,9 @@ def simulate(
     doc["scope"] = scope_section(trace, res, opts, requested, dt, doc, shown, why, tgids)
     if profile is not None:
         doc["cost"] = cost_block(doc, trace, *profile)
+    usage = usage_block(trace, int(doc["vanilla"]["remote_shootdowns"]))
+    if usage is not None:
+        doc["usage"] = usage
     return Simulation(doc, res)
 
 

@@ -77,6 +77,8 @@ def render(doc: dict[str, Any], console: Console) -> None:
             "—" if name == "vanilla" else f"{m['avoided_pct']:.1f}",
         )
     console.print(t)
+    if doc.get("usage"):
+        render_usage(doc["usage"], console)
 
     sc = doc.get("scope")
     if sc:
@@ -174,6 +176,23 @@ def render(doc: dict[str, Any], console: Console) -> None:
         console.print(f"{k}={a['value']} chosen from the trace: {escape(a['why'])} (--set {k}=... to override)")
     rp = doc["replay"]
     console.print(f"[dim]replayed {rp['raw_events']:,} events in {rp['seconds']} s[/]")
+
+
+def render_usage(u: dict[str, Any], console: Console) -> None:
+    """TLB-miss counts and the processes' CPU time over the window, or why the trace has no TLB-miss counts."""
+    if u.get("pmu") != "present":
+        console.print(f"TLB-miss counters: not recorded (no PMU: {escape(str(u.get('pmu_error')))})")
+    for name, e in u.get("events", {}).items():
+        per = e["per_remote_shootdown"]
+        console.print(
+            f"{escape(name)}: {e['count']:,} in the window"
+            + (f" (scaled {e['count_scaled']:,}: the PMU was multiplexed)" if e["multiplexed"] else "")
+            + (f", {per:,} per recorded remote shootdown" if per is not None else "")
+        )
+    for pid, p in u.get("processes", {}).items():
+        console.print(
+            f"process {pid}: {p.get('cpu_s', 0):.3f} CPU-s in the window, running for {p.get('runtime_total_s', 0):.3f} s"
+        )
 
 
 def _iv(x: list[float] | None, scale: float = 1.0, fmt: str = "{:.3g}") -> str:

@@ -72,6 +72,13 @@ def check_meta(meta: Any, where: Path) -> None:
         bad = schema.shootdown_cost_problem(meta["shootdown_cost"])
         if bad:
             raise TraceError(f"{where}: field 'shootdown_cost': {bad}")
+    ctr = meta.get("counters")
+    if isinstance(ctr, dict) and "pmu" in ctr and ctr["pmu"] not in schema.PMU_STATES:
+        raise TraceError(
+            f"{where}: field 'counters.pmu' must be one of {', '.join(schema.PMU_STATES)}, not {_short(ctr['pmu'])}"
+        )
+    if isinstance(ctr, dict) and ctr.get("pmu") == "absent" and not ctr.get("pmu_error"):
+        raise TraceError(f"{where}: field 'counters.pmu' is 'absent' but 'counters.pmu_error' does not say why")
     n = nr_cpus_of(meta)
     if n is not None and not 1 <= n <= schema.MAX_NR_CPUS:
         raise TraceError(f"{where}: host.nr_cpus {n} is out of range (1..{schema.MAX_NR_CPUS})")
