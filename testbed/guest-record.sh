@@ -4,7 +4,7 @@
 # Usage: guest-record.sh CASE OUTDIR [DATA_DEV]
 #   CASE: stream | mixed | three | migration | smoke   (see case_args below)
 # Env: LR_PYTHON (default python3), LR_DURATION (workload seconds), LR_THREADS (stream readers, default 4),
-#      LR_SPARSE=1 (stream: a hole file instead of real data).
+#      LR_SPARSE=1 (hole files for the streamed files), LR_LIMIT (memory limit instead of the case's).
 set -uo pipefail
 case_name=${1:?case}
 out=${2:?outdir}
@@ -50,6 +50,7 @@ case "$case_name" in
     smoke)     limit=64M;  wl=(mmap-stream --threads 2 --file-size 128M --sparse) ;;
     *) log "unknown case $case_name"; exit 2 ;;
 esac
+limit=${LR_LIMIT:-$limit}  # LR_LIMIT overrides the case's memory limit
 wl+=(--dir "$data/work")
 mkdir -p "$data/work" "$out"
 
