@@ -40,7 +40,7 @@ def test_the_sample_set_is_there_and_small() -> None:
     assert {"mmap-stream", "anon-churn", "mixed-file"} <= names
     assert names & {"compact", "cow-fork"}
     # issue 7: 4- and 8-vCPU recordings of the stream case, and the other cases at 4 vCPUs
-    assert {"guest4-stream", "guest8-stream"} <= names
+    assert {"guest4-stream", "guest8-stream", "guest4-mixed"} <= names
     assert _size(TRACES) < 40 << 20, _size(TRACES)
     for p in BUNDLED:
         assert _size(p) < 6 << 20, (p.name, _size(p))
@@ -126,7 +126,7 @@ def test_simulate_default_sample() -> None:
 def test_many_cpu_trace_replays_safely_within_the_bound(trace: Path) -> None:
     """The test-bed traces (4 and 8 vCPUs) through every model, as intended and with the hooks as posted: the
     recorded side is the kernel's per-CPU count, no model is unsafe, and the oracle is a floor for every LUF
-    model. (The rebuilt vanilla's ±2 % target of issue 7 is not met on these yet: not asserted.)"""
+    model that pays the hooks. (The rebuilt vanilla's ±2 % target of issue 7 is not met on these yet: not asserted.)"""
     info = json.loads(lr("info", str(trace), "--json").stdout)
     nr_cpus = info["meta"]["host"]["nr_cpus"]
     for extra in ([], ["--set", "hooks=posted"]):
@@ -134,7 +134,11 @@ def test_many_cpu_trace_replays_safely_within_the_bound(trace: Path) -> None:
         assert r.returncode == 0, r.stderr
         doc = json.loads(r.stdout)
         assert doc["options"]["hooks"] == ("posted" if extra else "intended")
-        assert doc["vanilla"]["per_cpu"] == info["reconciliation"]["tlb_shootdowns"]["recorded"]
+        # the replayed kernel side is every recorded shootdown: those between the two /proc/interrupts reads
+        # (which match them per CPU) and the few outside
+        tlb = info["reconciliation"]["tlb_shootdowns"]
+        assert all(s >= w for s, w in zip(doc["vanilla"]["per_cpu"], tlb["recorded"], strict=True))
+        assert doc["vanilla"]["remote_shootdowns"] == sum(tlb["recorded"]) + tlb["outside_window"]
         assert len(doc["vanilla"]["per_cpu"]) == nr_cpus
         _sums(doc["vanilla"])
         models = doc["models"]
@@ -143,7 +147,9 @@ def test_many_cpu_trace_replays_safely_within_the_bound(trace: Path) -> None:
             assert len(m["per_cpu"]) == nr_cpus
             assert m["safety"]["violations"] == 0, (name, extra)
         oracle = models["oracle"]["remote_shootdowns"]
-        for name in ("luf-v12", "luf-v11", "hold-before-free"):
+        # a floor for the schemes that pay the hooks; luf-v12 as posted skips them (F3-F8/F10 inert) and can go
+        # below it (guest4-mixed: the writer's write_begin and write faults)
+        for name in ("luf-v11", "hold-before-free") if extra else ("luf-v12", "luf-v11", "hold-before-free"):
             assert oracle <= models[name]["remote_shootdowns"], (name, extra)
         fid = doc["fidelity"]
         assert fid["rebuilt"] == models["vanilla"]["remote_shootdowns"]
