@@ -40,7 +40,7 @@ def test_the_sample_set_is_there_and_small() -> None:
     assert {"mmap-stream", "anon-churn", "mixed-file"} <= names
     assert names & {"compact", "cow-fork"}
     # issue 7: 4- and 8-vCPU recordings of the stream case, and the other cases at 4 vCPUs
-    assert {"guest4-stream", "guest8-stream", "guest4-mixed", "guest4-three"} <= names
+    assert {"guest4-stream", "guest8-stream", "guest4-mixed", "guest4-three", "guest4-migration"} <= names
     assert _size(TRACES) < 40 << 20, _size(TRACES)
     for p in BUNDLED:
         assert _size(p) < 6 << 20, (p.name, _size(p))
