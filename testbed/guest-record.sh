@@ -4,7 +4,7 @@
 # Usage: guest-record.sh CASE OUTDIR [DATA_DEV]
 #   CASE: stream | mixed | three | migration | smoke   (see case_args below)
 # Env: LR_PYTHON (default python3), LR_DURATION (workload seconds), LR_THREADS (stream readers, default 4),
-#      LR_SPARSE=1 (stream: a hole file instead of real data).
+#      LR_SPARSE=1 (hole files for the streamed files), LR_LIMIT (memory limit instead of the case's).
 set -uo pipefail
 case_name=${1:?case}
 out=${2:?outdir}
@@ -50,30 +50,66 @@ case "$case_name" in
     smoke)     limit=64M;  wl=(mmap-stream --threads 2 --file-size 128M --sparse) ;;
     *) log "unknown case $case_name"; exit 2 ;;
 esac
+limit=${LR_LIMIT:-$limit}  # LR_LIMIT overrides the case's memory limit
 wl+=(--dir "$data/work")
 mkdir -p "$data/work" "$out"
 
 # Create the data files (and compile the helper) outside the recording, unless they exist.
 helper() { ls "$data"/work/.bin/lrwork-* 2>/dev/null | head -1; }
-if [ "$case_name" != stream ] || [ ! -f "$data/work/stream0-512M.bin" ] || [ -z "$(helper)" ]; then
+if [ "$case_name" = smoke ] || [ -z "$(helper)" ]; then
     log "warm-up: ${wl[*]}"
     "$py" -m lufreplay workload "${wl[@]}" --duration 0.2 ${limit:+--memory-limit "$limit"} > /dev/null 2> "$out/warmup.err" \
         || { log "warm-up failed"; tail -5 "$out/warmup.err" >&2; exit 3; }
 fi
-# Under TCG a Python start (lufreplay imports pandas) takes minutes: the stream case records the workload's
-# C helper directly (what `lufreplay workload mmap-stream` runs: THREADS pinned readers from CPU 0,
-# MADV_RANDOM, one word per page), so the recording holds the streaming and not an interpreter start.
-# LR_SPARSE=1: a hole file (no disk I/O: under TCG the disk reads of a real file run at ~700 pages/s, too
-# slow to fill a 256M cgroup in a short run; the bundled 2-vCPU mmap-stream trace uses --sparse too).
-cmd=(--workload "${wl[0]}" -- "${wl[@]:1}" --duration "$dur" --json)
-if [ "$case_name" = stream ]; then
-    file="$data/work/stream0-512M.bin"
-    if [ "${LR_SPARSE:-0}" = 1 ]; then
-        file="$data/work/stream0-512M.sparse"
-        [ -f "$file" ] || truncate -s 512M "$file"
+# Under TCG a Python start (lufreplay imports pandas) takes minutes, so every case but smoke records the
+# workload's C helper `lrwork` directly, with the arguments its `lufreplay workload` runs it with, and the
+# recording holds the workload and not an interpreter start. Each helper reads one gate line on stdin
+# (`echo go`) and prints one JSON line on stdout (workload.json).
+#   stream:    THREADS pinned readers from CPU 0 of one 512 MiB MAP_SHARED file, MADV_RANDOM (1)
+#   mixed:     2 readers x 2 threads (CPUs 0-1, 2-3) of one 384 MiB file + the writer (200 writes/s through
+#              its shared RW mapping and 200 pwrite()s/s, pinned to CPU 1) - mixed-file's processes
+#   three:     3 processes x 2 threads, each streaming its own 256 MiB file (CPUs 0-1, 2-3, 4-5 mod N)
+#   migration: compact's `regions` (7 regions of 8 MiB with known permissions, 128 MiB filler interleaved
+#              then freed), one write of compact_memory once the regions are ready, then release; the
+#              pre-compaction (the Python workload's, see common.pre_compact) runs before the recording
+# LR_SPARSE=1: hole files for the streamed files (no disk I/O: under TCG the disk reads of a real file run
+# at ~700 pages/s, too slow to fill the cgroup in a short run; the bundled 2-vCPU mmap-stream trace uses
+# --sparse too). The writer of `mixed` then fills holes of the file it writes (ext4 delalloc).
+H=$(helper)
+ext=bin
+[ "${LR_SPARSE:-0}" = 1 ] && ext=sparse
+mkfile() {  # mkfile NAME SIZE: a hole file, or a file of real (written) blocks
+    local f="$data/work/$1"
+    if [ "$ext" = sparse ]; then
+        [ -f "$f" ] || truncate -s "$2" "$f"
+    else
+        [ -f "$f" ] || dd if=/dev/zero of="$f" bs=1M count="${2%M}" conv=fsync status=none
     fi
-    cmd=(-- sh -c "echo go | exec $(helper) stream $file $dur $threads 0 0 s0 1")
-fi
+    printf '%s' "$f"
+}
+case "$case_name" in
+    stream)
+        f=$(mkfile "stream0-512M.$ext" 512M)
+        cmd=(-- sh -c "echo go | exec $H stream $f $dur $threads 0 0 s0 1") ;;
+    mixed)
+        f=$(mkfile "mixed-384M.$ext" 384M)
+        cmd=(-- sh -c "(echo go | exec $H stream $f $dur 2 0 0 r0 1) & (echo go | exec $H stream $f $dur 2 2 0 r1 1) &
+(echo go | exec $H writer $f $dur 200) & wait") ;;
+    three)
+        f0=$(mkfile "stream0-256M.$ext" 256M); f1=$(mkfile "stream1-256M.$ext" 256M); f2=$(mkfile "stream2-256M.$ext" 256M)
+        cmd=(-- sh -c "(echo go | exec $H stream $f0 $dur 2 0 0 p0 1) & (echo go | exec $H stream $f1 $dur 2 2 0 p1 1) &
+(echo go | exec $H stream $f2 $dur 2 4 0 p2 1) & wait") ;;
+    migration)
+        ext=bin  # the regions' file pages must be real page cache with data, as compact's files are
+        fro=$(mkfile compact-ro-16M.bin 16M); frw=$(mkfile compact-rw-16M.bin 16M)
+        sync; echo 3 > /proc/sys/vm/drop_caches
+        log "pre-compaction"; echo 1 > /proc/sys/vm/compact_memory
+        rdy=/tmp/regions.out
+        cmd=(-- sh -c "{ echo go; until grep -q ready $rdy 2>/dev/null; do sleep 0.2; done;
+echo 1 > /proc/sys/vm/compact_memory; echo done; } | $H regions $fro $frw 8388608 134217728 > $rdy; cat $rdy") ;;
+    *)
+        cmd=(--workload "${wl[0]}" -- "${wl[@]:1}" --duration "$dur" --json) ;;
+esac
 
 sync
 echo 3 > /proc/sys/vm/drop_caches

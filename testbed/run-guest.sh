@@ -4,7 +4,7 @@
 # OUTDIR/CASE on the host.
 # Usage: testbed/run-guest.sh CPUS CASE[,CASE...] OUTDIR
 # Env: LR_ROUTE=vng|qemu (default vng when installed; qemu = this script's own qemu + 9p command line),
-#      LR_MEM (guest RAM, default 2G), LR_DURATION, LR_THREADS (passed to the guest),
+#      LR_MEM (guest RAM, default 2G), LR_DURATION, LR_THREADS, LR_SPARSE, LR_LIMIT (passed to the guest),
 #      LR_DISK_OVERLAY=1 (write to a qcow2 overlay in OUTDIR, not the cached data disk: parallel guests),
 #      LUFREPLAY_TESTBED_CACHE (kernel and data disk; default ${XDG_CACHE_HOME:-~/.cache}/lufreplay-testbed)
 set -euo pipefail
@@ -48,7 +48,7 @@ py=$(command -v python3)
 cat > "$out/guest-cmd.sh" <<EOS
 #!/bin/bash
 export PATH="$PATH" PYTHONPATH="$repo" HOME=/tmp NUMBA_CACHE_DIR=/tmp/numba PYTHONDONTWRITEBYTECODE=1
-export LR_PYTHON="$py" LR_DURATION="${LR_DURATION:-4}" LR_THREADS="${LR_THREADS:-4}" LR_SPARSE="${LR_SPARSE:-0}"
+export LR_PYTHON="$py" LR_DURATION="${LR_DURATION:-4}" LR_THREADS="${LR_THREADS:-4}" LR_SPARSE="${LR_SPARSE:-0}" LR_LIMIT="${LR_LIMIT:-}"
 cd "$repo"
 rc=0
 for c in ${cases//,/ }; do

@@ -16,6 +16,13 @@ from lufreplay import open_trace
 
 TRACES = Path(__file__).resolve().parent.parent / "traces"
 BUNDLED = sorted(p for p in TRACES.iterdir() if (p / "meta.json").is_file())
+#: traces recorded in the many-CPU test bed (testbed/): guest<vCPUs>-<case>
+GUEST = [p for p in BUNDLED if p.name.startswith("guest")]
+#: bundled traces with lost events (BPF recursion misses under TCG: one csd_queue_cpu record in 306,474, two
+#: ipi_send_cpu in 390,040), counted and bounded; their per-CPU shootdowns still equal /proc/interrupts
+KNOWN_LOSSES = {"guest8-stream": 1, "guest4-three": 2}
+#: the lrwork mode each test-bed case runs (testbed/guest-record.sh records the C helper directly)
+GUEST_MODES = {"stream": ["stream"], "mixed": ["stream", "writer"], "three": ["stream"], "migration": ["regions"]}
 
 
 def lr(*args: str) -> subprocess.CompletedProcess[str]:
@@ -24,35 +31,67 @@ def lr(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _size(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+
 def test_the_sample_set_is_there_and_small() -> None:
     names = {p.name for p in BUNDLED}
     assert {"mmap-stream", "anon-churn", "mixed-file"} <= names
     assert names & {"compact", "cow-fork"}
-    total = sum(f.stat().st_size for f in TRACES.rglob("*") if f.is_file())
-    assert total < 20 << 20, total
+    # issue 7: 4- and 8-vCPU recordings of the stream case, and the other cases at 4 vCPUs
+    assert {"guest4-stream", "guest8-stream", "guest4-mixed", "guest4-three", "guest4-migration"} <= names
+    assert _size(TRACES) < 40 << 20, _size(TRACES)
+    for p in BUNDLED:
+        assert _size(p) < 6 << 20, (p.name, _size(p))
     readme = (TRACES / "README.md").read_text()
     for name in names:
         assert f"## `{name}`" in readme  # every trace is documented with its command
-        assert f"-o traces/{name}" in readme
+        section = readme.split(f"## `{name}`", 1)[1].split("\n## ", 1)[0]
+        if name in {p.name for p in GUEST}:  # recorded inside the guest, then copied here
+            assert "testbed/run-guest.sh" in section and f"`traces/{name}`" in section
+            assert "hooks=posted" in section and "precision_pct" in section
+        else:
+            assert f"-o traces/{name}" in section
 
 
 @pytest.mark.parametrize("trace", BUNDLED, ids=lambda p: p.name)
 def test_bundled_trace_validates_and_reconciles(trace: Path) -> None:
     t = open_trace(trace, validate=True)
     assert t.meta["complete"] is True and t.meta["workload"]["exit_status"] == 0
-    assert t.meta["target"]["workload"] == trace.name
+    if trace in GUEST:
+        _check_guest_meta(trace, t.meta)
+    else:
+        assert t.meta["target"]["workload"] == trace.name
     # readable by anyone after a fresh clone (the recorder writes 0600)
     for f in trace.rglob("*"):
         assert f.stat().st_mode & stat.S_IROTH, f
     r = lr("info", str(trace), "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
-    assert info["losses"]["total"] == 0
+    losses = info["losses"]
+    assert losses["total"] == KNOWN_LOSSES.get(trace.name, 0), losses
+    if losses["total"]:  # counted, and the replay widens its bounds by them
+        assert losses["bounded"] is True and losses["fraction"] < 1e-5
     rec = info["reconciliation"]
     assert rec["tlb_shootdowns"]["max_rel_error"] <= 0.01
     for kind in ("allocated", "freed"):
         assert abs(rec["pages"][kind]["rel_error"]) <= 0.01, rec["pages"]
     assert sum(rec["tlb_shootdowns"]["recorded"]) > 0
+
+
+def _check_guest_meta(trace: Path, meta: dict[str, Any]) -> None:
+    """A test-bed trace says what its name says: the vCPU count, the 6.12 guest kernel (which lacks one
+    probe), and the case's workload run as the C helper."""
+    cpus, case = trace.name.removeprefix("guest").split("-", 1)
+    host = meta["host"]
+    assert host["nr_cpus"] == int(cpus) and host["cpus_online"] == f"0-{int(cpus) - 1}"
+    assert host["uname"]["release"].startswith("6.12.") and "TCG" in host["cpu_model"]
+    assert meta["probes_absent"] == ["vmscan:mm_vmscan_reclaim_pages"]
+    cmd = meta["target"]["command"]
+    assert cmd[:2] == ["sh", "-c"]
+    for mode in GUEST_MODES[case]:
+        assert "/lrwork-" in cmd[2] and f" {mode} " in cmd[2], cmd
 
 
 def _sums(doc: dict[str, Any]) -> None:
@@ -81,3 +120,37 @@ def test_simulate_default_sample() -> None:
     r0 = lr("simulate", "--json")
     assert r0.returncode == 0, r0.stderr
     assert json.loads(r0.stdout)["models"] == doc["models"]
+
+
+@pytest.mark.parametrize("trace", GUEST, ids=lambda p: p.name)
+def test_many_cpu_trace_replays_safely_within_the_bound(trace: Path) -> None:
+    """The test-bed traces (4 and 8 vCPUs) through every model, as intended and with the hooks as posted: the
+    recorded side is the kernel's per-CPU count, no model is unsafe, and the oracle is a floor for every LUF
+    model that pays the hooks. (The rebuilt vanilla's ±2 % target of issue 7 is not met on these yet: not asserted.)"""
+    info = json.loads(lr("info", str(trace), "--json").stdout)
+    nr_cpus = info["meta"]["host"]["nr_cpus"]
+    for extra in ([], ["--set", "hooks=posted"]):
+        r = lr("simulate", str(trace), "--json", *extra)
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(r.stdout)
+        assert doc["options"]["hooks"] == ("posted" if extra else "intended")
+        # the replayed kernel side is every recorded shootdown: those between the two /proc/interrupts reads
+        # (which match them per CPU) and the few outside
+        tlb = info["reconciliation"]["tlb_shootdowns"]
+        assert all(s >= w for s, w in zip(doc["vanilla"]["per_cpu"], tlb["recorded"], strict=True))
+        assert doc["vanilla"]["remote_shootdowns"] == sum(tlb["recorded"]) + tlb["outside_window"]
+        assert len(doc["vanilla"]["per_cpu"]) == nr_cpus
+        _sums(doc["vanilla"])
+        models = doc["models"]
+        for name, m in models.items():
+            _sums(m)
+            assert len(m["per_cpu"]) == nr_cpus
+            assert m["safety"]["violations"] == 0, (name, extra)
+        oracle = models["oracle"]["remote_shootdowns"]
+        # a floor for the schemes that pay the hooks; luf-v12 as posted skips them (F3-F8/F10 inert) and can go
+        # below it (guest4-mixed: the writer's write_begin and write faults)
+        for name in ("luf-v11", "hold-before-free") if extra else ("luf-v12", "luf-v11", "hold-before-free"):
+            assert oracle <= models[name]["remote_shootdowns"], (name, extra)
+        fid = doc["fidelity"]
+        assert fid["rebuilt"] == models["vanilla"]["remote_shootdowns"]
+        assert [c["recorded"] for c in fid["per_cpu"]] == doc["vanilla"]["per_cpu"]
