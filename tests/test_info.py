@@ -250,11 +250,12 @@ def test_rel_error_definition() -> None:
 
 @pytest.mark.bpf
 def test_info_reconciles_a_real_recording(tmp_path: Path) -> None:
-    """Record a short memcg-reclaim workload for real; the recorded counts match the kernel's counters."""
+    """Record a short memcg-reclaim workload for real; the recorded counts match the kernel's counters.
+    (A 64M limit: reclaim starts after 16k pages, which even a starved reader reaches within its 3 s.)"""
     out = tmp_path / "rec"
     r = subprocess.run(
-        [sys.executable, "-m", "lufreplay", "record", "-o", str(out), "--memory-limit", "128M",
-         "--workload", "mmap-stream", "--", "--file-size", "384M", "--sparse", "--duration", "2",
+        [sys.executable, "-m", "lufreplay", "record", "-o", str(out), "--memory-limit", "64M",
+         "--workload", "mmap-stream", "--", "--file-size", "384M", "--sparse", "--duration", "3",
          "--dir", str(tmp_path / "data")],
         capture_output=True, text=True, timeout=900,  # a hang guard: probe compilation is slow on a busy host
     )  # fmt: skip
