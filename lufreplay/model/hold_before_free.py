@@ -57,12 +57,22 @@ def run_hbf(
 ):  # fmt: skip
     max_held = np.int64(Y[S.Y_HBF_MAX])
     large = Y[S.Y_LARGE_ELIG] != 0
-    for i in range(nops):
+    i = 0
+    while i < nops:
         r = mops[i]
         op, ts, cpu, task = r["op"], r["ts"], r["cpu"], r["task"]
         if op <= O.M_FOLIO_END:  # only folios whose pfn is known can be held; others flush normally
-            rmap.rmap_walk(r, large, False, False, True, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen)
-        elif op == O.M_KEEP:
+            j = rmap.rmap_walk(
+                mops, i, nops, large, False, False, True, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen
+            )
+            for k in range(i, j):  # the held-pages timeline sees every op
+                b = K.timeline_bin(mops[k]["ts"], tl)
+                if SC[HELD] > acc[K.O_HELD_TL + b]:
+                    acc[K.O_HELD_TL + b] = SC[HELD]
+            i = j
+            continue
+        i += 1
+        if op == O.M_KEEP:
             rmap.reclaim_keep_unbatched(SC, SU)
         elif op == O.M_BATCH:
             d, nl = rmap.batch_split(r["mask"], Y[S.Y_UNEXPLAINED_FLUSH] != 0, SU)
@@ -117,7 +127,7 @@ def run_hbf(
                 acc[K.O_MISC + O.K_ALLOC_CLEAN] += 1
                 for p in range(pfn, pfn + npg):
                     if not rmap.safety(p, ts, done, sh_mask, sh_ugen, acc):
-                        return i
+                        return i - 1  # the op that broke the invariant
                     pstate[p] = P_NONE
         elif op == O.M_HOOK:
             h = r["sub"]

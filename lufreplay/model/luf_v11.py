@@ -55,12 +55,17 @@ def run_luf_v11(
 ):  # fmt: skip
     luf = Y[S.Y_ALLOC_LUF] != 0
     large = Y[S.Y_LARGE_ELIG] != 0
-    for i in range(nops):
+    i = 0
+    while i < nops:
         r = mops[i]
         op, ts, cpu, task = r["op"], r["ts"], r["cpu"], r["task"]
         if op <= O.M_FOLIO_END:  # no mm / mapping batches; a kept folio is non-LUF at once
-            rmap.rmap_walk(r, large, False, False, False, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen)
-        elif op == O.M_KEEP:  # kept folio: everything accumulated is flushed with the batch
+            i = rmap.rmap_walk(
+                mops, i, nops, large, False, False, False, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen
+            )
+            continue
+        i += 1
+        if op == O.M_KEEP:  # kept folio: everything accumulated is flushed with the batch
             rmap.reclaim_keep_unbatched(SC, SU)
         elif op == O.M_BATCH:
             d, nl = rmap.batch_split(r["mask"], Y[S.Y_UNEXPLAINED_FLUSH] != 0, SU)
@@ -171,7 +176,7 @@ def run_luf_v11(
                 else:
                     acc[K.O_MISC + O.K_ALLOC_CLEAN] += 1
                 if not rmap.fifo_alloc(tk, own, pfn, True, ts, done, OB, OBM, obfree, OBS, FH, pobl, acc):
-                    return i
+                    return i - 1  # the op that broke the invariant
                 pstate[pfn] = S.P_NONE
                 pkey[pfn] = 0
                 continue
@@ -199,7 +204,7 @@ def run_luf_v11(
                     pstate[p] = S.P_PCP_CLEAN if (r["flags"] & O.A_REFILL) else S.P_TAKEN
                 else:
                     if not rmap.safety(p, ts, done, sh_mask, sh_ugen, acc):
-                        return i
+                        return i - 1  # the op that broke the invariant
                     pstate[p] = S.P_NONE
                     pkey[p] = 0
         elif op == O.M_HOOK:

@@ -251,12 +251,17 @@ def run_luf_v12(
     non_luf_ok = Y[Y_NON_LUF_OK] != 0
     large = Y[Y_LARGE_ELIG] != 0
     hooks_posted = Y[Y_HOOKS_POSTED] != 0
-    for i in range(nops):
+    i = 0
+    while i < nops:
         r = mops[i]
         op, ts, cpu, task = r["op"], r["ts"], r["cpu"], r["task"]
         if op <= O.M_FOLIO_END:  # folio_begin, 1. unmap_pte, 2. end_folio_unmap: a kept folio joins the LUF part
-            rmap.rmap_walk(r, large, True, True, False, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen)
-        elif op == O.M_KEEP:  # 4. reclaim_keep (F11): key the work so far and flush it at once
+            i = rmap.rmap_walk(
+                mops, i, nops, large, True, True, False, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen
+            )
+            continue
+        i += 1
+        if op == O.M_KEEP:  # 4. reclaim_keep (F11): key the work so far and flush it at once
             _settle(
                 ts, cpu, task, luf, SC, done, buf, pstate, pkey, sh_mask, sh_ugen, pobl, OB, acc, tl, dec, nlog,
                 hist_g, hist_ts, hist_mask, op,
@@ -459,7 +464,7 @@ def run_luf_v12(
                 acc[_mi(O.K_ALLOC_CLEAN)] += 1
             if fifo:
                 if not rmap.fifo_alloc(taken_ob, own, pfn, True, ts, done, OB, OBM, obfree, OBS, FH, pobl, acc):
-                    return i
+                    return i - 1  # the op that broke the invariant
                 pstate[pfn] = P_NONE
                 pkey[pfn] = 0
                 continue
@@ -469,9 +474,9 @@ def run_luf_v12(
                 if luf and pstate[p] == P_PCP_LUF:  # a keyed page inside a larger block: its own obligation
                     own = np.int64(pobl[p])
                     if not rmap.fifo_alloc(own, own, p, False, ts, done, OB, OBM, obfree, OBS, FH, pobl, acc):
-                        return i
+                        return i - 1  # the op that broke the invariant
                 elif not rmap.safety(p, ts, done, sh_mask, sh_ugen, acc):
-                    return i
+                    return i - 1  # the op that broke the invariant
                 pstate[p] = P_NONE
                 pkey[p] = 0
         elif op == O.M_HOOK:  # 9.-13. hooks F3-F13

@@ -37,12 +37,17 @@ def run_oracle(
     luf = Y[S.Y_ALLOC_LUF] != 0
     non_luf_ok = Y[S.Y_NON_LUF_OK] != 0
     large = Y[S.Y_LARGE_ELIG] != 0
-    for i in range(nops):
+    i = 0
+    while i < nops:
         r = mops[i]
         op, ts, cpu, task = r["op"], r["ts"], r["cpu"], r["task"]
         if op <= O.M_FOLIO_END:  # as luf-v12: mm / mapping batches, a kept folio joins the LUF part (KEEP settles it)
-            rmap.rmap_walk(r, large, True, True, False, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen)
-        elif op == O.M_KEEP:
+            i = rmap.rmap_walk(
+                mops, i, nops, large, True, True, False, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen
+            )
+            continue
+        i += 1
+        if op == O.M_KEEP:
             rmap.reclaim_keep_unbatched(SC, SU)
         elif op == O.M_BATCH:
             d, nl = rmap.batch_split(r["mask"], Y[S.Y_UNEXPLAINED_FLUSH] != 0, SU)

@@ -1,7 +1,8 @@
 """LUF rules that several models share or on which they differ, one function each (docs/simulate.md lists where
 every rule lives). Change a rule here and every model that uses it follows.
 
-The model ids below select a model's column of a rule; they are compile-time constants of each core.
+The model ids below select a model's column of a rule; they are compile-time constants of each core. Compiled
+without NRT, as model/rmap.py says why.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ LUF_V12, LUF_V11, HOLD_BEFORE_FREE, ORACLE = range(4)
 S_MM, S_MAPPING, S_TASK_KEY, S_ALL = 1, 2, 4, 8
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def hook_inert(h, posted):
     """§9.1 ``hooks=posted``: fold_luf_batch_mm never sets the mm/mapping batch's flush_required, so
     luf_flush_mm/luf_flush_mapping (F3-F8, F10) fold nothing and send no IPI (the caller's own tlb_ubc is empty at
@@ -25,7 +26,7 @@ def hook_inert(h, posted):
     return posted and h != O.H_DIRTY_WB
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def hook_scope(h, write, model, posted):
     """F3-F13: what hook ``h`` flushes in ``model`` (``write``: a write fault). luf-v12 and the oracle flush the
     pending work of the mm (S_MM) and/or the file mapping (S_MAPPING), F13 the task's last key (S_TASK_KEY);
@@ -60,7 +61,7 @@ def hook_scope(h, write, model, posted):
     return 0
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def batch_target(scope, mm, mp, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen, done):
     """luf_flush_mm / luf_flush_mapping: the CPUs of the mm and/or mapping batch not yet done with it, and the
     batch's ugen (the largest of the two)."""
