@@ -1,12 +1,12 @@
 """The mechanism every model core shares, named like the kernel code it stands for.
 
-The rmap walk (``try_to_unmap_one``): :func:`rmap_walk` (can_luf_init at FOLIO_BEGIN,
-set_tlb_ubc_flush_pending and fold_luf_batch per PTE, folio_end_unmap at FOLIO_END). The batch end: :func:`batch_split`, :func:`defer`, :func:`batch_done`. Hooks:
-:func:`count_hook`. Flushes: :func:`flush` (send, then raise
-done[] to a fresh ugen), :func:`luf_flush` (diet first), :func:`flush_pending` (a whole pending generation),
+The rmap walk (``try_to_unmap_one``): :func:`rmap_walk` (can_luf_init at FOLIO_BEGIN, set_tlb_ubc_flush_pending
+and fold_luf_batch per PTE, folio_end_unmap at FOLIO_END). The batch end: :func:`batch_split`, :func:`defer`,
+:func:`batch_done`, :func:`reclaim_keep_unbatched`. Hooks: :func:`count_hook`. Flushes: :func:`flush` (send, then
+raise done[] to a fresh ugen), :func:`luf_flush` (diet first), :func:`flush_pending` (a whole pending generation),
 :func:`recorded_flush` (a flush LUF leaves alone) and :func:`retire` (CPUs known to have flushed). Debts:
-:func:`owe`, :func:`safety`, :func:`ob_safety`. The pcp FIFO moves: :func:`fifo_head`, :func:`fifo_take`,
-:func:`fifo_drain`, :func:`fifo_push_page`, :func:`ob_back`.
+:func:`owe`, :func:`violation`, :func:`safety`, :func:`ob_safety`. The pcp FIFO moves: :func:`fifo_head`,
+:func:`fifo_take`, :func:`fifo_alloc`, :func:`fifo_drain`, :func:`fifo_push_page`, :func:`ob_back`.
 
 Every function takes only the arrays it needs as separate arguments: numba passes an array as a few scalars, while
 a record of all of them would be flattened into hundreds of arguments at each call (see bench/state_record). And
