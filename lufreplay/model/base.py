@@ -29,7 +29,7 @@ from lufreplay.model.kernels import (
     RD_BINS,
     resolve_stale,
 )
-from lufreplay.model.state import Logs, PageState, new_acc
+from lufreplay.model.state import Logs, ModelState, PageState, new_acc
 
 # stale-window histogram: 10 bins per decade from 100 ns to 1000 s
 SW_EDGES = np.logspace(-7, 3, 101)
@@ -112,9 +112,11 @@ class StaleWindow:
 
 
 class Model:
-    """Base class: subclasses set ``name`` and implement ``init_state``, ``ensure`` and ``_run``."""
+    """Base class: subclasses set ``name`` and ``uses`` (the parts of ``ModelState`` they need) and implement
+    ``_run`` (and ``init_state`` when their state does not start at zero)."""
 
     name = "model"
+    uses = 0
 
     def __init__(self, opts: dict[str, Any], Y: np.ndarray, tl: np.ndarray, ncpu: int, decisions: bool) -> None:
         self.opts = opts
@@ -129,13 +131,21 @@ class Model:
         self.decision_chunks: list[np.ndarray] = []
         #: the real pfn of one of the model's pfns (the engine replays compact ids: ``PfnMap.real_one``)
         self.pfn_of: Callable[[int], int] = int
+        self.st = ModelState(self.uses)
         self.init_state()
 
+    def __getattr__(self, name: str) -> Any:
+        # the state's fields read as the model's own (m.SC, m.KEY_mask, m.obl): tests and reports use them
+        st = self.__dict__.get("st")
+        if st is not None and hasattr(st, name):
+            return getattr(st, name)
+        raise AttributeError(name)
+
     def init_state(self) -> None:
-        raise NotImplementedError
+        pass
 
     def ensure(self, n_task: int, n_mm: int, n_map: int, n_ops: int) -> None:
-        raise NotImplementedError
+        self.st.ensure(n_task, n_mm, n_map, n_ops, self.pages.n)
 
     def _run(self, mops: np.ndarray, n: int) -> int:
         raise NotImplementedError

@@ -14,43 +14,21 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from lufreplay.model import kernels as K
 from lufreplay.model import ops as O
+from lufreplay.model import rmap
+from lufreplay.model import rules as P
 from lufreplay.model.base import Model, SafetyViolation
-from lufreplay.model.kernels import (
-    L_REQ,
-    O_HOOK_CALLS,
-    O_HOOK_NOIPI,
-    O_MISC,
-    O_VIOL,
-    U0,
-    U1,
-    account_flush,
-    add_history,
-    add_request,
-    bit,
-    folio_begin_ok,
-    folio_end_reason,
-    log_decision,
-    mark_done,
-    notdone,
-    popcount,
-)
-from lufreplay.model.pcpfifo import (
-    FH_HEAD,
-    FH_TAIL,
-    OB_CPU,
-    OB_KEY,
-    OB_TASK,
-    OB_UGEN,
-    Obligations,
-    fifo_push,
-    fifo_unlink,
-    ob_new,
-    ob_release,
-    orphan,
-    relabel,
-)
+from lufreplay.model.kernels import U0, log_decision, notdone, popcount
+from lufreplay.model.pcpfifo import OB_KEY, OB_TASK, OB_UGEN, ob_release, orphan
+from lufreplay.model.rmap import luf_flush, owe
 from lufreplay.model.state import (
+    COVERED,
+    KCTR,
+    LUF_MASK,
+    NBUF,
+    NONLUF_MASK,
+    NR_LUF,
     P_BUDDY_CLEAN,
     P_BUDDY_LUF,
     P_NONE,
@@ -58,6 +36,13 @@ from lufreplay.model.state import (
     P_PCP_LUF,
     P_TAKEN,
     P_UNMAPPED,
+    POOL_MASK,
+    POOL_UGEN,
+    USE_BATCHES,
+    USE_BUF,
+    USE_FIFO,
+    USE_KEYS,
+    USE_TASKS,
     Y_ALLOC_LUF,
     Y_CREDIT_NATURAL,
     Y_EPOCH_LAT_NS,
@@ -66,41 +51,19 @@ from lufreplay.model.state import (
     Y_NON_LUF_OK,
     Y_PCP_STRIKES,
     Y_UNEXPLAINED_FLUSH,
-    LufBatches,
+    Z_DONE,
+    Z_DONE_TS,
+    Z_LUFUGEN,
+    Z_OPEN,
+    Z_PREV_DONE,
+    ZB_MASK,
+    G,
 )
-
-NKEYS = 65536
-# scalar slots (int64 vector SC)
-(G, KCTR, Z_OPEN, Z_DONE, Z_LUFUGEN, NR_LUF, Z_DONE_TS, Z_PREV_DONE, CAN_LUF, CUR_PFN, CUR_ORDER, CUR_TS, NBUF,
- POOL_UGEN) = range(14)  # fmt: skip
-NSC = 14
-# uint64 scalar slots (SU)
-# COVERED: LUF work folded by F11 this pass; POOL_MASK: shadow debt of the zone's pend pool (alloc_order=luf)
-ZB_MASK, LUF_MASK, NONLUF_MASK, FOLIO_RO, COVERED, POOL_MASK = range(6)
 
 
 @numba.njit(cache=True)
 def _mi(name_idx):
-    return O_MISC + name_idx
-
-
-@numba.njit(cache=True)
-def _luf_flush(ts, cpu, task, mask, ugen, cause, op, pfn, SC, done, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask):
-    """The shared pattern of every luf_flush_* helper (§4): diet by ugen, flush what is left, mark it done."""
-    target = notdone(mask, ugen, done)
-    if target == U0:
-        if mask != U0:
-            acc[_mi(O.K_RETIRED_BY_DONE)] += popcount(mask & ~bit(cpu))
-            log_decision(ts, 2, cause, cpu, task, mask, 0, op, pfn, dec, nlog)
-        return 0
-    SC[G] += 1
-    g = SC[G]
-    n = account_flush(ts, cpu, task, target, cause, op, pfn, acc, tl, dec, nlog)
-    acc[_mi(O.K_FLUSHED_CPU_SLOTS)] += n
-    acc[_mi(O.K_RETIRED_BY_DONE)] += popcount(mask & ~target & ~bit(cpu))
-    mark_done(target, g, done)
-    add_history(g, ts, target, hist_g, hist_ts, hist_mask, nlog)
-    return n
+    return K.O_MISC + name_idx
 
 
 @numba.njit(cache=True)
@@ -121,21 +84,6 @@ def _new_key(mask, SC, KEY_mask, KEY_ugen, done, acc):
         KEY_mask[k] = mask
     KEY_ugen[k] = u
     return k
-
-
-@numba.njit(cache=True)
-def _safety(p, ts, done, sh_mask, sh_ugen, acc):
-    """The invariant: no pfn reaches a new owner while a CPU still owes a flush for it."""
-    acc[_mi(O.K_SAFETY_CHECKS)] += 1
-    if sh_mask[p] != U0 and notdone(sh_mask[p], sh_ugen[p], done) != U0:
-        if acc[O_VIOL] == 0:
-            acc[O_VIOL + 1] = p
-            acc[O_VIOL + 2] = ts
-        acc[O_VIOL] += 1
-        return False
-    sh_mask[p] = U0
-    sh_ugen[p] = 0
-    return True
 
 
 @numba.njit(cache=True)
@@ -183,7 +131,7 @@ def _take_buddy(
     # s == Z_open: this task closes the epoch and flushes the whole zone batch
     target_mask = SU[ZB_MASK]
     ugen = SC[Z_LUFUGEN]
-    n = _luf_flush(
+    n = luf_flush(
         ts, cpu, task, target_mask, ugen, O.C_ALLOC_BUDDY_EPOCH, op, pfn, SC, done, acc, tl, dec, nlog, hist_g,
         hist_ts, hist_mask,
     )  # fmt: skip
@@ -203,10 +151,7 @@ def _take_buddy(
     if luf:  # the whole pend pool is spliced back to free_list: nothing in it may still be owed
         acc[_mi(O.K_SAFETY_CHECKS)] += SC[NR_LUF]
         if notdone(SU[POOL_MASK], SC[POOL_UGEN], done) != U0:
-            if acc[O_VIOL] == 0:
-                acc[O_VIOL + 1] = pfn
-                acc[O_VIOL + 2] = ts
-            acc[O_VIOL] += 1
+            rmap.violation(pfn, ts, acc)
         SU[POOL_MASK] = U0
         SC[POOL_UGEN] = 0
     SC[Z_PREV_DONE] = SC[Z_DONE]
@@ -248,7 +193,7 @@ def _f1(ts, cpu, task, mask, ugen, can_sd, op, pfn, max_strikes, SC, done, strik
         log_decision(ts, 2, O.C_ALLOC_PCP, cpu, task, mask, 0, op, pfn, dec, nlog)
         return 0, 0
     if can_sd:
-        n = _luf_flush(
+        n = luf_flush(
             ts, cpu, task, mask, ugen, O.C_ALLOC_PCP, op, pfn, SC, done, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask
         )
         acc[_mi(O.K_ALLOC_WITH_FLUSH)] += 1
@@ -261,19 +206,6 @@ def _f1(ts, cpu, task, mask, ugen, can_sd, op, pfn, max_strikes, SC, done, strik
         acc[_mi(O.K_PCP_FALLBACKS)] += 1
         strikes[cpu] = 0
     return 2, 0
-
-
-@numba.njit(cache=True)
-def _ob_safety(i, pfn, ts, done, OB, OBM, acc):
-    """The invariant for an obligation handed out under alloc_order=luf."""
-    acc[_mi(O.K_SAFETY_CHECKS)] += 1
-    if OBM[i] != U0 and notdone(OBM[i], OB[i, OB_UGEN], done) != U0:
-        if acc[O_VIOL] == 0:
-            acc[O_VIOL + 1] = pfn
-            acc[O_VIOL + 2] = ts
-        acc[O_VIOL] += 1
-        return False
-    return True
 
 
 @numba.njit(cache=True)
@@ -295,7 +227,7 @@ def _settle(ts, cpu, task, luf, SC, done, buf, pstate, pkey, sh_mask, sh_ugen, p
                 target = notdone(sh_mask[p], sh_ugen[p], done)
                 if target != U0:
                     cause = O.C_ALLOC_BUDDY_EPOCH if (st == P_BUDDY_LUF or st == P_TAKEN) else O.C_ALLOC_PCP
-                    _luf_flush(
+                    luf_flush(
                         ts, cpu, task, sh_mask[p], sh_ugen[p], cause, op, p, SC, done, acc, tl, dec, nlog, hist_g,
                         hist_ts, hist_mask,
                     )  # fmt: skip
@@ -309,7 +241,7 @@ def _settle(ts, cpu, task, luf, SC, done, buf, pstate, pkey, sh_mask, sh_ugen, p
 
 @numba.njit(cache=True)
 def run_luf_v12(
-    mops, nops, Y, SC, SU, done, KEY_mask, KEY_ugen, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen, task_key, task_anon_key,
+    mops, nops, Y, SC, SU, done, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen, KEY_mask, KEY_ugen, task_key, task_anon_key,
     strikes, buf, pstate, pkey, pstamp, punmap_ts, punmap_task, sh_mask, sh_ugen, acc, tl, dec, nlog,
     hist_g, hist_ts, hist_mask, req_ts, req_ugen, req_mask, req_pages, OB, OBM, obfree, FH, OBS, pobl,
 ):  # fmt: skip
@@ -319,51 +251,17 @@ def run_luf_v12(
     non_luf_ok = Y[Y_NON_LUF_OK] != 0
     large = Y[Y_LARGE_ELIG] != 0
     hooks_posted = Y[Y_HOOKS_POSTED] != 0
-    for i in range(nops):
+    i = 0
+    while i < nops:
         r = mops[i]
-        op = r["op"]
-        ts = r["ts"]
-        cpu = r["cpu"]
-        task = r["task"]
-        if op == O.M_FOLIO_BEGIN:  # a folio's rmap walk starts: can_luf_init (§3.2)
-            SC[CAN_LUF] = 1 if folio_begin_ok(r["sub"], large) else 0
-            SU[FOLIO_RO] = U0
-            SC[CUR_PFN] = r["pfn"]
-            SC[CUR_ORDER] = r["order"]
-            SC[CUR_TS] = ts
-        elif op == O.M_PTE:  # 1. unmap_pte
-            if r["flags"] & O.PTE_UNBATCHED:
-                continue  # flushed at once (ptep_clear_flush): a recorded RFLUSH carries its IPIs
-            m = r["mask"]
-            if r["flags"] & O.PTE_WRITABLE:
-                SC[CAN_LUF] = 0
-            if SC[CAN_LUF] != 0:
-                SU[FOLIO_RO] |= m
-                mm = r["mm"]
-                if mm >= 0:
-                    MMB_mask[mm] |= m
-                    SC[G] += 1
-                    MMB_ugen[mm] = SC[G]
-                mp = r["mapping"]
-                if mp >= 0:
-                    ASB_mask[mp] |= m
-                    SC[G] += 1
-                    ASB_ugen[mp] = SC[G]
-            else:
-                SU[NONLUF_MASK] |= m
-        elif op == O.M_FOLIO_END:  # 2. end_folio_unmap
-            reason = folio_end_reason(r["sub"], r["aux"], large)
-            if SC[CAN_LUF] != 0 and (reason == 0 or reason == O.J_KEPT_NOT_FREED):
-                SU[LUF_MASK] |= SU[FOLIO_RO]
-                if reason == 0 and SC[CUR_PFN] >= 0:
-                    b = SC[NBUF]
-                    buf[b, 0] = SC[CUR_PFN]
-                    buf[b, 1] = SC[CUR_ORDER]
-                    buf[b, 2] = SC[CUR_TS]
-                    SC[NBUF] = b + 1
-            else:
-                SU[NONLUF_MASK] |= SU[FOLIO_RO]
-        elif op == O.M_KEEP:  # 4. reclaim_keep (F11): key the work so far and flush it at once
+        op, ts, cpu, task = r["op"], r["ts"], r["cpu"], r["task"]
+        if op <= O.M_FOLIO_END:  # folio_begin, 1. unmap_pte, 2. end_folio_unmap: a kept folio joins the LUF part
+            i = rmap.rmap_walk(
+                mops, i, nops, large, True, True, False, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen
+            )
+            continue
+        i += 1
+        if op == O.M_KEEP:  # 4. reclaim_keep (F11): key the work so far and flush it at once
             _settle(
                 ts, cpu, task, luf, SC, done, buf, pstate, pkey, sh_mask, sh_ugen, pobl, OB, acc, tl, dec, nlog,
                 hist_g, hist_ts, hist_mask, op,
@@ -375,7 +273,7 @@ def run_luf_v12(
                     k, d, task, SC, KEY_ugen, buf, pstate, pkey, punmap_ts, punmap_task, sh_mask, sh_ugen, acc,
                     req_ts, req_ugen, req_mask, req_pages, nlog,
                 )  # fmt: skip
-                _luf_flush(
+                luf_flush(
                     ts, cpu, task, KEY_mask[k], KEY_ugen[k], O.C_RECLAIM_KEEP, op, r["pfn"], SC, done, acc, tl, dec,
                     nlog, hist_g, hist_ts, hist_mask,
                 )  # fmt: skip
@@ -387,28 +285,20 @@ def run_luf_v12(
             SU[COVERED] |= SU[LUF_MASK]
             SU[LUF_MASK] = U0
         elif op == O.M_BATCH:  # 3. batch_flush: fold_unmap_luf + try_to_unmap_flush
-            R = r["mask"]
-            self_ = bit(cpu)
-            covered = SU[LUF_MASK] | SU[NONLUF_MASK] | SU[COVERED]
-            if Y[Y_UNEXPLAINED_FLUSH] != 0:
-                SU[NONLUF_MASK] |= R & ~covered
+            d, nl = rmap.batch_split(r["mask"], Y[Y_UNEXPLAINED_FLUSH] != 0, SU)
             _settle(
                 ts, cpu, task, luf, SC, done, buf, pstate, pkey, sh_mask, sh_ugen, pobl, OB, acc, tl, dec, nlog,
                 hist_g, hist_ts, hist_mask, op,
             )  # fmt: skip
-            d = SU[LUF_MASK] & ~SU[NONLUF_MASK]
             k = 0
             if d != U0:
                 k = _new_key(d, SC, KEY_mask, KEY_ugen, done, acc)
-                acc[_mi(O.K_DEFERRED_CPU_SLOTS)] += popcount(d & ~self_)
-                log_decision(ts, 1, O.C_BATCH, cpu, task, d, popcount(d & ~self_), op, -1, dec, nlog)
-            nl = SU[NONLUF_MASK]
+                rmap.defer(ts, cpu, task, d, op, acc, dec, nlog)
             if nl != U0:
-                SC[G] += 1
-                g = SC[G]
-                account_flush(ts, cpu, task, nl, O.C_BATCH_NONLUF, op, -1, acc, tl, dec, nlog)
-                mark_done(nl, g, done)
-                add_history(g, ts, nl, hist_g, hist_ts, hist_mask, nlog)
+                rmap.flush(
+                    ts, cpu, task, nl, O.C_BATCH_NONLUF, op, -1, SC, done, acc, tl, dec, nlog, hist_g, hist_ts,
+                    hist_mask,
+                )  # fmt: skip
             _key_buffer(
                 k, d, task, SC, KEY_ugen, buf, pstate, pkey, punmap_ts, punmap_task, sh_mask, sh_ugen, acc, req_ts,
                 req_ugen, req_mask, req_pages, nlog,
@@ -417,18 +307,14 @@ def run_luf_v12(
                 task_key[task] = k
                 task_anon_key[task] = k if (r["flags"] & O.B_ANON_UNKNOWN_PFN) else 0
             if (r["flags"] & O.B_MEMFAIL) and k != 0:  # F12
-                _luf_flush(
+                luf_flush(
                     ts, cpu, task, KEY_mask[k], KEY_ugen[k], O.C_MEMFAIL, op, r["pfn"], SC, done, acc, tl, dec, nlog,
                     hist_g, hist_ts, hist_mask,
                 )  # fmt: skip
-            SU[LUF_MASK] = U0
-            SU[NONLUF_MASK] = U0
-            SU[COVERED] = U0
+            rmap.batch_done(SU)
         elif op == O.M_RFLUSH:  # recorded flushes LUF leaves alone (immediate, zap, batched_pending, ...)
             cause = r["sub"]
-            R = r["mask"]
-            tg = R | (bit(cpu) if (r["flags"] & 1) else U0)
-            account_flush(ts, cpu, task, tg, cause, op, -1, acc, tl, dec, nlog)
+            tg = rmap.recorded_flush(ts, cpu, task, cause, r["mask"], r["flags"], op, acc, tl, dec, nlog)
             credit = U0
             if cause == O.C_BATCHED_PENDING:  # 12. F9 marks ugen_done for mm_cpumask
                 credit = r["mask2"]
@@ -436,9 +322,7 @@ def run_luf_v12(
             elif Y[Y_CREDIT_NATURAL] != 0 and (r["flags"] & 2):
                 credit = tg
             if credit != U0:
-                SC[G] += 1
-                mark_done(credit, SC[G], done)
-                add_history(SC[G], ts, credit, hist_g, hist_ts, hist_mask, nlog)
+                rmap.retire(ts, credit, SC, done, hist_g, hist_ts, hist_mask, nlog)
         elif op == O.M_FREE:  # 6. free(page, key)
             pfn = r["pfn"]
             order = r["order"]
@@ -459,9 +343,7 @@ def run_luf_v12(
                     and pstate[p] != P_BUDDY_LUF
                 ):
                     k = task_anon_key[task]  # anon folio of the last batch: its pfn shows up only here
-                    sh_mask[p] |= KEY_mask[k]
-                    if KEY_ugen[k] > sh_ugen[p]:
-                        sh_ugen[p] = KEY_ugen[k]
+                    owe(p, KEY_mask[k], KEY_ugen[k], sh_mask, sh_ugen)
                     punmap_ts[p] = ts
                     punmap_task[p] = task
                 if k != 0:
@@ -470,11 +352,9 @@ def run_luf_v12(
                         pstate[p] = P_PCP_LUF
                         pkey[p] = k
                         if luf:  # patch 11: a keyed page goes to the pcp tail
-                            ob = ob_new(k, sh_mask[p], sh_ugen[p], punmap_task[p], p, OB, OBM, obfree, OBS)
-                            fifo_push(ob, cpu, OB, FH)
-                            pobl[p] = ob
-                            sh_mask[p] = U0
-                            sh_ugen[p] = 0
+                            rmap.fifo_push_page(
+                                p, k, punmap_task[p], cpu, OB, OBM, obfree, OBS, FH, pobl, sh_mask, sh_ugen
+                            )
                     else:
                         _to_buddy(
                             p, k, sh_mask[p], sh_ugen[p], luf, SC, SU, KEY_mask, KEY_ugen, pstate, pkey, pstamp, acc
@@ -491,12 +371,7 @@ def run_luf_v12(
             for p in range(pfn, pfn + (np.int64(1) << r["order"])):
                 if pstate[p] == P_PCP_LUF:
                     if luf:
-                        own = np.int64(pobl[p])
-                        z = FH[OB[own, OB_CPU], FH_TAIL]  # the newest keyed page of that pcp goes to buddy
-                        if z != own:
-                            acc[_mi(O.K_FIFO_REORDERS)] += 1
-                        relabel(z, own, p, OB, pobl)
-                        fifo_unlink(z, OB, FH)
+                        z = rmap.fifo_drain(p, True, OB, FH, pobl, acc)  # the newest keyed page goes to buddy
                         punmap_task[p] = OB[z, OB_TASK]
                         _to_buddy(
                             p, OB[z, OB_KEY], OBM[z], OB[z, OB_UGEN], luf, SC, SU, KEY_mask, KEY_ugen, pstate, pkey,
@@ -534,7 +409,7 @@ def run_luf_v12(
             own = np.int64(-1)
             if fifo:  # v12: the pcp head is reached only after clean pages; the oldest keyed page comes first
                 own = np.int64(pobl[pfn])
-                taken_ob = FH[cpu, FH_HEAD] if FH[cpu, FH_HEAD] >= 0 else own
+                taken_ob = rmap.fifo_head(cpu, own, FH)
                 mask = KEY_mask[OB[taken_ob, OB_KEY]]
                 ugen = KEY_ugen[OB[taken_ob, OB_KEY]]
                 pending_pcp = True
@@ -588,14 +463,8 @@ def run_luf_v12(
             if not pending_pcp and not pending_buddy:
                 acc[_mi(O.K_ALLOC_CLEAN)] += 1
             if fifo:
-                if taken_ob != own:
-                    acc[_mi(O.K_FIFO_REORDERS)] += 1
-                relabel(taken_ob, own, pfn, OB, pobl)
-                fifo_unlink(taken_ob, OB, FH)
-                ok = _ob_safety(taken_ob, pfn, ts, done, OB, OBM, acc)
-                ob_release(taken_ob, OB, obfree, OBS)
-                if not ok:
-                    return i
+                if not rmap.fifo_alloc(taken_ob, own, pfn, True, ts, done, OB, OBM, obfree, OBS, FH, pobl, acc):
+                    return i - 1  # the op that broke the invariant
                 pstate[pfn] = P_NONE
                 pkey[pfn] = 0
                 continue
@@ -604,53 +473,29 @@ def run_luf_v12(
                     pstate[p] = P_BUDDY_CLEAN
                 if luf and pstate[p] == P_PCP_LUF:  # a keyed page inside a larger block: its own obligation
                     own = np.int64(pobl[p])
-                    relabel(own, own, p, OB, pobl)
-                    fifo_unlink(own, OB, FH)
-                    ok = _ob_safety(own, p, ts, done, OB, OBM, acc)
-                    ob_release(own, OB, obfree, OBS)
-                    if not ok:
-                        return i
-                elif not _safety(p, ts, done, sh_mask, sh_ugen, acc):
-                    return i
+                    if not rmap.fifo_alloc(own, own, p, False, ts, done, OB, OBM, obfree, OBS, FH, pobl, acc):
+                        return i - 1  # the op that broke the invariant
+                elif not rmap.safety(p, ts, done, sh_mask, sh_ugen, acc):
+                    return i - 1  # the op that broke the invariant
                 pstate[p] = P_NONE
                 pkey[p] = 0
         elif op == O.M_HOOK:  # 9.-13. hooks F3-F13
             h = r["sub"]
-            acc[O_HOOK_CALLS + h] += 1
-            target_mask = U0
-            ugen = np.int64(0)
-            if h == O.H_DIRTY_WB:
-                k = task_key[task] if task >= 0 else 0
-                if k != 0:
-                    target_mask = notdone(KEY_mask[k], KEY_ugen[k], done)
-                    ugen = KEY_ugen[k]
-            elif not _hook_inert(h, hooks_posted):
-                mm = r["mm"]
-                mp = r["mapping"]
-                use_mm = h == O.H_FAULT or h == O.H_ZAP or h == O.H_CTXSW
-                if use_mm and mm >= 0:
-                    target_mask |= notdone(MMB_mask[mm], MMB_ugen[mm], done)
-                    ugen = MMB_ugen[mm]
-                if mp >= 0 and h != O.H_CTXSW:
-                    target_mask |= notdone(ASB_mask[mp], ASB_ugen[mp], done)
-                    if ASB_ugen[mp] > ugen:
-                        ugen = ASB_ugen[mp]
-            if target_mask == U0:
-                acc[O_HOOK_NOIPI + h] += 1
-            else:
-                _luf_flush(
+            scope = P.hook_scope(h, (r["flags"] & 1) != 0, P.LUF_V12, hooks_posted)
+            target_mask, ugen = P.batch_target(
+                scope, r["mm"], r["mapping"], MMB_mask, MMB_ugen, ASB_mask, ASB_ugen, done
+            )
+            k = task_key[task] if (scope & P.S_TASK_KEY) and task >= 0 else 0
+            if k != 0:  # F13: the task's last key
+                target_mask = notdone(KEY_mask[k], KEY_ugen[k], done)
+                ugen = KEY_ugen[k]
+            rmap.count_hook(h, target_mask != U0, acc)
+            if target_mask != U0:
+                luf_flush(
                     ts, cpu, task, target_mask, ugen + 1, O.HOOK_CAUSE[h], op, r["pfn"], SC, done, acc, tl, dec, nlog,
                     hist_g, hist_ts, hist_mask,
                 )  # fmt: skip
     return -1
-
-
-@numba.njit(cache=True)
-def _hook_inert(h, posted):
-    """§9.1 ``hooks=posted``: fold_luf_batch_mm never sets the mm/mapping batch's flush_required, so
-    luf_flush_mm/luf_flush_mapping (F3-F8, F10) fold nothing and send no IPI (the caller's own tlb_ubc is empty at
-    a hook: the model fills its open batch only at the batch's end). ``intended``: they flush the batch."""
-    return posted and h != O.H_DIRTY_WB
 
 
 @numba.njit(cache=True)
@@ -669,15 +514,10 @@ def _key_buffer(
             punmap_ts[p] = buf[b, 2]
             punmap_task[p] = task
             if k != 0:
-                sh_mask[p] |= d
-                if u > sh_ugen[p]:
-                    sh_ugen[p] = u
+                owe(p, d, u, sh_mask, sh_ugen)
         if k != 0:
-            add_request(buf[b, 2], u, d, np.int64(1) << order, req_ts, req_ugen, req_mask, req_pages, nlog)
+            K.add_request(buf[b, 2], u, d, np.int64(1) << order, req_ts, req_ugen, req_mask, req_pages, nlog)
     SC[NBUF] = 0
-
-
-_ = (L_REQ, U1)
 
 
 class LufV12(Model):
@@ -685,38 +525,19 @@ class LufV12(Model):
 
     name = "luf-v12"
 
+    uses = USE_KEYS | USE_BATCHES | USE_TASKS | USE_FIFO | USE_BUF
+
     def init_state(self) -> None:
-        self.SC = np.zeros(NSC, np.int64)
-        self.SC[G] = 2  # LUF_UGEN_INIT
-        self.SC[Z_OPEN] = 1
-        self.SU = np.zeros(6, np.uint64)
-        self.done = np.full(64, 1, np.int64)  # LUF_UGEN_INIT - 1
-        self.KEY_mask = np.zeros(NKEYS, np.uint64)
-        self.KEY_ugen = np.zeros(NKEYS, np.int64)
-        self.batches = LufBatches()
-        self.task_key = np.zeros(0, np.int64)
-        self.task_anon_key = np.zeros(0, np.int64)
-        self.strikes = np.zeros(64, np.int64)
-        self.buf = np.zeros((0, 3), np.int64)
-        self.obl = Obligations()
-
-    def ensure(self, n_task: int, n_mm: int, n_map: int, n_ops: int) -> None:
-        from lufreplay.model.state import grow
-
-        self.batches.ensure(n_mm, n_map)
-        self.task_key = grow(self.task_key, n_task)
-        self.task_anon_key = grow(self.task_anon_key, n_task)
-        self.buf = grow(self.buf, n_ops + 1)
-        self.obl.ensure(self.pages.n, n_ops)
+        self.st.SC[G] = 2  # LUF_UGEN_INIT
+        self.st.SC[Z_OPEN] = 1
+        self.st.done[:] = 1  # LUF_UGEN_INIT - 1
 
     def _run(self, mops: np.ndarray, n: int) -> int:
-        pg, lg, ob, b = self.pages, self.logs, self.obl, self.batches
+        st, pg = self.st, self.pages
         return run_luf_v12(
-            mops, n, self.Y, self.SC, self.SU, self.done, self.KEY_mask, self.KEY_ugen, b.MMB_mask, b.MMB_ugen,
-            b.ASB_mask, b.ASB_ugen, self.task_key, self.task_anon_key, self.strikes, self.buf, pg.state, pg.key,
-            pg.stamp, pg.unmap_ts, pg.unmap_task, pg.sh_mask, pg.sh_ugen, self.acc, self.tl, lg.dec, lg.nlog,
-            lg.hist_g, lg.hist_ts, lg.hist_mask, lg.req_ts, lg.req_ugen, lg.req_mask, lg.req_pages, ob.OB, ob.OBM,
-            ob.free, ob.FH, ob.OBS, ob.pobl,
+            mops, n, self.Y, *st.head(), st.KEY_mask, st.KEY_ugen, st.task_key, st.task_anon_key, st.strikes, st.buf,
+            pg.state, pg.key, pg.stamp, pg.unmap_ts, pg.unmap_task, pg.sh_mask, pg.sh_ugen, self.acc, self.tl,
+            *self.logs.args(), *st.obl.args(),
         )  # fmt: skip
 
     def extras(self) -> dict:

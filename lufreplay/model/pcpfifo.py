@@ -56,6 +56,10 @@ class Obligations:
             fr[: self.free.shape[0]] = self.free
             self.OB, self.OBM, self.free = ob, obm, fr
 
+    def args(self) -> tuple[np.ndarray, ...]:
+        """The arrays a core takes, in its order."""
+        return (self.OB, self.OBM, self.free, self.FH, self.OBS, self.pobl)
+
     def fifo(self, cpu: int) -> list[int]:
         """The obligation ids of ``cpu``'s FIFO, oldest first (tests and debugging)."""
         out = []

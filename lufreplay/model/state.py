@@ -14,6 +14,7 @@ import numpy as np
 
 from lufreplay.model import ops as O
 from lufreplay.model.kernels import ACC_SIZE
+from lufreplay.model.pcpfifo import Obligations
 
 # page states (luf-model.md §8.1)
 P_NONE, P_UNMAPPED, P_PCP_CLEAN, P_PCP_LUF, P_BUDDY_CLEAN, P_BUDDY_LUF, P_TAKEN, P_HELD = range(8)
@@ -122,6 +123,11 @@ class Logs:
         self.hist_mask = np.empty(2 * capacity, np.uint64)
         self.nlog = np.zeros(4, np.int64)
 
+    def args(self) -> tuple[np.ndarray, ...]:
+        """The log arguments of a core, in its order: decisions, counts, done history, stale-window requests."""
+        return (self.dec, self.nlog, self.hist_g, self.hist_ts, self.hist_mask, self.req_ts, self.req_ugen,
+                self.req_mask, self.req_pages)  # fmt: skip
+
     def ensure(self, capacity: int, decisions: bool) -> None:
         """Room for ``capacity`` ops: requests ≤ 1 per op, history ≤ 2 per op, decisions ≤ 3 per op."""
         if self.req_ts.shape[0] < capacity:
@@ -149,3 +155,56 @@ class LufBatches:
         self.MMB_ugen = grow(self.MMB_ugen, n_mm)
         self.ASB_mask = grow(self.ASB_mask, n_map)
         self.ASB_ugen = grow(self.ASB_ugen, n_map)
+
+
+# ---- the one state layout of every model core ------------------------------------------------------------
+# int64 scalars (``SC``). Shared: G (the ugen / generation counter), the folio being walked (CAN_LUF, CUR_*) and
+# the number of buffered eligible folios (NBUF). luf-v12: the key counter and the zone (§8.1); luf-v11 and
+# hold-before-free: GEN_DONE (the generation the last full flush reached) and HELD (pages held).
+(G, CAN_LUF, CUR_PFN, CUR_ORDER, CUR_TS, NBUF, KCTR, Z_OPEN, Z_DONE, Z_LUFUGEN, NR_LUF, Z_DONE_TS, Z_PREV_DONE,
+ POOL_UGEN, GEN_DONE, HELD) = range(16)  # fmt: skip
+NSC = 16
+# uint64 scalars (``SU``): the open batch (LUF_MASK, NONLUF_MASK, FOLIO_RO: the ro PTEs of the folio being
+# walked; COVERED: LUF work F11 already flushed this batch), luf-v12's zone batch and pend pool debt, the pending
+# mask of luf-v11 / hold-before-free (PMASK) and vanilla's union of the batch's PTE targets (BATCH_ALL).
+LUF_MASK, NONLUF_MASK, FOLIO_RO, COVERED, ZB_MASK, POOL_MASK, PMASK, BATCH_ALL = range(8)
+NSU = 8
+NKEYS = 65536
+#: the parts of the state a model uses (a part it does not use stays zero-size)
+USE_KEYS, USE_BATCHES, USE_TASKS, USE_FIFO, USE_BUF = 1, 2, 4, 8, 16
+
+
+class ModelState:
+    """Every array and scalar vector any model core uses, as one struct of arrays; a core gets the fields unpacked
+    (numba passes each array as its own argument, which keeps calls cheap)."""
+
+    def __init__(self, uses: int) -> None:
+        self.uses = uses
+        self.SC = np.zeros(NSC, np.int64)
+        self.SU = np.zeros(NSU, np.uint64)
+        self.done = np.zeros(64, np.int64)
+        self.strikes = np.zeros(64, np.int64)
+        nk = NKEYS if uses & USE_KEYS else 0
+        self.KEY_mask = np.zeros(nk, np.uint64)  # luf-v12: KEY[k] = {mask, ugen}
+        self.KEY_ugen = np.zeros(nk, np.int64)
+        self.batches = LufBatches()
+        self.task_key = np.zeros(0, np.int64)  # luf-v12: the key of each task's last batch (F13)
+        self.task_anon_key = np.zeros(0, np.int64)  # key (v12) or generation (v11) of anon folios with no pfn
+        self.buf = np.zeros((0, 3), np.int64)  # eligible folios of the open batch: pfn, order, unmap ts
+        self.obl = Obligations()
+
+    def head(self) -> tuple[np.ndarray, ...]:
+        """The first state arguments of every LUF core: SC, SU, done and the mm / mapping batches."""
+        b = self.batches
+        return (self.SC, self.SU, self.done, b.MMB_mask, b.MMB_ugen, b.ASB_mask, b.ASB_ugen)
+
+    def ensure(self, n_task: int, n_mm: int, n_map: int, n_ops: int, n_pages: int) -> None:
+        if self.uses & USE_BATCHES:
+            self.batches.ensure(n_mm, n_map)
+        if self.uses & USE_TASKS:
+            self.task_key = grow(self.task_key, n_task)
+            self.task_anon_key = grow(self.task_anon_key, n_task)
+        if self.uses & USE_BUF:
+            self.buf = grow(self.buf, n_ops + 1)
+        if self.uses & USE_FIFO:
+            self.obl.ensure(n_pages, n_ops)

@@ -33,6 +33,8 @@ from lufreplay.model.kernels import (
     popcount,
     timeline_bin,
 )
+from lufreplay.model.rmap import recorded_flush
+from lufreplay.model.state import BATCH_ALL
 
 
 @numba.njit(cache=True)
@@ -52,11 +54,11 @@ def run_vanilla(mops, nops, SU, free_ts, acc, tl, dec, nlog):
         op = r["op"]
         if op == O.M_PTE:
             if (r["flags"] & O.PTE_UNBATCHED) == 0:
-                SU[0] |= r["mask2"]
+                SU[BATCH_ALL] |= r["mask2"]
         elif op == O.M_BATCH:
             cpu = r["cpu"]
             R = r["mask"]
-            pred = SU[0] & ~bit(cpu) & ~r["mask2"]  # mask2: the CPUs lazy at this flush
+            pred = SU[BATCH_ALL] & ~bit(cpu) & ~r["mask2"]  # mask2: the CPUs lazy at this flush
             cb = O.C_BATCH
             _recorded(r["ts"], R, r["aux"], cb, acc, tl)
             acc[O_FID_EXPL + cb] += popcount(pred & R)
@@ -67,7 +69,7 @@ def run_vanilla(mops, nops, SU, free_ts, acc, tl, dec, nlog):
                 acc[O_FID_SKIPPED + (0 if r["order"] != 0 else 1)] += popcount(pred)
             tg = pred | (bit(cpu) if r["sub"] != 0 else U0)
             account_flush(r["ts"], cpu, r["task"], tg, cb, op, -1, acc, tl, dec, nlog)
-            SU[0] = U0
+            SU[BATCH_ALL] = U0
         elif op == O.M_RFLUSH:
             cause = r["sub"]
             cpu = r["cpu"]
@@ -77,8 +79,7 @@ def run_vanilla(mops, nops, SU, free_ts, acc, tl, dec, nlog):
                 acc[O_FID_EXPL + cause] += r["aux"]
                 add_per_cpu(acc, O_FID_EXPL_CPU, r["mask"])
             add_per_cpu(acc, O_FID_MATCH_CPU, r["mask"])  # passed through: sent as recorded
-            tg = r["mask"] | (bit(cpu) if (r["flags"] & 1) else U0)
-            account_flush(r["ts"], cpu, r["task"], tg, cause, op, -1, acc, tl, dec, nlog)
+            recorded_flush(r["ts"], cpu, r["task"], cause, r["mask"], r["flags"], op, acc, tl, dec, nlog)
         elif op == O.M_FREE:
             pfn = r["pfn"]
             for p in range(pfn, pfn + (np.int64(1) << r["order"])):
@@ -104,15 +105,9 @@ class Vanilla(Model):
 
     name = "vanilla"
 
-    def init_state(self) -> None:
-        self.SU = np.zeros(1, np.uint64)
-
-    def ensure(self, n_task: int, n_mm: int, n_map: int, n_ops: int) -> None:
-        pass
-
     def _run(self, mops: np.ndarray, n: int) -> int:
         lg = self.logs
-        return run_vanilla(mops, n, self.SU, self.pages.unmap_ts, self.acc, self.tl, lg.dec, lg.nlog)
+        return run_vanilla(mops, n, self.st.SU, self.pages.unmap_ts, self.acc, self.tl, lg.dec, lg.nlog)
 
 
 def realloc_bin_edges() -> list[float]:
