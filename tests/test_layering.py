@@ -17,12 +17,13 @@ PKG = Path(lufreplay.__file__).resolve().parent
 ENTRY = {"cli", "__main__"}
 #: layer -> the layers its modules may import. Data flows capture → trace → replay → model → report; the command
 #: helpers (console) and the trace format (schema) sit below every layer, the CLI above all of them.
-#: helpers below every layer: strict JSON, command-line value checks
-BASE = {"jsonout", "inputs"}
+#: helpers below every layer: strict JSON, command-line value checks, numba cache upkeep
+BASE = {"jsonout", "inputs", "jitcache"}
 ALLOWED = {
     "__init__": {"trace"},  # ``lufreplay.open_trace``
     "jsonout": set(),
     "inputs": set(),
+    "jitcache": set(),
     "console": {"jsonout"},
     "schema": set(),
     "trace": BASE | {"schema", "console"},
@@ -135,3 +136,26 @@ def test_the_check_finds_arrows_back_up(tmp_path: Path) -> None:
     for where in ("trace/info.py:2", "trace/reader.py:1", "capture/doctor.py:2", "report/html.py:1"):
         assert any(v.startswith(f"lufreplay/{where} imports lufreplay.cli") for v in found), (where, found)
     assert any(v.startswith("lufreplay/model/base.py:1: layer model imports lufreplay.replay.engine") for v in found)
+
+
+def test_an_edited_jitted_source_drops_the_numba_cache(tmp_path: Path, monkeypatch) -> None:
+    """numba re-checks only a function's own file: an edit to a helper module must drop every cached core."""
+    from lufreplay import jitcache
+
+    pkg = tmp_path / "lufreplay"
+    for sub in jitcache.JIT_PACKAGES:
+        (pkg / sub / "__pycache__").mkdir(parents=True)
+        (pkg / sub / "rules.py").write_text("X = 1\n")
+        (pkg / sub / "__pycache__" / "core.run-10.py311.1.nbc").write_bytes(b"old")
+        (pkg / sub / "__pycache__" / "core.run-10.py311.nbi").write_bytes(b"old")
+    monkeypatch.setattr(jitcache, "_ROOT", pkg)
+    monkeypatch.setattr(jitcache, "_STAMP", pkg / "__pycache__" / "numba-sources.sha1")
+    cached = lambda: sorted(p.name for p in pkg.rglob("*.nb[ic]"))  # noqa: E731
+    jitcache.check()  # no stamp yet: whatever is cached may be stale
+    assert cached() == []
+    (pkg / "model" / "__pycache__" / "core.run-10.py311.1.nbc").write_bytes(b"new")
+    jitcache.check()  # same sources: the cache stays
+    assert cached() == ["core.run-10.py311.1.nbc"]
+    (pkg / "replay" / "rules.py").write_text("X = 2\n")
+    jitcache.check()  # one helper edited: every cached function goes
+    assert cached() == []

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from lufreplay import jitcache
+
+jitcache.check()  # before any cached core is loaded
+
+# ruff: noqa: E402
 from lufreplay.model.base import Model, SafetyViolation
 from lufreplay.model.hold_before_free import HoldBeforeFree
 from lufreplay.model.luf_v11 import LufV11
