@@ -53,15 +53,16 @@ def docs(cache: Path, trace: Path) -> tuple[dict[str, Any], dict[str, Any], dict
 
 
 def switch_doc(cache: Path, trace: Path) -> dict[str, Any]:
-    """The replay with x86's mm_cpumask rule up to 6.12 (a CPU leaves the mask when it switches to another mm),
-    the rule of the kernels the test bed boots; the default (`kept`) is 6.18's."""
-    return lr_json(cache, trace, "switch", "simulate", "--set", "mm_cpumask=switch")
+    """The replay with 6.18's mm_cpumask rule (`kept`: a CPU stays in the mask until a flush reaches it), for
+    contrast: `simulate` picks x86's rule up to 6.12 (`switch`) for the kernels the test bed boots."""
+    return lr_json(cache, trace, "kept", "simulate", "--set", "mm_cpumask=kept")
 
 
 def switch_line(sw: dict[str, Any]) -> str:
     f, m = sw["fidelity"], sw["models"]
     return (
-        f"With `--set mm_cpumask=switch` (x86's rule up to 6.12, this kernel's; the default `kept` is 6.18's): "
+        f"`simulate` chose `mm_cpumask=switch` from the trace's kernel (x86's rule up to 6.12); with 6.18's rule "
+        f"(`--set mm_cpumask=kept`, a CPU stays in the mask until a flush reaches it): "
         f"rebuilt {f.get('rebuilt', 0):,}, `rebuilt_vs_recorded_pct` {pct(f.get('rebuilt_vs_recorded_pct'), True)}, "
         f"`recall_pct` {pct(f.get('recall_pct'))}, `precision_pct` {pct(f.get('precision_pct'))}; "
         + ", ".join(f"{k} {m[k]['remote_shootdowns']:,}" for k in MODELS[1:] if k in m)
@@ -214,7 +215,7 @@ def switch_cell(sw: dict[str, Any]) -> str:
 def table(traces: list[Path], cache: Path) -> str:
     head = (
         "| trace | vCPUs | recorded | rebuilt vanilla (vs recorded) | recall | precision | luf-v12 intended | "
-        "luf-v12 posted | luf-v11 | hold-before-free | oracle | rebuilt, recall, precision with mm_cpumask=switch |"
+        "luf-v12 posted | luf-v11 | hold-before-free | oracle | rebuilt, recall, precision with 6.18's mm_cpumask=kept |"
     )
     out = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in traces:
