@@ -89,8 +89,10 @@ def deferrable_flushes_per_cpu(dec: np.ndarray) -> Counter[int]:
     ),
 )
 def test_oracle_bounds_luf_v12_on_the_deferrable_part(seed: int, nr_cpus: int, sets: list[str]) -> None:
-    """All five models replay random traces without a safety violation (simulate raises one), pass the recorded
-    flushes through unchanged, and on every CPU the oracle flushes no more often than luf-v12 for deferred work.
+    """All models replay random traces without a safety violation (simulate raises one), pass the recorded
+    flushes through unchanged, and on every CPU the oracle flushes no more often than luf-v12 as intended for
+    deferred work. (The oracle bounds safe schemes: luf-v12 as posted skips the hooks' flushes, leaving stale
+    entries the oracle pays for, and may go below it.)
 
     Why per CPU and counting local flushes: a flush at time t retires every older request of that CPU, and the
     oracle pays each request at the latest point it must (re-allocation, F3 write, F4, F5, F7: all points where
@@ -108,12 +110,12 @@ def test_oracle_bounds_luf_v12_on_the_deferrable_part(seed: int, nr_cpus: int, s
         sets = [*sets, "alloc_order=recorded", "atomic_no_shootdown=false"]
         doc, res = simulate(s.write(Path(d) / "t"), None, sets, decisions=True)
     models = doc["models"]
-    assert set(models) == {"vanilla", "luf-v12", "luf-v11", "hold-before-free", "oracle"}
+    assert set(models) == {"vanilla", "luf-v12", "luf-v12-intended", "luf-v11", "hold-before-free", "oracle"}
     passed = {n: [m["by_cause"].get(c, 0) for c in PASS_THROUGH] for n, m in models.items()}
     assert all(v == passed["vanilla"] for v in passed.values()), passed
     assert sum(models["vanilla"]["by_cause"].get(c, 0) for c in DEFERRABLE) == 0
     oracle = deferrable_flushes_per_cpu(res.models["oracle"].decisions_array())
-    luf = deferrable_flushes_per_cpu(res.models["luf-v12"].decisions_array())
+    luf = deferrable_flushes_per_cpu(res.models["luf-v12-intended"].decisions_array())
     assert all(oracle[c] <= luf[c] for c in oracle), (dict(oracle), dict(luf))
 
 

@@ -521,7 +521,7 @@ def _key_buffer(
 
 
 class LufV12(Model):
-    """LUF RFC v12 (default model)."""
+    """LUF RFC v12 as the posted code runs it by default (``hooks=posted``, luf-model.md §9.1)."""
 
     name = "luf-v12"
 
@@ -551,4 +551,16 @@ class LufV12(Model):
         }
 
 
-__all__ = ["LufV12", "SafetyViolation", "run_luf_v12"]
+class LufV12Intended(LufV12):
+    """LUF RFC v12 as the cover letter intends it: the F3-F8/F10 hooks flush the mm/mapping batches
+    (``hooks=intended`` whatever the option says), shown beside the posted code's figures."""
+
+    name = "luf-v12-intended"
+
+    def __init__(self, opts: dict, Y: np.ndarray, tl: np.ndarray, ncpu: int, decisions: bool) -> None:
+        Y = Y.copy()
+        Y[Y_HOOKS_POSTED] = 0.0
+        super().__init__({**opts, "hooks": "intended"}, Y, tl, ncpu, decisions)
+
+
+__all__ = ["LufV12", "LufV12Intended", "SafetyViolation", "run_luf_v12"]

@@ -116,11 +116,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "hooks",
-        "intended",
-        "luf-v12 hooks F3-F8/F10 (fault, write_begin, truncate, mkclean, zap_vma, ctxsw_kthread): 'intended' = they flush"
-        " the mm/mapping batch as the cover letter says; 'posted' = as the v12 code does: fold_luf_batch_mm never sets"
-        " flush_required, so they send no IPI (unsafe: stale entries survive until the page is reused) [C, §9.1]",
-        ("intended", "posted"),
+        "posted",
+        "luf-v12 hooks F3-F8/F10 (fault, write_begin, truncate, mkclean, zap_vma, ctxsw_kthread): 'posted' = as the"
+        " v12 code does, what a patched kernel runs: fold_luf_batch_mm never sets flush_required, so they send no IPI"
+        " (unsafe: stale entries survive until the page is reused; see stale_window); 'intended' = they flush the"
+        " mm/mapping batch as the cover letter says (the luf-v12-intended model always does) [C, §9.1]",
+        ("posted", "intended"),
     ),
     Option(
         "v11_atomic_flush",

@@ -8,8 +8,8 @@ CPUs each batch deferred), which the tests compare with the fast path's ``Model.
 Each point where the posted v12 code and the cover letter disagree (§9) is an explicit option, ``SPEC_CHOICES``;
 the first value of each is what the fast path does today:
 
-- ``hooks``: ``intended`` (§8.2.9–13: F3–F7, F10 flush the mm/mapping batch) or ``posted`` (§9.1: the batches
-  never get ``flush_required``, so those hooks send nothing; the caller's own tlb_ubc is empty at hook time).
+- ``hooks``: ``posted`` (§9.1: the batches never get ``flush_required``, so F3–F7 and F10 send nothing; the
+  caller's own tlb_ubc is empty at hook time) or ``intended`` (§8.2.9–13: they flush the mm/mapping batch).
 - ``keep``: ``key_only`` (F11 flushes the new key only; the pending non-LUF work waits for the batch flush) or
   ``posted`` (§9.3 / §8.2.4: ``luf_flush(fold_unmap_luf())`` runs ``try_to_unmap_flush()``, which also flushes
   the whole pending non-LUF work, even with key 0).
@@ -41,7 +41,7 @@ from lufreplay.model import ops as O
 
 #: §9 choices the reference exposes; the first value of each is the fast path's behaviour today.
 SPEC_CHOICES: dict[str, tuple[str, ...]] = {
-    "hooks": ("intended", "posted"),
+    "hooks": ("posted", "intended"),
     "keep": ("key_only", "posted"),
     "dirty_writeback": ("last_key", "posted"),
 }

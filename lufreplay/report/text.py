@@ -161,6 +161,7 @@ def render(doc: dict[str, Any], console: Console) -> None:
         row("held pages max", lambda m: f"{m.get('held_pages', {}).get('max', 0):,}" if "held_pages" in m else "—")
     if luf_models:
         console.print(t)
+    _posted_flag(doc, console)
 
     if doc.get("cost"):
         render_cost(doc, console)
@@ -251,6 +252,24 @@ def render_cost(doc: dict[str, Any], console: Console) -> None:
 
 def _q(x: dict[str, float]) -> list[float]:
     return [x["p10"], x["p50"], x["p90"]]
+
+
+def _posted_flag(doc: dict[str, Any], console: Console) -> None:
+    """luf-v12 as posted leaves stale TLB entries behind writes, munmap and truncation (§9.1): say how many, how
+    long, beside the intended design's."""
+    m = doc["models"]
+    if doc["options"].get("hooks") != "posted" or "luf-v12" not in m:
+        return
+    w = m["luf-v12"]["stale_window"]
+    line = (
+        f"[bold]luf-v12 follows the posted v12 code[/] (hooks=posted): its F3–F8/F10 hooks send no IPI, so stale"
+        f" TLB entries survive writes, munmap and truncation until the page is reused; its {w['count']:,} LUF'd"
+        f" pages stayed stale p50 {w['p50_s']:.3g} s, max {w['max_s']:.3g} s"
+    )
+    if "luf-v12-intended" in m:
+        i = m["luf-v12-intended"]["stale_window"]
+        line += f" (luf-v12-intended: p50 {i['p50_s']:.3g} s, max {i['max_s']:.3g} s)"
+    console.print(line + ".")
 
 
 def _scope_table(sc: dict[str, Any], console: Console) -> None:
