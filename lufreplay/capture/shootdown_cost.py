@@ -18,10 +18,8 @@ leaves out the TLB refills after the flush (no PMU here) and the cache misses of
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from lufreplay import schema
-from lufreplay.capture import procfs
+from lufreplay.capture import chelper, procfs
 
 SOURCE = Path(__file__).with_name("shootcost.c")
 FORMAT = schema.SHOOTDOWN_COST_FORMAT
@@ -74,22 +72,11 @@ def default_profile_path() -> Path:
 
 
 def helper_binary() -> Path:
-    """Compile shootcost.c once per source version (concurrent runs race safely: rename)."""
-    tag = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-    out = cache_dir() / "bin" / f"shootcost-{tag}"
-    if out.is_file() and os.access(out, os.X_OK):
-        return out
-    cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
-    if cc is None:
-        raise CalibrationError("calibrate needs a C compiler (gcc) to build its helper; install gcc")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}")
-    r = subprocess.run([cc, "-O2", "-pthread", "-o", str(tmp), str(SOURCE)], capture_output=True, text=True)
-    if r.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise CalibrationError(f"cannot compile {SOURCE.name}: {(r.stderr.strip().splitlines() or ['?'])[0]}")
-    os.replace(tmp, out)
-    return out
+    """shootcost.c, compiled once per source version."""
+    try:
+        return chelper.compiled(SOURCE, cache_dir() / "bin", "shootcost", "calibrate needs")
+    except chelper.HelperBuildError as e:
+        raise CalibrationError(str(e)) from None
 
 
 def _tlb_row() -> list[int]:

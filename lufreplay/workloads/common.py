@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
+
+from lufreplay.capture import chelper
 
 PAGE = 4096
 DEFAULT_DIR = Path("/var/tmp/lufreplay-work")
@@ -204,26 +205,11 @@ def drop_file_cache(path: Path) -> None:
 
 
 def helper_binary(d: Path) -> Path:
-    """Compile lrwork.c once per source version into DIR/.bin; concurrent runs race safely (rename)."""
-    src = HELPER_SOURCE.read_bytes()
-    tag = hashlib.sha256(src).hexdigest()[:12]
-    out = d / ".bin" / f"lrwork-{tag}"
-    if out.is_file() and os.access(out, os.X_OK):
-        return out
-    cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
-    if cc is None:
-        raise WorkloadError("the workloads need a C compiler (gcc) to build their helper; install gcc")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}")
-    r = subprocess.run(
-        [cc, "-O2", "-pthread", "-o", str(tmp), str(HELPER_SOURCE)], capture_output=True, text=True, check=False
-    )
-    if r.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        first = (r.stderr.strip().splitlines() or ["no output"])[0]
-        raise WorkloadError(f"cannot compile {HELPER_SOURCE.name}: {first}")
-    os.replace(tmp, out)
-    return out
+    """lrwork.c, compiled once per source version into DIR/.bin."""
+    try:
+        return chelper.compiled(HELPER_SOURCE, d / ".bin", "lrwork", "the workloads need")
+    except chelper.HelperBuildError as e:
+        raise WorkloadError(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------------------
