@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from summarize import tlb_row  # testbed/summarize.py: the same snapshot format
+
 MODELS = ("vanilla", "luf-v12", "luf-v12-intended", "luf-v11", "hold-before-free", "oracle")
 
 
@@ -65,15 +67,6 @@ def switch_line(sw: dict[str, Any]) -> str:
         + ", ".join(f"{k} {m[k]['remote_shootdowns']:,}" for k in MODELS[1:] if k in m)
         + "."
     )
-
-
-def tlb_row(path: Path) -> list[int]:
-    """Per-CPU counts of the TLB row of a /proc/interrupts snapshot."""
-    for line in path.read_text().splitlines():
-        parts = line.split()
-        if parts and parts[0] == "TLB:":
-            return [int(x) for x in parts[1:] if x.isdigit()]
-    return []
 
 
 def vmstat(path: Path) -> dict[str, int]:
