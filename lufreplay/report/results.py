@@ -68,6 +68,12 @@ def _cumulative(bins: np.ndarray, npts: int) -> list[int]:
     return [int(x) for x in np.cumsum(bins)[:npts]]
 
 
+def trace_kernel(meta: dict[str, Any]) -> str | None:
+    """The recorded kernel's release (meta.json)."""
+    host = meta.get("host") if isinstance(meta.get("host"), dict) else {}
+    return meta.get("kernel") or (host.get("uname") or {}).get("release")
+
+
 def build(
     trace: Trace, res: ReplayResult, opts: dict[str, Any], requested: list[str], elapsed_s: float
 ) -> dict[str, Any]:
@@ -91,7 +97,7 @@ def build(
             "nr_cpus": res.host_cpus,
             "cpus_involved": [int(c) for c in res.real_cpus()],
             "host": host,
-            "kernel": meta.get("kernel") or (host.get("uname") or {}).get("release"),
+            "kernel": trace_kernel(meta),
             "complete": trace.complete,
             "interrupted": trace.interruption(),
             "interrupted_message": trace.interruption_line(),

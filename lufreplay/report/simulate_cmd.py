@@ -30,7 +30,7 @@ from lufreplay.replay.cpustate import mask_mode_for_kernel
 from lufreplay.replay.engine import ReplayResult, replay
 from lufreplay.report.cost import CostError, cost_block, profile_for
 from lufreplay.report.progress import ReplayProgress
-from lufreplay.report.results import build
+from lufreplay.report.results import build, trace_kernel
 from lufreplay.report.usage import usage_block
 from lufreplay.trace.reader import TraceError, open_trace
 
@@ -210,12 +210,6 @@ def _user_set(settings: list[str] | dict | None, name: str) -> bool:
     if isinstance(settings, dict):
         return name in settings
     return any(s.split("=", 1)[0].strip() == name for s in settings)
-
-
-def trace_kernel(meta: dict[str, Any]) -> str | None:
-    """The recorded kernel's release (meta.json)."""
-    host = meta.get("host") if isinstance(meta.get("host"), dict) else {}
-    return meta.get("kernel") or (host.get("uname") or {}).get("release")
 
 
 def auto_options(meta: dict[str, Any], opts: dict[str, Any], settings: list[str] | dict | None) -> dict[str, Any]:
