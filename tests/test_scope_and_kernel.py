@@ -156,8 +156,15 @@ def test_scope_splits_the_target_from_the_rest_of_the_host(tmp_path: Path) -> No
     for name, m in sc["host"]["models"].items():  # the other process's own flush is outside the target, everywhere
         assert m["by_cause"].get("other", 0) == 1, name
         assert sc["target"]["models"][name]["by_cause"].get("other", 0) == 0, name
+    # eligibility per scope: B's folio (batch 2) is not the target's; folio 1002 (A and B) is
+    host_el, tgt_el = doc["eligibility"], sc["target"]["eligibility"]
+    assert host_el["folios"] == 4 and tgt_el["folios"] == 3, (host_el, tgt_el)
+    assert tgt_el["pages"] == 3 and tgt_el["batches"] == 3 and host_el["batches"] == 4
+    for reason, n in tgt_el["rejected"].items():
+        assert n <= host_el["rejected"][reason], reason
     # --scope target: the headline tables are the target's; fidelity stays the host's
     t = simulate(p, scope="target").doc
+    assert t["eligibility"] == tgt_el
     assert t["scope"]["shown"] == "target"
     assert t["vanilla"]["remote_shootdowns"] == 6 and t["models"]["vanilla"]["remote_shootdowns"] == 5
     assert t["fidelity"] == doc["fidelity"]

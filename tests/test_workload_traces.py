@@ -47,6 +47,7 @@ class Recorded:
         return self.sim["models"][name]
 
     def eligible_share(self) -> float:
+        """Eligible share of the pages the workload's own unmaps touched (``--scope target``)."""
         e = self.sim["eligibility"]
         return e["eligible_pages"] / max(e["pages"], 1)
 
@@ -94,7 +95,8 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str
                 assert wl["workload"] == name
                 if _moved_pages(name, wl) != 0:
                     break
-            s = _run(["simulate", str(t), "--json"], timeout=HANG_S)
+            # the workload's own scope: on a busy host other jobs reclaim too, and their folios are not the workload's
+            s = _run(["simulate", str(t), "--json", "--scope", "target"], timeout=HANG_S)
             assert s.returncode == 0, s.stderr
             cache[name] = Recorded(name, t, wl, json.loads(s.stdout))
         return cache[name]
@@ -158,7 +160,8 @@ def test_mmap_stream_defaults_make_most_shootdowns_avoidable(recorded) -> None:
     assert v12["deferred"]["deferred_cpu_slots"] > 0.5 * van["remote_shootdowns"], v12["deferred"]
     assert v12["avoided_pct"] > 0, v12["by_cause"]
     assert rec.model("oracle")["avoided_pct"] >= 50
-    assert rec.sim["fidelity"]["explained_pct"] >= 90
+    # the rebuild against the workload's own recorded flushes (host-wide, other jobs' flushes of unknown cause count)
+    assert rec.sim["scope"]["target"]["fidelity"]["recall_pct"] >= 90, rec.sim["scope"]["target"]["fidelity"]
     _no_violation(rec)
 
 

@@ -258,6 +258,8 @@ class ReplayResult:
 
     #: the same models replayed over the target scope's ops (``lufreplay.replay.scope``); empty without a target
     scoped: dict[str, Model] = field(default_factory=dict)
+    #: ``recon_stats`` with the folio and page counts (eligibility) of the target scope's folios alone
+    scoped_stats: np.ndarray | None = None
 
 
 class _Prefetch:
@@ -379,6 +381,7 @@ def replay(
     models = {n: MODELS[n](opts, Y, tl, ncpu, decisions) for n in model_names}
     scoped = {n: MODELS[n](opts, Y, tl, ncpu, False) for n in model_names} if scope_tgids is not None else {}
     scope_buf = np.empty(0, O.MOP_DTYPE)
+    scope_elig = np.zeros(2 * RC.NREJ + 1, np.int64)  # scope.scope_filter's layout
     for m in (*models.values(), *scoped.values()):
         m.pfn_of = pfns.real_one
         m.pages.ensure(pfns.limit, exact=True)  # the scan saw every block: no growth unless segments are injected
@@ -410,7 +413,7 @@ def replay(
             if scope_buf.shape[0] < mops.shape[0]:
                 scope_buf = np.empty(int(1.25 * mops.shape[0]) + 16, O.MOP_DTYPE)
             ins = SC.in_scope_procs(ids.proc, scope_tgids or set())
-            k = SC.scope_filter(mops, mops.shape[0], ins, rec.MM, rec.T, RC.T_PROC, scope_buf)
+            k = SC.scope_filter(mops, mops.shape[0], ins, rec.MM, rec.T, RC.T_PROC, scope_buf, scope_elig)
             for m in scoped.values():
                 m.run(scope_buf, k, mp, sizes)
             stages["scope"] = stages.get("scope", 0.0) + time.perf_counter() - t
@@ -431,6 +434,26 @@ def replay(
     stages["raw_buffer_bytes"] = float(builder.nbytes)
     stages["reconstruct_bytes"] = float(rec.nbytes)
     stages["pfn_map_bytes"] = float(pfns.nbytes)
+    scoped_stats = None
+    if scoped:
+        scoped_stats = rec.RS.copy()
+        scoped_stats[RC.RS_FOLIOS : RC.RS_PAGES + RC.NREJ] = scope_elig[:-1]
+        scoped_stats[RC.RS_BATCHES] = scope_elig[-1]
     return ReplayResult(
-        models, rec.RS.copy(), ncpu, t0, t1, tl, n_raw, n_ops, ids, kept, stages, pfns, cpus, host_cpus, scoped
+        models,
+        rec.RS.copy(),
+        ncpu,
+        t0,
+        t1,
+        tl,
+        n_raw,
+        n_ops,
+        ids,
+        kept,
+        stages,
+        pfns,
+        cpus,
+        host_cpus,
+        scoped,
+        scoped_stats,
     )

@@ -80,8 +80,12 @@ def _mm_in(mm, MM, in_scope):
 
 
 @numba.njit(cache=True)
-def scope_filter(mops, n, in_scope, MM, T, t_proc, out):
-    """Copy the target-scope ops of ``mops[:n]`` into ``out`` (module docstring); returns their count."""
+def scope_filter(mops, n, in_scope, MM, T, t_proc, out, elig):
+    """Copy the target-scope ops of ``mops[:n]`` into ``out`` (module docstring); returns their count.
+    ``elig`` (folios then pages by rejection reason, ``reconstruct.RS_FOLIOS``/``RS_PAGES`` layout, then batches)
+    counts the target's folios and batches: the eligibility the target's figures rest on, whoever else reclaimed
+    at the same time."""
+    nrej = (elig.shape[0] - 1) // 2
     m = 0
     folio_at = -1  # where the open folio starts in out
     folio_in = False
@@ -112,6 +116,9 @@ def scope_filter(mops, n, in_scope, MM, T, t_proc, out):
                 out[m] = r
                 m += 1
                 dropped = False
+                if folio_at >= 0:
+                    elig[r["sub"]] += 1
+                    elig[nrej + r["sub"]] += np.int64(1) << r["order"]
             folio_at = -1
         elif op == O.M_KEEP:
             if not dropped:
@@ -121,6 +128,7 @@ def scope_filter(mops, n, in_scope, MM, T, t_proc, out):
             if kept > 0 or (ptes == 0 and _task_in(r["task"], T, t_proc, in_scope)):
                 out[m] = r
                 m += 1
+                elig[2 * nrej] += 1
             ptes = 0
             kept = 0
         elif op == O.M_RFLUSH:

@@ -178,15 +178,18 @@ def scope_section(
     tgids: set[int] | None,
 ) -> dict[str, Any]:
     """Host, target and rest-of-host totals; with ``shown == "target"`` the document's ``vanilla``, ``models``
-    and ``timeline`` become the target's (``fidelity`` stays the host's: the recorded kernel is host-wide)."""
+    ``timeline`` and ``eligibility`` become the target's (``fidelity`` stays the host's: the recorded kernel is
+    host-wide)."""
     host = SC.summary(doc["models"], doc["vanilla"]["remote_shootdowns"])
     out: dict[str, Any] = {"shown": shown, "why": why, "target_processes": sorted(tgids) if tgids else None}
     out["host"] = host
     if not res.scoped:
         out["target"] = out["rest_of_host"] = None
         return out
-    tdoc = build(trace, dataclasses.replace(res, models=res.scoped), opts, requested, dt)
+    tdoc = build(trace, dataclasses.replace(res, models=res.scoped, recon_stats=res.scoped_stats), opts, requested, dt)
     tgt = SC.summary(tdoc["models"], tdoc["vanilla"]["remote_shootdowns"])
+    # the folios the target's unmaps touched: another job's reclaim on the host does not dilute them
+    tgt["eligibility"] = tdoc["eligibility"]
     # the rebuild checked against the recorded flushes of the target alone: other processes' own flushes, which
     # the rebuild passes through without a cause, no longer lower its recall
     tgt["fidelity"] = {k: tdoc["fidelity"].get(k) for k in ("recall_pct", "precision_pct", "rebuilt_vs_recorded_pct")}
@@ -199,7 +202,7 @@ def scope_section(
         },
     }
     if shown == "target":
-        for k in ("vanilla", "models", "timeline"):
+        for k in ("vanilla", "models", "timeline", "eligibility"):
             doc[k] = tdoc[k]
     return out
 

@@ -109,7 +109,9 @@ def render(doc: dict[str, Any], console: Console) -> None:
     console.print(t)
 
     el = doc["eligibility"]
-    t = Table(title=f"LUF eligibility of unmapped folios ({el['folios']:,} folios, {el['pages']:,} pages)")
+    sc = doc.get("scope") or {}
+    whose = "the traced command's" if sc.get("shown") == "target" else "all"
+    t = Table(title=f"LUF eligibility of {whose} unmapped folios ({el['folios']:,} folios, {el['pages']:,} pages)")
     t.add_column("", overflow="fold")
     t.add_column("folios", justify="right", overflow="fold")
     t.add_column("pages", justify="right", overflow="fold")
@@ -118,6 +120,12 @@ def render(doc: dict[str, Any], console: Console) -> None:
         t.add_row(f"rejected: {k}", f"{v:,}", f"{el['rejected_pages'].get(k, 0):,}")
     pv = el["pte_provenance"]
     t.caption = f"PTE RO/RW provenance: exact {pv['exact']:,}, inferred {pv['inferred']:,}, unknown {pv['unknown']:,}"
+    tel = (sc.get("target") or {}).get("eligibility")
+    if sc.get("shown") == "host" and tel:
+        t.caption += (
+            f"; the traced command's own: {tel['eligible_pages']:,} of {tel['pages']:,} pages eligible"
+            f" ({_share(tel['eligible_pages'], tel['pages'])})"
+        )
     console.print(t)
 
     fid = doc["fidelity"]
@@ -321,3 +329,7 @@ def _precision_line(fid: dict[str, Any]) -> str:
         + (f"; per CPU rebuilt/recorded: {cpus}" if cpus else "")
         + "."
     )
+
+
+def _share(num: int, den: int) -> str:
+    return f"{100.0 * num / den:.1f} %" if den else "—"
