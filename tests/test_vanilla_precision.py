@@ -248,6 +248,9 @@ def test_a_flush_by_a_task_whose_faults_and_syscalls_are_not_traced_is_untraced(
     # recorded system-wide (no target), B's faults and syscalls are in the trace: only the kernel thread is untraced
     doc = _simulate(s, tmp_path)
     assert doc["vanilla"]["by_cause"] == {"untraced": 2, "other": 4}
+    # ... unless B is the recorder (meta.json recorder.tgid), which the probes never trace
+    doc = _simulate(s, tmp_path, {"recorder": {"tgid": B[1][1]}})
+    assert doc["vanilla"]["by_cause"] == {"untraced": 4, "other": 2}
 
 
 @pytest.mark.parametrize("event", [1, 2], ids=["exec", "exit"])
