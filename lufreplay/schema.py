@@ -761,7 +761,8 @@ def markdown() -> str:
         " says which kind; e.g. 6.12 has no `vmscan:mm_vmscan_reclaim_pages`, `thp:set_migration_pmd`,"
         " `thp:remove_migration_pmd`).",
         "",
-        "`meta.json` `recorder` says what recording cost: `cpu_ns` and `max_rss_kb` (getrusage, whole run),"
+        "`meta.json` `recorder` names the recorder's process (`tgid`: the probes never trace its faults and"
+        " syscalls) and says what recording cost: `cpu_ns` and `max_rss_kb` (getrusage, whole run),"
         " `startup_s` (start to probes attached), and, measured by the probes inside the window, per CPU the"
         " recorder's own run time (`cpu_ns_per_cpu`), its time slices (`slices_per_cpu`) and the remote"
         " shootdowns it sent itself (`shootdowns_sent_per_cpu`); the consumer's drains (`polls`) and early"

@@ -193,6 +193,8 @@ def test_recorder_wakes_rarely_and_says_what_it_cost_per_cpu(stream_trace) -> No
     out, _, _ = stream_trace
     m = open_trace(out).meta
     rec = m["recorder"]
+    # the recorder's own process, which replay tells apart (its flushes are `untraced`): not a target
+    assert rec["tgid"] > 0 and rec["tgid"] not in (m["targets_final"] or [])
     window_s = (m["window"]["end_ns"] - m["window"]["start_ns"]) / 1e9
     assert m["events"] > 10_000
     # A burst would wake it early once per CPU and drain; this stream stays far below half the ring.

@@ -118,7 +118,7 @@ def two_processes(s: Scenario) -> None:
     1. A reclaims its own folio: A's mm on CPUs 1, 2 → target, 2 IPIs;
     2. A reclaims B's folio (B on CPU3) → rest of the host, 1 IPI;
     3. A reclaims a folio mapped by A and B → recorded 3 IPIs (CPUs 1-3) for the target, which alone needs 1, 2;
-    4. B's own flush of its mm (an unknown cause) → rest of the host, 1 IPI;
+    4. B's own flush of its mm (B is not traced: ``untraced``) → rest of the host, 1 IPI;
     5. the child (forked by A) reclaims its own folio on CPU1... sent from CPU0 to CPU1 → target, 1 IPI.
     """
     for c in range(3):
@@ -154,8 +154,8 @@ def test_scope_splits_the_target_from_the_rest_of_the_host(tmp_path: Path) -> No
     assert sc["host"]["models"]["vanilla"]["remote_shootdowns"] == 8
     assert sc["rest_of_host"]["models"]["vanilla"]["remote_shootdowns"] == 3
     for name, m in sc["host"]["models"].items():  # the other process's own flush is outside the target, everywhere
-        assert m["by_cause"].get("other", 0) == 1, name
-        assert sc["target"]["models"][name]["by_cause"].get("other", 0) == 0, name
+        assert m["by_cause"].get("untraced", 0) == 1 and "other" not in m["by_cause"], name
+        assert sc["target"]["models"][name]["by_cause"].get("untraced", 0) == 0, name
     # eligibility per scope: B's folio (batch 2) is not the target's; folio 1002 (A and B) is
     host_el, tgt_el = doc["eligibility"], sc["target"]["eligibility"]
     assert host_el["folios"] == 4 and tgt_el["folios"] == 3, (host_el, tgt_el)
@@ -197,7 +197,8 @@ def test_scope_in_strict_json(tmp_path: Path) -> None:
 
 def test_scope_on_a_bundled_trace() -> None:
     """compact: the target's recorded IPIs are those of its own flushes and of batches of its mms, the rest are
-    other processes' (171 `other` flushes of 301: issue 7). Scoping changes nothing of the host replay."""
+    other processes' (their own flushes, 167 of 301, are `untraced`: issue 7). Scoping changes nothing of the host
+    replay."""
     root = Path(__file__).resolve().parents[1] / "traces" / "compact"
     host_only = simulate(root, ["vanilla", "luf-v12"]).doc
     sc = host_only["scope"]
@@ -209,7 +210,10 @@ def test_scope_on_a_bundled_trace() -> None:
         sc["target"]["models"]["vanilla"]["remote_shootdowns"] <= sc["host"]["models"]["vanilla"]["remote_shootdowns"]
     )
     tv = sc["target"]["models"]["vanilla"]["by_cause"]
-    assert tv.get("other", 0) < sc["host"]["models"]["vanilla"]["by_cause"]["other"]
+    hv = sc["host"]["models"]["vanilla"]["by_cause"]
+    # none of the flushes of processes the trace does not follow is the target's; what stays `other` is
+    assert tv.get("untraced", 0) == 0 < hv["untraced"]
+    assert tv.get("other", 0) == hv["other"]
 
 
 # ---- the lazy set of a batched flush is read when its IPIs go out --------------------------------------------

@@ -205,3 +205,68 @@ def test_kind_of_a_task_switched_in_for_the_first_time(tmp_path: Path) -> None:
     doc2 = run(s2, tmp_path, models=["vanilla"])
     assert rebuilt(doc2)["per_cpu"] == [0, 1, 1, 1]
     assert doc2["fidelity"]["cpu_state"]["switches_of_unknown_kind"] == 1
+
+
+def _simulate(s: Scenario, tmp_path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    from lufreplay.report.simulate_cmd import simulate
+
+    doc, _ = simulate(s.write(tmp_path / f"t{len(list(tmp_path.iterdir()))}", meta), ["vanilla"], [])
+    return doc
+
+
+def _mm_flush(
+    s: Scenario, ts: int, cpu: int, task: tuple[int, int], targets: list[int], local: int, pages: int
+) -> None:
+    """A flush of ``task`` outside any traced syscall, reclaim or migration: reason 4, one csd per target, then
+    the local row (3: flush_tlb_func of an mm; 2: info->mm == NULL; 0: none)."""
+    s.tlb(ts, cpu, *task, 4, pages)
+    for k, t in enumerate(targets):
+        s.sd(ts + 1 + k, cpu, *task, t)
+    if local:
+        s.tlb(ts + 10, cpu, *task, local, pages)
+
+
+def test_a_flush_by_a_task_whose_faults_and_syscalls_are_not_traced_is_untraced(tmp_path: Path) -> None:
+    """Issue 7 item 3, recall: in a trace of a target (process A), a 1-page mm flush of another process (the
+    recorder's COW breaks: do_wp_page → ptep_clear_flush) and a full flush of a kernel thread (khugepaged's
+    pmdp_collapse_flush) are ``untraced``: not reclaim or migration flushes, which no model changes. A flush with
+    no mm (local reason 2: a batched unmap's) stays ``other``, and so does a traced task's unexplained flush."""
+    s = Scenario(4)
+    for c in range(4):
+        user_on(s, 1000 + 10 * c, c, A[c], MM_A)
+    kthread_known(s, 1100, 3)
+    s.mm(1200, 1, *B[1], MM_B)
+    _mm_flush(s, 10_000, 1, B[1], [0, 2], 3, 1)  # B outside the target: a COW break
+    _mm_flush(s, 20_000, 3, KWORKER, [0, 1], 0, -1)  # a kernel thread: no mm of its own loaded
+    _mm_flush(s, 30_000, 1, B[1], [2], 2, -1)  # no mm: could be a batched unmap whose rows the trace lacks
+    _mm_flush(s, 40_000, 2, A[2], [0], 3, 1)  # the target's own, outside a traced syscall or fault: unknown
+    meta = {"target": {"pids": [100]}, "targets_final": [100]}
+    doc = _simulate(s, tmp_path, meta)
+    assert doc["vanilla"]["by_cause"] == {"untraced": 4, "other": 2}
+    fid = doc["fidelity"]
+    assert fid["recall_pct"] == round(100 * 4 / 6, 3) and fid["precision_pct"] == 100.0
+    # recorded system-wide (no target), B's faults and syscalls are in the trace: only the kernel thread is untraced
+    doc = _simulate(s, tmp_path)
+    assert doc["vanilla"]["by_cause"] == {"untraced": 2, "other": 4}
+    # ... unless B is the recorder (meta.json recorder.tgid), which the probes never trace
+    doc = _simulate(s, tmp_path, {"recorder": {"tgid": B[1][1]}})
+    assert doc["vanilla"]["by_cause"] == {"untraced": 4, "other": 2}
+
+
+@pytest.mark.parametrize("event", [1, 2], ids=["exec", "exit"])
+def test_the_old_mm_teardown_before_an_exec_or_exit_row_is_a_zap(tmp_path: Path, event: int) -> None:
+    """exec_mmap / exit_mm → mmput → exit_mmap flushes the whole old mm before sched_process_exec / _exit fire
+    (rss_stat rows and frees of the teardown may come in between): ``zap``. Anything else of the task in between
+    (a syscall) leaves it ``other``."""
+    for between in (False, True):
+        s = Scenario(4)
+        for c in range(4):
+            user_on(s, 1000 + 10 * c, c, A[c], MM_A)
+        _mm_flush(s, 10_000, 0, A[0], [1, 2], 0, -1)
+        s.mm(12_000, 0, *A[0], MM_A)
+        s.free(13_000, 0, *A[0], 3000)
+        if between:
+            s.syscall(14_000, 0, *A[0], 2, 0x20000000, 4096)  # mprotect
+        s.proc(5_000_000, 0, *A[0], event)
+        doc = _simulate(s, tmp_path)
+        assert doc["vanilla"]["by_cause"] == ({"other": 2} if between else {"zap": 2}), between

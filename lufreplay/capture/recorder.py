@@ -837,6 +837,7 @@ class Recorder:
                 "events": self.seg.events,
                 "unknown_records": self.seg.unknown,
                 "recorder": {
+                    "tgid": os.getpid(),  # LR_SELF_TGID: never traced, so replay calls its flushes `untraced`
                     "cpu_ns": usage["recorder_cpu_ns"],
                     "max_rss_kb": usage["recorder_max_rss_kb"],
                     "startup_s": round(self.startup_s, 3) if self.startup_s is not None else None,

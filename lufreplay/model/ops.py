@@ -41,7 +41,7 @@ RAW_DTYPE = np.dtype(
     #           mask2 = CPUs lazy at the flush, order = 1 if the kernel traced remote_send_ipi (a remote CPU in
     #           its cpumask)
     M_RFLUSH,  # a recorded flush LUF leaves alone: sub = cause, mask = targets, aux = shootdown rows,
-    #            mask2 = CPUs credited (F9), pfn = credited CPUs running another mm (R6)
+    #            mask2 = CPUs credited (F9), pfn = credited CPUs running another mm (R6), flags RF_*
     M_LFLUSH,  # a full local flush (task switch): only the oracle uses it
     M_FREE,  # free(page): pfn, order, sub = PAGE_SOURCE
     M_DRAIN,  # pcp_drain(page)
@@ -85,6 +85,9 @@ MOP_DTYPE = np.dtype(
 
 PTE_WRITABLE, PTE_UNBATCHED, PTE_EXACT, PTE_INFERRED = 1, 2, 4, 8  # provenance: neither bit = unknown
 B_MIGRATION, B_MEMFAIL, B_ANON_UNKNOWN_PFN = 1, 2, 4
+# M_RFLUSH flags: the sender flushed locally too; a full flush; no mm (local tlb_flush reason 2, TLB_LOCAL_SHOOTDOWN:
+# flush_tlb_func with info->mm == NULL, the signature of arch_tlbbatch_flush)
+RF_LOCAL, RF_FULL, RF_MM_NULL = 1, 2, 4
 A_CAN_SD, A_REFILL, A_ATOMIC = 1, 2, 4
 
 # ---- hooks (M_HOOK.sub) --------------------------------------------------------------------------------
@@ -102,6 +105,7 @@ CAUSES = (
     "fork",  # recorded full flush of the parent's mm in fork (dup_mmap: flush_tlb_mm)
     "cow_fault",  # recorded single-page flush of a COW break (wp_page_copy → ptep_clear_flush) after a write fault
     "folio_mkclean",  # recorded single-page flush of writeback's folio_mkclean (page_mkclean_one); not F6
+    "untraced",  # recorded mm flush outside reclaim/migration by a task whose faults and syscalls are not traced
     "other",  # any other recorded flush
     "alloc_pcp",  # F1
     "alloc_buddy_epoch",  # F2
@@ -128,6 +132,7 @@ RECORDED_CAUSES = (
     "fork",
     "cow_fault",
     "folio_mkclean",
+    "untraced",
     "other",
 )
 HOOK_CAUSE = np.array(

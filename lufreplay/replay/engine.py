@@ -121,9 +121,20 @@ def recon_options(opts: dict[str, Any], ncpu: int) -> np.ndarray:
 class Reconstructor:
     """Carries the reconstruction state (per task, CPU, mm, process; the pending-item pool) across segments."""
 
-    def __init__(self, opts: dict[str, Any], ncpu: int, maps: MapsIndex) -> None:
+    def __init__(
+        self,
+        opts: dict[str, Any],
+        ncpu: int,
+        maps: MapsIndex,
+        traced_tgids: set[int] | None = None,
+        recorder_tgid: int | None = None,
+    ) -> None:
         self.X = recon_options(opts, ncpu)
         self.maps = maps
+        #: the processes whose faults and syscalls the trace holds (the target's); None: every user process but
+        #: the recorder (``recorder_tgid``, meta.json ``recorder.tgid``), which the probes never trace
+        self.traced_tgids = traced_tgids
+        self.recorder_tgid = recorder_tgid
         self.T = np.zeros((0, RC.NT), np.int64)
         self.CPU = np.zeros((O.MAX_CPUS, RC.NC), np.int64)
         self.CPU[:, RC.C_CUR_MM] = -1
@@ -189,7 +200,19 @@ class Reconstructor:
             self.S, self.out, self.RS, m.pr_lo, m.pr_hi, m.sn_ts, m.sn_lo, m.sn_hi, m.mp_start, m.mp_end, m.mp_off,
             m.mp_map, m.mp_flags, final,
         )  # fmt: skip
-        return self.out[: int(self.S[RC.S_NOUT])]
+        n = int(self.S[RC.S_NOUT])
+        RC.untraced_senders(self.out, n, self.T, self._traced(ids))
+        return self.out[:n]
+
+    def _traced(self, ids: Ids) -> np.ndarray:
+        """Per dense process id: 1 when the trace holds its faults and syscalls."""
+        if self.traced_tgids is not None:
+            return SC.in_scope_procs(ids.proc, self.traced_tgids)
+        traced = np.ones(len(ids.proc) + 1, np.uint8)
+        i = ids.proc.ids.get(self.recorder_tgid) if self.recorder_tgid is not None else None
+        if i is not None:
+            traced[i] = 0
+        return traced
 
     @property
     def nbytes(self) -> int:
@@ -373,7 +396,7 @@ def replay(
     tl = np.array([t0, max(1, (t1 - t0) // O.TIMELINE_BINS + 1)], np.int64)
     ids = Ids()
     maps = MapsIndex(trace, ids)
-    rec = Reconstructor(opts, ncpu, maps)
+    rec = Reconstructor(opts, ncpu, maps, SC.target_tgids(trace), SC.recorder_tgid(trace))
     Y = model_options(opts, ncpu)
     t = time.perf_counter()
     pfns = PfnMap.scan(trace) if pfn_scan else PfnMap()

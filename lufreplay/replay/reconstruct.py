@@ -51,7 +51,8 @@ T_PEND_HEAD, T_PEND_TAIL, T_BATCH_HEAD, T_BATCH_TAIL, T_BATCH_N, T_MIG_PFN, T_MI
 )
 T_FAULT_TS, T_FAULT_COW = 15, 16  # the task's last fault (ts + 1), and whether it could break a COW
 T_KIND = 17  # user task or kernel thread (lufreplay.replay.cpustate)
-NT = 18
+T_MMPUT_J = 18  # the task's first unattributed flush (index into ``out`` + 1) that its exec or exit row may name
+NT = 19
 # ---- per-CPU columns of CPU -----------------------------------------------------------------------------
 C_OPEN, C_TASK, C_N, C_TS, C_LOCAL, C_FULL, C_CUR_TASK, C_CUR_MM, C_PROC, C_PAGES = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9
 C_LOADED, C_LAZY = 10, 11  # the mm loaded (process + 1) and lazy-TLB mode (lufreplay.replay.cpustate)
@@ -107,6 +108,9 @@ IMM_WINDOW_NS = 20_000
 # dup_mmap's flush_tlb_mm(oldmm) comes before the fork row (sched_process_fork fires when copy_process is done);
 # 1.5 ms was seen for a large python parent, ~30 µs for bash
 FORK_WINDOW_NS = 2_000_000
+# exec_mmap's mmput of the old mm and exit_mm's come before the exec / exit row (sched_process_exec fires when
+# the new image is set up, sched_process_exit after exit_mm); 5.5 ms and 28 ms were seen under qemu TCG
+MMPUT_WINDOW_NS = 100_000_000
 # wp_page_copy flushes the old PTE µs after the fault row (exceptions:page_fault_user fires at fault entry); the
 # new page's allocation (and nothing else of the task) may come in between
 COW_WINDOW_NS = 50_000
@@ -454,7 +458,7 @@ def close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X, nx_set=
         return
     if local == 2:
         cause = O.C_BATCH_UNSEEN if in_ctx else O.C_OTHER
-        emit(out, S, ts, O.M_RFLUSH, cause, c, task, -1, -1, -1, 0, lflag | fflag, R, U0, n)
+        emit(out, S, ts, O.M_RFLUSH, cause, c, task, -1, -1, -1, 0, lflag | fflag | O.RF_MM_NULL, R, U0, n)
         return
     if local == 3 and in_ctx:
         T[task, T_IMM] = ts + 1  # the next unmap of this task was flushed right here (PMD / per-PTE)
@@ -509,6 +513,8 @@ def _emit_context_flush(ts, c, task, R, n, flags, pages, T, CPU, MM, PROC_MMA, o
         cause = _single_page_cause(ts, task, n, T, RS)
     if cause == O.C_OTHER and (flags & 2) and task >= 0:
         T[task, T_OTHER_J] = S[S_NOUT] + 1  # a fork row of this task may follow: dup_mmap's flush_tlb_mm
+    if cause == O.C_OTHER and task >= 0 and T[task, T_MMPUT_J] == 0:
+        T[task, T_MMPUT_J] = S[S_NOUT] + 1  # an exec or exit row of this task may follow: exit_mmap's flushes
     emit(out, S, ts, O.M_RFLUSH, cause, c, task, mm, -1, other_mm, 0, flags, R, credit, n)
 
 
@@ -527,7 +533,8 @@ def settle_lazy(S, CPU, T, PROC_MMA, MM, LAST_RUN, X, out):
 @numba.njit(cache=True, inline="always")
 def track_task(r, T, LAST_RUN, PROC_MMA):
     """Task tracking: the task's process, the CPUs its mm ran on, and the windows a row of the task ends
-    (a full flush waiting for its fork row; a write fault waiting for its COW break). Returns the mm or -1."""
+    (a full flush waiting for its fork row, flushes waiting for an exec or exit row; a write fault waiting for its
+    COW break). Returns the mm or -1."""
     ts = r["ts"]
     kind = r["kind"]
     task = r["task"]
@@ -540,6 +547,8 @@ def track_task(r, T, LAST_RUN, PROC_MMA):
     if pmm >= 0:
         LAST_RUN[pmm, r["cpu"]] = ts
     if task >= 0 and kind != O.R_TLB and kind != O.R_SD and kind != O.R_SCHED and kind != O.R_PROC:
+        if kind != O.R_PAGE and kind != O.R_MM:  # the mm teardown frees pages and moves rss counters (rss_stat)
+            T[task, T_MMPUT_J] = 0
         if kind != O.R_PAGE:  # copy_process may allocate pages; anything else: the flush was not the fork's
             T[task, T_OTHER_J] = 0
             if kind != O.R_FAULT:  # wp_page_copy allocates the new page; anything else ends the COW window
@@ -973,12 +982,49 @@ def reclaim_row(r, T, pool, nxt, S, out, RS, X):
         emit(out, S, ts, O.M_HOOK, O.H_DIRTY_WB, r["cpu"], task, -1, -1, r["a"], 0, 0, U0, U0, 0)
 
 
+@numba.njit(cache=True)
+def exit_mmap_flushes(task, ts, T, S, out):
+    """The task's flushes left without a cause since its last other row, just before its exec or exit row: the
+    old mm's teardown (exec_mmap / exit_mm → mmput → exit_mmap: unmap_vmas, tlb_finish_mmu) and exec's
+    setup_arg_pages (relocate_vma_down: move_page_tables). A zap of a whole mm: ``zap``. A flush with no mm
+    (reason 2: a batched unmap's) is not one of them."""
+    for j in range(T[task, T_MMPUT_J] - 1, S[S_NOUT]):
+        f = out[j]
+        if f["op"] == O.M_RFLUSH and f["sub"] == O.C_OTHER and f["task"] == task and (f["flags"] & O.RF_MM_NULL) == 0:
+            if ts - f["ts"] <= MMPUT_WINDOW_NS:
+                f["sub"] = O.C_ZAP
+    T[task, T_MMPUT_J] = 0
+
+
+@numba.njit(cache=True)
+def untraced_senders(out, n, T, traced):
+    """Recorded flushes left ``other`` whose sender's faults and syscalls the trace cannot show (a kernel thread,
+    or, in a trace of a target, a process outside it; ``traced[proc]`` = 1 where the recorder followed them):
+    ``untraced``. They flush one mm (a local ``tlb_flush`` reason 3, or none: not reason 2, the no-mm flush of a
+    batched unmap) from outside reclaim and migration, whose rows are host-wide: a COW break, munmap, mprotect,
+    khugepaged's collapse... which no model changes. Flushes of traced tasks stay ``other``."""
+    for i in range(n):
+        r = out[i]
+        if r["op"] != O.M_RFLUSH or r["sub"] != O.C_OTHER or (r["flags"] & O.RF_MM_NULL) != 0:
+            continue
+        task = r["task"]
+        if task < 0 or task >= T.shape[0]:
+            continue
+        proc = T[task, T_PROC]
+        outside = proc >= 0 and proc < traced.shape[0] and traced[proc] == 0
+        if outside or T[task, T_KIND] == CS.K_KTHREAD:
+            r["sub"] = O.C_UNTRACED
+
+
 @numba.njit(cache=True, inline="always")
 def proc_row(r, pmm, T, S, out):
     """Hook generation and flush attribution for ``proc`` rows: an exit zaps every VMA (F7); a fork row names the
-    full flush just before it dup_mmap's (``fork``)."""
+    full flush just before it dup_mmap's (``fork``); an exec or exit row names the flushes just before it the old
+    mm's teardown (``zap``, exit_mmap_flushes)."""
     task = r["task"]
     sub = r["sub"]
+    if (sub == 1 or sub == 2) and task >= 0 and T[task, T_MMPUT_J] > 0:
+        exit_mmap_flushes(task, r["ts"], T, S, out)
     if sub == 2 and r["a"] != 0 and pmm >= 0:  # the process exits: exit_mmap zaps every VMA (F7)
         emit(out, S, r["ts"], O.M_HOOK, O.H_ZAP, r["cpu"], task, pmm, -1, -1, 0, 0, U0, U0, 0)
     elif sub == 0 and task >= 0 and T[task, T_OTHER_J] > 0:
@@ -1035,6 +1081,7 @@ def reconstruct(
     step of its kind, after task tracking and the end of its CPU's open recorded flush."""
     maps = (pr_lo, pr_hi, sn_ts, sn_lo, sn_hi, mp_start, mp_end, mp_off, mp_map, mp_flags)
     T[:, T_OTHER_J] = 0  # indices into ``out``, which starts empty for every segment
+    T[:, T_MMPUT_J] = 0
     S[S_STAMPED] = 0
     for i in range(raw.shape[0]):
         r = raw[i]

@@ -55,6 +55,13 @@ def target_tgids(trace: Trace) -> set[int] | None:
     return seeds
 
 
+def recorder_tgid(trace: Trace) -> int | None:
+    """The recorder's own process (meta.json ``recorder.tgid``; traces before it have none)."""
+    rec = trace.meta.get("recorder")
+    tgid = rec.get("tgid") if isinstance(rec, dict) else None
+    return int(tgid) if isinstance(tgid, int) and tgid > 0 else None
+
+
 def in_scope_procs(procs: IdMap, tgids: set[int]) -> np.ndarray:
     """Per dense process id: 1 when the process is a target."""
     out = np.zeros(len(procs) + 1, np.uint8)
