@@ -725,6 +725,8 @@ class Recorder:
                 "host": procfs.host_facts(),
                 "clock": procfs.clock_anchor(),
                 "command_line": list(sys.argv),
+                # its threads' context switches are in the sched table: what trace/perturb.py counts
+                "recorder_tgid": build.self_tgid,
                 "target": {
                     "mode": mode,
                     "command": argv if mode == "command" else None,

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lufreplay import schema
+from lufreplay.trace.perturb import recorder_induced, recorder_induced_line
 from lufreplay.trace.reader import Trace, TraceError, open_trace
 
 #: Loss fraction above which ``info`` shouts (perf warns at the same level).
@@ -336,6 +337,7 @@ def summarize(trace: Trace) -> dict[str, Any]:
     return {
         "recording": recording(trace),
         "recorder": recorder_usage(trace.meta),
+        "recorder_induced": recorder_induced(trace),
         "meta": trace.meta,
         "counts": c,
         "losses": losses(trace, events),
@@ -466,6 +468,8 @@ def _print_human(doc: dict[str, Any], path: Path) -> None:
 
     if doc.get("recorder"):
         con.print(escape(_recorder_line(doc["recorder"])))
+    if doc.get("recorder_induced"):
+        con.print(escape(recorder_induced_line(doc["recorder_induced"])))
 
     counts_ = doc["counts"]
     t = Table(title="events per table")
