@@ -125,7 +125,16 @@ def test_info_json_reconciliation_math(tmp_path: Path) -> None:
     r = run_info(str(p), "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert set(doc) == {"recording", "recorder", "meta", "counts", "losses", "reconciliation", "warnings"}
+    assert set(doc) == {
+        "recording",
+        "recorder",
+        "recorder_induced",
+        "meta",
+        "counts",
+        "losses",
+        "reconciliation",
+        "warnings",
+    }
     assert doc["meta"]["run_id"] == "synthetic"
     assert doc["recorder"] is None  # a synthetic trace says nothing about a recorder
 

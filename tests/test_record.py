@@ -225,6 +225,34 @@ def test_recorder_wakes_rarely_and_says_what_it_cost_per_cpu(stream_trace) -> No
 
 
 @pytest.mark.bpf
+def test_recorder_names_itself_and_its_induced_shootdowns_are_counted(stream_trace) -> None:
+    """meta.recorder_tgid is the recorder's process: its context switches are the sched rows of that tgid (one
+    per time slice the probes counted, plus at most each CPU's first switch of the window, which starts no
+    slice), and info counts the shootdowns that reached a CPU while it ran. RSS: the compiler's code pages
+    were released before the window, whose own peak is measured apart from the compile's."""
+    out, _, _ = stream_trace
+    t = open_trace(out)
+    m = t.meta
+    tgid = m["recorder_tgid"]
+    assert isinstance(tgid, int) and tgid > 0 and tgid not in m["target"]["pids"]
+    sched = t.table("sched", ["tgid", "cpu"])
+    mine = sched.filter(pc.equal(sched.column("tgid"), tgid))
+    rec = m["recorder"]
+    slices = sum(rec["slices_per_cpu"])
+    assert m["losses"]["total"] == 0
+    assert slices <= mine.num_rows <= slices + len(rec["slices_per_cpu"]), (mine.num_rows, slices)
+    r = subprocess.run(
+        [sys.executable, "-m", "lufreplay", "info", str(out), "--json"], capture_output=True, text=True, timeout=HANG_S
+    )
+    assert r.returncode == 0, r.stderr
+    induced = json.loads(r.stdout)["recorder_induced"]
+    assert induced["tgid"] == tgid and induced["of_recorded"] == t.table("shootdown").num_rows
+    assert sum(induced["per_cpu"]) == induced["total"] <= induced["of_recorded"]
+    assert rec["compiler_pages_released_kb"] > 0
+    assert 0 < rec["window_start_rss_kb"] <= rec["window_max_rss_kb"] <= rec["max_rss_kb"]
+
+
+@pytest.mark.bpf
 def test_stream_recording_reclaim_unmap_and_page_linking(stream_trace) -> None:
     out, _, _ = stream_trace
     t = open_trace(out)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -113,6 +114,15 @@ def _dictionary_columns(sch: pa.Schema) -> list[str]:
     ]
 
 
+def _is_sorted(table: pa.Table, column: str) -> bool:
+    """``column`` is non-decreasing (the recorder decodes in time order: sorting again would copy every column)."""
+    a = table.column(column)
+    if a.null_count:
+        return False
+    v = a.to_numpy()
+    return bool(np.all(v[1:] >= v[:-1]))
+
+
 class TraceWriter:
     """Accumulates Arrow tables per trace table and writes one sorted segment per table on ``rotate``."""
 
@@ -189,7 +199,7 @@ class TraceWriter:
         for name, parts in pending.items():
             t = schema.TABLES[name]
             table = pa.concat_tables(parts) if parts else schema.empty_table(name)
-            if table.num_rows > 1:
+            if table.num_rows > 1 and not _is_sorted(table, t.sort_by):
                 table = table.sort_by(t.sort_by)
             table = table.replace_schema_metadata({**(table.schema.metadata or {}), schema.META_KEY: meta_bytes})
             f = self.path / name / schema.segment_name(self.segment)
