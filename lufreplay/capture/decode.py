@@ -382,22 +382,27 @@ _DECODERS: dict[str, Callable[[np.ndarray, DecodeContext], pa.Table]] = {
 }
 
 
-def decode(recs: np.ndarray, ctx: DecodeContext) -> dict[str, pa.Table]:
-    """Split records by kind and decode each group into its table (tables with no rows are left out)."""
+def decode(recs: np.ndarray, ctx: DecodeContext, rows: np.ndarray | None = None) -> dict[str, pa.Table]:
+    """Split records by kind and decode each group into its table (tables with no rows are left out).
+    ``rows``: decode only these rows of ``recs`` (ascending), without copying them out first."""
     out: dict[str, pa.Table] = {}
-    if len(recs) == 0:
+    n = len(recs) if rows is None else len(rows)
+    if n == 0:
         return out
     table_of = np.zeros(max(KIND_TABLE) + 1, dtype=np.int16) - 1
     names = list(_DECODERS)
     for kid, t in KIND_TABLE.items():
         table_of[kid] = names.index(t)
-    kinds = recs["kind"]
+    kinds = recs["kind"] if rows is None else recs["kind"][rows]
+    ts = recs["ts"] if rows is None else recs["ts"][rows]
     valid = kinds < len(table_of)
     tid = np.where(valid, table_of[np.where(valid, kinds, 0)], -1)
     # Grouped by table and in time order within each (ties keep ring order): the writer then has nothing
     # left to sort, and each group is gathered in one copy.
-    order = np.lexsort((recs["ts"], tid))
+    order = np.lexsort((ts, tid))
     sorted_tid = tid[order]
+    if rows is not None:
+        order = rows[order]
     bounds = np.searchsorted(sorted_tid, np.arange(-1, len(names) + 1))
     for i, name in enumerate(names):
         lo, hi = bounds[i + 1], bounds[i + 2]
@@ -409,6 +414,7 @@ def decode(recs: np.ndarray, ctx: DecodeContext) -> dict[str, pa.Table]:
 
 
 def unknown_kinds(recs: np.ndarray) -> int:
-    """Records whose kind no decoder knows (a program/decoder mismatch; counted, never expected)."""
-    kinds = recs["kind"]
+    """Records (or their ``kind`` column) whose kind no decoder knows (a program/decoder mismatch; counted,
+    never expected)."""
+    kinds = recs["kind"] if recs.dtype.names else recs
     return int((~np.isin(kinds, list(KIND_TABLE))).sum())

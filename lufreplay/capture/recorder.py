@@ -411,26 +411,27 @@ class SegmentWriter(threading.Thread):
     def finish(self) -> None:
         self.q.put(("finish",))
 
-    def _emit(self, recs: np.ndarray) -> None:
+    def _emit(self, recs: np.ndarray, rows: np.ndarray | None = None) -> None:
         t = time.thread_time_ns()
-        self.unknown += decode.unknown_kinds(recs)
-        for name, table in decode.decode(recs, self.ctx).items():
+        self.unknown += decode.unknown_kinds(recs if rows is None else recs["kind"][rows])
+        for name, table in decode.decode(recs, self.ctx, rows).items():
             self.writer.add(name, table)
-        self.events += len(recs)
+        self.events += len(recs) if rows is None else len(rows)
         self.decode_ns += time.thread_time_ns() - t
 
     def _cut(self, cut_ns: int | None) -> None:
+        # One copy of the segment's records at a time: the parts go once joined, the segment's rows are
+        # decoded where they are (a segment of 0.4 M records is 25 MB, and freed memory is kept).
         allr = decode.concat(self.pending) if self.pending else None
+        self.pending = []
         if allr is None or len(allr) == 0:
-            self.pending = []
             return
         if cut_ns is None:
             self._emit(allr)
-            self.pending = []
             return
         mask = allr["ts"] < np.uint64(cut_ns)
-        self._emit(decode.select(allr, mask))
         rest = decode.select(allr, ~mask)
+        self._emit(allr, np.flatnonzero(mask))
         self.pending = [rest] if len(rest) else []
 
     def run(self) -> None:
