@@ -320,6 +320,9 @@ def test_recorder_usage_per_cpu_and_rates() -> None:
     assert u["shootdowns_sent"] == 5 and u["max_rss_mb"] == 200 and u["stage_cpu_s"] == {"decode": 0.1}
     line = _recorder_line(u)
     assert "CPU0 0.20 s (5.0%)" in line and "CPU1 0.60 s (15.0%)" in line and "16 polls (4.0/s)" in line
+    assert line.endswith("peak RSS 200 MB")  # no window figure in this meta: nothing invented
+    meta["recorder"]["window_max_rss_kb"] = 153600
+    assert _recorder_line(recorder_usage(meta)).endswith("peak RSS 200 MB (150 MB while recording)")
     # Older traces carry only the totals; a trace without a recorder section has none.
     old = recorder_usage({"recorder": {"cpu_ns": 7_700_000_000, "max_rss_kb": 1024}})
     assert old is not None and old["cpu_s_per_cpu"] is None and old["polls_per_s"] is None

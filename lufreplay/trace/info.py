@@ -358,6 +358,7 @@ def recorder_usage(meta: dict[str, Any]) -> dict[str, Any] | None:
     out: dict[str, Any] = {
         "cpu_s": rec["cpu_ns"] / 1e9,
         "max_rss_mb": rec["max_rss_kb"] / 1024 if rec.get("max_rss_kb") else None,
+        "window_max_rss_mb": rec["window_max_rss_kb"] / 1024 if rec.get("window_max_rss_kb") else None,
         "window_s": window_s,
         "cpu_s_per_cpu": [ns / 1e9 for ns in per_cpu] if per_cpu is not None else None,
         "cpu_share_per_cpu": [ns / 1e9 / window_s for ns in per_cpu] if per_cpu is not None and window_s else None,
@@ -392,7 +393,8 @@ def _recorder_line(r: dict[str, Any]) -> str:
     if r["shootdowns_sent"] is not None:
         parts.append(f"{r['shootdowns_sent']:,} shootdowns sent itself")
     if r["max_rss_mb"]:
-        parts.append(f"peak RSS {r['max_rss_mb']:,.0f} MB")
+        win = r.get("window_max_rss_mb")
+        parts.append(f"peak RSS {r['max_rss_mb']:,.0f} MB" + (f" ({win:,.0f} MB while recording)" if win else ""))
     return "recorder: " + "; ".join(parts)
 
 
