@@ -793,3 +793,20 @@ def test_decode_puts_each_table_in_time_order_and_decodes_a_subset_in_place() ->
     assert part["tlb_flush"].column("pages").to_pylist() == [8, 7]
     assert decode.unknown_kinds(r) == 0 and decode.unknown_kinds(r["kind"][rows]) == 0
     assert decode.concat([a, b]).tolist() == np.concatenate([a, b]).tolist()
+
+
+def test_rehearsal_decodes_every_kind_and_writes_nothing(tmp_path: Path) -> None:
+    """Before its window the recorder decodes one record of every kind and encodes the tables in memory: every
+    kernel table is exercised, the trace directory is left as it was, and no real context is touched."""
+    from lufreplay.trace.writer import TraceWriter, prepare_output
+
+    tables = decode.rehearsal(CAL)
+    assert set(tables) == set(decode.KIND_TABLE.values())
+    assert all(t.num_rows >= 1 for t in tables.values())
+    out = tmp_path / "T"
+    prepare_output(out, force=False)
+    w = TraceWriter(out, {"run_id": "r"})
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    w.rehearse(tables)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert w.segment == 0 and w.bytes_written == 0 and all(v == 0 for v in w.rows.values())

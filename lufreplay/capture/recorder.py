@@ -832,6 +832,7 @@ class Recorder:
             self.usage_pids = target_pids if mode != "system" else []
             self.writer = TraceWriter(o.output, meta)
             consumer = RingConsumer(prog.ring_fd(), build.rb_bytes)
+            self.writer.rehearse(decode.rehearsal(cal))
             self.compiler_released = keep_freed_memory()
             # at the window's start; highest while recording (VmHWM from here, else the polls' samples)
             self.window_rss_kb = [rss_kb(), 0]
