@@ -154,7 +154,7 @@ def release_compiler_pages(smaps: str = "/proc/self/smaps") -> int:
     page); returns the bytes of RSS released. The pages stay in the page cache: a later call into the compiler
     faults them back in. Only executable, never-written mappings: a read-only one may hold relocated (COW)
     data, which MADV_DONTNEED would throw away."""
-    maps: list[tuple[int, int, int, int]] = []  # start, end, rss kB, anonymous kB
+    maps: list[list[int]] = []  # [start, end, rss kB, anonymous kB]
     cur: list[int] | None = None
     with open(smaps) as f:
         for line in f:
@@ -166,7 +166,7 @@ def release_compiler_pages(smaps: str = "/proc/self/smaps") -> int:
                 if want:
                     lo, hi = (int(x, 16) for x in head[0].split("-"))
                     cur = [lo, hi, 0, 0]
-                    maps.append(cur)  # type: ignore[arg-type]
+                    maps.append(cur)
             elif cur is not None and head[0] in ("Rss:", "Anonymous:"):
                 cur[2 if head[0] == "Rss:" else 3] = int(head[1])
     released = 0
@@ -850,7 +850,7 @@ class Recorder:
             self.seg = SegmentWriter(self.writer, ctx, start_ns, int(o.segment_seconds * 1e9), build.rb_bytes)
             self.seg.start()
             self.seg.put_table("counters", start_counters)
-            self.seg.put_table("counters", recorder_counter_rows(0, start_ns, _recorder_usage()))
+            self.seg.put_table("counters", recorder_counter_rows(0, start_ns, self._usage()))
             self._sample_usage(0, start_ns)
             for pid in target_pids:
                 self._snapshot_maps(pid)
@@ -865,8 +865,7 @@ class Recorder:
             # between the two reads of each file); counted but unrecorded events would be lost for good.
             end_ns = _monotonic_ns()
             end_counters = procfs.counter_rows(1, end_ns, with_vmstat=prog.totals)
-            extra = _recorder_usage()
-            extra["recorder_max_rss_kb"] = max(extra["recorder_max_rss_kb"], self.startup_peak_kb)
+            extra = self._usage()
             prog.set_state(2)
             misses1 = prog.recursion_misses()
             rescued1 = prog.rescued()
@@ -902,7 +901,7 @@ class Recorder:
             for r in self.loss_rows:
                 by_probe[r[3]] = by_probe.get(r[3], 0) + r[5]
             total_lost = sum(by_probe.values())
-            usage = _recorder_usage()
+            usage = self._usage()
             peak = rss_kb("VmHWM") if self.hwm_reset else max(self.window_rss_kb[1], rss_kb())
             final = {
                 "window": {"start_ns": start_ns, "end_ns": end_ns},
@@ -918,8 +917,7 @@ class Recorder:
                 "unknown_records": self.seg.unknown,
                 "recorder": {
                     "cpu_ns": usage["recorder_cpu_ns"],
-                    # ru_maxrss follows VmHWM, which the window's start reset
-                    "max_rss_kb": max(usage["recorder_max_rss_kb"], self.startup_peak_kb),
+                    "max_rss_kb": usage["recorder_max_rss_kb"],
                     "window_start_rss_kb": self.window_rss_kb[0],
                     "window_max_rss_kb": max(self.window_rss_kb[0], peak),
                     "compiler_pages_released_kb": self.compiler_released >> 10,
@@ -962,6 +960,13 @@ class Recorder:
                     self.prog.close()
                 except Exception:
                     pass
+
+    def _usage(self) -> dict[str, int]:
+        """The recorder's CPU time and whole-run peak RSS (ru_maxrss follows VmHWM, which the window's start
+        restarted: the compile's peak is kept apart)."""
+        u = _recorder_usage()
+        u["recorder_max_rss_kb"] = max(u["recorder_max_rss_kb"], self.startup_peak_kb)
+        return u
 
     def _stop_workload(self, grace_s: float = 2.0) -> None:
         """Stop a command that still runs (SIGTERM, then SIGKILL) and, when the recorder stopped it, every
