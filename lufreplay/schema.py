@@ -762,13 +762,21 @@ def markdown() -> str:
         " `thp:remove_migration_pmd`).",
         "",
         "`meta.json` `recorder` names the recorder's process (`tgid`: the probes never trace its faults and"
-        " syscalls) and says what recording cost: `cpu_ns` and `max_rss_kb` (getrusage, whole run),"
+        " syscalls) and says what recording cost: `cpu_ns` and `max_rss_kb` (getrusage, whole run,"
+        " the probes' compile included), `window_start_rss_kb` and `window_max_rss_kb` (resident set when the"
+        " window opened, ring buffer mapping included, and its peak from then on: VmHWM restarted at the window's"
+        " start), `compiler_pages_released_kb` (the compiler's code pages dropped before the window),"
         " `startup_s` (start to probes attached), and, measured by the probes inside the window, per CPU the"
         " recorder's own run time (`cpu_ns_per_cpu`), its time slices (`slices_per_cpu`) and the remote"
         " shootdowns it sent itself (`shootdowns_sent_per_cpu`); the consumer's drains (`polls`) and early"
         " wake-ups by the ring's watermark (`watermark_wakeups`); CPU per stage (`stage_cpu_ns`: drain,"
         " decode, encode) and, when `kernel.bpf_stats_enabled` was 1, each program's `run_cnt` and"
         " `run_time_ns` (`bpf_run`). `lufreplay info` prints them.",
+        "",
+        "`meta.json` `recorder.tgid` is the recorder's own process id: its threads' context switches are in the"
+        " `sched` table like any other task's, so `info` and `simulate` count the remote shootdowns that reached a"
+        " CPU while it ran one of them (`recorder_induced`: an upper estimate of what recording added, never"
+        " subtracted). Traces without it get no such count.",
         "",
         "`meta.json` `shootdown_cost` (written by `record --calibrate`; absent otherwise) is what one remote TLB"
         " shootdown cost on the recording host (`lufreplay calibrate`): `sender_ns` (the sender's wait, per flush)"

@@ -125,7 +125,16 @@ def test_info_json_reconciliation_math(tmp_path: Path) -> None:
     r = run_info(str(p), "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert set(doc) == {"recording", "recorder", "meta", "counts", "losses", "reconciliation", "warnings"}
+    assert set(doc) == {
+        "recording",
+        "recorder",
+        "recorder_induced",
+        "meta",
+        "counts",
+        "losses",
+        "reconciliation",
+        "warnings",
+    }
     assert doc["meta"]["run_id"] == "synthetic"
     assert doc["recorder"] is None  # a synthetic trace says nothing about a recorder
 
@@ -311,8 +320,70 @@ def test_recorder_usage_per_cpu_and_rates() -> None:
     assert u["shootdowns_sent"] == 5 and u["max_rss_mb"] == 200 and u["stage_cpu_s"] == {"decode": 0.1}
     line = _recorder_line(u)
     assert "CPU0 0.20 s (5.0%)" in line and "CPU1 0.60 s (15.0%)" in line and "16 polls (4.0/s)" in line
+    assert line.endswith("peak RSS 200 MB")  # no window figure in this meta: nothing invented
+    meta["recorder"]["window_max_rss_kb"] = 153600
+    assert _recorder_line(recorder_usage(meta)).endswith("peak RSS 200 MB (150 MB while recording)")
     # Older traces carry only the totals; a trace without a recorder section has none.
     old = recorder_usage({"recorder": {"cpu_ns": 7_700_000_000, "max_rss_kb": 1024}})
     assert old is not None and old["cpu_s_per_cpu"] is None and old["polls_per_s"] is None
     assert _recorder_line(old) == "recorder: 7.70 CPU-s in all; peak RSS 1 MB"
     assert recorder_usage({}) is None
+
+
+def _sched(rows: list[tuple[int, int, int]]) -> pa.Table:
+    """(ts, cpu, tgid of the task switched out) → sched rows."""
+    n = len(rows)
+    return schema.from_columns(
+        "sched",
+        {
+            "ts_ns": [r[0] for r in rows],
+            "cpu": [r[1] for r in rows],
+            "pid": [r[2] for r in rows],
+            "tgid": [r[2] for r in rows],
+            "next_pid": [0] * n,
+            "prev_state": [0] * n,
+            "prev_kthread": [False] * n,
+            "prev_comm": ["x"] * n,
+        },
+    )
+
+
+def test_recorder_induced_counts_shootdowns_that_reached_the_recorder(tmp_path: Path) -> None:
+    """A shootdown is recorder-induced when its target CPU was running one of the recorder's threads: the task
+    switched out by that CPU's next context switch. Shootdowns after a CPU's last switch are unknown."""
+    rec, wl, t0 = 4242, 42, START_NS
+    path = tmp_path / "t"
+    prepare_output(path, force=False)
+    w = TraceWriter(path, {"run_id": "synthetic", "host": {"nr_cpus": 2, "hostname": "h"}, "recorder": {"tgid": rec}})
+    # CPU1 runs the recorder until t0+100, the workload until t0+200, the recorder until t0+300; CPU0 the
+    # workload until t0+1000. Two segments: the lookup crosses them.
+    w.add("sched", _sched([(t0 + 100, 1, rec), (t0 + 1000, 0, wl)]))
+    w.add("shootdown", _shootdowns([1, 1, 0], t0 + 50))  # t0+50, +51 → recorder; CPU0 at +52 → workload
+    w.rotate()
+    w.add("sched", _sched([(t0 + 200, 1, wl), (t0 + 300, 1, rec)]))
+    # +199 and +200 (the switch's own instant) workload, +250 recorder; CPU0 at +2000 is after its last switch
+    ts = [t0 + 199, t0 + 200, t0 + 250, t0 + 2000]
+    task = {"ts_ns": ts, "cpu": [0] * 4, "pid": [wl] * 4, "tgid": [wl] * 4}
+    w.add("shootdown", schema.from_columns("shootdown", {**task, "target_cpu": [1, 1, 1, 0], "callsite": ["f"] * 4}))
+    w.close()
+    r = run_info(str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)["recorder_induced"]
+    assert got["tgid"] == rec and got["per_cpu"] == [0, 3] and got["total"] == 3
+    assert got["of_recorded"] == 7 and got["unknown"] == 1 and got["pct"] == pytest.approx(100 * 3 / 7, abs=1e-3)
+    human = " ".join(run_info(str(path)).stdout.split())
+    assert "recorder-induced (estimate): 3 of 7 remote shootdowns (42.86 %)" in human and "CPU1 3" in human
+
+
+def test_recorder_induced_needs_the_recorder_named() -> None:
+    """Traces from before ``recorder.tgid`` say nothing (no guess from comms), so their results are unchanged."""
+    from lufreplay.trace.perturb import recorder_tgid
+
+    assert recorder_tgid({}) is None and recorder_tgid({"recorder": {"tgid": True}}) is None
+    assert recorder_tgid({"recorder": {"tgid": 0}}) is None and recorder_tgid({"recorder": {"tgid": 17}}) == 17
+    assert recorder_tgid({"recorder": "x"}) is None
+
+
+def test_info_without_recorder_tgid_has_no_estimate(tmp_path: Path) -> None:
+    doc = json.loads(run_info(str(make_trace(tmp_path / "t")), "--json").stdout)
+    assert doc["recorder_induced"] is None

@@ -227,6 +227,34 @@ def test_recorder_wakes_rarely_and_says_what_it_cost_per_cpu(stream_trace) -> No
 
 
 @pytest.mark.bpf
+def test_recorder_names_itself_and_its_induced_shootdowns_are_counted(stream_trace) -> None:
+    """meta.recorder.tgid is the recorder's process: its context switches are the sched rows of that tgid (one
+    per time slice the probes counted, plus at most each CPU's first switch of the window, which starts no
+    slice), and info counts the shootdowns that reached a CPU while it ran. RSS: the compiler's code pages
+    were released before the window, whose own peak is measured apart from the compile's."""
+    out, _, _ = stream_trace
+    t = open_trace(out)
+    m = t.meta
+    tgid = m["recorder"]["tgid"]
+    assert isinstance(tgid, int) and tgid > 0 and tgid not in m["target"]["pids"]
+    sched = t.table("sched", ["tgid", "cpu"])
+    mine = sched.filter(pc.equal(sched.column("tgid"), tgid))
+    rec = m["recorder"]
+    slices = sum(rec["slices_per_cpu"])
+    assert m["losses"]["total"] == 0
+    assert slices <= mine.num_rows <= slices + len(rec["slices_per_cpu"]), (mine.num_rows, slices)
+    r = subprocess.run(
+        [sys.executable, "-m", "lufreplay", "info", str(out), "--json"], capture_output=True, text=True, timeout=HANG_S
+    )
+    assert r.returncode == 0, r.stderr
+    induced = json.loads(r.stdout)["recorder_induced"]
+    assert induced["tgid"] == tgid and induced["of_recorded"] == t.table("shootdown").num_rows
+    assert sum(induced["per_cpu"]) == induced["total"] <= induced["of_recorded"]
+    assert rec["compiler_pages_released_kb"] > 0
+    assert 0 < rec["window_start_rss_kb"] <= rec["window_max_rss_kb"] <= rec["max_rss_kb"]
+
+
+@pytest.mark.bpf
 def test_stream_recording_reclaim_unmap_and_page_linking(stream_trace) -> None:
     out, _, _ = stream_trace
     t = open_trace(out)
@@ -739,3 +767,48 @@ def test_decode_splits_kinds_into_tables_and_resolves_symbols() -> None:
     assert sorted(seen) == [0, 0x1000, 0x2000]  # each address resolved once (the ipi callback is 0)
     assert out["sched"].column("prev_comm").to_pylist() == ["kswapd0", "python3"]
     assert out["ipi"].column("nr_targets").to_pylist() == [3]
+
+
+def test_decode_puts_each_table_in_time_order_and_decodes_a_subset_in_place() -> None:
+    """Records come off the ring in reservation order, which per-CPU races make slightly out of time order:
+    each decoded table is in time order (ties keep ring order), so the writer has nothing to sort; and
+    ``rows`` decodes exactly what copying those rows out first would."""
+    a, b = _recs(4, "csd_queue_cpu"), _recs(3, "tlb_flush")
+    a["ts"], a["a"] = [50, 10, 30, 10], [0, 1, 2, 3]
+    b["ts"], b["b"] = [20, 5, 40], [7, 8, 9]
+    r = np.concatenate([a, b])
+    rng = np.random.default_rng(1)
+    r = r[rng.permutation(len(r))]
+    whole = decode.decode(r, decode.DecodeContext())
+    sd = whole["shootdown"]
+    assert sd.column("ts_ns").to_pylist() == [10, 10, 30, 50]
+    # the two ts=10 rows keep their order in the ring
+    ring_order = [int(x) for x in r["a"][(r["kind"] == schema.RAW_KIND["csd_queue_cpu"]) & (r["ts"] == 10)]]
+    assert sd.column("target_cpu").to_pylist()[:2] == ring_order
+    assert whole["tlb_flush"].column("ts_ns").to_pylist() == [5, 20, 40]
+    rows = np.flatnonzero(r["ts"] < 35)
+    part = decode.decode(r, decode.DecodeContext(), rows)
+    copied = decode.decode(decode.take(r, rows), decode.DecodeContext())
+    assert set(part) == set(copied) == {"shootdown", "tlb_flush"}
+    for name in part:
+        assert part[name].equals(copied[name]), name
+    assert part["tlb_flush"].column("pages").to_pylist() == [8, 7]
+    assert decode.unknown_kinds(r) == 0 and decode.unknown_kinds(r["kind"][rows]) == 0
+    assert decode.concat([a, b]).tolist() == np.concatenate([a, b]).tolist()
+
+
+def test_rehearsal_decodes_every_kind_and_writes_nothing(tmp_path: Path) -> None:
+    """Before its window the recorder decodes one record of every kind and encodes the tables in memory: every
+    kernel table is exercised, the trace directory is left as it was, and no real context is touched."""
+    from lufreplay.trace.writer import TraceWriter, prepare_output
+
+    tables = decode.rehearsal(CAL)
+    assert set(tables) == set(decode.KIND_TABLE.values())
+    assert all(t.num_rows >= 1 for t in tables.values())
+    out = tmp_path / "T"
+    prepare_output(out, force=False)
+    w = TraceWriter(out, {"run_id": "r"})
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    w.rehearse(tables)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert w.segment == 0 and w.bytes_written == 0 and all(v == 0 for v in w.rows.values())

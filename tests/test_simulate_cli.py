@@ -221,3 +221,32 @@ def test_default_trace() -> None:
     else:
         assert r.exit_code == 2
         assert r.stderr == f"lufreplay: error: {cli.DEFAULT_TRACE}: no such trace\n"
+
+
+def test_recorder_induced_estimate_is_shown_and_changes_no_result(tmp_path: Path) -> None:
+    """With ``meta.recorder.tgid``, the recorded vanilla carries the shootdowns that reached a CPU while it ran
+    the recorder (an estimate, printed); every other figure is the same as without it."""
+
+    def trace(name: str, meta: dict[str, int] | None) -> Path:
+        s = Scenario()
+        ro_setup(s, folios=(1000, 1001))
+        s.alloc(T_ALLOC, 1, *B, 1000)
+        s.sched(T_ALLOC + 10_000, 1, 777, 777, 0)  # CPU1 ran the recorder (tgid 777) until this switch
+        return s.write(tmp_path / name, meta)
+
+    docs = []
+    for name, meta in (("plain", None), ("named", {"recorder": {"tgid": 777}})):
+        r = runner.invoke(app, ["simulate", str(trace(name, meta)), "--json"])
+        assert r.exit_code == 0, r.output
+        docs.append(json.loads(r.stdout))
+    plain, named = docs
+    induced = named["vanilla"].pop("recorder_induced")
+    assert induced["total"] == 1 and induced["of_recorded"] == named["vanilla"]["remote_shootdowns"] == 1
+    assert induced["per_cpu"] == [0, 1] and induced["tgid"] == 777
+    assert "recorder_induced" not in plain["vanilla"]
+    for doc in docs:
+        for k in ("trace", "replay", "elapsed_s"):
+            doc.pop(k, None)
+    assert named == plain
+    r = runner.invoke(app, ["simulate", str(tmp_path / "named")])
+    assert "recorder-induced (estimate): 1 of 1 remote shootdowns" in " ".join(r.stdout.split())

@@ -142,21 +142,86 @@ class KthreadCache:
 #: glibc mallopt parameters (malloc.h) and the largest mmap threshold glibc accepts on 64-bit.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 _MMAP_THRESHOLD_MAX = 32 << 20
+_MADV_DONTNEED = 4
+#: The compiler bcc embeds: its code is paged in by the compile and not run again while recording.
+COMPILER_LIBS = ("libLLVM", "libclang")
 
 
-def keep_freed_memory() -> None:
-    """Make the recorder keep the memory it frees instead of unmapping it.
+def release_compiler_pages(smaps: str = "/proc/self/smaps") -> int:
+    """Drop this process's pages of the compiler's code (r-xp mappings of COMPILER_LIBS holding no anonymous
+    page); returns the bytes of RSS released. The pages stay in the page cache: a later call into the compiler
+    faults them back in. Only executable, never-written mappings: a read-only one may hold relocated (COW)
+    data, which MADV_DONTNEED would throw away."""
+    maps: list[list[int]] = []  # [start, end, rss kB, anonymous kB]
+    cur: list[int] | None = None
+    with open(smaps) as f:
+        for line in f:
+            head = line.split(None, 5)
+            if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+                path = head[5].strip() if len(head) > 5 else ""
+                want = head[1] == "r-xp" and any(lib in path for lib in COMPILER_LIBS)
+                cur = None
+                if want:
+                    lo, hi = (int(x, 16) for x in head[0].split("-"))
+                    cur = [lo, hi, 0, 0]
+                    maps.append(cur)
+            elif cur is not None and head[0] in ("Rss:", "Anonymous:"):
+                cur[2 if head[0] == "Rss:" else 3] = int(head[1])
+    released = 0
+    for lo, hi, rss, anon in maps:
+        if anon == 0 and rss and _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0:
+            released += rss << 10
+    return released
+
+
+def one_arena() -> None:
+    """One glibc malloc arena for every thread created from now on (each arena keeps its own high-water
+    mark once trims are off: the main thread drains, the writer thread frees). Called before anything
+    starts threads, and again by keep_freed_memory."""
+    _LIBC.mallopt(_M_ARENA_MAX, 1)
+
+
+def keep_freed_memory() -> int:
+    """Make the recorder keep the memory it frees instead of unmapping it; returns the compiler's code bytes
+    released first (release_compiler_pages).
 
     Returning memory (munmap, madvise DONTNEED, heap trims) flushes the TLB of every CPU where one of the
     recorder's threads is or was lately running: those remote shootdowns land in the very count being
-    recorded. glibc keeps blocks up to 32 MiB in its heaps and never trims them; Arrow allocates through
-    glibc too instead of its own pool (mimalloc/jemalloc purge freed pages on a timer).
+    recorded. So everything is returned now, before the window opens: what compiling the probes used
+    (hundreds of MB of LLVM heap and code). From then on glibc keeps blocks up to 32 MiB in its heaps and
+    never trims them, in one arena for all threads (an arena per thread would each keep their own high-water
+    mark); Arrow allocates through glibc too instead of its own pool (mimalloc/jemalloc purge freed pages
+    on a timer).
     """
-    _LIBC.malloc_trim(0)  # first give back what compiling the probes used (hundreds of MB of LLVM)
+    released = release_compiler_pages()
+    _LIBC.malloc_trim(0)
+    one_arena()
     _LIBC.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
     _LIBC.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
     pa.set_memory_pool(pa.system_memory_pool())
+    return released
+
+
+def rss_kb(field: str = "VmRSS") -> int:
+    """This process's resident set now (VmRSS) or its high-water mark (VmHWM) from /proc/self/status, kB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_rss_peak() -> bool:
+    """Restart VmHWM from the current RSS (clear_refs 5), so that it measures the recording alone, not the
+    compile before it. getrusage's ru_maxrss keeps the whole run's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _bpf_stats_enabled() -> bool:
@@ -346,26 +411,27 @@ class SegmentWriter(threading.Thread):
     def finish(self) -> None:
         self.q.put(("finish",))
 
-    def _emit(self, recs: np.ndarray) -> None:
+    def _emit(self, recs: np.ndarray, rows: np.ndarray | None = None) -> None:
         t = time.thread_time_ns()
-        self.unknown += decode.unknown_kinds(recs)
-        for name, table in decode.decode(recs, self.ctx).items():
+        self.unknown += decode.unknown_kinds(recs if rows is None else recs["kind"][rows])
+        for name, table in decode.decode(recs, self.ctx, rows).items():
             self.writer.add(name, table)
-        self.events += len(recs)
+        self.events += len(recs) if rows is None else len(rows)
         self.decode_ns += time.thread_time_ns() - t
 
     def _cut(self, cut_ns: int | None) -> None:
-        allr = np.concatenate(self.pending) if len(self.pending) > 1 else (self.pending[0] if self.pending else None)
+        # One copy of the segment's records at a time: the parts go once joined, the segment's rows are
+        # decoded where they are (a segment of 0.4 M records is 25 MB, and freed memory is kept).
+        allr = decode.concat(self.pending) if self.pending else None
+        self.pending = []
         if allr is None or len(allr) == 0:
-            self.pending = []
             return
         if cut_ns is None:
             self._emit(allr)
-            self.pending = []
             return
         mask = allr["ts"] < np.uint64(cut_ns)
-        self._emit(allr[mask])
-        rest = allr[~mask]
+        rest = decode.select(allr, ~mask)
+        self._emit(allr, np.flatnonzero(mask))
         self.pending = [rest] if len(rest) else []
 
     def run(self) -> None:
@@ -477,6 +543,10 @@ class Recorder:
         self.counter_events: list[str] = []
         self.usage_pids: list[int] = []
         self.next_usage_ns = 0
+        self.compiler_released = 0
+        self.window_rss_kb = [0, 0]
+        self.hwm_reset = False
+        self.startup_peak_kb = 0
 
     # ---- validation -------------------------------------------------------------------------------
 
@@ -537,6 +607,7 @@ class Recorder:
 
     def run(self) -> int:
         o = self.opts
+        one_arena()
         rb_bytes = parse_buffer_size(o.buffer_size)
         if o.dump_bpf:
             build = probes.BuildOptions(rb_bytes=rb_bytes, filter_tgid=not o.system_wide)
@@ -759,7 +830,12 @@ class Recorder:
             self.usage_pids = target_pids if mode != "system" else []
             self.writer = TraceWriter(o.output, meta)
             consumer = RingConsumer(prog.ring_fd(), build.rb_bytes)
-            keep_freed_memory()
+            self.writer.rehearse(decode.rehearsal(cal))
+            self.compiler_released = keep_freed_memory()
+            # at the window's start; highest while recording (VmHWM from here, else the polls' samples)
+            self.window_rss_kb = [rss_kb(), 0]
+            self.startup_peak_kb = rss_kb("VmHWM")  # the compile's peak, before the reset forgets it
+            self.hwm_reset = reset_rss_peak()
 
             # Open the window: probes on, then the start snapshot right away (the end reads, then stops).
             prog.set_state(1)
@@ -772,7 +848,7 @@ class Recorder:
             self.seg = SegmentWriter(self.writer, ctx, start_ns, int(o.segment_seconds * 1e9), build.rb_bytes)
             self.seg.start()
             self.seg.put_table("counters", start_counters)
-            self.seg.put_table("counters", recorder_counter_rows(0, start_ns, _recorder_usage()))
+            self.seg.put_table("counters", recorder_counter_rows(0, start_ns, self._usage()))
             self._sample_usage(0, start_ns)
             for pid in target_pids:
                 self._snapshot_maps(pid)
@@ -787,7 +863,7 @@ class Recorder:
             # between the two reads of each file); counted but unrecorded events would be lost for good.
             end_ns = _monotonic_ns()
             end_counters = procfs.counter_rows(1, end_ns, with_vmstat=prog.totals)
-            extra = _recorder_usage()
+            extra = self._usage()
             prog.set_state(2)
             misses1 = prog.recursion_misses()
             rescued1 = prog.rescued()
@@ -823,7 +899,8 @@ class Recorder:
             for r in self.loss_rows:
                 by_probe[r[3]] = by_probe.get(r[3], 0) + r[5]
             total_lost = sum(by_probe.values())
-            usage = _recorder_usage()
+            usage = self._usage()
+            peak = rss_kb("VmHWM") if self.hwm_reset else max(self.window_rss_kb[1], rss_kb())
             final = {
                 "window": {"start_ns": start_ns, "end_ns": end_ns},
                 "stop_reason": self.stop_reason or "unknown",
@@ -840,6 +917,9 @@ class Recorder:
                     "tgid": os.getpid(),  # LR_SELF_TGID: never traced, so replay calls its flushes `untraced`
                     "cpu_ns": usage["recorder_cpu_ns"],
                     "max_rss_kb": usage["recorder_max_rss_kb"],
+                    "window_start_rss_kb": self.window_rss_kb[0],
+                    "window_max_rss_kb": max(self.window_rss_kb[0], peak),
+                    "compiler_pages_released_kb": self.compiler_released >> 10,
                     "startup_s": round(self.startup_s, 3) if self.startup_s is not None else None,
                     "polls": self.polls,
                     "watermark_wakeups": self.watermark_wakeups,
@@ -879,6 +959,13 @@ class Recorder:
                     self.prog.close()
                 except Exception:
                     pass
+
+    def _usage(self) -> dict[str, int]:
+        """The recorder's CPU time and whole-run peak RSS (ru_maxrss follows VmHWM, which the window's start
+        restarted: the compile's peak is kept apart)."""
+        u = _recorder_usage()
+        u["recorder_max_rss_kb"] = max(u["recorder_max_rss_kb"], self.startup_peak_kb)
+        return u
 
     def _stop_workload(self, grace_s: float = 2.0) -> None:
         """Stop a command that still runs (SIGTERM, then SIGKILL) and, when the recorder stopped it, every
@@ -997,6 +1084,8 @@ class Recorder:
                 self.prog.drained()
                 self.drain_ns += time.thread_time_ns() - t
                 self.polls += 1
+                if not self.hwm_reset:
+                    self.window_rss_kb[1] = max(self.window_rss_kb[1], rss_kb())
                 now = time.monotonic()
                 rate = len(recs) / max(now - last_drain, 1e-3)
                 last_drain = now

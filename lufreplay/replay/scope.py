@@ -28,6 +28,7 @@ import numpy as np
 
 from lufreplay.model import ops as O
 from lufreplay.replay.rawops import IdMap
+from lufreplay.trace import perturb
 from lufreplay.trace.reader import Trace
 
 SCOPES = ("host", "target")
@@ -57,9 +58,7 @@ def target_tgids(trace: Trace) -> set[int] | None:
 
 def recorder_tgid(trace: Trace) -> int | None:
     """The recorder's own process (meta.json ``recorder.tgid``; traces before it have none)."""
-    rec = trace.meta.get("recorder")
-    tgid = rec.get("tgid") if isinstance(rec, dict) else None
-    return int(tgid) if isinstance(tgid, int) and tgid > 0 else None
+    return perturb.recorder_tgid(trace.meta)
 
 
 def in_scope_procs(procs: IdMap, tgids: set[int]) -> np.ndarray:

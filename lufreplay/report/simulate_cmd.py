@@ -32,6 +32,7 @@ from lufreplay.report.cost import CostError, cost_block, profile_for
 from lufreplay.report.progress import ReplayProgress
 from lufreplay.report.results import build, trace_kernel
 from lufreplay.report.usage import usage_block
+from lufreplay.trace.perturb import recorder_induced
 from lufreplay.trace.reader import TraceError, open_trace
 
 #: options ``simulate`` takes from the trace unless set (``auto_options``): what --list-options says of them
@@ -163,6 +164,9 @@ def simulate(
     usage = usage_block(trace, int(doc["vanilla"]["remote_shootdowns"]))
     if usage is not None:
         doc["usage"] = usage
+    induced = recorder_induced(trace)
+    if induced is not None:  # traces that do not name their recorder keep their results document unchanged
+        doc["vanilla"]["recorder_induced"] = induced
     return Simulation(doc, res)
 
 

@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from lufreplay.model import ops as O
+from lufreplay.trace.perturb import recorder_induced_line
 
 
 def _label(name: str) -> str:
@@ -77,6 +78,8 @@ def render(doc: dict[str, Any], console: Console) -> None:
             "—" if name == "vanilla" else f"{m['avoided_pct']:.1f}",
         )
     console.print(t)
+    if van.get("recorder_induced"):
+        console.print(escape(recorder_induced_line(van["recorder_induced"])))
     if doc.get("usage"):
         render_usage(doc["usage"], console)
 

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lufreplay import schema
+from lufreplay.trace.perturb import recorder_induced, recorder_induced_line
 from lufreplay.trace.reader import Trace, TraceError, open_trace
 
 #: Loss fraction above which ``info`` shouts (perf warns at the same level).
@@ -336,6 +337,7 @@ def summarize(trace: Trace) -> dict[str, Any]:
     return {
         "recording": recording(trace),
         "recorder": recorder_usage(trace.meta),
+        "recorder_induced": recorder_induced(trace),
         "meta": trace.meta,
         "counts": c,
         "losses": losses(trace, events),
@@ -356,6 +358,7 @@ def recorder_usage(meta: dict[str, Any]) -> dict[str, Any] | None:
     out: dict[str, Any] = {
         "cpu_s": rec["cpu_ns"] / 1e9,
         "max_rss_mb": rec["max_rss_kb"] / 1024 if rec.get("max_rss_kb") else None,
+        "window_max_rss_mb": rec["window_max_rss_kb"] / 1024 if rec.get("window_max_rss_kb") else None,
         "window_s": window_s,
         "cpu_s_per_cpu": [ns / 1e9 for ns in per_cpu] if per_cpu is not None else None,
         "cpu_share_per_cpu": [ns / 1e9 / window_s for ns in per_cpu] if per_cpu is not None and window_s else None,
@@ -390,7 +393,8 @@ def _recorder_line(r: dict[str, Any]) -> str:
     if r["shootdowns_sent"] is not None:
         parts.append(f"{r['shootdowns_sent']:,} shootdowns sent itself")
     if r["max_rss_mb"]:
-        parts.append(f"peak RSS {r['max_rss_mb']:,.0f} MB")
+        win = r.get("window_max_rss_mb")
+        parts.append(f"peak RSS {r['max_rss_mb']:,.0f} MB" + (f" ({win:,.0f} MB while recording)" if win else ""))
     return "recorder: " + "; ".join(parts)
 
 
@@ -466,6 +470,8 @@ def _print_human(doc: dict[str, Any], path: Path) -> None:
 
     if doc.get("recorder"):
         con.print(escape(_recorder_line(doc["recorder"])))
+    if doc.get("recorder_induced"):
+        con.print(escape(recorder_induced_line(doc["recorder_induced"])))
 
     counts_ = doc["counts"]
     t = Table(title="events per table")

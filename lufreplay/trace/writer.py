@@ -9,6 +9,7 @@ hold pids, comms and paths.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import threading
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -113,6 +115,15 @@ def _dictionary_columns(sch: pa.Schema) -> list[str]:
     ]
 
 
+def _is_sorted(table: pa.Table, column: str) -> bool:
+    """``column`` is non-decreasing (the recorder decodes in time order: sorting again would copy every column)."""
+    a = table.column(column)
+    if a.null_count:
+        return False
+    v = a.to_numpy()
+    return bool(np.all(v[1:] >= v[:-1]))
+
+
 class TraceWriter:
     """Accumulates Arrow tables per trace table and writes one sorted segment per table on ``rotate``."""
 
@@ -189,7 +200,7 @@ class TraceWriter:
         for name, parts in pending.items():
             t = schema.TABLES[name]
             table = pa.concat_tables(parts) if parts else schema.empty_table(name)
-            if table.num_rows > 1:
+            if table.num_rows > 1 and not _is_sorted(table, t.sort_by):
                 table = table.sort_by(t.sort_by)
             table = table.replace_schema_metadata({**(table.schema.metadata or {}), schema.META_KEY: meta_bytes})
             f = self.path / name / schema.segment_name(self.segment)
@@ -199,18 +210,7 @@ class TraceWriter:
             written += [tmp, f]
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as fh:
-                pq.write_table(
-                    table,
-                    fh,
-                    compression="zstd",
-                    # Dictionaries only where values repeat (strings): on timestamps, pfns and addresses
-                    # they cost over half of the encode time and make the files larger.
-                    use_dictionary=_dictionary_columns(table.schema),
-                    row_group_size=self.row_group_size,
-                    sorting_columns=[pq.SortingColumn(table.schema.get_field_index(t.sort_by))],
-                    write_page_index=True,
-                    write_page_checksum=True,  # bit rot in a page becomes a read error, not wrong numbers
-                )
+                self._encode(table, t.sort_by, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, f)
@@ -233,6 +233,26 @@ class TraceWriter:
             self.rows[name] += e["rows"]
         self.bytes_written += sum(sizes.values())
         _fsync_dir(self.path / schema.COMMIT_DIR)
+
+    def _encode(self, table: pa.Table, sort_by: str, sink: Any) -> None:
+        pq.write_table(
+            table,
+            sink,
+            compression="zstd",
+            # Dictionaries only where values repeat (strings): on timestamps, pfns and addresses
+            # they cost over half of the encode time and make the files larger.
+            use_dictionary=_dictionary_columns(table.schema),
+            row_group_size=self.row_group_size,
+            sorting_columns=[pq.SortingColumn(table.schema.get_field_index(sort_by))],
+            write_page_index=True,
+            write_page_checksum=True,  # bit rot in a page becomes a read error, not wrong numbers
+        )
+
+    def rehearse(self, tables: dict[str, pa.Table]) -> None:
+        """Encode ``tables`` as a segment would, into memory, and drop them: the first encode's one-time
+        costs (code paged in, lazy initialisation) are then paid before the recording window opens."""
+        for name, table in tables.items():
+            self._encode(table, schema.TABLES[name].sort_by, io.BytesIO())
 
     def close(self, final_meta: dict[str, Any] | None = None) -> None:
         """Write the last segment and the final metadata."""
