@@ -737,3 +737,16 @@ def test_decode_splits_kinds_into_tables_and_resolves_symbols() -> None:
     assert sorted(seen) == [0, 0x1000, 0x2000]  # each address resolved once (the ipi callback is 0)
     assert out["sched"].column("prev_comm").to_pylist() == ["kswapd0", "python3"]
     assert out["ipi"].column("nr_targets").to_pylist() == [3]
+
+
+@pytest.mark.bpf
+def test_recording_without_kprobes_falls_back_to_the_tracepoint_tier(stream_trace) -> None:
+    """This host has no kprobes: record leaves the exact tier out, says why in meta.exact, and the trace's pte
+    table is there and empty (tests/test_exact_tier.py has the tier's decoding and replay)."""
+    out, r, _ = stream_trace
+    t = open_trace(out)
+    ex = t.meta["exact"]
+    assert ex["tier"] == "tracepoint" and ex["probes"] == [] and "no kprobes" in ex["reason"]
+    assert "pte_exact" not in t.meta["probes"]
+    assert t.table("pte").num_rows == 0 and "pte" in t.files
+    assert "LR_EXACT" not in r.stderr
