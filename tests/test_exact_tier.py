@@ -144,9 +144,9 @@ def test_exact_row_of_another_process_or_too_old_is_not_used(tmp_path: Path) -> 
     s.reclaim(T_BATCH, 0, *A, 2)
     s.pte(T_BATCH + 5, 0, *A, UNMAP, RO_FILE, True, owner=W[1])  # the walk's entry was in W's mm: not this unmap
     s.reclaim_folio(T_BATCH + 10, 0, *A, 1000, [MM_A], index=0)
-    s.pte(T_BATCH + 15, 0, *A, UNMAP, RO_FILE, True, owner=A[1])  # 20 ms before the next unmap: given up
-    s.reclaim_folio(T_BATCH + 20_000_000, 0, *A, 1001, [MM_A], index=1)
-    s.batch_flush(T_BATCH + 20_000_100, 0, *A, [1])
+    s.pte(T_BATCH + 15, 0, *A, UNMAP, RO_FILE, True, owner=A[1])  # 200 ms before the next unmap: given up
+    s.reclaim_folio(T_BATCH + 200_000_000, 0, *A, 1001, [MM_A], index=1)
+    s.batch_flush(T_BATCH + 200_000_100, 0, *A, [1])
     doc = run(s, tmp_path)
     assert doc["eligibility"]["pte_provenance"] == {"exact": 0, "inferred": 2, "unknown": 0}
     assert doc["eligibility"]["exact_tier"]["pte_rows"] == 2
