@@ -1425,7 +1425,8 @@ int lr_ex_walk_ret(struct pt_regs *ctx)
     u64 p = *pp;
     ex_walk.delete(&tid);
     u8 *op = ex_in.lookup(&tid);
-    if (!op || !PT_REGS_RC(ctx) || !recording())
+    /* page_vma_mapped_walk returns bool: only %al is defined */
+    if (!op || !(PT_REGS_RC(ctx) & 0xff) || !recording())
         return 0;
     struct page_vma_mapped_walk w = {};
     bpf_probe_read_kernel(&w, sizeof(w), (void *)p);
