@@ -17,6 +17,10 @@ What the trace shows on a tracepoint-only host (host-probing §4.4–4.6) and ho
   migration batch that ends (move phase) without any recorded flush (nothing needed one: vanilla sends nothing,
   LUF has nothing to defer). set_pmd (``pmdp_invalidate``) is always flushed at once. Memory-failure migrations
   flush their key at once (F12).
+* exact tier (kernels with kprobes; ``meta.exact``): a ``pte`` row is the entry the task's rmap walk is about to
+  clear, read before the clear. It gives the task's next ``unmap`` row its own write bit (PTE_EXACT; the VMA
+  inference is only compared with it) and the next set_pte of its address the mm of its owner process. No other step
+  sees the rows, so a trace without them replays exactly as before.
 * the other recorded flushes (immediate/PMD in reclaim and migration, munmap zaps, flush_tlb_batched_pending, the
   parent's full flush in fork (dup_mmap), anything else) become RFLUSH ops that every model passes through unchanged.
 * allocator rows → FREE / DRAIN / TAKE / ALLOC; faults, syscalls, file rows, kthread switches → HOOK ops (F3–F13).
