@@ -99,6 +99,11 @@ UNMAP_CTX = {
     6: "migration",
 }
 
+#: Which rmap walk a ``pte`` row (exact tier) comes from.
+PTE_OP = {1: "unmap", 2: "migrate"}  # try_to_unmap_one (reclaim) / try_to_migrate_one (migration)
+#: Page-table level of a ``pte`` row's entry.
+PTE_LEVEL = {0: "pte", 1: "pmd"}
+
 #: kmem:rss_stat ``member`` (enum NR_MM_COUNTERS order).
 RSS_MEMBER = {0: "file", 1: "anon", 2: "swapents", 3: "shmem"}
 
@@ -214,6 +219,7 @@ RAW_KIND = {
     "proc": 14,
     "mm": 15,
     "ipi_mask_words": 16,  # words 1.. of a cpumask wider than 64 CPUs (x: first word); joined to its ipi row
+    "pte_exact": 17,  # exact tier: the entry the rmap walk is about to clear (kprobes; x: op | level | vm_flags)
 }
 
 #: The ring record as numpy sees it, including the 8-byte BPF ring buffer header in front.
@@ -400,6 +406,20 @@ UNMAP = _table(
     _c("delta", pa.int64(), "change of the counter: -4096 per PTE, -2 MiB per PMD", "bytes"),
     _c("ctx", pa.uint8(), "what the unmapping task was doing", enum=UNMAP_CTX),
 )
+PTE = _table(
+    "pte",
+    "Exact tier (kernels with kprobes and matching headers; empty otherwise): each PTE/PMD try_to_unmap_one (reclaim) or try_to_migrate_one (migration) is about to clear, read by a return probe of page_vma_mapped_walk under the page-table lock. The task's unmap (rss_stat) or migrate set_pte row follows; meta.json exact says which tier recorded the trace.",
+    _c("op", pa.uint8(), "which rmap walk", enum=PTE_OP),
+    _c("level", pa.uint8(), "page-table level of the entry", enum=PTE_LEVEL),
+    _c("addr", pa.uint64(), "user virtual address of the entry"),
+    _c("pte", pa.uint64(), "raw PTE/PMD value before the clear (a page-table entry, not a pointer)"),
+    _c("pfn", pa.int64(), "pfn the entry maps (-1: not present)", lo=0, hi=PFN_LIMIT, sentinel=-1),
+    _c("folio_pfn", pa.int64(), "pfn of the folio the walk unmaps", lo=0, hi=PFN_LIMIT),
+    _c("writable", pa.bool_(), "the entry's write bit (x86 _PAGE_RW): what LUF's eligibility reads"),
+    _c("dirty", pa.bool_(), "the entry's dirty bit"),
+    _c("vm_flags", pa.uint8(), "low 8 bits of the VMA's vm_flags (1 read, 2 write, 4 exec, 8 shared, 0x20 maywrite)"),
+    _c("owner_tgid", pa.int32(), "process owning the mm (mm->owner; 0: unknown)", lo=0),
+)
 PAGE_CACHE = _table(
     "page_cache",
     "Folios removed from the page cache (filemap:mm_filemap_delete_from_page_cache). In reclaim: the unmapped folio's identity. Outside reclaim: truncate/invalidate (LUF hook F5).",
@@ -563,6 +583,10 @@ for _t in (MAPS, COUNTERS, LOSSES, USAGE):
     object.__setattr__(_t, "sort_by", "ts_ns" if "ts_ns" in {c.name for c in _t.columns} else "ts_start_ns")
 
 KERNEL_TABLES = tuple(n for n, t in TABLES.items() if t.source == "kernel")
+#: Kernel tables a format-2 trace may lack (added after the version was fixed; an absent one reads as empty).
+OPTIONAL_TABLES = ("pte",)
+#: Kernel tables every segment of a trace has.
+REQUIRED_TABLES = tuple(n for n in KERNEL_TABLES if n not in OPTIONAL_TABLES)
 USER_TABLES = tuple(n for n, t in TABLES.items() if t.source == "user")
 
 
@@ -616,6 +640,9 @@ META_FIELDS: dict[str, tuple[tuple[type | None, ...], bool]] = {
     "shootdown_cost.nr_threads": ((int,), False),
     "shootdown_cost.host": ((dict,), False),
     # the ``usage`` table's perf events: which opened, and whether the host has a PMU (lufreplay.capture.perfcount)
+    # which tier recorded reclaim/migration PTE identity (lufreplay.capture.probes.exact_meta)
+    "exact": ((dict, None), False),
+    "exact.tier": ((str,), False),
     "counters": ((dict, None), False),
     "counters.pmu": ((str,), False),
     "counters.pmu_error": ((str, None), False),

@@ -2,7 +2,8 @@
 /*
  * lufreplay recorder probes (bcc). One fixed 64-byte record per event goes into one BPF ring buffer;
  * userspace decodes whole spans with numpy. Only tracepoint arguments are read: bcc compiles against
- * headers that need not match the running kernel, so no kernel struct is ever dereferenced.
+ * headers that need not match the running kernel, so no kernel struct is ever dereferenced (except by the
+ * exact tier at the end of this file, compiled in only where the headers match).
  *
  * Compiled-in flags (set by lufreplay/capture/probes.py):
  *   K_<KIND>          kind ids, from lufreplay.schema.RAW_KIND
@@ -17,6 +18,7 @@
  *   LR_SWP_PFN_BITS, LR_MIG_READ  migration-entry decoding constants (host-probing §4.5)
  *   LR_WAKE_RECORDS   records one CPU may add since the consumer's last drain before it wakes the consumer
  *   LR_MASK_WORDS     u64 words of a cpumask on this host (nr_cpu_ids / 64, rounded up; 1 up to 64 CPUs)
+ *   LR_EXACT          defined: the exact tier's kprobes (end of this file) are compiled in
  *   LR_NO_<group>__<name>  defined: this kernel has no such tracepoint; its probe is left out (bcc
  *                     cannot compile a TRACEPOINT_PROBE without the tracepoint's format file)
  */
@@ -1350,6 +1352,113 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     r.b = (u64)-1;
     bpf_probe_read_kernel(&r.c, 16, args->comm);
     emit(&r, K_PROC);
+    return 0;
+}
+#endif
+
+/* ---------------------------------------------------------------- exact tier (kprobes on the rmap walk) */
+
+/* Compiled in with LR_EXACT only: a kernel with kprobes whose headers match the running kernel (bcc compiles
+ * against them, so the struct reads below use the right offsets; lufreplay/capture/probes.py checks both).
+ * Every PTE or PMD that try_to_unmap_one (reclaim) or try_to_migrate_one (migration) is about to clear is the
+ * one page_vma_mapped_walk just returned true for: its return probe reads the entry itself under the page
+ * table lock, before the clear, and emits one K_PTE_EXACT record per entry (the rss_stat or set_migration_pte
+ * row of the same task follows):
+ *   x = op (1 unmap, 2 migrate) | level << 4 (0 PTE, 1 PMD) | (vm_flags & 0xff) << 8
+ *   a = user address, b = the entry's raw value, c = pfn the walk looks for (the folio's),
+ *   d = tgid of mm->owner (the process whose mm it is; 0 unknown), e = pages of the folio
+ * Nothing else in this file depends on this section. */
+#ifdef LR_EXACT
+#include <linux/mm_types.h>
+#include <linux/rmap.h>
+#include <linux/sched.h>
+
+#define EX_UNMAP 1
+#define EX_MIGRATE 2
+
+BPF_HASH(ex_in, u32, u8, 16384);    /* tid -> EX_* while inside try_to_unmap_one / try_to_migrate_one */
+BPF_HASH(ex_walk, u32, u64, 16384); /* tid -> the page_vma_mapped_walk of the call in flight */
+
+static __always_inline int ex_enter(u8 op)
+{
+    if (!recording())
+        return 0;
+    u32 tid = bpf_get_current_pid_tgid();
+    ex_in.update(&tid, &op);
+    return 0;
+}
+
+int lr_ex_unmap_one(struct pt_regs *ctx)
+{
+    return ex_enter(EX_UNMAP);
+}
+
+int lr_ex_migrate_one(struct pt_regs *ctx)
+{
+    return ex_enter(EX_MIGRATE);
+}
+
+int lr_ex_one_ret(struct pt_regs *ctx)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    ex_in.delete(&tid);
+    ex_walk.delete(&tid);
+    return 0;
+}
+
+int lr_ex_walk(struct pt_regs *ctx, struct page_vma_mapped_walk *pvmw)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    if (!ex_in.lookup(&tid))
+        return 0; /* folio_referenced_one, page_mkclean_one ...: not an unmap */
+    u64 p = (u64)pvmw;
+    ex_walk.update(&tid, &p);
+    return 0;
+}
+
+int lr_ex_walk_ret(struct pt_regs *ctx)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    u64 *pp = ex_walk.lookup(&tid);
+    if (!pp)
+        return 0;
+    u64 p = *pp;
+    ex_walk.delete(&tid);
+    u8 *op = ex_in.lookup(&tid);
+    /* page_vma_mapped_walk returns bool: only %al is defined */
+    if (!op || !(PT_REGS_RC(ctx) & 0xff) || !recording())
+        return 0;
+    struct page_vma_mapped_walk w = {};
+    bpf_probe_read_kernel(&w, sizeof(w), (void *)p);
+    u64 val = 0;
+    u32 level = 0;
+    if (w.pte) {
+        bpf_probe_read_kernel(&val, sizeof(val), w.pte);
+    } else if (w.pmd) {
+        bpf_probe_read_kernel(&val, sizeof(val), w.pmd);
+        level = 1;
+    }
+    struct mm_struct *mm = NULL;
+    unsigned long vm_flags = 0;
+    bpf_probe_read_kernel(&mm, sizeof(mm), &w.vma->vm_mm);
+    bpf_probe_read_kernel(&vm_flags, sizeof(vm_flags), &w.vma->vm_flags);
+    u32 owner = 0;
+#ifdef CONFIG_MEMCG
+    struct task_struct *t = NULL;
+    if (mm) {
+        bpf_probe_read_kernel(&t, sizeof(t), &mm->owner);
+        if (t)
+            bpf_probe_read_kernel(&owner, sizeof(owner), &t->tgid);
+    }
+#endif
+    struct lr_rec r = {};
+    r.x = (*op & 0xf) | (level << 4) | ((u32)(vm_flags & 0xff) << 8);
+    r.a = w.address;
+    r.b = val;
+    r.c = w.pfn;
+    r.d = owner;
+    r.e = w.nr_pages;
+    emit(&r, K_PTE_EXACT);
     return 0;
 }
 #endif

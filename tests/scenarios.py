@@ -110,6 +110,27 @@ class Scenario:
             writable=writable, dirty=False, mode=mode, reason=reason, succeeded=0, failed=0,
         )  # fmt: skip
 
+    def pte(
+        self,
+        ts: int,
+        cpu: int,
+        pid: int,
+        tgid: int,
+        op: int,
+        addr: int,
+        writable: bool,
+        owner: int,
+        pfn: int = 1000,
+        level: int = 0,
+    ) -> None:
+        """An exact-tier row: the entry an rmap walk (op 1 unmap, 2 migrate) of ``tgid``'s task is about to clear,
+        in the mm of process ``owner``."""
+        val = (pfn << 12) | 0x1 | (0x2 if writable else 0)
+        self._task(
+            "pte", ts, cpu, pid, tgid, op=op, level=level, addr=addr, pte=val, pfn=pfn, folio_pfn=pfn,
+            writable=writable, dirty=False, vm_flags=0x1, owner_tgid=owner,
+        )  # fmt: skip
+
     def fault(self, ts: int, cpu: int, pid: int, tgid: int, address: int, write: bool = False) -> None:
         self._task("fault", ts, cpu, pid, tgid, address=address, error_code=2 if write else 0, write=write)
 

@@ -812,3 +812,16 @@ def test_rehearsal_decodes_every_kind_and_writes_nothing(tmp_path: Path) -> None
     w.rehearse(tables)
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
     assert w.segment == 0 and w.bytes_written == 0 and all(v == 0 for v in w.rows.values())
+
+
+@pytest.mark.bpf
+def test_recording_without_kprobes_falls_back_to_the_tracepoint_tier(stream_trace) -> None:
+    """This host has no kprobes: record leaves the exact tier out, says why in meta.exact, and the trace's pte
+    table is there and empty (tests/test_exact_tier.py has the tier's decoding and replay)."""
+    out, r, _ = stream_trace
+    t = open_trace(out)
+    ex = t.meta["exact"]
+    assert ex["tier"] == "tracepoint" and ex["probes"] == [] and "no kprobes" in ex["reason"]
+    assert "pte_exact" not in t.meta["probes"]
+    assert t.table("pte").num_rows == 0 and "pte" in t.files
+    assert "LR_EXACT" not in r.stderr

@@ -87,6 +87,10 @@ def _expected(name: str, r: dict, ids: Ids) -> dict[str, int]:
         e |= {"sub": r["event"], "a": r["pfn"]}
     elif name == "unmap":
         e |= {"a": ids.mm.ids[r["mm_id"]], "sub": r["member"], "b": r["delta"], "c": r["ctx"]}
+    elif name == "pte":
+        own = r["owner_tgid"]
+        e |= {"sub": r["op"] | r["level"] << 4, "a": ids.proc.ids[own] if own > 0 else -1, "d": _s64(r["addr"])}
+        e["b"] = int(r["writable"]) | int(r["dirty"]) << 1
     elif name == "page_cache":
         e |= {"a": r["pfn"], "b": r["order"], "c": fkey(r["dev"], r["ino"]), "d": _s64(r["index"]), "sub": r["ctx"]}
     elif name == "migrate":

@@ -36,7 +36,10 @@ KIND_TABLE = {
     K["sched_switch"]: "sched",
     K["proc"]: "proc",
     K["mm"]: "mm",
+    K["pte_exact"]: "pte",
 }
+#: x86-64 PTE/PMD bits read by the exact tier.
+PTE_PRESENT, PTE_RW, PTE_DIRTY = np.uint64(1), np.uint64(2), np.uint64(0x40)
 
 
 @dataclass
@@ -210,6 +213,28 @@ def _unmap(r: np.ndarray, ctx: DecodeContext) -> pa.Table:
     )
 
 
+def _pte(r: np.ndarray, ctx: DecodeContext) -> pa.Table:
+    """Exact tier: the entry an rmap walk is about to clear (probes/lufreplay.bpf.c, K_PTE_EXACT)."""
+    val = r["b"]
+    present = (val & PTE_PRESENT) != 0
+    return schema.from_columns(
+        "pte",
+        {
+            **_task(r),
+            "op": (r["x"] & 0xF).astype(np.uint8),
+            "level": ((r["x"] >> 4) & 0xF).astype(np.uint8),
+            "addr": r["a"],
+            "pte": val,
+            "pfn": np.where(present, ((val & PRESENT_PFN_MASK) >> np.uint64(12)).astype(np.int64), -1),
+            "folio_pfn": _i64(r["c"]),
+            "writable": present & ((val & PTE_RW) != 0),
+            "dirty": present & ((val & PTE_DIRTY) != 0),
+            "vm_flags": ((r["x"] >> 8) & 0xFF).astype(np.uint8),
+            "owner_tgid": r["d"].astype(np.uint32).view(np.int32),
+        },
+    )
+
+
 def _page_cache(r: np.ndarray, ctx: DecodeContext) -> pa.Table:
     return schema.from_columns(
         "page_cache",
@@ -370,6 +395,7 @@ _DECODERS: dict[str, Callable[[np.ndarray, DecodeContext], pa.Table]] = {
     "ipi": _ipi,
     "reclaim": _reclaim,
     "unmap": _unmap,
+    "pte": _pte,
     "page_cache": _page_cache,
     "migrate": _migrate,
     "page": _page,

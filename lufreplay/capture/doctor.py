@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from lufreplay.capture import features
+from lufreplay.capture import features, probes
 
 EXACT, INFERRED, MISSING = "exact", "inferred", "missing"
 
@@ -113,12 +113,24 @@ def checks(det: dict[str, Any]) -> list[dict[str, Any]]:
             "the flush/IPI and page allocator probes fall back to classic tracepoints (more recursion misses)",
         ),
         ("tp_btf", "not needed: classic tracepoints are used"),
-        ("fentry", "would give exact reclaim unmap identity; needs a kernel allowing BPF trampolines"),
-        ("kprobe", "needs CONFIG_KPROBES=y; would give exact batch cpumasks (arch_tlbbatch_flush)"),
+        ("fentry", "not needed: the exact tier uses kprobes"),
+        ("kprobe", "needs CONFIG_KPROBES=y; gives the exact tier (PTE RO/RW and migration mm from the rmap walk)"),
     ):
         a = att[kind]
         detail = a.get("error") or ("loaded and attached" + (f", fired {a['fired']} times" if "fired" in a else ""))
         out.append(_check(f"attach {kind}", a.get("ok"), detail, "" if a.get("ok") else fix))
+    ex = det.get("exact_tier", {})
+    ok = bool(ex.get("ok")) and att["kprobe"].get("ok") is not False
+    out.append(
+        _check(
+            "exact tier",
+            ok,
+            "record compiles in kprobes on " + ", ".join(probes.EXACT_FUNCTIONS)
+            if ok
+            else f"tracepoint tier only: {ex.get('reason') or 'kprobes do not attach'}",
+            "" if ok else "PTE RO/RW of reclaim is inferred from /proc/PID/maps and migration rows carry no mm",
+        )
+    )
     cal = det.get("page_pfn", {})
     out.append(
         _check(
@@ -273,15 +285,37 @@ def families(det: dict[str, Any]) -> list[dict[str, Any]]:
     tp_family("reclaim", "reclaim context (memcg, direct, node, kswapd, proactive/DAMON)")
     tp_family("unmap", "unmapped mm inside reclaim/migration", "mm from rss_stat decrements")
     full, _, _ = have("unmap")
-    fentry = det["attach"]["fentry"].get("ok")
-    add(
-        "RO/RW of pages unmapped by reclaim",
-        INFERRED if full else MISSING,
-        "tracepoint" if full else "-",
-        "/proc/PID/maps permissions + page_cache identity",
-        "no tracepoint reports the PTE that try_to_unmap_one clears",
-        "" if fentry else "fentry on try_to_unmap_one would make it exact (not available here)",
-    )
+    ex = det.get("exact_tier", {})
+    # the exact tier needs kprobes that really attach (the trial) besides what exact_tier checks
+    exact = bool(ex.get("ok")) and det["attach"]["kprobe"].get("ok") is not False
+    fn = "kprobe:" + ", ".join(probes.EXACT_FUNCTIONS)
+    if exact:
+        add(
+            "RO/RW of pages unmapped by reclaim",
+            EXACT,
+            "kprobe",
+            fn,
+            "exact tier: the write bit of each entry try_to_unmap_one clears (table pte)",
+        )
+        add("mm of migration entries", EXACT, "kprobe", fn, "exact tier: mm->owner of each try_to_migrate_one entry")
+    else:
+        why = ex.get("reason") or "kprobes do not attach here"
+        add(
+            "RO/RW of pages unmapped by reclaim",
+            INFERRED if full else MISSING,
+            "tracepoint" if full else "-",
+            "/proc/PID/maps permissions + page_cache identity",
+            "no tracepoint reports the PTE that try_to_unmap_one clears",
+            f"the exact tier (kprobes on the rmap walk) would make it exact; not here: {why}",
+        )
+        add(
+            "mm of migration entries",
+            MISSING,
+            "-",
+            "migrate:set_migration_pte",
+            "the tracepoint carries no mm: migration PTEs are replayed against the recorded flush targets",
+            f"the exact tier would give it; not here: {why}",
+        )
     tp_family("page_cache", "page-cache removals (pfn, dev, ino, index, order)")
     tp_family("migrate", "migration (old/new pfn, READ/READ_EXCLUSIVE/WRITE)", "decoded from migration entries")
     tp_family(

@@ -283,6 +283,7 @@ def detect(trials: bool = True) -> dict[str, Any]:
         det["kernel_headers"] = _safe(kernel_headers, {"matches": None})
         det.update(_symbols_facts())
         det["interrupts_rows"] = sorted(k for k in _safe(procfs.read_interrupts, {}) if not k.isdigit())
+        det["exact_tier"] = _safe(_exact_tier, {"ok": False, "reason": "could not be checked"})
         if futures:
             bcc = futures["bcc"].result()
             bpf = futures["bpf"].result()
@@ -319,6 +320,13 @@ def detect(trials: bool = True) -> dict[str, Any]:
     det["libbpf"] = bpf.get("libbpf")
     det["detect_s"] = round(time.monotonic() - t0, 3)
     return det
+
+
+def _exact_tier() -> dict[str, Any]:
+    """Whether ``record`` compiles in the exact tier here (``probes.exact_tier``: kprobes, symbols, headers)."""
+    from lufreplay.capture import probes
+
+    return probes.exact_tier()
 
 
 def _safe(fn: Any, default: Any) -> Any:

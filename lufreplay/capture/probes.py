@@ -118,6 +118,22 @@ KIND_TABLE = {
 }
 
 
+#: The exact tier (probes/lufreplay.bpf.c, LR_EXACT): (kernel function, probe type, program). The entry and
+#: return probes of try_to_unmap_one / try_to_migrate_one bracket the rmap walk; the return probe of
+#: page_vma_mapped_walk reads each entry that walk found, before it is cleared.
+EXACT_PROBES = (
+    ("try_to_unmap_one", "kprobe", "lr_ex_unmap_one"),
+    ("try_to_unmap_one", "kretprobe", "lr_ex_one_ret"),
+    ("try_to_migrate_one", "kprobe", "lr_ex_migrate_one"),
+    ("try_to_migrate_one", "kretprobe", "lr_ex_one_ret"),
+    ("page_vma_mapped_walk", "kprobe", "lr_ex_walk"),
+    ("page_vma_mapped_walk", "kretprobe", "lr_ex_walk_ret"),
+)
+EXACT_FUNCTIONS = tuple(dict.fromkeys(f for f, _, _ in EXACT_PROBES))
+#: Where the kernel offers kprobes to perf_event_open (bcc's attach_kprobe) or to tracefs.
+KPROBE_PMU = Path("/sys/bus/event_source/devices/kprobe/type")
+
+
 class ProbeError(Exception):
     """The BPF program cannot be built, loaded or attached; one-line message."""
 
@@ -217,6 +233,8 @@ class BuildOptions:
     absent: tuple[str, ...] = ()
     #: nr_cpu_ids of this host: how many CPUs an IPI cpumask can name (the probes read that many bits)
     nr_cpu_ids: int = field(default_factory=lambda: nr_cpu_ids())
+    #: Compile in and attach the exact tier's kprobes (``exact_tier`` said this kernel allows them).
+    exact: bool = False
 
     @property
     def raw_page(self) -> bool:
@@ -244,6 +262,8 @@ def cflags(opts: BuildOptions) -> list[str]:
         base, size = opts.page_pfn
         flags += ["-DLR_RAW_PAGE=1", f"-DLR_VMEMMAP_BASE={base:#x}ULL", f"-DLR_STRUCT_PAGE_SIZE={size}ULL"]
     flags += [f"-D{absent_flag(tp)}=1" for tp in opts.absent]
+    if opts.exact:
+        flags.append("-DLR_EXACT=1")
     return flags
 
 
@@ -284,6 +304,57 @@ def absent_tracepoints() -> tuple[str, ...]:
     return tuple(tp for tp in TRACEPOINTS if features.tracepoint_format(tp) is None)
 
 
+def exact_tier(symbols: Any = None) -> dict[str, Any]:
+    """Can this kernel give the exact tier? Kprobes (the kprobe PMU or tracefs kprobe_events), each probed
+    function as a symbol (not inlined), and kernel headers of the running kernel (the probes read structs).
+    ``ok`` says whether ``record`` compiles the tier in; it still falls back if loading or attaching fails."""
+    from lufreplay.capture import features, procfs
+
+    tfs = features.tracefs_path(mount=False)
+    kprobes = KPROBE_PMU.exists() or (tfs is not None and (tfs / "kprobe_events").exists())
+    out: dict[str, Any] = {"ok": False, "kprobes": kprobes, "functions": {}, "headers_match": None, "reason": None}
+    if not kprobes:
+        out["reason"] = "this kernel offers no kprobes (CONFIG_KPROBES=n)"
+        return out
+    try:
+        syms = symbols if symbols is not None else procfs.Symbols()
+        out["functions"] = {f: f in syms for f in EXACT_FUNCTIONS}
+    except OSError as e:
+        out["reason"] = f"cannot read /proc/kallsyms ({e.strerror})"
+        return out
+    missing = [f for f, ok in out["functions"].items() if not ok]
+    headers = features.kernel_headers()
+    out["headers_match"] = headers.get("matches")
+    if missing:
+        out["reason"] = f"no symbol for {', '.join(missing)} (inlined or renamed in this kernel)"
+    elif headers.get("matches") is not True:
+        out["reason"] = "the kernel headers bcc compiles against are not the running kernel's (struct offsets)"
+    else:
+        out["ok"] = True
+    return out
+
+
+def exact_meta(opts: BuildOptions, check: dict[str, Any] | None, error: str | None = None) -> dict[str, Any]:
+    """``meta.exact``: which tier recorded reclaim/migration PTE identity, with what, and why not the other."""
+    if opts.exact:
+        return {
+            "tier": "exact",
+            "probes": [{"function": f, "attach": kind} for f, kind, _ in EXACT_PROBES],
+            "table": "pte",
+            "pte_provenance": "exact (the cleared entry's write bit)",
+            "migration_mm": "mm->owner of each migration entry",
+        }
+    reason = error or (check or {}).get("reason") or "not tried"
+    return {
+        "tier": "tracepoint",
+        "probes": [],
+        "table": None,
+        "pte_provenance": "inferred from /proc/PID/maps snapshots",
+        "migration_mm": None,
+        "reason": reason,
+    }
+
+
 def program_text(opts: BuildOptions) -> str:
     """The C program with its compiled-in flags written out as #defines (what --dump-bpf prints)."""
     defines = []
@@ -307,9 +378,11 @@ def attach_types(raw_ipi: bool, raw_page: bool = False) -> dict[str, str]:
     return {tp: ("raw_tracepoint" if raw(tp) else "tracepoint") for tp in TRACEPOINTS}
 
 
-def probes_meta(raw_ipi: bool, raw_page: bool = False, absent: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+def probes_meta(
+    raw_ipi: bool, raw_page: bool = False, absent: tuple[str, ...] = (), exact: bool = False
+) -> dict[str, dict[str, Any]]:
     """``meta.probes``: per raw kind, its tracepoints, the attach type used and the ones left out
-    (``absent``: this kernel lacks them)."""
+    (``absent``: this kernel lacks them); ``pte_exact`` (kprobes) when the exact tier was loaded."""
     at = attach_types(raw_ipi, raw_page)
     out: dict[str, dict[str, Any]] = {}
     for tp, kind in TRACEPOINTS.items():
@@ -326,23 +399,38 @@ def probes_meta(raw_ipi: bool, raw_page: bool = False, absent: tuple[str, ...] =
         "table": "mm",
         "absent": [tp for tp in ("kmem:rss_stat",) if tp in absent],
     }
+    if exact:
+        out["pte_exact"] = {
+            "tracepoint": "page_vma_mapped_walk",
+            "tracepoints": list(EXACT_FUNCTIONS),
+            "attach": "kprobe",
+            "table": "pte",
+            "absent": [],
+        }
     return out
 
 
 class LoadedProgram:
     """A loaded and attached program: the bcc object plus what was compiled in."""
 
-    def __init__(self, bpf: Any, opts: BuildOptions, load_errors: list[str] | None = None) -> None:
+    def __init__(
+        self, bpf: Any, opts: BuildOptions, load_errors: list[str] | None = None, exact_error: str | None = None
+    ) -> None:
         self.bpf = bpf
         self.opts = opts
         #: Why the builds tried before this one failed (raw tracepoints refused, say).
         self.load_errors = load_errors or []
+        #: Why the exact tier, asked for, did not load (None: not asked for, or loaded).
+        self.exact_error = exact_error
 
     @property
     def attach(self) -> dict[str, str]:
-        return {
+        out = {
             tp: a for tp, a in attach_types(self.opts.raw_ipi, self.opts.raw_page).items() if tp not in self.opts.absent
         }
+        if self.opts.exact:
+            out |= {f: "kprobe" for f in EXACT_FUNCTIONS}
+        return out
 
     def set_state(self, state: int) -> None:
         """0 not started, 1 recording, 2 stopped (every program checks this first)."""
@@ -428,24 +516,42 @@ def load(opts: BuildOptions) -> LoadedProgram:
     bcc = import_bcc()
     errors: list[str] = []
     page_pfn = opts.page_pfn
-    tries = [(opts.raw_ipi, page_pfn)]
+    tries = [(opts.raw_ipi, page_pfn, opts.exact)]
+    if opts.exact:  # the exact tier is dropped first: the tracepoint tier is what every kernel runs
+        tries.append((opts.raw_ipi, page_pfn, False))
     if page_pfn is not None:
-        tries.append((opts.raw_ipi, None))
+        tries.append((opts.raw_ipi, None, False))
     if opts.raw_ipi:
-        tries.append((False, None))
-    for raw, pfn in tries:
-        opts.raw_ipi, opts.page_pfn = raw, pfn
+        tries.append((False, None, False))
+    exact_error = None
+    for raw, pfn, exact in tries:
+        opts.raw_ipi, opts.page_pfn, opts.exact = raw, pfn, exact
         bpf = None
         try:
             bpf = bcc.BPF(src_file=str(PROBE_SOURCE).encode(), cflags=cflags(opts))
             if opts.raw_page:
                 _attach_nested(bcc, bpf, opts.absent)
-            return LoadedProgram(bpf, opts, errors)
+            if opts.exact:
+                _attach_exact(bpf)
+            return LoadedProgram(bpf, opts, errors, exact_error)
         except Exception as e:  # bcc raises bare Exception for compile, load and attach failures
-            errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if exact:
+                exact_error = msg
+            else:
+                errors.append(msg)
             if bpf is not None:
                 bpf.cleanup()
-    raise ProbeError(f"cannot load the BPF program: {errors[-1]}")
+    raise ProbeError(f"cannot load the BPF program: {(errors or [exact_error])[-1]}")
+
+
+def _attach_exact(bpf: Any) -> None:
+    """Attach the exact tier's kprobes and kretprobes (bcc raises on failure: the caller falls back)."""
+    for fn, kind, prog in EXACT_PROBES:
+        if kind == "kprobe":
+            bpf.attach_kprobe(event=fn, fn_name=prog)
+        else:
+            bpf.attach_kretprobe(event=fn, fn_name=prog)
 
 
 def _attach_nested(bcc: Any, bpf: Any, absent: tuple[str, ...] = ()) -> None:

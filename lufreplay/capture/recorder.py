@@ -539,6 +539,8 @@ class Recorder:
         self.watermark_wakeups = 0
         self.drain_ns = 0
         self.shootdown_cost: dict[str, Any] | None = None
+        #: probes.exact_tier() of this kernel: whether the exact tier is compiled in, and why not
+        self.exact_check: dict[str, Any] | None = None
         self.usage: Any = None  # lufreplay.capture.perfcount.UsageSampler
         self.counter_events: list[str] = []
         self.usage_pids: list[int] = []
@@ -634,6 +636,8 @@ class Recorder:
         if features.tracefs_path() is None:
             raise RecordError("tracefs is not mounted and could not be mounted at /sys/kernel/tracing")
         build.absent = probes.absent_tracepoints()
+        self.exact_check = probes.exact_tier()
+        build.exact = bool(self.exact_check["ok"])
         if build.absent:
             sys.stderr.write(
                 f"lufreplay: warning: this kernel lacks {len(build.absent)} tracepoint(s), recorded without them: "
@@ -805,7 +809,8 @@ class Recorder:
                     "memory_limit": limit,
                     "memory_cgroup_version": self.cgroup.version if self.cgroup else None,
                 },
-                "probes": probes.probes_meta(build.raw_ipi, build.raw_page, build.absent),
+                "probes": probes.probes_meta(build.raw_ipi, build.raw_page, build.absent, build.exact),
+                "exact": probes.exact_meta(build, self.exact_check, prog.exact_error),
                 "probes_absent": list(build.absent),
                 "page_pfn": page_pfn,
                 "tracepoint_formats": formats,

@@ -14,6 +14,7 @@ MAX_CPUS = 64  # CPU masks are uint64 bitsets
 
 # ---- raw ops (one per trace row) -----------------------------------------------------------------
 R_TLB, R_SD, R_RECLAIM, R_UNMAP, R_PCDEL, R_MIG, R_PAGE, R_FAULT, R_SYSCALL, R_FILE, R_SCHED, R_PROC, R_MM = range(13)
+R_PTEX = 13  # exact tier: the PTE/PMD an rmap walk is about to clear (replay.reconstruct.exact_row)
 RAW_DTYPE = np.dtype(
     [
         ("ts", "<i8"),

@@ -34,6 +34,7 @@ EVENT_TABLES = (
     "sched",
     "syscall",
     "reclaim",
+    "pte",
     "migrate",
     "unmap",
     "page_cache",
@@ -49,6 +50,7 @@ _EXTRA: dict[str, list[str]] = {
     "shootdown": ["target_cpu"],
     "reclaim": ["event", "pfn"],
     "unmap": ["mm_id", "member", "delta", "ctx"],
+    "pte": ["op", "level", "addr", "writable", "dirty", "owner_tgid"],
     "page_cache": ["pfn", "order", "dev", "ino", "index", "ctx"],
     "migrate": ["event", "addr", "pfn", "order", "mig_type", "writable", "dirty", "mode", "reason"],
     "page": ["event", "pfn", "order", "source", "gfp_flags", "percpu_refill"],
@@ -66,6 +68,7 @@ KIND = {
     "shootdown": O.R_SD,
     "reclaim": O.R_RECLAIM,
     "unmap": O.R_UNMAP,
+    "pte": O.R_PTEX,
     "page_cache": O.R_PCDEL,
     "migrate": O.R_MIG,
     "page": O.R_PAGE,
@@ -474,6 +477,17 @@ def _fields(name: str, t: pa.Table, ids: Ids, cpus: CpuMap | None = None) -> dic
         f |= {"sub": col(t, "event"), "a": col(t, "pfn")}
     elif name == "unmap":
         f |= {"a": ids.mm.get(col(t, "mm_id")), "sub": col(t, "member"), "b": col(t, "delta"), "c": col(t, "ctx")}
+    elif name == "pte":
+        owner = col(t, "owner_tgid")
+        known = owner > 0
+        proc = np.full(owner.shape, -1, np.int64)
+        proc[known] = ids.procs(owner[known])
+        f |= {
+            "sub": col(t, "op") | (col(t, "level") << 4),
+            "a": proc,
+            "b": col(t, "writable") | (col(t, "dirty") << 1),
+            "d": _u64(t, "addr"),
+        }
     elif name == "page_cache":
         f |= {
             "a": col(t, "pfn"),

@@ -17,6 +17,10 @@ What the trace shows on a tracepoint-only host (host-probing §4.4–4.6) and ho
   migration batch that ends (move phase) without any recorded flush (nothing needed one: vanilla sends nothing,
   LUF has nothing to defer). set_pmd (``pmdp_invalidate``) is always flushed at once. Memory-failure migrations
   flush their key at once (F12).
+* exact tier (kernels with kprobes; ``meta.exact``): a ``pte`` row is the entry the task's rmap walk is about to
+  clear, read before the clear. It gives the task's next ``unmap`` row its own write bit (PTE_EXACT; the VMA
+  inference is only compared with it) and the next set_pte of its address the mm of its owner process. No other step
+  sees the rows, so a trace without them replays exactly as before.
 * the other recorded flushes (immediate/PMD in reclaim and migration, munmap zaps, flush_tlb_batched_pending, the
   parent's full flush in fork (dup_mmap), anything else) become RFLUSH ops that every model passes through unchanged.
 * allocator rows → FREE / DRAIN / TAKE / ALLOC; faults, syscalls, file rows, kthread switches → HOOK ops (F3–F13).
@@ -52,7 +56,9 @@ T_PEND_HEAD, T_PEND_TAIL, T_BATCH_HEAD, T_BATCH_TAIL, T_BATCH_N, T_MIG_PFN, T_MI
 T_FAULT_TS, T_FAULT_COW = 15, 16  # the task's last fault (ts + 1), and whether it could break a COW
 T_KIND = 17  # user task or kernel thread (lufreplay.replay.cpustate)
 T_MMPUT_J = 18  # the task's first unattributed flush (index into ``out`` + 1) that its exec or exit row may name
-NT = 19
+# the task's last exact-tier row not yet matched (exact_row): EX_* flags (0: none), its time, owner process, address
+T_EX, T_EX_TS, T_EX_PROC, T_EX_ADDR = 19, 20, 21, 22
+NT = 23
 # ---- per-CPU columns of CPU -----------------------------------------------------------------------------
 C_OPEN, C_TASK, C_N, C_TS, C_LOCAL, C_FULL, C_CUR_TASK, C_CUR_MM, C_PROC, C_PAGES = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9
 C_LOADED, C_LAZY = 10, 11  # the mm loaded (process + 1) and lazy-TLB mode (lufreplay.replay.cpustate)
@@ -89,10 +95,23 @@ RS_RECORDED_ROWS = RS_BATCHES + 1
 RS_SHARED_W_FAULTS = RS_RECORDED_ROWS + 1  # write faults in shared writable file VMAs: pages mkclean may clean
 RS_SWITCH_GUESSED = RS_SHARED_W_FAULTS + 1  # switches to a task of unknown kind (cpustate.switch_in guessed)
 RS_PTE_NO_OWNER = RS_SWITCH_GUESSED + 1  # batched PTE ops of an mm whose process the trace never named
-NRS = RS_PTE_NO_OWNER + 1
+# exact tier: pte rows; reclaim PTEs whose exact RO/RW the maps inference agrees with / contradicts / cannot tell;
+# migration PTEs given their mm / left without one (owner process unnamed by the trace)
+RS_EX_ROWS = RS_PTE_NO_OWNER + 1
+RS_EX_AGREE, RS_EX_DISAGREE, RS_EX_NO_INFERENCE = RS_EX_ROWS + 1, RS_EX_ROWS + 2, RS_EX_ROWS + 3
+RS_EX_MIG_MM, RS_EX_MIG_NO_MM = RS_EX_ROWS + 4, RS_EX_ROWS + 5
+NRS = RS_EX_MIG_NO_MM + 1
 
 # migration-folio running flags (T_MIG_FLAGS)
 F_WRITABLE, F_UNBATCHED, F_UNKNOWN = 1, 2, 4
+# a pending PTE item of a migration folio (pool only: cleared before the op is emitted)
+PTE_MIG_ITEM = 0x100
+# T_EX: an exact-tier row is pending, its entry's write bit, and its rmap walk (op: 1 unmap, 2 migrate) << 4
+EX_PENDING, EX_WRITABLE = 1, 2
+# an exact row is matched only by the task's next unmap within this time: the rss_stat decrement follows the clear
+# by µs (median 3.9 µs in the 4-vCPU test bed, but up to 44 ms when TCG stalls the vCPU); a later one is not from
+# this walk (it gave up on that entry)
+EXACT_WINDOW_NS = 100_000_000
 # a migration FOLIO_END waiting in the batch list for its batch's end (flags = FE_MIG | static << 8 | F_*): whether
 # the batch got a recorded flush decides whether its PTEs were batched
 FE_MIG = 1 << 31
@@ -313,7 +332,7 @@ def _attach_leftover(task, ts, T, pool, nxt, S, RS, X):
     fl = 0
     i = h
     while i >= 0:
-        RS[RS_PROV + 2] += pool[i]["aux"]
+        RS[RS_PROV + (0 if pool[i]["flags"] & O.PTE_EXACT else 2)] += pool[i]["aux"]
         if pool[i]["sub"] != 1:  # rss member: 1 = anon
             anon = False
         if pool[i]["flags"] & O.PTE_UNBATCHED:
@@ -374,7 +393,11 @@ def close_batch(task, ts, sender, R, nrows, local, T, pool, nxt, S, out, RS, X):
     while i >= 0:
         r = pool[i]
         if r["op"] == O.M_PTE:
-            if r["mm"] < 0:  # migration: set_migration_pte has no mm; the recorded targets are the evidence
+            mig = (r["flags"] & PTE_MIG_ITEM) != 0
+            r["flags"] = r["flags"] & ~np.uint32(PTE_MIG_ITEM)
+            # migration: the recorded targets are the evidence (set_migration_pte has no mm; the exact tier's mm
+            # joins the mm's LUF batch, the masks stay the recorded ones)
+            if r["mm"] < 0 or mig:
                 r["mask2"] = allowed
                 if not flushed:
                     r["flags"] |= O.PTE_UNBATCHED
@@ -546,7 +569,7 @@ def track_task(r, T, LAST_RUN, PROC_MMA):
     pmm = PROC_MMA[proc] if proc >= 0 else -1
     if pmm >= 0:
         LAST_RUN[pmm, r["cpu"]] = ts
-    if task >= 0 and kind != O.R_TLB and kind != O.R_SD and kind != O.R_SCHED and kind != O.R_PROC:
+    if task >= 0 and kind != O.R_TLB and kind != O.R_SD and kind != O.R_SCHED and kind != O.R_PROC and kind != O.R_PTEX:
         if kind != O.R_PAGE and kind != O.R_MM:  # the mm teardown frees pages and moves rss counters (rss_stat)
             T[task, T_MMPUT_J] = 0
         if kind != O.R_PAGE:  # copy_process may allocate pages; anything else: the flush was not the fork's
@@ -562,7 +585,7 @@ def flush_ends_at(r, CPU):
     (second value) whether it is the set_pte / set_pmd that a per-PTE or PMD flush was for."""
     c = r["cpu"]
     kind = r["kind"]
-    if CPU[c, C_OPEN] == 0 or kind == O.R_TLB or kind == O.R_SD or CPU[c, C_TASK] != r["task"]:
+    if CPU[c, C_OPEN] == 0 or kind == O.R_TLB or kind == O.R_SD or kind == O.R_PTEX or CPU[c, C_TASK] != r["task"]:
         return False, False
     sub = r["sub"]
     # a per-PTE flush is a range flush (a few pages), a batched one is full; a PMD flush is full too
@@ -625,6 +648,39 @@ def shootdown_row(r, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X):
 
 
 @numba.njit(cache=True, inline="always")
+def exact_row(r, T, RS):
+    """Exact tier: a ``pte`` row (the entry the task's rmap walk is about to clear) waits for the task's next unmap
+    or set_pte row; every other step ignores it, so a trace without the tier replays the same."""
+    task = r["task"]
+    RS[RS_EX_ROWS] += 1
+    if task < 0:
+        return
+    T[task, T_EX] = EX_PENDING | (EX_WRITABLE if r["b"] & 1 else 0) | ((r["sub"] & 0xF) << 4)
+    T[task, T_EX_TS] = r["ts"]
+    T[task, T_EX_PROC] = r["a"]
+    T[task, T_EX_ADDR] = r["d"]
+
+
+@numba.njit(cache=True, inline="always")
+def _take_exact(task, ts, op, addr, mm, T, MM):
+    """The task's pending exact row if it is the entry of this unmap (op 1: within EXACT_WINDOW_NS, of the same
+    process when both are known) or set_pte (op 2: same address); its EX_* flags, or 0. A match consumes it."""
+    ex = T[task, T_EX]
+    if ex == 0 or (ex >> 4) != op:
+        return 0
+    if op == 1:
+        if ts - T[task, T_EX_TS] > EXACT_WINDOW_NS:
+            return 0
+        pp = T[task, T_EX_PROC]
+        if mm >= 0 and pp >= 0 and MM[mm, 0] >= 0 and MM[mm, 0] != pp:
+            return 0
+    elif T[task, T_EX_ADDR] != addr:
+        return 0
+    T[task, T_EX] = 0
+    return ex
+
+
+@numba.njit(cache=True, inline="always")
 def unmap_pte(r, T, CPU, MM, LAST_RUN, PROC_MMA, pool, nxt, S, out, RS, X):
     """Folio grouping: an ``unmap`` row becomes a pending PTE item of its task (consecutive rows of one mm are
     counted in one item) until a page-cache delete names the folio or the batch ends."""
@@ -637,8 +693,11 @@ def unmap_pte(r, T, CPU, MM, LAST_RUN, PROC_MMA, pool, nxt, S, out, RS, X):
     unb = T[task, T_IMM] != 0 and ts - (T[task, T_IMM] - 1) <= IMM_WINDOW_NS
     T[task, T_IMM] = 0
     fl = O.PTE_UNBATCHED if unb else 0
+    ex = _take_exact(task, ts, 1, -1, mm, T, MM)
+    if ex != 0:
+        fl |= O.PTE_EXACT | (O.PTE_WRITABLE if ex & EX_WRITABLE else 0)
     tail = T[task, T_PEND_TAIL]
-    if tail >= 0 and pool[tail]["mm"] == mm and (pool[tail]["flags"] & O.PTE_UNBATCHED) == fl:
+    if tail >= 0 and pool[tail]["mm"] == mm and pool[tail]["flags"] == fl:
         pool[tail]["aux"] += 1
     else:
         p = pool_new(pool, nxt, S)
@@ -674,6 +733,16 @@ def _pte_rw_from_maps(q, ts, mapping, off, MM, maps, RS, X):
         pp = MM[mp, 0] if mp >= 0 else -1
         snap = find_snapshot(pp, ts, pr_lo, pr_hi, sn_ts)
         found = vma_by_fileoff(snap, mapping, off, sn_lo, sn_hi, mp_start, mp_end, mp_off, mp_map)
+    if q["flags"] & O.PTE_EXACT:  # exact tier: the entry's own write bit; the inference is only compared
+        w = (q["flags"] & O.PTE_WRITABLE) != 0
+        RS[RS_PROV] += q["aux"]
+        if found < 0:
+            RS[RS_EX_NO_INFERENCE] += q["aux"]
+        else:
+            vf = mp_flags[found]
+            inferred_w = (vf & V_W) != 0 and (vf & V_S) != 0 and X[X_SHARED_W_RO] == 0
+            RS[RS_EX_AGREE if inferred_w == w else RS_EX_DISAGREE] += q["aux"]
+        return F_WRITABLE if w else 0
     if found >= 0:
         q["flags"] |= O.PTE_INFERRED
         RS[RS_PROV + 1] += q["aux"]
@@ -745,7 +814,7 @@ def page_cache_delete(r, T, MM, pool, nxt, S, out, RS, X, maps):
 
 
 @numba.njit(cache=True, inline="always")
-def migration_pte(r, T, pool, nxt, S, RS, X):
+def migration_pte(r, T, MM, PROC_MMA, pool, nxt, S, RS, X):
     """Folio grouping: a migration set_pte / set_pmd row is one PTE of the task's open migration folio (a new pfn
     closes the previous folio and opens the next), with its exact RO/RW and whether it was flushed at once."""
     ts = r["ts"]
@@ -781,7 +850,12 @@ def migration_pte(r, T, pool, nxt, S, RS, X):
     q["cpu"] = r["cpu"]
     q["task"] = task
     q["aux"] = 1
-    fl = 0
+    ex = _take_exact(task, ts, 2, r["d"], -1, T, MM)
+    if ex != 0:
+        pp = T[task, T_EX_PROC]
+        q["mm"] = PROC_MMA[pp] if pp >= 0 else -1
+        RS[RS_EX_MIG_MM if q["mm"] >= 0 else RS_EX_MIG_NO_MM] += 1
+    fl = PTE_MIG_ITEM
     if migtype == 0:
         T[task, T_MIG_FLAGS] |= F_UNKNOWN
         RS[RS_PROV + 2] += 1
@@ -801,7 +875,7 @@ def migration_pte(r, T, pool, nxt, S, RS, X):
 
 
 @numba.njit(cache=True, inline="always")
-def migrate_row(r, T, pool, nxt, S, out, RS, X):
+def migrate_row(r, T, MM, PROC_MMA, pool, nxt, S, out, RS, X):
     """Folio grouping and batch closing for ``migrate`` rows: start, set_pte/set_pmd, remove (the move phase: the
     batch's flush is behind us) and end."""
     task = r["task"]
@@ -810,7 +884,7 @@ def migrate_row(r, T, pool, nxt, S, out, RS, X):
         T[task, T_MIG_REASON] = r["c"] >> 12 & 0xF
         T[task, T_CTX] = CTX_MIGRATION
     elif sub == 0 or sub == 2:  # set_pte / set_pmd
-        migration_pte(r, T, pool, nxt, S, RS, X)
+        migration_pte(r, T, MM, PROC_MMA, pool, nxt, S, RS, X)
     elif sub == 1 or sub == 3:  # remove: the move phase started, the batch flush is behind us
         if T[task, T_MIG_PFN] >= 0 or T[task, T_BATCH_HEAD] >= 0:
             close_batch(task, r["ts"], r["cpu"], U0, 0, 0, T, pool, nxt, S, out, RS, X)
@@ -1100,7 +1174,7 @@ def reconstruct(
         elif kind == O.R_PCDEL:
             page_cache_delete(r, T, MM, pool, nxt, S, out, RS, X, maps)
         elif kind == O.R_MIG:
-            migrate_row(r, T, pool, nxt, S, out, RS, X)
+            migrate_row(r, T, MM, PROC_MMA, pool, nxt, S, out, RS, X)
         elif kind == O.R_PAGE:
             page_row(raw, i, T, pool, nxt, S, out, RS, X)
         elif kind == O.R_FAULT:
@@ -1115,6 +1189,8 @@ def reconstruct(
             reclaim_row(r, T, pool, nxt, S, out, RS, X)
         elif kind == O.R_PROC:
             proc_row(r, pmm, T, S, out)
+        elif kind == O.R_PTEX:
+            exact_row(r, T, RS)
         elif kind == O.R_MM:
             if r["proc"] >= 0 and r["a"] >= 0:
                 PROC_MMA[r["proc"]] = r["a"]

@@ -205,6 +205,15 @@ def build(
         },
         "batches": int(rs[RC.RS_BATCHES]),
     }
+    if rs[RC.RS_EX_ROWS]:  # the exact tier recorded this trace (meta.exact): what its rows gave the replay
+        doc["eligibility"]["exact_tier"] = {
+            "pte_rows": int(rs[RC.RS_EX_ROWS]),
+            "reclaim_ptes_inferred_agrees": int(rs[RC.RS_EX_AGREE]),
+            "reclaim_ptes_inferred_disagrees": int(rs[RC.RS_EX_DISAGREE]),
+            "reclaim_ptes_inferred_unknown": int(rs[RC.RS_EX_NO_INFERENCE]),
+            "migration_ptes_with_mm": int(rs[RC.RS_EX_MIG_MM]),
+            "migration_ptes_mm_unnamed": int(rs[RC.RS_EX_MIG_NO_MM]),
+        }
     edges = realloc_bin_edges()
     # The last bin is open-ended: its upper edge (infinity) is null in strict JSON.
     doc["realloc_delay"] = {

@@ -238,7 +238,7 @@ def committed_segments(p: Path, meta: dict[str, Any]) -> tuple[int, list[dict[st
     if isinstance(meta.get("segments"), int) and (p / schema.META_FILE).exists():
         return meta["segments"], []
     n = 0
-    while all((p / t / schema.segment_name(n)).is_file() for t in schema.KERNEL_TABLES):
+    while all((p / t / schema.segment_name(n)).is_file() for t in schema.REQUIRED_TABLES):
         n += 1
     return n, []
 
@@ -260,7 +260,7 @@ def open_trace(path: str | Path, validate: bool = True) -> Trace:
         want = [d / schema.segment_name(i) for i in range(n)]
         if manifests:
             want = [d / schema.segment_name(i) for i, m in enumerate(manifests) if name in m["tables"]]
-        elif name in schema.KERNEL_TABLES:
+        elif name in schema.REQUIRED_TABLES:
             lacking = [f for f in want if not f.is_file()]
             if lacking:
                 raise TraceError(f"{lacking[0]}: missing (segment {lacking[0].name} of table {name!r})")
@@ -284,7 +284,7 @@ def open_trace(path: str | Path, validate: bool = True) -> Trace:
 def validate_trace(trace: Trace) -> None:
     """Schema of every segment, table presence, rows vs commit manifests, CPU ids against host.nr_cpus,
     and per-CPU time order; raises TraceError."""
-    missing = [n for n in schema.KERNEL_TABLES if not trace.files.get(n)]
+    missing = [n for n in schema.REQUIRED_TABLES if not trace.files.get(n)]
     if missing and trace.n_segments:
         raise TraceError(f"{trace.path}: missing table(s) {', '.join(missing)}")
     last_ts: dict[tuple[str, int], int] = {}
