@@ -205,3 +205,31 @@ def test_kind_of_a_task_switched_in_for_the_first_time(tmp_path: Path) -> None:
     doc2 = run(s2, tmp_path, models=["vanilla"])
     assert rebuilt(doc2)["per_cpu"] == [0, 1, 1, 1]
     assert doc2["fidelity"]["cpu_state"]["switches_of_unknown_kind"] == 1
+
+
+@pytest.mark.parametrize("delta", [-(2 << 20), -4096])
+def test_a_pmd_unmap_is_never_batched(tmp_path: Path, delta: int) -> None:
+    """Reclaim splits a PMD-mapped folio: pmdp_huge_clear_flush flushes at once (reason 4, IPIs, local reason 3)
+    and the PMD's rss_stat (-2 MiB) may come more than 20 µs later on a busy host (28 µs seen). It adds nothing to
+    the batch: the rebuild is the recorded immediate flush. A 4 KiB PTE row as late is batched (the kernel then
+    traced no batched flush: its mask had no remote CPU, the model's had three)."""
+    s = Scenario(4)
+    for c in range(4):
+        user_on(s, 1000 + 10 * c, c, A[c], MM_A)
+    s.reclaim(10_000, 0, *A[0], 2)
+    s.tlb(10_010, 0, *A[0], 4)
+    for t in (1, 2, 3):
+        s.sd(10_010 + t, 0, *A[0], t)
+    s.tlb(10_020, 0, *A[0], 3)
+    s.unmap(50_000, 0, *A[0], MM_A, delta=delta)  # 30 µs after the local flush
+    s.pcdel(50_010, 0, *A[0], 1000, order=9)
+    s.free(50_200, 0, *A[0], 1000, order=9)
+    s.reclaim(50_300, 0, *A[0], 3)
+    doc = run(s, tmp_path, models=["vanilla"])
+    v, fid = rebuilt(doc), doc["fidelity"]
+    assert doc["vanilla"]["remote_shootdowns"] == 3 and v["by_cause"].get("immediate") == 3
+    if delta == -4096:
+        assert v["remote_shootdowns"] == 6 and fid["batch_not_recorded"]["flush_without_remote_cpu"] == 3
+    else:
+        assert v["remote_shootdowns"] == 3 and v["by_cause"].get("batch", 0) == 0
+        assert fid["precision_pct"] == 100.0 and fid["rebuilt_vs_recorded_pct"] == 0.0

@@ -104,6 +104,7 @@ SYS_MMAP, SYS_MUNMAP, SYS_MPROTECT, SYS_MADVISE, SYS_MREMAP = 0, 1, 2, 3, 4
 ZAP_MADVISE = (4, 8, 9, 24)  # DONTNEED, FREE, REMOVE, DONTNEED_LOCKED
 CTX_MIGRATION = 6
 IMM_WINDOW_NS = 20_000
+PMD_BYTES = 2 << 20  # HPAGE_PMD_SIZE with 4 KiB pages (x86-64; arm64 4K)
 # dup_mmap's flush_tlb_mm(oldmm) comes before the fork row (sched_process_fork fires when copy_process is done);
 # 1.5 ms was seen for a large python parent, ~30 µs for bash
 FORK_WINDOW_NS = 2_000_000
@@ -616,6 +617,15 @@ def shootdown_row(r, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X):
 
 
 @numba.njit(cache=True, inline="always")
+def pmd_unmap(delta):
+    """An rss_stat drop of a whole PMD is never batched: reclaim splits a PMD-mapped folio (TTU_SPLIT_HUGE_PMD:
+    split_huge_pmd_locked → pmdp_huge_clear_flush, and a file PMD is then dropped, not remapped), which flushes at
+    once; only PTEs go to the batch (set_tlb_ubc_flush_pending). Its flush can come more than IMM_WINDOW_NS before
+    the row on a busy host (28 µs seen), so the size decides, not the delay."""
+    return delta <= -PMD_BYTES
+
+
+@numba.njit(cache=True, inline="always")
 def unmap_pte(r, T, CPU, MM, LAST_RUN, PROC_MMA, pool, nxt, S, out, RS, X):
     """Folio grouping: an ``unmap`` row becomes a pending PTE item of its task (consecutive rows of one mm are
     counted in one item) until a page-cache delete names the folio or the batch ends."""
@@ -625,7 +635,7 @@ def unmap_pte(r, T, CPU, MM, LAST_RUN, PROC_MMA, pool, nxt, S, out, RS, X):
     mm = r["a"]
     T[task, T_CTX] = r["c"]
     # a local flush of this task just before (≤ 20 µs) the rss_stat: ptep_clear_flush / PMD flush
-    unb = T[task, T_IMM] != 0 and ts - (T[task, T_IMM] - 1) <= IMM_WINDOW_NS
+    unb = (T[task, T_IMM] != 0 and ts - (T[task, T_IMM] - 1) <= IMM_WINDOW_NS) or pmd_unmap(r["b"])
     T[task, T_IMM] = 0
     fl = O.PTE_UNBATCHED if unb else 0
     tail = T[task, T_PEND_TAIL]
