@@ -549,6 +549,24 @@ def track_task(r, T, LAST_RUN, PROC_MMA):
 
 
 @numba.njit(cache=True, inline="always")
+def shows_mm_loaded(r, CPU):
+    """Lazy state: ``r`` is a row that only a CPU running a task with its mm loaded emits: that task's own
+    rss_stat, user fault or syscall; a traced local flush (reasons 2, 3: flush_tlb_func returns untraced on a
+    lazy CPU); or switch_mm's reason 0 (switch_mm_irqs_off runs only when the next task has an mm; the row still
+    carries the previous task's pid)."""
+    kind = r["kind"]
+    if kind == O.R_TLB:
+        sub = r["sub"]
+        if sub == 0:
+            return True
+        if sub != 2 and sub != 3:
+            return False
+    elif kind != O.R_MM and kind != O.R_FAULT and kind != O.R_SYSCALL:
+        return False
+    return r["task"] == CPU[r["cpu"], C_CUR_TASK]
+
+
+@numba.njit(cache=True, inline="always")
 def flush_ends_at(r, CPU):
     """Flush grouping: whether this row ends its CPU's open recorded flush (another row of the sender task), and
     (second value) whether it is the set_pte / set_pmd that a per-PTE or PMD flush was for."""
@@ -1051,6 +1069,9 @@ def reconstruct(
         S[S_LAST_TS] = r["ts"]
         kind = r["kind"]
         pmm = track_task(r, T, LAST_RUN, PROC_MMA)
+        if CPU[r["cpu"], C_LAZY] != 0 and shows_mm_loaded(r, CPU):
+            settle_lazy(S, CPU, T, PROC_MMA, MM, LAST_RUN, X, out)
+            CS.proven_running(CPU, r["cpu"], T, T_KIND, T_PROC, C_CUR_TASK, C_LAZY, C_LOADED)
         ends, nx_set = flush_ends_at(r, CPU)
         if ends:
             close_group(r["cpu"], T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X, nx_set)
