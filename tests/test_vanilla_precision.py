@@ -169,6 +169,13 @@ def test_a_skip_the_trace_cannot_see_lowers_precision_not_recall(tmp_path: Path)
     assert fid["precision_pct"] == round(100 / 6, 3)
     assert fid["rebuilt_vs_recorded_pct"] == 500.0
     assert fid["batch_not_recorded"] == {"total": 5, "flush_sent_to_none": 3, "flush_without_remote_cpu": 0}
+    # all 5 were skipped by flushes whose send was traced, at CPUs running A (not lazy): the PV-skip estimate
+    # counts them (2 of the first flush, 3 of the second) and leaves them in the rebuild
+    assert fid["pv_flush"] == {
+        "host_pv_tlb_flush": None,
+        "skip_candidates": 5,
+        "rebuilt_vs_recorded_pct_without_them": 0.0,
+    }
     per_cpu = {p["cpu"]: p for p in fid["per_cpu"]}
     assert per_cpu[1]["precision_pct"] == 50.0 and per_cpu[1]["rebuilt_vs_recorded_pct"] == 100.0
     assert per_cpu[2]["recorded"] == 0 and per_cpu[2]["rebuilt"] == 2 and per_cpu[2]["precision_pct"] == 0.0
