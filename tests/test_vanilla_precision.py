@@ -242,12 +242,13 @@ def test_a_pmd_unmap_is_never_batched(tmp_path: Path, delta: int) -> None:
         assert fid["precision_pct"] == 100.0 and fid["rebuilt_vs_recorded_pct"] == 0.0
 
 
-@pytest.mark.parametrize("evidence", ["switch_mm", "local_flush", "fault", "none"])
+@pytest.mark.parametrize("evidence", ["switch_mm", "local_flush", "fault", "none", "lazy_to_init_mm"])
 def test_a_cpu_guessed_lazy_is_corrected_by_a_row_only_a_loaded_mm_emits(tmp_path: Path, evidence: str) -> None:
     """CPU3 switches to task 777, never seen, of a process the trace has not named: taken for a kernel thread
     (lazy). switch_mm's reason-0 row right after the switch (it carries the previous task's pid), a traced local
     flush of the task (flush_tlb_func returns untraced on a lazy CPU) or a user fault of it shows that it runs with
-    its mm loaded: the batch reaches CPU3, as the kernel's did. With no such row the guess stands (a missed target)."""
+    its mm loaded: the batch reaches CPU3, as the kernel's did. With no such row the guess stands (a missed target);
+    so it does after a reason 0 of the running task itself (flush_tlb_func moving a lazy CPU to init_mm)."""
     s = Scenario(4)
     for c in range(4):
         user_on(s, 1000 + 10 * c, c, A[c], MM_A)
@@ -258,11 +259,13 @@ def test_a_cpu_guessed_lazy_is_corrected_by_a_row_only_a_loaded_mm_emits(tmp_pat
         s.tlb(3000, 3, 777, 777, 3, 1)
     elif evidence == "fault":
         s.fault(3000, 3, 777, 777, 0x7000)
+    elif evidence == "lazy_to_init_mm":
+        s.tlb(3000, 3, 777, 777, 0, 0)
     reclaim_batch(s, 10_000, [1, 2, 3])
     doc = run(s, tmp_path, models=["vanilla"])
     fid = doc["fidelity"]
     assert fid["cpu_state"]["switches_of_unknown_kind"] == 1
-    if evidence == "none":
+    if evidence in ("none", "lazy_to_init_mm"):
         assert rebuilt(doc)["per_cpu"] == [0, 1, 1, 0] and fid["recall_pct"] < 100.0
     else:
         assert rebuilt(doc)["per_cpu"] == [0, 1, 1, 1]

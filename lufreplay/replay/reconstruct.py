@@ -552,13 +552,14 @@ def track_task(r, T, LAST_RUN, PROC_MMA):
 def shows_mm_loaded(r, CPU):
     """Lazy state: ``r`` is a row that only a CPU running a task with its mm loaded emits: that task's own
     rss_stat, user fault or syscall; a traced local flush (reasons 2, 3: flush_tlb_func returns untraced on a
-    lazy CPU); or switch_mm's reason 0 (switch_mm_irqs_off runs only when the next task has an mm; the row still
-    carries the previous task's pid)."""
+    lazy CPU); or switch_mm's reason 0 at a context switch (switch_mm_irqs_off runs only when the next task has an
+    mm; the row still carries the previous task's pid: one of the running task is flush_tlb_func moving a lazy CPU
+    to init_mm, no proof)."""
     kind = r["kind"]
     if kind == O.R_TLB:
         sub = r["sub"]
         if sub == 0:
-            return True
+            return r["task"] != CPU[r["cpu"], C_CUR_TASK]
         if sub != 2 and sub != 3:
             return False
     elif kind != O.R_MM and kind != O.R_FAULT and kind != O.R_SYSCALL:
