@@ -169,6 +169,13 @@ def test_a_skip_the_trace_cannot_see_lowers_precision_not_recall(tmp_path: Path)
     assert fid["precision_pct"] == round(100 / 6, 3)
     assert fid["rebuilt_vs_recorded_pct"] == 500.0
     assert fid["batch_not_recorded"] == {"total": 5, "flush_sent_to_none": 3, "flush_without_remote_cpu": 0}
+    # all 5 were skipped by flushes whose send was traced, at CPUs running A (not lazy): the PV-skip estimate
+    # counts them (2 of the first flush, 3 of the second) and leaves them in the rebuild
+    assert fid["pv_flush"] == {
+        "host_pv_tlb_flush": None,
+        "skip_candidates": 5,
+        "rebuilt_vs_recorded_pct_without_them": 0.0,
+    }
     per_cpu = {p["cpu"]: p for p in fid["per_cpu"]}
     assert per_cpu[1]["precision_pct"] == 50.0 and per_cpu[1]["rebuilt_vs_recorded_pct"] == 100.0
     assert per_cpu[2]["recorded"] == 0 and per_cpu[2]["rebuilt"] == 2 and per_cpu[2]["precision_pct"] == 0.0
@@ -270,3 +277,61 @@ def test_the_old_mm_teardown_before_an_exec_or_exit_row_is_a_zap(tmp_path: Path,
         s.proc(5_000_000, 0, *A[0], event)
         doc = _simulate(s, tmp_path)
         assert doc["vanilla"]["by_cause"] == ({"other": 2} if between else {"zap": 2}), between
+
+
+@pytest.mark.parametrize("delta", [-(2 << 20), -4096])
+def test_a_pmd_unmap_is_never_batched(tmp_path: Path, delta: int) -> None:
+    """Reclaim splits a PMD-mapped folio: pmdp_huge_clear_flush flushes at once (reason 4, IPIs, local reason 3)
+    and the PMD's rss_stat (-2 MiB) may come more than 20 µs later on a busy host (28 µs seen). It adds nothing to
+    the batch: the rebuild is the recorded immediate flush. A 4 KiB PTE row as late is batched (the kernel then
+    traced no batched flush: its mask had no remote CPU, the model's had three)."""
+    s = Scenario(4)
+    for c in range(4):
+        user_on(s, 1000 + 10 * c, c, A[c], MM_A)
+    s.reclaim(10_000, 0, *A[0], 2)
+    s.tlb(10_010, 0, *A[0], 4)
+    for t in (1, 2, 3):
+        s.sd(10_010 + t, 0, *A[0], t)
+    s.tlb(10_020, 0, *A[0], 3)
+    s.unmap(50_000, 0, *A[0], MM_A, delta=delta)  # 30 µs after the local flush
+    s.pcdel(50_010, 0, *A[0], 1000, order=9)
+    s.free(50_200, 0, *A[0], 1000, order=9)
+    s.reclaim(50_300, 0, *A[0], 3)
+    doc = run(s, tmp_path, models=["vanilla"])
+    v, fid = rebuilt(doc), doc["fidelity"]
+    assert doc["vanilla"]["remote_shootdowns"] == 3 and v["by_cause"].get("immediate") == 3
+    if delta == -4096:
+        assert v["remote_shootdowns"] == 6 and fid["batch_not_recorded"]["flush_without_remote_cpu"] == 3
+    else:
+        assert v["remote_shootdowns"] == 3 and v["by_cause"].get("batch", 0) == 0
+        assert fid["precision_pct"] == 100.0 and fid["rebuilt_vs_recorded_pct"] == 0.0
+
+
+@pytest.mark.parametrize("evidence", ["switch_mm", "local_flush", "fault", "none", "lazy_to_init_mm"])
+def test_a_cpu_guessed_lazy_is_corrected_by_a_row_only_a_loaded_mm_emits(tmp_path: Path, evidence: str) -> None:
+    """CPU3 switches to task 777, never seen, of a process the trace has not named: taken for a kernel thread
+    (lazy). switch_mm's reason-0 row right after the switch (it carries the previous task's pid), a traced local
+    flush of the task (flush_tlb_func returns untraced on a lazy CPU) or a user fault of it shows that it runs with
+    its mm loaded: the batch reaches CPU3, as the kernel's did. With no such row the guess stands (a missed target);
+    so it does after a reason 0 of the running task itself (flush_tlb_func moving a lazy CPU to init_mm)."""
+    s = Scenario(4)
+    for c in range(4):
+        user_on(s, 1000 + 10 * c, c, A[c], MM_A)
+    s.sched(2000, 3, *A[3], 777)
+    if evidence == "switch_mm":
+        s.tlb(2001, 3, *A[3], 0)
+    elif evidence == "local_flush":
+        s.tlb(3000, 3, 777, 777, 3, 1)
+    elif evidence == "fault":
+        s.fault(3000, 3, 777, 777, 0x7000)
+    elif evidence == "lazy_to_init_mm":
+        s.tlb(3000, 3, 777, 777, 0, 0)
+    reclaim_batch(s, 10_000, [1, 2, 3])
+    doc = run(s, tmp_path, models=["vanilla"])
+    fid = doc["fidelity"]
+    assert fid["cpu_state"]["switches_of_unknown_kind"] == 1
+    if evidence in ("none", "lazy_to_init_mm"):
+        assert rebuilt(doc)["per_cpu"] == [0, 1, 1, 0] and fid["recall_pct"] < 100.0
+    else:
+        assert rebuilt(doc)["per_cpu"] == [0, 1, 1, 1]
+        assert fid["recall_pct"] == 100.0 and fid["precision_pct"] == 100.0

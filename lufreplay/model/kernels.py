@@ -45,9 +45,12 @@ O_VIOL = O_REC_TL + TIMELINE_BINS  # safety violations (count, pfn, ts)
 O_FID_EXPL_CPU = O_VIOL + 4
 O_FID_MATCH_CPU = O_FID_EXPL_CPU + MAX_CPUS
 # vanilla rebuild: predicted IPIs of batch flushes that reached no CPU although the kernel traced sending (every
-# remote target skipped: lazy, or a preempted vCPU under KVM PV flush), and of flushes with no remote CPU at all
+# remote target skipped: lazy, or a preempted vCPU under KVM PV flush), and of flushes with no remote CPU at all;
+# then the predicted targets (not lazy in the model) that a flush with a traced send did not reach (PV-skip
+# candidates, vanilla.pv_skip_candidates)
 O_FID_SKIPPED = O_FID_MATCH_CPU + MAX_CPUS
-ACC_SIZE = O_FID_SKIPPED + 2
+O_FID_PV = O_FID_SKIPPED + 2
+ACC_SIZE = O_FID_PV + 1
 
 # Log vector ``nlog``: [decisions written, stale requests written, done-history entries written, decision capacity]
 L_DEC, L_REQ, L_HIST = 0, 1, 2

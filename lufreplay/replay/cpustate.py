@@ -26,6 +26,7 @@ a WRONG_CPU clear zeroes it.
 
 A task switched in whose kind is still unknown (its first switch-in) is a user task when its process's mm is
 known, else it is taken as a kernel thread (lazy: the CPU keeps what it had loaded); such switches are counted.
+A later row that only a task with its mm loaded causes (``proven_running``) corrects the guess from then on.
 """
 
 from __future__ import annotations
@@ -66,6 +67,21 @@ def switch_in(CPU, c, nxt_task, T, PROC_MMA, t_proc, t_kind, c_loaded, c_lazy):
         CPU[c, c_lazy] = 0
         CPU[c, c_loaded] = proc + 1 if proc >= 0 else 0  # an unnamed process: this CPU left every known mm
     return guessed
+
+
+@numba.njit(cache=True)
+def proven_running(CPU, c, T, t_kind, t_proc, c_cur_task, c_lazy, c_loaded):
+    """The task running on CPU ``c`` has its mm loaded (a row only such a task causes), though its switch-in took
+    it for a kernel thread (its kind was unknown then): the CPU is not lazy and holds the task's mm. A known kernel
+    thread is left alone (one that borrowed an mm with kthread_use_mm would look the same). True if it changed."""
+    t = CPU[c, c_cur_task]
+    if t < 0 or CPU[c, c_lazy] == 0 or T[t, t_kind] == K_KTHREAD:
+        return False
+    T[t, t_kind] = K_USER
+    CPU[c, c_lazy] = 0
+    p = T[t, t_proc]
+    CPU[c, c_loaded] = p + 1 if p >= 0 else 0
+    return True
 
 
 @numba.njit(cache=True)

@@ -124,6 +124,7 @@ SYS_MMAP, SYS_MUNMAP, SYS_MPROTECT, SYS_MADVISE, SYS_MREMAP = 0, 1, 2, 3, 4
 ZAP_MADVISE = (4, 8, 9, 24)  # DONTNEED, FREE, REMOVE, DONTNEED_LOCKED
 CTX_MIGRATION = 6
 IMM_WINDOW_NS = 20_000
+PMD_BYTES = 2 << 20  # HPAGE_PMD_SIZE with 4 KiB pages (x86-64; arm64 4K)
 # dup_mmap's flush_tlb_mm(oldmm) comes before the fork row (sched_process_fork fires when copy_process is done);
 # 1.5 ms was seen for a large python parent, ~30 µs for bash
 FORK_WINDOW_NS = 2_000_000
@@ -580,6 +581,25 @@ def track_task(r, T, LAST_RUN, PROC_MMA):
 
 
 @numba.njit(cache=True, inline="always")
+def shows_mm_loaded(r, CPU):
+    """Lazy state: ``r`` is a row that only a CPU running a task with its mm loaded emits: that task's own
+    rss_stat, user fault or syscall; a traced local flush (reasons 2, 3: flush_tlb_func returns untraced on a
+    lazy CPU); or switch_mm's reason 0 at a context switch (switch_mm_irqs_off runs only when the next task has an
+    mm; the row still carries the previous task's pid: one of the running task is flush_tlb_func moving a lazy CPU
+    to init_mm, no proof)."""
+    kind = r["kind"]
+    if kind == O.R_TLB:
+        sub = r["sub"]
+        if sub == 0:
+            return r["task"] != CPU[r["cpu"], C_CUR_TASK]
+        if sub != 2 and sub != 3:
+            return False
+    elif kind != O.R_MM and kind != O.R_FAULT and kind != O.R_SYSCALL:
+        return False
+    return r["task"] == CPU[r["cpu"], C_CUR_TASK]
+
+
+@numba.njit(cache=True, inline="always")
 def flush_ends_at(r, CPU):
     """Flush grouping: whether this row ends its CPU's open recorded flush (another row of the sender task), and
     (second value) whether it is the set_pte / set_pmd that a per-PTE or PMD flush was for."""
@@ -681,6 +701,15 @@ def _take_exact(task, ts, op, addr, mm, T, MM):
 
 
 @numba.njit(cache=True, inline="always")
+def pmd_unmap(delta):
+    """An rss_stat drop of a whole PMD is never batched: reclaim splits a PMD-mapped folio (TTU_SPLIT_HUGE_PMD:
+    split_huge_pmd_locked → pmdp_huge_clear_flush, and a file PMD is then dropped, not remapped), which flushes at
+    once; only PTEs go to the batch (set_tlb_ubc_flush_pending). Its flush can come more than IMM_WINDOW_NS before
+    the row on a busy host (28 µs seen), so the size decides, not the delay."""
+    return delta <= -PMD_BYTES
+
+
+@numba.njit(cache=True, inline="always")
 def unmap_pte(r, T, CPU, MM, LAST_RUN, PROC_MMA, pool, nxt, S, out, RS, X):
     """Folio grouping: an ``unmap`` row becomes a pending PTE item of its task (consecutive rows of one mm are
     counted in one item) until a page-cache delete names the folio or the batch ends."""
@@ -690,7 +719,7 @@ def unmap_pte(r, T, CPU, MM, LAST_RUN, PROC_MMA, pool, nxt, S, out, RS, X):
     mm = r["a"]
     T[task, T_CTX] = r["c"]
     # a local flush of this task just before (≤ 20 µs) the rss_stat: ptep_clear_flush / PMD flush
-    unb = T[task, T_IMM] != 0 and ts - (T[task, T_IMM] - 1) <= IMM_WINDOW_NS
+    unb = (T[task, T_IMM] != 0 and ts - (T[task, T_IMM] - 1) <= IMM_WINDOW_NS) or pmd_unmap(r["b"])
     T[task, T_IMM] = 0
     fl = O.PTE_UNBATCHED if unb else 0
     ex = _take_exact(task, ts, 1, -1, mm, T, MM)
@@ -1162,6 +1191,9 @@ def reconstruct(
         S[S_LAST_TS] = r["ts"]
         kind = r["kind"]
         pmm = track_task(r, T, LAST_RUN, PROC_MMA)
+        if CPU[r["cpu"], C_LAZY] != 0 and shows_mm_loaded(r, CPU):
+            settle_lazy(S, CPU, T, PROC_MMA, MM, LAST_RUN, X, out)
+            CS.proven_running(CPU, r["cpu"], T, T_KIND, T_PROC, C_CUR_TASK, C_LAZY, C_LOADED)
         ends, nx_set = flush_ends_at(r, CPU)
         if ends:
             close_group(r["cpu"], T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X, nx_set)

@@ -18,6 +18,7 @@ from lufreplay.model import ops as O
 from lufreplay.model.kernels import (
     O_FID_EXPL_CPU,
     O_FID_MATCH_CPU,
+    O_FID_PV,
     O_FID_SKIPPED,
     O_PERCPU,
     O_REC_EVENTS,
@@ -184,6 +185,7 @@ def build(
         },
     }
     doc["fidelity"].update(precision(fid, va, ncpu, res.real_cpus()))
+    doc["fidelity"]["pv_flush"] = pv_flush_estimate(doc["fidelity"]["rebuilt"], recorded, va, meta)
     rs = res.recon_stats
     doc["fidelity"]["cpu_state"] = {
         "switches_of_unknown_kind": int(rs[RC.RS_SWITCH_GUESSED]),
@@ -279,6 +281,21 @@ def precision(fid: dict[str, np.ndarray], va: np.ndarray, ncpu: int, real: np.nd
         cpu = int(real[c]) if real is not None else c
         out["per_cpu"].append({"cpu": cpu, "recorded": int(r), "rebuilt": int(b), **_scores(r, e, b, m)})
     return out
+
+
+def pv_flush_estimate(rebuilt: int, recorded: int, va: np.ndarray, meta: dict[str, Any]) -> dict[str, Any]:
+    """The rebuilt batch targets that a flush with a traced send did not reach while the model had them running a
+    task (vanilla.pv_skip_candidates): what KVM's PV flush skips when the vCPU is preempted, if the recorded host
+    had it (meta host.hypervisor.pv_tlb_flush). Reported beside the rebuild, never taken out of it."""
+    n = int(va[O_FID_PV])
+    host = meta.get("host")
+    hv = host.get("hypervisor") if isinstance(host, dict) else None
+    hv = hv if isinstance(hv, dict) else {}
+    return {
+        "host_pv_tlb_flush": hv.get("pv_tlb_flush"),
+        "skip_candidates": n,
+        "rebuilt_vs_recorded_pct_without_them": _pct(rebuilt - n - recorded, recorded),
+    }
 
 
 def check_sums(doc: dict[str, Any]) -> None:
