@@ -41,9 +41,7 @@ POLICY = st.tuples(st.sampled_from(["luf", "recorded"]), st.sampled_from(["rejec
 
 #: Recorded flushes every model passes through unchanged.
 PASS_THROUGH = tuple(c for c in O.RECORDED_CAUSES if c != "batch")
-#: IPIs that pay for deferred work: every cause a deferring model adds on top of the recorded pass-through
-#: flushes and of the batch flush's non-deferred part (``batch_nonluf``), which is sent at the batch.
-DEFERRABLE = tuple(c for c in O.CAUSES if c not in O.RECORDED_CAUSES and c != "batch_nonluf")
+DEFERRABLE = O.DEFERRABLE_CAUSES
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -32,8 +32,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "clip_to_recorded",
-        True,
-        "intersect each batch's modelled masks with the CPUs the recorded flush really targeted (+ sender): lazy/PV skips [I]",
+        False,
+        "where the LUF models drop lazy-TLB CPUs [§9.7]: false = as the kernel does, a key holds the whole mm_cpumask"
+        " union of its PTEs and every flush skips the CPUs lazy when it is sent (a batch's own flush: the CPUs its"
+        " recorded flush did not reach); true = each batch's masks are clipped to the CPUs the recorded flush reached"
+        " (+ sender), i.e. CPUs lazy (or PV-preempted) at the unmap stay out of the key even if busy when it is paid",
     ),
     Option(
         "unexplained_targets",

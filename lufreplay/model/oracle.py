@@ -37,6 +37,7 @@ def run_oracle(
     luf = Y[S.Y_ALLOC_LUF] != 0
     non_luf_ok = Y[S.Y_NON_LUF_OK] != 0
     large = Y[S.Y_LARGE_ELIG] != 0
+    lazy_flush = Y[S.Y_LAZY_AT_FLUSH] != 0
     i = 0
     while i < nops:
         r = mops[i]
@@ -47,6 +48,7 @@ def run_oracle(
             )
             continue
         i += 1
+        SC[S.LAZY] = np.int64(rmap.lazy_now(r, cpu, lazy_flush))
         if op == O.M_KEEP:
             rmap.reclaim_keep_unbatched(SC, SU)
         elif op == O.M_BATCH:
