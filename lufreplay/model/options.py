@@ -127,6 +127,13 @@ OPTIONS: tuple[Option, ...] = (
         ("posted", "intended"),
     ),
     Option(
+        "oracle_local_flushes",
+        True,
+        "oracle: a CPU that runs a LUF point (batch end, takeoff, hook) flushes its own TLB there with no IPI, so it"
+        " owes nothing older later (true: a bound on any safe scheme, docs/simulate.md 'The oracle'); false: the"
+        " former oracle, paying each CPU only at the points a stale entry could be used [I]",
+    ),
+    Option(
         "v11_atomic_flush",
         True,
         "luf-v11: the allocation-time flush (prep_new_page) happens whatever the context [I, §2.6]",

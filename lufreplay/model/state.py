@@ -44,8 +44,9 @@ PAGE_STATE_NAMES = (
     Y_LARGE_ELIG,
     Y_HOOKS_POSTED,
     Y_LAZY_AT_FLUSH,
-) = range(13)
-NY = 13
+    Y_ORACLE_LOCAL,
+) = range(14)
+NY = 14
 
 BYTES_PER_PAGE = 1 + 4 + 8 + 8 + 4 + 8 + 8
 
@@ -65,6 +66,7 @@ def model_options(opts: dict[str, Any], ncpu: int) -> np.ndarray:
     y[Y_LARGE_ELIG] = 1.0 if opts["large_folios"] == "eligible" else 0.0
     y[Y_HOOKS_POSTED] = 1.0 if opts.get("hooks") == "posted" else 0.0
     y[Y_LAZY_AT_FLUSH] = 0.0 if opts["clip_to_recorded"] else 1.0
+    y[Y_ORACLE_LOCAL] = 1.0 if opts["oracle_local_flushes"] else 0.0
     return y
 
 
