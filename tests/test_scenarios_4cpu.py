@@ -19,7 +19,7 @@ import itertools
 from collections.abc import Callable
 from pathlib import Path
 
-from scenarios import A1, MM_A, MM_C, MM_E, RO_FILE, A, B, C, Scenario, quad_setup, reclaim_batch, run
+from scenarios import A1, A2, MM_A, MM_C, MM_E, RO_FILE, A, B, C, Scenario, quad_setup, reclaim_batch, run
 
 from lufreplay.model.options import parse_settings
 from lufreplay.model.reference import FAST_PATH_CHOICES, SPEC_CHOICES, Decision, ReferenceLufV12, fast_decisions
@@ -292,17 +292,34 @@ def test_f9_batched_pending(tmp_path: Path) -> None:
     check(s, tmp_path, same([D(0, 0, 1, 2), P("batched_pending", 1, 0, 1, 2)]))
 
 
-def test_lazy_cpus_at_unmap_vs_at_flush(tmp_path: Path) -> None:
-    """§9.7: CPU2 is in mm_cpumask(A) but lazy at the unmap: vanilla's batched flush skipped it (recorded
-    targets {1}). clip_to_recorded (default) filters lazy CPUs at the unmap: key1 = {0,1}, F1 flushes {0,1}.
-    Off (as posted: the key holds the whole mm_cpumask, lazy CPUs are filtered only when the key is flushed;
-    CPU2 is assumed busy again by then): key1 = {0,1,2}, F1 flushes {0,1,2}."""
+def _lazy_scenario(cpu2_busy_at_alloc: bool) -> Scenario:
+    """A2's CPU2 goes idle (lazy, A still loaded: in mm_cpumask(A)) before A's batch; vanilla's batched flush
+    skipped it (recorded targets {1}). Folios 1000 and 1001 share the batch's key. B allocates 1000 on CPU3 at
+    T_ALLOC, with CPU2 still idle or running A2 again; CPU2 runs A2 by the time 1001 is allocated."""
     s = Scenario(4)
     quad_setup(s)
-    reclaim_batch(s, T1, [(1000, [MM_A])], [1])
+    s.sched(5_000, 2, *A2, 0)  # A2 → idle: enter_lazy_tlb
+    reclaim_batch(s, T1, [(1000, [MM_A]), (1001, [MM_A])], [1])
+    wake = T_ALLOC - 50_000 if cpu2_busy_at_alloc else T_ALLOC + 50_000
+    s.sched(wake, 2, 0, 0, A2[0])  # idle → A2: CPU2 is busy in A again
     s.alloc(T_ALLOC, 3, *B, 1000)
-    check(s, tmp_path, same([D(0, 0, 1), P("alloc_pcp", 3, 0, 1)]))
-    check(s, tmp_path, same([D(0, 0, 1, 2), P("alloc_pcp", 3, 0, 1, 2)]), ["clip_to_recorded=false"])
+    s.alloc(T_ALLOC + 100_000, 3, *B, 1001)
+    return s
+
+
+def test_lazy_cpus_at_unmap_vs_at_flush(tmp_path: Path) -> None:
+    """§9.7, by hand from the v12 code: fold_unmap_luf keys the whole mm_cpumask(A) = {0,1,2} (CPU2 is lazy, not
+    out of the mask), so the batch defers {0,1,2}. F1 at the allocation of 1000 on CPU3 runs arch_tlbbatch_flush
+    on KEY = {0,1,2}: should_flush_tlb skips a CPU lazy at that moment. CPU2 still idle: IPIs to {0,1} only, and
+    done[] is marked for all of {0,1,2} (arch_tlbbatch_mark_ugen), so 1001's F1 is a free pass although CPU2 is
+    busy again by then. CPU2 busy at the allocation: IPIs to {0,1,2}; 1001 is a free pass. clip_to_recorded
+    (the former default) takes the lazy skip at the unmap instead: key = recorded targets + sender = {0,1}, and F1
+    sends {0,1} whatever CPU2 does later (optimistic when CPU2 is busy again, as here in the second case)."""
+    idle, busy = _lazy_scenario(False), _lazy_scenario(True)
+    check(idle, tmp_path, same([D(0, 0, 1, 2), P("alloc_pcp", 3, 0, 1)]))
+    check(busy, tmp_path, same([D(0, 0, 1, 2), P("alloc_pcp", 3, 0, 1, 2)]))
+    for s in (idle, busy):
+        check(s, tmp_path, same([D(0, 0, 1), P("alloc_pcp", 3, 0, 1)]), ["clip_to_recorded=true"])
 
 
 def test_scenario_uses_four_cpus() -> None:

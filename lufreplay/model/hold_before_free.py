@@ -57,6 +57,7 @@ def run_hbf(
 ):  # fmt: skip
     max_held = np.int64(Y[S.Y_HBF_MAX])
     large = Y[S.Y_LARGE_ELIG] != 0
+    lazy_flush = Y[S.Y_LAZY_AT_FLUSH] != 0
     i = 0
     while i < nops:
         r = mops[i]
@@ -72,6 +73,7 @@ def run_hbf(
             i = j
             continue
         i += 1
+        SC[S.LAZY] = np.int64(rmap.lazy_now(r, cpu, lazy_flush))
         if op == O.M_KEEP:
             rmap.reclaim_keep_unbatched(SC, SU)
         elif op == O.M_BATCH:
@@ -90,7 +92,7 @@ def run_hbf(
                         sh_mask[p] = U0
                         sh_ugen[p] = 0
             if nl != U0:
-                K.account_flush(ts, cpu, task, nl, O.C_BATCH_NONLUF, op, -1, acc, tl, dec, nlog)
+                K.account_flush(ts, cpu, task, rmap.sent(nl, SC), O.C_BATCH_NONLUF, op, -1, acc, tl, dec, nlog)
             if d != U0:
                 g = rmap.open_generation(d, SC, SU)
                 rmap.defer(ts, cpu, task, d, op, acc, dec, nlog)

@@ -10,7 +10,18 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from lufreplay.model.ops import MAX_CPUS, NCAUSE, NMISC, TIMELINE_BINS
+from lufreplay.model.ops import (
+    M_ALLOC,
+    M_FREE,
+    M_HOOK,
+    M_KEEP,
+    M_RECLAIM_BEGIN,
+    M_TAKE,
+    MAX_CPUS,
+    NCAUSE,
+    NMISC,
+    TIMELINE_BINS,
+)
 from lufreplay.model.ops import REJECT as _REJECT
 
 J_LARGE_FOLIO = _REJECT.index("large_folio")
@@ -59,6 +70,12 @@ L_DEC, L_REQ, L_HIST = 0, 1, 2
 @numba.njit(cache=True)
 def bit(c):
     return U1 << np.uint64(c)
+
+
+@numba.njit(cache=True)
+def carries_lazy(op):
+    """Model ops at which a LUF model may flush deferred work: their ``mask2`` holds the CPUs lazy at the op."""
+    return op == M_KEEP or op == M_FREE or op == M_TAKE or op == M_ALLOC or op == M_HOOK or op == M_RECLAIM_BEGIN
 
 
 @numba.njit(cache=True)

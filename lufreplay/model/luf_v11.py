@@ -55,6 +55,7 @@ def run_luf_v11(
 ):  # fmt: skip
     luf = Y[S.Y_ALLOC_LUF] != 0
     large = Y[S.Y_LARGE_ELIG] != 0
+    lazy_flush = Y[S.Y_LAZY_AT_FLUSH] != 0
     i = 0
     while i < nops:
         r = mops[i]
@@ -65,12 +66,13 @@ def run_luf_v11(
             )
             continue
         i += 1
+        SC[S.LAZY] = np.int64(rmap.lazy_now(r, cpu, lazy_flush))
         if op == O.M_KEEP:  # kept folio: everything accumulated is flushed with the batch
             rmap.reclaim_keep_unbatched(SC, SU)
         elif op == O.M_BATCH:
             d, nl = rmap.batch_split(r["mask"], Y[S.Y_UNEXPLAINED_FLUSH] != 0, SU)
             if nl != U0:
-                K.account_flush(ts, cpu, task, nl, O.C_BATCH_NONLUF, op, -1, acc, tl, dec, nlog)
+                K.account_flush(ts, cpu, task, rmap.sent(nl, SC), O.C_BATCH_NONLUF, op, -1, acc, tl, dec, nlog)
             g = np.int64(0)
             if d != U0:
                 g = rmap.open_generation(d, SC, SU)

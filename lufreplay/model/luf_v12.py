@@ -25,6 +25,7 @@ from lufreplay.model.rmap import luf_flush, owe
 from lufreplay.model.state import (
     COVERED,
     KCTR,
+    LAZY,
     LUF_MASK,
     NBUF,
     NONLUF_MASK,
@@ -48,6 +49,7 @@ from lufreplay.model.state import (
     Y_EPOCH_LAT_NS,
     Y_HOOKS_POSTED,
     Y_LARGE_ELIG,
+    Y_LAZY_AT_FLUSH,
     Y_NON_LUF_OK,
     Y_PCP_STRIKES,
     Y_UNEXPLAINED_FLUSH,
@@ -250,6 +252,7 @@ def run_luf_v12(
     luf = Y[Y_ALLOC_LUF] != 0
     non_luf_ok = Y[Y_NON_LUF_OK] != 0
     large = Y[Y_LARGE_ELIG] != 0
+    lazy_flush = Y[Y_LAZY_AT_FLUSH] != 0
     hooks_posted = Y[Y_HOOKS_POSTED] != 0
     i = 0
     while i < nops:
@@ -261,6 +264,7 @@ def run_luf_v12(
             )
             continue
         i += 1
+        SC[LAZY] = np.int64(rmap.lazy_now(r, cpu, lazy_flush))
         if op == O.M_KEEP:  # 4. reclaim_keep (F11): key the work so far and flush it at once
             _settle(
                 ts, cpu, task, luf, SC, done, buf, pstate, pkey, sh_mask, sh_ugen, pobl, OB, acc, tl, dec, nlog,

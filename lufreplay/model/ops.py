@@ -37,6 +37,7 @@ RAW_DTYPE = np.dtype(
     M_PTE,  # unmap_pte: mm, mapping, mask (clipped), mask2 (modelled, unclipped), flags PTE_*
     M_FOLIO_END,  # end_folio_unmap: sub = rejection reason of the folio (0 = eligible), aux = the reason without
     #               the large-folio exclusion (option large_folios=eligible)
+    # KEEP, FREE, TAKE, ALLOC, HOOK and RECLAIM_BEGIN: mask2 = the CPUs lazy at the op (a flush sent there skips them)
     M_KEEP,  # F11: reclaim could not free an eligible folio
     M_BATCH,  # batch_flush: cpu = sender, mask = recorded remote targets, aux = shootdown rows, flags B_*,
     #           mask2 = CPUs lazy at the flush, order = 1 if the kernel traced remote_send_ipi (a remote CPU in
@@ -136,6 +137,9 @@ RECORDED_CAUSES = (
     "untraced",
     "other",
 )
+#: IPIs that pay for deferred work: every cause a deferring model adds on top of the recorded flushes it passes
+#: through and of a batch flush's non-deferred part (``batch_nonluf``), which is sent at the batch
+DEFERRABLE_CAUSES = tuple(c for c in CAUSES if c not in RECORDED_CAUSES and c != "batch_nonluf")
 HOOK_CAUSE = np.array(
     [C["fault"], C["write_begin"], C["truncate"], C["mkclean"], C["zap_vma"], C["ctxsw_kthread"], C["dirty_writeback"]],
     dtype=np.int64,

@@ -32,8 +32,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "clip_to_recorded",
-        True,
-        "intersect each batch's modelled masks with the CPUs the recorded flush really targeted (+ sender): lazy/PV skips [I]",
+        False,
+        "where the LUF models drop lazy-TLB CPUs [§9.7]: false = as the kernel does, a key holds the whole mm_cpumask"
+        " union of its PTEs and every flush skips the CPUs lazy when it is sent (a batch's own flush: the CPUs its"
+        " recorded flush did not reach); true = each batch's masks are clipped to the CPUs the recorded flush reached"
+        " (+ sender), i.e. CPUs lazy (or PV-preempted) at the unmap stay out of the key even if busy when it is paid",
     ),
     Option(
         "unexplained_targets",
@@ -122,6 +125,13 @@ OPTIONS: tuple[Option, ...] = (
         " (unsafe: stale entries survive until the page is reused; see stale_window); 'intended' = they flush the"
         " mm/mapping batch as the cover letter says (the luf-v12-intended model always does) [C, §9.1]",
         ("posted", "intended"),
+    ),
+    Option(
+        "oracle_local_flushes",
+        True,
+        "oracle: a CPU that runs a LUF point (batch end, takeoff, hook) flushes its own TLB there with no IPI, so it"
+        " owes nothing older later (true: a bound on any safe scheme, docs/simulate.md 'The oracle'); false: the"
+        " former oracle, paying each CPU only at the points a stale entry could be used [I]",
     ),
     Option(
         "v11_atomic_flush",

@@ -1,16 +1,28 @@
-"""Oracle: the lower bound. A pending flush is paid only when it is strictly needed, and only to CPUs that can
-still hold the stale entry.
+"""Oracle: a lower bound on the remote IPIs of any safe scheme that defers the same work and flushes where LUF
+can, with the kernel's own batching.
 
-Strictly needed: a pending pfn is really re-allocated, a file whose pages are pending changes (F4/F5), a VMA of
-an mm with pending work is zapped (F7), or a write fault lands in such an mm (F3). A CPU stops holding stale
-entries at any full TLB flush it performs or receives (batched flushes, full remote flushes, task-switch
-flushes), so those retire its debt for free. The non-eligible part of a batch is flushed at once, as in LUF.
+The bound (docs/simulate.md, "The oracle"): each CPU owes a flush for the stale entries a deferred batch left on
+it, due at the first point where one could be used: the pending page is really handed out again (a takeoff that
+can shoot down), a file whose pages are pending changes (F4/F5), a VMA of an mm with pending work is zapped (F7),
+or a write fault lands in such an mm (F3). One flush of a CPU retires everything it owes (done[] takes a fresh
+ugen, as a LUF flush or a takeoff of many keyed pages folded into one flush does), so paying each CPU at its
+first due point, and only then, is the fewest flushes per CPU (interval stabbing): a whole takeoff (pcp refill,
+bulk allocation) costs at most one IPI per CPU, like v12's one flush per takeoff. No IPI is counted where none
+is needed: a CPU lazy at any LUF point after its debt began (or skipped by the batch's own recorded flush) owes
+nothing more (a flush sent then skips it and marks it done, §9.7, and it reloads its TLB when it returns: the
+unmap bumped the mm's tlb_gen), a CPU that runs a LUF point itself (batch end, takeoff, hook) flushes its own TLB
+there (option ``oracle_local_flushes``), a full TLB flush it performs or receives
+(batched flushes, full remote flushes, task-switch flushes) retires its debt for free, and a context that cannot
+shoot down is served a clean page (the pending one stays free, as in luf-v12). The non-eligible part of a batch
+is flushed at once, as in LUF.
 
-"Really re-allocated" follows the allocation policy (option ``alloc_order``) so that the oracle stays a lower
-bound of the LUF models under the same policy: with ``luf`` a recorded pcp allocation of a pending page hands
-out the *oldest* pending page of that CPU (model/pcpfifo.py), a drain sends the newest to buddy, and while
-``non_luf_ok`` buddy serves clean blocks first, so a pending page that reaches buddy is never handed out within
-the trace. With ``recorded`` the pfns the kernel re-used are the ones that pay.
+It bounds *safe* schemes only: luf-v12 as posted (hooks inert, §9.1) skips the F3-F7 flushes, leaving stale
+entries, and goes below it (guest4-mixed). "Really handed out" follows the allocation policy (option
+``alloc_order``): with ``luf`` a recorded pcp allocation of a pending page hands out the *oldest* pending page of
+that CPU (model/pcpfifo.py), a drain sends the newest to buddy, a buddy takeoff leaves the pages still queued on
+a pcp list where they are, and while ``non_luf_ok`` buddy serves clean blocks first, so a pending page that
+reaches buddy is never handed out within the trace. With ``recorded`` the pfns the kernel re-used are the ones
+that pay.
 """
 
 from __future__ import annotations
@@ -32,11 +44,13 @@ from lufreplay.model.rmap import flush, owe
 @numba.njit(cache=True)
 def run_oracle(
     mops, nops, Y, SC, SU, done, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen, buf, sh_mask, sh_ugen, acc, tl, dec, nlog,
-    hist_g, hist_ts, hist_mask, req_ts, req_ugen, req_mask, req_pages, OB, OBM, obfree, FH, OBS, pobl,
+    hist_g, hist_ts, hist_mask, req_ts, req_ugen, req_mask, req_pages, OB, OBM, obfree, FH, OBS, pobl, owed,
 ):  # fmt: skip
     luf = Y[S.Y_ALLOC_LUF] != 0
     non_luf_ok = Y[S.Y_NON_LUF_OK] != 0
     large = Y[S.Y_LARGE_ELIG] != 0
+    lazy_flush = Y[S.Y_LAZY_AT_FLUSH] != 0
+    local = Y[S.Y_ORACLE_LOCAL] != 0
     i = 0
     while i < nops:
         r = mops[i]
@@ -47,10 +61,13 @@ def run_oracle(
             )
             continue
         i += 1
+        SC[S.LAZY] = np.int64(rmap.lazy_now(r, cpu, lazy_flush))
+        skipped = U0
         if op == O.M_KEEP:
             rmap.reclaim_keep_unbatched(SC, SU)
         elif op == O.M_BATCH:
             d, nl = rmap.batch_split(r["mask"], Y[S.Y_UNEXPLAINED_FLUSH] != 0, SU)
+            skipped = (d | nl) & ~(r["mask"] | K.bit(cpu))  # what the trace says the batch's flush skipped
             SC[S.G] += 1
             u = SC[S.G]
             if nl != U0:
@@ -60,6 +77,7 @@ def run_oracle(
                 )  # fmt: skip
             if d != U0:
                 rmap.defer(ts, cpu, task, d, op, acc, dec, nlog)
+                K.mark_done(d, u, owed)
                 for b in range(SC[S.NBUF]):
                     pfn = buf[b, 0]
                     order = buf[b, 1]
@@ -100,13 +118,23 @@ def run_oracle(
         elif op == O.M_ALLOC or op == O.M_TAKE:
             pfn = r["pfn"]
             target = U0
-            if luf and op == O.M_ALLOC and r["order"] == 0 and pobl[pfn] >= 0:
+            if (r["flags"] & O.A_CAN_SD) == 0 and _pending_remote(
+                r, cpu, luf, done, FH, OB, OBM, pobl, sh_mask, sh_ugen
+            ):
+                # a context that cannot shoot down does not get a pending page: a clean one serves it, this one
+                # stays free (as luf-v12's skip / refusal; what it owes is never due within the trace)
+                for p in range(pfn, pfn + (np.int64(1) << r["order"])):
+                    if luf and op == O.M_ALLOC and pobl[p] >= 0:
+                        orphan(p, OB, pobl)  # its obligation stays queued, unlabelled
+                    sh_mask[p] = U0
+                    sh_ugen[p] = 0
+            elif luf and op == O.M_ALLOC and r["order"] == 0 and pobl[pfn] >= 0:
                 own = np.int64(pobl[pfn])
                 tk = rmap.fifo_head(cpu, own, FH)  # the oldest pending page of this pcp
                 target = K.notdone(OBM[tk], OB[tk, OB_UGEN], done)
                 rmap.fifo_take(tk, own, pfn, False, OB, FH, pobl, acc)
                 ob_release(tk, OB, obfree, OBS)
-            elif luf:
+            elif luf and op == O.M_ALLOC:
                 for p in range(pfn, pfn + (np.int64(1) << r["order"])):
                     if pobl[p] >= 0:  # met outside the FIFO path: it pays its own debt
                         rmap.ob_back(p, OB, OBM, obfree, FH, OBS, pobl, sh_mask, sh_ugen)
@@ -132,7 +160,52 @@ def run_oracle(
                     ts, cpu, task, target, O.HOOK_CAUSE[h], op, -1, SC, done, acc, tl, dec, nlog, hist_g, hist_ts,
                     hist_mask,
                 )  # fmt: skip
+        # flushes no scheme pays an IPI for: this CPU, running a LUF point (batch end, F11, takeoff, hook, reclaim
+        # start), flushes its own TLB there; a CPU lazy now (at a batch end: one its flush skipped) is skipped and
+        # marked done by any flush sent now (it reloads its TLB when it switches back: the unmap bumped tlb_gen)
+        free = U0
+        if local and (op == O.M_BATCH or K.carries_lazy(op)) and op != O.M_FREE:
+            free = K.bit(cpu)
+        if lazy_flush and K.carries_lazy(op):
+            free |= r["mask2"]
+        elif lazy_flush and op == O.M_BATCH:
+            free |= skipped
+        free = _owing(free, done, owed)
+        if free != U0:
+            rmap.retire(ts, free, SC, done, hist_g, hist_ts, hist_mask, nlog)
     return -1
+
+
+@numba.njit(cache=True)
+def _owing(mask, done, owed):
+    """The CPUs of ``mask`` that still owe a flush."""
+    out = U0
+    m = mask
+    c = 0
+    while m != U0:
+        if (m & K.U1) and done[c] < owed[c]:
+            out |= K.bit(c)
+        m >>= K.U1
+        c += 1
+    return out
+
+
+@numba.njit(cache=True)
+def _pending_remote(r, cpu, luf, done, FH, OB, OBM, pobl, sh_mask, sh_ugen):
+    """Whether handing out the block of ALLOC/TAKE ``r`` needs an IPI: what it owes (for an order-0 pcp
+    allocation under alloc_order=luf, the oldest pending page of the CPU's list) on a CPU other than ``cpu``."""
+    pfn = r["pfn"]
+    m = U0
+    if luf and r["op"] == O.M_ALLOC and r["order"] == 0 and pobl[pfn] >= 0:
+        tk = rmap.fifo_head(cpu, np.int64(pobl[pfn]), FH)
+        m = K.notdone(OBM[tk], OB[tk, OB_UGEN], done)
+    else:
+        for p in range(pfn, pfn + (np.int64(1) << r["order"])):
+            if luf and r["op"] == O.M_ALLOC and pobl[p] >= 0:
+                m |= K.notdone(OBM[pobl[p]], OB[pobl[p], OB_UGEN], done)
+            if sh_mask[p] != U0:
+                m |= K.notdone(sh_mask[p], sh_ugen[p], done)
+    return (m & ~K.bit(cpu)) != U0
 
 
 class Oracle(Model):
@@ -143,4 +216,7 @@ class Oracle(Model):
 
     def _run(self, mops: np.ndarray, n: int) -> int:
         args = (*self.st.head(), self.st.buf, self.pages.sh_mask, self.pages.sh_ugen, self.acc, self.tl)
-        return run_oracle(mops, n, self.Y, *args, *self.logs.args(), *self.st.obl.args())
+        return run_oracle(mops, n, self.Y, *args, *self.logs.args(), *self.st.obl.args(), self.owed)
+
+    def init_state(self) -> None:
+        self.owed = np.zeros(self.st.done.shape[0], np.int64)  # per CPU: the newest ugen it owes

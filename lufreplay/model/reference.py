@@ -19,7 +19,8 @@ the first value of each is what the fast path does today:
 
 The other §9 points are model options both implementations share: §9.5 pcp tail placement and tail drains
 (``alloc_order=luf``), §9.6 clean free_list first (``non_luf_ok``: one switch, free-list lengths are not traced),
-§9.7 lazy CPUs filtered at the unmap or at the flush (``clip_to_recorded``), §9.8 who may shoot down
+§9.7 lazy CPUs filtered at the flush (default: a key holds the whole mm_cpumask union and a flush skips the CPUs
+lazy when it is sent, which ``flush`` reads from the op that sends it) or at the unmap (``clip_to_recorded``), §9.8 who may shoot down
 (``atomic_no_shootdown``, decided by the reconstructor). Not modelled: §9.2 (a reclaim pass's two folio batches
 filling independently): the model ops carry vanilla's flush points but no pass end.
 
@@ -144,6 +145,8 @@ class ReferenceLufV12:
         self.luf_order = opts["alloc_order"] == "luf"
         self.non_luf_ok = bool(opts["non_luf_ok"])
         self.max_strikes = int(opts["pcp_strikes"])
+        self.lazy_at_flush = not opts["clip_to_recorded"]
+        self.op: dict[str, Any] = {}  # the op being replayed: a flush it sends skips the CPUs lazy at it
         # §8.1 global and per-CPU state
         self.G = LUF_UGEN_INIT
         self.K = 0
@@ -174,10 +177,23 @@ class ReferenceLufV12:
         for c in cpus:
             self.done[c] = max(self.done[c], g)
 
+    def interrupted(self, cpu: int, targets: set[int]) -> set[int]:
+        """§9.7: the CPUs of ``targets`` a flush sent now reaches; arch_tlbbatch_flush skips lazy remote CPUs
+        (should_flush_tlb). At a batch's own flush the trace says which: the recorded targets (``mask``) and the
+        sender; at any other op the CPUs the reconstructor saw lazy there (``mask2``) are skipped. With
+        clip_to_recorded the masks already left them out at the unmap."""
+        r = self.op
+        if not self.lazy_at_flush or not r:
+            return targets
+        if r["op"] == O.M_BATCH:
+            return targets & (set(cpuset(r["mask"])) | {cpu})
+        return targets - (set(cpuset(r["mask2"])) - {cpu})
+
     def flush(self, ts: int, cpu: int, targets: set[int], cause: str, op: int, g: int | None = None) -> None:
-        """One LUF-aware flush (tlb_flush_start/end): take a ugen, flush ``targets``, mark them done."""
+        """One LUF-aware flush (tlb_flush_start/end): take a ugen, interrupt ``targets`` but the lazy CPUs, mark
+        all of ``targets`` done (a lazy CPU reloads its TLB when it switches back)."""
         g = self.next_ugen() if g is None else g
-        self.decisions.append(Decision(ts, "performed", cause, cpu, frozenset(targets), op))
+        self.decisions.append(Decision(ts, "performed", cause, cpu, frozenset(self.interrupted(cpu, targets)), op))
         self.mark_done(targets, g)
 
     def luf_flush(self, ts: int, cpu: int, cpus: set[int], ugen: int, cause: str, op: int) -> None:
@@ -532,6 +548,7 @@ class ReferenceLufV12:
             self.step(dict(zip(names, row, strict=True)))
 
     def step(self, r: dict[str, Any]) -> None:
+        self.op = r
         handler = self.HANDLERS.get(r["op"])
         if handler is not None:
             handler(self, r)

@@ -43,8 +43,10 @@ PAGE_STATE_NAMES = (
     Y_NON_LUF_OK,
     Y_LARGE_ELIG,
     Y_HOOKS_POSTED,
-) = range(12)
-NY = 12
+    Y_LAZY_AT_FLUSH,
+    Y_ORACLE_LOCAL,
+) = range(14)
+NY = 14
 
 BYTES_PER_PAGE = 1 + 4 + 8 + 8 + 4 + 8 + 8
 
@@ -63,6 +65,8 @@ def model_options(opts: dict[str, Any], ncpu: int) -> np.ndarray:
     y[Y_NON_LUF_OK] = 1.0 if opts["non_luf_ok"] else 0.0
     y[Y_LARGE_ELIG] = 1.0 if opts["large_folios"] == "eligible" else 0.0
     y[Y_HOOKS_POSTED] = 1.0 if opts.get("hooks") == "posted" else 0.0
+    y[Y_LAZY_AT_FLUSH] = 0.0 if opts["clip_to_recorded"] else 1.0
+    y[Y_ORACLE_LOCAL] = 1.0 if opts["oracle_local_flushes"] else 0.0
     return y
 
 
@@ -160,10 +164,11 @@ class LufBatches:
 # ---- the one state layout of every model core ------------------------------------------------------------
 # int64 scalars (``SC``). Shared: G (the ugen / generation counter), the folio being walked (CAN_LUF, CUR_*) and
 # the number of buffered eligible folios (NBUF). luf-v12: the key counter and the zone (§8.1); luf-v11 and
-# hold-before-free: GEN_DONE (the generation the last full flush reached) and HELD (pages held).
+# hold-before-free: GEN_DONE (the generation the last full flush reached) and HELD (pages held). LAZY: the
+# remote CPUs a flush sent by the current op skips (uint64 bits; rmap.lazy_now, §9.7).
 (G, CAN_LUF, CUR_PFN, CUR_ORDER, CUR_TS, NBUF, KCTR, Z_OPEN, Z_DONE, Z_LUFUGEN, NR_LUF, Z_DONE_TS, Z_PREV_DONE,
- POOL_UGEN, GEN_DONE, HELD) = range(16)  # fmt: skip
-NSC = 16
+ POOL_UGEN, GEN_DONE, HELD, LAZY) = range(17)  # fmt: skip
+NSC = 17
 # uint64 scalars (``SU``): the open batch (LUF_MASK, NONLUF_MASK, FOLIO_RO: the ro PTEs of the folio being
 # walked; COVERED: LUF work F11 already flushed this batch), luf-v12's zone batch and pend pool debt, the pending
 # mask of luf-v11 / hold-before-free (PMASK) and vanilla's union of the batch's PTE targets (BATCH_ALL).

@@ -35,7 +35,7 @@ import re
 
 import numba
 
-from lufreplay.model.kernels import U0, bit
+from lufreplay.model.kernels import U0, bit, carries_lazy
 
 K_UNKNOWN, K_USER, K_KTHREAD = 0, 1, 2
 MASK_KEPT, MASK_SWITCH, MASK_WINDOW = 0, 1, 2
@@ -140,8 +140,9 @@ def settle(
 ):
     """Apply the CPU state to the ops ``out[lo:hi]`` emitted since the last call; returns ``hi``.
 
-    BATCH without a traced reason 4 (``order`` 0; one with it carries the lazy set of its reason 4): ``mask2`` =
-    the CPUs lazy now (the flush skips them). A recorded flush of a user task's own mm (or of
+    BATCH without a traced reason 4 (``order`` 0; one with it carries the lazy set of its reason 4), and the ops at
+    which a LUF model may flush deferred work (KEEP, FREE, TAKE, ALLOC, HOOK, RECLAIM_BEGIN): ``mask2`` = the CPUs
+    lazy now (a flush sent now skips them). A recorded flush of a user task's own mm (or of
     the op's mm) under ``kept``: its targets running another mm leave that mm's mask. Called before every change
     of a CPU's state (``sched``) and before an unmap reads a mask, so each op sees the state of its moment."""
     if lo >= hi:
@@ -149,9 +150,12 @@ def settle(
     lz = lazy_cpus(ncpu, CPU, c_lazy)
     for j in range(lo, hi):
         r = out[j]
-        if r["op"] == batch_op:
+        op = r["op"]
+        if op == batch_op:
             if r["order"] == 0:
                 r["mask2"] = lz
+        elif carries_lazy(op):
+            r["mask2"] = lz  # a LUF flush sent here skips them (model/rmap.lazy_now, luf-model §9.7)
         elif r["op"] == rflush_op and mode == MASK_KEPT and r["mask"] != U0:
             mm = r["mm"]
             task = r["task"]

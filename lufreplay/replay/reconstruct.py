@@ -26,8 +26,9 @@ What the trace shows on a tracepoint-only host (host-probing §4.4–4.6) and ho
 * allocator rows → FREE / DRAIN / TAKE / ALLOC; faults, syscalls, file rows, kthread switches → HOOK ops (F3–F13).
 
 The masks of a PTE are the modelled ``mm_cpumask(mm)`` at the unmap (lufreplay.replay.cpustate, option
-``mm_cpumask``), clipped to the CPUs the recorded batch flush really targeted plus the
-sender when ``clip_to_recorded`` is on. A batch's items are emitted together right before its BATCH op, so the
+``mm_cpumask``), lazy CPUs included (the models skip the CPUs lazy when a flush is sent: the ops where one may be
+sent carry that lazy set in ``mask2``); with ``clip_to_recorded`` they are clipped instead to the CPUs the
+recorded batch flush really targeted plus the sender. A batch's items are emitted together right before its BATCH op, so the
 model sees the PTE clears at the batch's flush time (µs later than the trace): the ordering of a batch's
 internal events is kept, and the stale window uses each folio's own unmap time.
 """
