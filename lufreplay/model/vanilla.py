@@ -47,7 +47,7 @@ def _recorded(ts, R, n, cause, acc, tl):
     add_per_cpu(acc, O_REC_PERCPU, R)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def run_vanilla(mops, nops, SU, free_ts, acc, tl, dec, nlog):
     for i in range(nops):
         r = mops[i]
