@@ -46,6 +46,7 @@ from lufreplay.replay.rawops import (
     RawBuilder,
     file_key,
     read_segments,
+    scan_maps,
 )
 from lufreplay.replay.rawops import col as _col
 from lufreplay.trace.reader import Trace
@@ -434,7 +435,9 @@ def replay(
     footers = Footers.scan(trace)
     host_cpus = nr_cpus(trace, footers)
     t = time.perf_counter()
-    cpus, ncpu = model_cpus(trace)
+    scanned = scan_maps(trace, pfns=pfn_scan)  # one read of the cpu and pfn columns
+    cpus = scanned[0] or CpuMap()
+    ncpu = max(cpus.n, 1)
     t_cpus = time.perf_counter() - t
     t0, t1 = footers.t0, footers.t1
     tl = np.array([t0, max(1, (t1 - t0) // O.TIMELINE_BINS + 1)], np.int64)
@@ -442,9 +445,7 @@ def replay(
     maps = MapsIndex(trace, ids)
     rec = Reconstructor(opts, ncpu, maps, nbuf=2 if jobs > 1 else 1)
     Y = model_options(opts, ncpu)
-    t = time.perf_counter()
-    pfns = PfnMap.scan(trace) if pfn_scan else PfnMap()
-    t_scan = time.perf_counter() - t
+    pfns = scanned[1] or PfnMap()
     models = {n: MODELS[n](opts, Y, tl, ncpu, decisions) for n in model_names}
     scoped = {n: MODELS[n](opts, Y, tl, ncpu, False) for n in model_names} if scope_tgids is not None else {}
     scope_bufs = [np.empty(0, O.MOP_DTYPE) for _ in range(2 if jobs > 1 else 1)]
@@ -452,7 +453,7 @@ def replay(
         m.pfn_of = pfns.real_one
         m.pages.ensure(pfns.limit, exact=True)  # the scan saw every block: no growth unless segments are injected
     seg_iter = segments if segments is not None else read_segments(trace)
-    stages = {"cpu_scan": t_cpus, "pfn_scan": t_scan, "read+raw": 0.0, "reconstruct": 0.0, **{n: 0.0 for n in models}}
+    stages = {"scan": t_cpus, "read+raw": 0.0, "reconstruct": 0.0, **{n: 0.0 for n in models}}
     builder = RawBuilder(ids, nbuf=2 if prefetch else 1, pfns=pfns, cpus=cpus)
     pf = _Prefetch(seg_iter, builder) if prefetch else None
     raws = iter(pf) if pf is not None else _sequential(seg_iter, builder, stages)
