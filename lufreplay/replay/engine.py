@@ -246,7 +246,9 @@ class ReplayResult:
     model_ops: int
     ids: Ids
     ops: list[np.ndarray]
-    #: seconds per stage (``read+raw`` overlaps the others when prefetching) and the largest per-segment buffers
+    #: seconds per stage (``read+raw`` overlaps the others when prefetching; models overlap with ``jobs`` > 1),
+    #: the same stages' CPU seconds (``cpu:`` keys, the CPU time of the thread that ran them) and the largest
+    #: per-segment buffers (``*_bytes``)
     stages: dict[str, float]
     #: the pfn ↔ compact id map the models' pfns are in (``pfns.real`` maps them back)
     pfns: PfnMap
@@ -293,6 +295,7 @@ class _Prefetch:
         self.ready: queue.Queue[Any] = queue.Queue()
         self.stop = threading.Event()
         self.busy_s = 0.0
+        self.busy_cpu_s = 0.0
         self.thread = threading.Thread(target=self._work, name="lufreplay-prefetch", daemon=True)
         self.thread.start()
 
@@ -303,7 +306,7 @@ class _Prefetch:
                 k = self._take_free()
                 if k is None:
                     return
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.thread_time()
                 seg = next(it, None)
                 if seg is None:
                     self.ready.put(self._DONE)
@@ -312,6 +315,7 @@ class _Prefetch:
                 raw = self.builder.build(seg)
                 del seg  # the Arrow columns are not needed once the raw ops exist
                 self.busy_s += time.perf_counter() - t
+                self.busy_cpu_s += time.thread_time() - c
                 self.ready.put((k, raw))
         except BaseException as e:  # handed to the caller, which raises it
             self.ready.put(e)
@@ -345,13 +349,14 @@ def _sequential(
 ) -> Iterator[np.ndarray]:
     it = iter(segs)
     while True:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         seg = next(it, None)
         if seg is None:
             return
         raw = builder.build(seg)
         del seg  # free the Arrow columns before the segment is replayed
         stages["read+raw"] += time.perf_counter() - t
+        stages["cpu:read+raw"] = stages.get("cpu:read+raw", 0.0) + time.thread_time() - c
         yield raw
 
 
@@ -377,9 +382,11 @@ class _Runner:
         self.pending: list[Future[None]] = []
 
     def _one(self, key: str, m: Model, mops: np.ndarray, n: int, mp: int, sizes: tuple[int, int, int]) -> None:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         m.run(mops, n, mp, sizes)
+        # one key per model: a model's runs never overlap, so these updates never race
         self.stages[key] = self.stages.get(key, 0.0) + time.perf_counter() - t
+        self.stages["cpu:" + key] = self.stages.get("cpu:" + key, 0.0) + time.thread_time() - c
 
     def wait(self) -> None:
         """Wait for the runs in flight; the first error is raised once all have stopped."""
@@ -465,9 +472,10 @@ def replay(
 
     def feed(raw: np.ndarray, final: bool) -> int:
         nonlocal sizes, n_seg
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         mops = rec.run(raw, ids, final)
         stages["reconstruct"] += time.perf_counter() - t
+        stages["cpu:reconstruct"] = stages.get("cpu:reconstruct", 0.0) + time.thread_time() - c
         if keep_ops:
             kept.append(mops.copy())
         sizes = (max(sizes[0], len(ids.task) + 1), max(sizes[1], len(ids.mm) + 1), max(sizes[2], len(ids.mapping) + 1))
@@ -475,13 +483,14 @@ def replay(
         runs = [(name, m, mops, int(mops.shape[0])) for name, m in models.items()]
         if scoped:
             # the filter reads the reconstruction's tables, which the next segment changes: done here, not later
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             b = n_seg % len(scope_bufs)
             if scope_bufs[b].shape[0] < mops.shape[0]:
                 scope_bufs[b] = np.empty(int(1.25 * mops.shape[0]) + 16, O.MOP_DTYPE)
             ins = SC.in_scope_procs(ids.proc, scope_tgids or set())
             k = SC.scope_filter(mops, mops.shape[0], ins, rec.MM, rec.T, RC.T_PROC, scope_bufs[b])
             stages["scope"] = stages.get("scope", 0.0) + time.perf_counter() - t
+            stages["cpu:scope"] = stages.get("cpu:scope", 0.0) + time.thread_time() - c
             runs += [("scope:" + name, m, scope_bufs[b], int(k)) for name, m in scoped.items()]
         n_seg += 1
         runner.submit(runs, mp, sizes)
@@ -500,9 +509,11 @@ def replay(
         if pf is not None:
             pf.close()
             stages["read+raw"] = pf.busy_s
+            stages["cpu:read+raw"] = pf.busy_cpu_s
         runner.close()
     if scoped:  # the scoped runs' seconds count in "scope", as before
-        stages["scope"] = stages.get("scope", 0.0) + sum(stages.pop("scope:" + n, 0.0) for n in scoped)
+        for k in ("", "cpu:"):
+            stages[k + "scope"] = stages.get(k + "scope", 0.0) + sum(stages.pop(k + "scope:" + n, 0.0) for n in scoped)
     stages["raw_buffer_bytes"] = float(builder.nbytes)
     stages["reconstruct_bytes"] = float(rec.nbytes)
     stages["pfn_map_bytes"] = float(pfns.nbytes)
