@@ -214,6 +214,28 @@ def test_prefetch_error_surfaces_and_stops_the_worker() -> None:
         assert threading.active_count() == before
 
 
+def test_a_model_error_on_a_thread_surfaces_and_stops_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lufreplay.model.base import SafetyViolation
+
+    real = MODELS["luf-v11"].run
+    calls = []
+
+    def failing(self: object, *a: object) -> None:
+        calls.append(1)
+        if len(calls) == 2:  # the second segment
+            raise SafetyViolation("luf-v11: pfn 7 re-allocated (injected)")
+        real(self, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MODELS["luf-v11"], "run", failing)
+    with tempfile.TemporaryDirectory() as d:
+        path = _four_segments(5).write(Path(d) / "t")
+        before = threading.active_count()
+        with pytest.raises(SafetyViolation, match="injected"):
+            replay(open_trace(path), list(MODELS), parse_settings([]), jobs=2)
+        assert threading.active_count() == before
+    assert len(calls) == 2  # the replay stopped at the failing segment
+
+
 def _repeat(seg: dict[str, pa.Table], times: int, span: int) -> Iterator[dict[str, pa.Table]]:
     """The same segment ``times`` times, shifted in time, with pfns moved so each copy frees fresh pages."""
     for k in range(times):
