@@ -199,6 +199,15 @@ def simulate(
             " (the traced command's mms alone); both totals are always printed",
         ),
     ] = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "-j",
+            "--jobs",
+            help="threads the models run on (default: the CPUs this process may use); results do not depend on it",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Replay a trace through vanilla, LUF v12, LUF v11, hold-before-free and oracle models; report shootdowns avoided.
 
@@ -225,6 +234,7 @@ def simulate(
             cost=cost,
             progress=progress,
             scope=scope,
+            jobs=jobs,
         )
     )
 

@@ -148,32 +148,58 @@ def test_idmap_hands_out_ids_in_key_order_per_call() -> None:
     assert m.get(np.zeros(0, np.int64)).size == 0
 
 
-def _results(path: Path, prefetch: bool) -> dict:
-    res = replay(open_trace(path), list(MODELS), parse_settings([]), decisions=True, prefetch=prefetch)
-    out = {}
-    for name, m in res.models.items():
-        c = m.counts()
-        out[name] = {k: v for k, v in c.items() if k in ("by_cause", "misc", "hooks", "per_cpu", "stale_window")}
-        out[name]["decisions"] = m.decisions_array().tobytes()
+def _results(path: Path, prefetch: bool, jobs: int = 1, scope: set[int] | None = None) -> dict:
+    res = replay(
+        open_trace(path), list(MODELS), parse_settings([]), decisions=True, prefetch=prefetch, jobs=jobs,
+        scope_tgids=scope,
+    )  # fmt: skip
+    out: dict = {}
+    for label, ms in (("", res.models), ("scope:", res.scoped)):
+        for name, m in ms.items():
+            c = m.counts()
+            keep = ("by_cause", "misc", "hooks", "per_cpu", "stale_window", "timeline_bins")
+            out[label + name] = {k: (v.tolist() if k == "timeline_bins" else v) for k, v in c.items() if k in keep}
+            out[label + name]["decisions"] = m.decisions_array().tobytes()
     out["recon"] = res.recon_stats.tolist()
     out["sizes"] = (res.raw_events, res.model_ops)
     return out
 
 
-def test_prefetch_gives_the_same_results_as_one_thread() -> None:
-    s = random_scenario(random.Random(11), 150, 3)
+def _four_segments(seed: int) -> Scenario:
+    s = random_scenario(random.Random(seed), 150, 3)
     for rows in s.rows.values():
         rows.sort(key=lambda r: r.get("ts_ns", 0))
     page_ts = sorted(r["ts_ns"] for r in s.rows["page"])
     for q in (1, 2, 3):  # four segments, cut at times (segments line up across tables)
         cut = page_ts[q * len(page_ts) // 4]
         s.segment_marks.append({k: sum(1 for r in v if r.get("ts_ns", 0) < cut) for k, v in s.rows.items()})
+    return s
+
+
+def test_prefetch_gives_the_same_results_as_one_thread() -> None:
     with tempfile.TemporaryDirectory() as d:
-        path = s.write(Path(d) / "t")
+        path = _four_segments(11).write(Path(d) / "t")
         assert open_trace(path).n_segments == 4
         a, b = _results(path, True), _results(path, False)
     assert a["sizes"][0] > 0
     assert a == b
+
+
+@pytest.mark.parametrize("seed", [11, 23])
+def test_models_on_threads_give_the_same_results_as_one_job(seed: int) -> None:
+    """jobs > 1 runs the models (host and scoped) on a thread pool while the next segment is reconstructed into
+    the other buffer: every count, decision and timeline equals the one-thread replay's."""
+    with tempfile.TemporaryDirectory() as d:
+        path = _four_segments(seed).write(Path(d) / "t")
+        procs = sorted({int(r["tgid"]) for r in _four_segments(seed).rows["unmap"] if "tgid" in r})
+        scope = set(procs[: max(1, len(procs) // 2)])
+        one = _results(path, False, jobs=1, scope=scope)
+        for jobs in (2, 4):
+            assert _results(path, True, jobs=jobs, scope=scope) == one
+    assert set(one) >= {"luf-v12", "scope:luf-v12"}
+    assert one["sizes"][1] > 0
+    assert sum(one["vanilla"]["by_cause"].values()) > 0
+    assert one["scope:vanilla"]["by_cause"] != one["vanilla"]["by_cause"]  # the scope really cut something
 
 
 def test_prefetch_error_surfaces_and_stops_the_worker() -> None:
@@ -190,6 +216,28 @@ def test_prefetch_error_surfaces_and_stops_the_worker() -> None:
         with pytest.raises(TraceError, match="boom"):
             replay(tr, ["vanilla", "luf-v12"], parse_settings([]), segments=segments(), prefetch=True)
         assert threading.active_count() == before
+
+
+def test_a_model_error_on_a_thread_surfaces_and_stops_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lufreplay.model.base import SafetyViolation
+
+    real = MODELS["luf-v11"].run
+    calls = []
+
+    def failing(self: object, *a: object) -> None:
+        calls.append(1)
+        if len(calls) == 2:  # the second segment
+            raise SafetyViolation("luf-v11: pfn 7 re-allocated (injected)")
+        real(self, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MODELS["luf-v11"], "run", failing)
+    with tempfile.TemporaryDirectory() as d:
+        path = _four_segments(5).write(Path(d) / "t")
+        before = threading.active_count()
+        with pytest.raises(SafetyViolation, match="injected"):
+            replay(open_trace(path), list(MODELS), parse_settings([]), jobs=2)
+        assert threading.active_count() == before
+    assert len(calls) == 2  # the replay stopped at the failing segment
 
 
 def _repeat(seg: dict[str, pa.Table], times: int, span: int) -> Iterator[dict[str, pa.Table]]:

@@ -75,12 +75,27 @@ def test_list_options(tmp_path: Path) -> None:
         (["--set", "arch=sparc"], "not one of x86, arm64"),
         (["--set", "pcp_strikes"], "NAME=VALUE"),
         (["-m", "luf-v13"], "unknown model(s) luf-v13"),
+        (["--jobs", "0"], "--jobs 0: expected a positive number"),
     ],
 )
 def test_bad_options_are_one_line_errors(tmp_path: Path, args: list[str], needle: str) -> None:
     r = runner.invoke(app, ["simulate", str(_trace(tmp_path)), *args])
     assert r.exit_code == 2
     assert needle in r.stderr and r.stderr.startswith("lufreplay: error: ") and r.stderr.count("\n") == 1
+
+
+def test_jobs_do_not_change_the_document() -> None:
+    """A bundled trace with a target (so the scoped replay runs too), on one thread and on three."""
+    trace = Path(__file__).resolve().parent.parent / "traces" / "mixed-file"
+    docs = []
+    for jobs in ("1", "3"):
+        r = runner.invoke(app, ["simulate", str(trace), "--json", "--jobs", jobs])
+        assert r.exit_code == 0, r.output
+        doc = json.loads(r.stdout)
+        del doc["replay"]["seconds"], doc["replay"]["events_per_s"]
+        docs.append(doc)
+    assert docs[0]["scope"]["target"] is not None and docs[0]["models"]["luf-v12"]["remote_shootdowns"] > 0
+    assert docs[0] == docs[1]
 
 
 def test_out_writes_every_decision(tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ def _hold(d, g, SC, buf, pstate, pstamp, sh_mask, sh_ugen, acc, req_ts, req_ugen
         acc[K.O_MISC + O.K_HELD_PAGES_MAX] = SC[HELD]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def run_hbf(
     mops, nops, Y, SC, SU, done, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen, buf, pstate, pstamp, sh_mask, sh_ugen, acc,
     tl, dec, nlog, hist_g, hist_ts, hist_mask, req_ts, req_ugen, req_mask, req_pages,

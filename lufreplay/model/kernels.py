@@ -214,7 +214,7 @@ def timeline_bin(ts, tl):
 _ = NMISC  # re-exported for the layout above
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def resolve_stale(req_ugen, req_mask, hist_g, hist_ts, hist_mask, ncpu):
     """For each request, the time its last owing CPU reached done >= ugen (-1 if not yet): the covering flush.
 

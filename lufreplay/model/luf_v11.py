@@ -47,7 +47,7 @@ def _paid(acc):
     acc[K.O_MISC + O.K_PAID_IN_ALLOC_FLUSHES] += 1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def run_luf_v11(
     mops, nops, Y, SC, SU, done, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen, task_anon, buf, pstate, pkey, pstamp,
     sh_mask, sh_ugen, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask, req_ts, req_ugen, req_mask, req_pages, OB, OBM,

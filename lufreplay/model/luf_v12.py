@@ -241,7 +241,7 @@ def _settle(ts, cpu, task, luf, SC, done, buf, pstate, pkey, sh_mask, sh_ugen, p
                 pstate[p] = P_NONE
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def run_luf_v12(
     mops, nops, Y, SC, SU, done, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen, KEY_mask, KEY_ugen, task_key, task_anon_key,
     strikes, buf, pstate, pkey, pstamp, punmap_ts, punmap_task, sh_mask, sh_ugen, acc, tl, dec, nlog,

@@ -41,7 +41,7 @@ from lufreplay.model.pcpfifo import OB_UGEN, ob_release, orphan
 from lufreplay.model.rmap import flush, owe
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def run_oracle(
     mops, nops, Y, SC, SU, done, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen, buf, sh_mask, sh_ugen, acc, tl, dec, nlog,
     hist_g, hist_ts, hist_mask, req_ts, req_ugen, req_mask, req_pages, OB, OBM, obfree, FH, OBS, pobl, owed,

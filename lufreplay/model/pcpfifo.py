@@ -47,7 +47,7 @@ class Obligations:
             self.pobl = new
         need = int(self.OBS[OBS_TOP]) + n_ops + 16
         if self.OB.shape[0] < need:
-            n = max(need, int(self.OB.shape[0] * 1.5))
+            n = max(int(1.25 * need), int(self.OB.shape[0] * 1.5))  # headroom: the next segment needs as much
             ob = np.zeros((n, NOB), np.int64)
             ob[: self.OB.shape[0]] = self.OB
             obm = np.zeros(n, np.uint64)

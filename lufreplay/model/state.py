@@ -107,7 +107,8 @@ def grow(a: np.ndarray, n: int, fill: int = 0) -> np.ndarray:
     if a.shape[0] >= n:
         return a
     n = max(n, int(a.shape[0] * 1.5), 16)
-    new = np.full((n, *a.shape[1:]), fill, dtype=a.dtype)
+    # zeros: calloc'd pages cost nothing until touched (the op buffers are sized for the worst case)
+    new = np.zeros((n, *a.shape[1:]), a.dtype) if fill == 0 else np.full((n, *a.shape[1:]), fill, dtype=a.dtype)
     new[: a.shape[0]] = a
     return new
 

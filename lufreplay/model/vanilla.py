@@ -58,7 +58,7 @@ def pv_skip_candidates(pred, R, sent):
     return popcount(pred & ~R) if sent != 0 else 0
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def run_vanilla(mops, nops, SU, free_ts, acc, tl, dec, nlog):
     for i in range(nops):
         r = mops[i]

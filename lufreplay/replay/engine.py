@@ -8,15 +8,18 @@ are small user-side tables and are loaded whole up front. CPUs are relabelled de
 of the cpu columns): the models run on the CPUs the trace involves (at most 64), whatever the host's CPU count, and
 ``ReplayResult.cpus`` maps their per-CPU outputs back to the real CPU ids. The per-segment buffers (raw ops, model ops) are reused from one segment
 to the next, so their size follows the largest segment, not the trace. By default the next segment is read and
-turned into raw ops in a second thread while the current one is replayed (``prefetch``).
+turned into raw ops in a second thread while the current one is replayed (``prefetch``), and the models run in
+parallel threads (``jobs``; their numba cores release the GIL) while the next segment is reconstructed.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +46,7 @@ from lufreplay.replay.rawops import (
     RawBuilder,
     file_key,
     read_segments,
+    scan_maps,
 )
 from lufreplay.replay.rawops import col as _col
 from lufreplay.trace.reader import Trace
@@ -128,6 +132,7 @@ class Reconstructor:
         maps: MapsIndex,
         traced_tgids: set[int] | None = None,
         recorder_tgid: int | None = None,
+        nbuf: int = 1,
     ) -> None:
         self.X = recon_options(opts, ncpu)
         self.maps = maps
@@ -145,7 +150,9 @@ class Reconstructor:
         self.PROC_MM = np.zeros(0, np.int64)
         self.pool = np.zeros(0, O.MOP_DTYPE)
         self.nxt = np.zeros(0, np.int64)
-        self.out = np.zeros(0, O.MOP_DTYPE)
+        #: output buffers used in turn: the models may still read the last ``nbuf - 1`` results
+        self.outs = [np.zeros(0, O.MOP_DTYPE) for _ in range(nbuf)]
+        self.turn = 0
         self.S = np.zeros(RC.NS, np.int64)
         self.S[RC.S_FREE] = -1
         self.RS = np.zeros(RC.NRS, np.int64)
@@ -187,22 +194,25 @@ class Reconstructor:
         self.pool, self.nxt = pool, nxt
 
     def run(self, raw: np.ndarray, ids: Ids, final: bool) -> np.ndarray:
-        """Model ops of one segment: a view of a buffer reused by the next call (copy it to keep it)."""
+        """Model ops of one segment: a view of a buffer reused ``nbuf`` calls later (copy it to keep it)."""
         self._grow_tables(ids)
         self._grow_pool(3 * raw.shape[0] + 16)
         need = 4 * raw.shape[0] + int(self.S[RC.S_POOL_LIVE]) + 4 * O.MAX_CPUS + 64
-        if self.out.shape[0] < need:
-            self.out = np.empty(int(1.25 * need), O.MOP_DTYPE)
+        k = self.turn
+        self.turn = (k + 1) % len(self.outs)
+        if self.outs[k].shape[0] < need:
+            self.outs[k] = np.empty(int(1.25 * need), O.MOP_DTYPE)
+        out = self.outs[k]
         self.S[RC.S_NOUT] = 0
         m = self.maps
         RC.reconstruct(
             raw, self.X, self.T, self.CPU, self.CPUM, self.MM, self.LAST_RUN, self.PROC_MM, self.pool, self.nxt,
-            self.S, self.out, self.RS, m.pr_lo, m.pr_hi, m.sn_ts, m.sn_lo, m.sn_hi, m.mp_start, m.mp_end, m.mp_off,
+            self.S, out, self.RS, m.pr_lo, m.pr_hi, m.sn_ts, m.sn_lo, m.sn_hi, m.mp_start, m.mp_end, m.mp_off,
             m.mp_map, m.mp_flags, final,
         )  # fmt: skip
         n = int(self.S[RC.S_NOUT])
-        RC.untraced_senders(self.out, n, self.T, self._traced(ids))
-        return self.out[:n]
+        RC.untraced_senders(out, n, self.T, self._traced(ids))
+        return out[:n]
 
     def _traced(self, ids: Ids) -> np.ndarray:
         """Per dense process id: 1 when the trace holds its faults and syscalls."""
@@ -215,10 +225,14 @@ class Reconstructor:
         return traced
 
     @property
+    def out(self) -> np.ndarray:
+        """The buffer the last ``run`` wrote."""
+        return self.outs[(self.turn - 1) % len(self.outs)]
+
+    @property
     def nbytes(self) -> int:
-        return sum(
-            a.nbytes for a in (self.T, self.CPU, self.MM, self.LAST_RUN, self.PROC_MM, self.pool, self.nxt, self.out)
-        )
+        tables = (self.T, self.CPU, self.MM, self.LAST_RUN, self.PROC_MM, self.pool, self.nxt, *self.outs)
+        return sum(a.nbytes for a in tables)
 
 
 def time_range(trace: Trace) -> tuple[int, int]:
@@ -256,7 +270,9 @@ class ReplayResult:
     model_ops: int
     ids: Ids
     ops: list[np.ndarray]
-    #: seconds per stage (``read+raw`` overlaps the others when prefetching) and the largest per-segment buffers
+    #: seconds per stage (``read+raw`` overlaps the others when prefetching; models overlap with ``jobs`` > 1),
+    #: the same stages' CPU seconds (``cpu:`` keys, the CPU time of the thread that ran them) and the largest
+    #: per-segment buffers (``*_bytes``)
     stages: dict[str, float]
     #: the pfn ↔ compact id map the models' pfns are in (``pfns.real`` maps them back)
     pfns: PfnMap
@@ -305,6 +321,7 @@ class _Prefetch:
         self.ready: queue.Queue[Any] = queue.Queue()
         self.stop = threading.Event()
         self.busy_s = 0.0
+        self.busy_cpu_s = 0.0
         self.thread = threading.Thread(target=self._work, name="lufreplay-prefetch", daemon=True)
         self.thread.start()
 
@@ -315,7 +332,7 @@ class _Prefetch:
                 k = self._take_free()
                 if k is None:
                     return
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.thread_time()
                 seg = next(it, None)
                 if seg is None:
                     self.ready.put(self._DONE)
@@ -324,6 +341,7 @@ class _Prefetch:
                 raw = self.builder.build(seg)
                 del seg  # the Arrow columns are not needed once the raw ops exist
                 self.busy_s += time.perf_counter() - t
+                self.busy_cpu_s += time.thread_time() - c
                 self.ready.put((k, raw))
         except BaseException as e:  # handed to the caller, which raises it
             self.ready.put(e)
@@ -357,14 +375,71 @@ def _sequential(
 ) -> Iterator[np.ndarray]:
     it = iter(segs)
     while True:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         seg = next(it, None)
         if seg is None:
             return
         raw = builder.build(seg)
         del seg  # free the Arrow columns before the segment is replayed
         stages["read+raw"] += time.perf_counter() - t
+        stages["cpu:read+raw"] = stages.get("cpu:read+raw", 0.0) + time.thread_time() - c
         yield raw
+
+
+def default_jobs() -> int:
+    """Threads for the models: the CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class _Runner:
+    """Runs every model (host and scoped) over one segment's ops: inline with one job, else on a thread pool.
+
+    Each model's state is its own and its runs stay in segment order (a segment's runs are all waited for before
+    the next segment's are started), so the results do not depend on ``jobs``. The runs of one segment read the
+    reconstruction buffer of that segment while the engine reconstructs the next one into the other buffer.
+    """
+
+    def __init__(self, jobs: int, stages: dict[str, float]) -> None:
+        self.stages = stages
+        self.pool = ThreadPoolExecutor(jobs, thread_name_prefix="lufreplay-model") if jobs > 1 else None
+        self.pending: list[Future[None]] = []
+
+    def _one(self, key: str, m: Model, mops: np.ndarray, n: int, mp: int, sizes: tuple[int, int, int]) -> None:
+        t, c = time.perf_counter(), time.thread_time()
+        m.run(mops, n, mp, sizes)
+        # one key per model: a model's runs never overlap, so these updates never race
+        self.stages[key] = self.stages.get(key, 0.0) + time.perf_counter() - t
+        self.stages["cpu:" + key] = self.stages.get("cpu:" + key, 0.0) + time.thread_time() - c
+
+    def wait(self) -> None:
+        """Wait for the runs in flight; the first error is raised once all have stopped."""
+        pending, self.pending = self.pending, []
+        err: BaseException | None = None
+        for f in pending:
+            try:
+                f.result()
+            except BaseException as e:  # re-raised below, once the others have finished
+                err = err or e
+        if err is not None:
+            raise err
+
+    def submit(self, runs: list[tuple[str, Model, np.ndarray, int]], mp: int, sizes: tuple[int, int, int]) -> None:
+        """Start one segment's runs (after the previous segment's have finished)."""
+        self.wait()
+        if self.pool is None:
+            for key, m, mops, n in runs:
+                self._one(key, m, mops, n, mp, sizes)
+            return
+        # the costliest first (as measured so far), so that the last to start is a short one
+        runs = sorted(runs, key=lambda r: -self.stages.get(r[0], 0.0))
+        self.pending = [self.pool.submit(self._one, key, m, mops, n, mp, sizes) for key, m, mops, n in runs]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def replay(
@@ -378,6 +453,7 @@ def replay(
     pfn_scan: bool = True,
     progress: Callable[[int], None] | None = None,
     scope_tgids: set[int] | None = None,
+    jobs: int | None = None,
 ) -> ReplayResult:
     """Replay a trace through the named models (one pass over the segments, after a scan of the pfn columns).
 
@@ -386,60 +462,65 @@ def replay(
     ``pfn_scan=False`` skips the scan: compact ids are then handed out by aligned 1024-pfn chunks in order of
     first appearance (same results, per-page memory follows the chunks touched instead of the pages).
     ``scope_tgids``: also replay every model over the ops of these processes' mms alone (``ReplayResult.scoped``).
+    ``jobs``: threads the models run on (None: ``default_jobs()``; 1: all in the calling thread); same results.
     """
+    jobs = default_jobs() if jobs is None else max(1, int(jobs))
     footers = Footers.scan(trace)
     host_cpus = nr_cpus(trace, footers)
     t = time.perf_counter()
-    cpus, ncpu = model_cpus(trace)
+    scanned = scan_maps(trace, pfns=pfn_scan)  # one read of the cpu and pfn columns
+    cpus = scanned[0] or CpuMap()
+    ncpu = max(cpus.n, 1)
     t_cpus = time.perf_counter() - t
     t0, t1 = footers.t0, footers.t1
     tl = np.array([t0, max(1, (t1 - t0) // O.TIMELINE_BINS + 1)], np.int64)
     ids = Ids()
     maps = MapsIndex(trace, ids)
-    rec = Reconstructor(opts, ncpu, maps, SC.target_tgids(trace), SC.recorder_tgid(trace))
+    rec = Reconstructor(opts, ncpu, maps, SC.target_tgids(trace), SC.recorder_tgid(trace), nbuf=2 if jobs > 1 else 1)
     Y = model_options(opts, ncpu)
-    t = time.perf_counter()
-    pfns = PfnMap.scan(trace) if pfn_scan else PfnMap()
-    t_scan = time.perf_counter() - t
+    pfns = scanned[1] or PfnMap()
     models = {n: MODELS[n](opts, Y, tl, ncpu, decisions) for n in model_names}
     scoped = {n: MODELS[n](opts, Y, tl, ncpu, False) for n in model_names} if scope_tgids is not None else {}
-    scope_buf = np.empty(0, O.MOP_DTYPE)
+    scope_bufs = [np.empty(0, O.MOP_DTYPE) for _ in range(2 if jobs > 1 else 1)]
     scope_elig = np.zeros(2 * RC.NREJ + 1, np.int64)  # scope.scope_filter's layout
     for m in (*models.values(), *scoped.values()):
         m.pfn_of = pfns.real_one
         m.pages.ensure(pfns.limit, exact=True)  # the scan saw every block: no growth unless segments are injected
     seg_iter = segments if segments is not None else read_segments(trace)
-    stages = {"cpu_scan": t_cpus, "pfn_scan": t_scan, "read+raw": 0.0, "reconstruct": 0.0, **{n: 0.0 for n in models}}
+    stages = {"scan": t_cpus, "read+raw": 0.0, "reconstruct": 0.0, **{n: 0.0 for n in models}}
     builder = RawBuilder(ids, nbuf=2 if prefetch else 1, pfns=pfns, cpus=cpus)
     pf = _Prefetch(seg_iter, builder) if prefetch else None
     raws = iter(pf) if pf is not None else _sequential(seg_iter, builder, stages)
+    runner = _Runner(jobs, stages)
     n_raw = n_ops = 0
+    n_seg = 0
     kept: list[np.ndarray] = []
     sizes = (0, 0, 0)
 
     def feed(raw: np.ndarray, final: bool) -> int:
-        nonlocal sizes
-        t = time.perf_counter()
+        nonlocal sizes, n_seg
+        t, c = time.perf_counter(), time.thread_time()
         mops = rec.run(raw, ids, final)
         stages["reconstruct"] += time.perf_counter() - t
+        stages["cpu:reconstruct"] = stages.get("cpu:reconstruct", 0.0) + time.thread_time() - c
         if keep_ops:
             kept.append(mops.copy())
         sizes = (max(sizes[0], len(ids.task) + 1), max(sizes[1], len(ids.mm) + 1), max(sizes[2], len(ids.mapping) + 1))
         mp = pfns.limit - 1  # the builder only grows the map: at least what this segment's ids need
-        for name, m in models.items():
-            t = time.perf_counter()
-            m.run(mops, mops.shape[0], mp, sizes)
-            stages[name] += time.perf_counter() - t
+        runs = [(name, m, mops, int(mops.shape[0])) for name, m in models.items()]
         if scoped:
-            nonlocal scope_buf
-            t = time.perf_counter()
-            if scope_buf.shape[0] < mops.shape[0]:
-                scope_buf = np.empty(int(1.25 * mops.shape[0]) + 16, O.MOP_DTYPE)
+            # the filter reads the reconstruction's tables, which the next segment changes: done here, not later
+            t, c = time.perf_counter(), time.thread_time()
+            b = n_seg % len(scope_bufs)
+            if scope_bufs[b].shape[0] < mops.shape[0]:
+                scope_bufs[b] = np.empty(int(1.25 * mops.shape[0]) + 16, O.MOP_DTYPE)
             ins = SC.in_scope_procs(ids.proc, scope_tgids or set())
-            k = SC.scope_filter(mops, mops.shape[0], ins, rec.MM, rec.T, RC.T_PROC, scope_buf, scope_elig)
-            for m in scoped.values():
-                m.run(scope_buf, k, mp, sizes)
+            k = SC.scope_filter(mops, mops.shape[0], ins, rec.MM, rec.T, RC.T_PROC, scope_bufs[b], scope_elig)
             stages["scope"] = stages.get("scope", 0.0) + time.perf_counter() - t
+            stages["cpu:scope"] = stages.get("cpu:scope", 0.0) + time.thread_time() - c
+            runs += [("scope:" + name, m, scope_bufs[b], int(k)) for name, m in scoped.items()]
+        n_seg += 1
+        runner.submit(runs, mp, sizes)
         return int(mops.shape[0])
 
     try:
@@ -449,11 +530,17 @@ def replay(
             if progress is not None:
                 progress(raw.shape[0])
             del raw
+        n_ops += feed(np.zeros(0, O.RAW_DTYPE), True)
+        runner.wait()
     finally:
         if pf is not None:
             pf.close()
             stages["read+raw"] = pf.busy_s
-    n_ops += feed(np.zeros(0, O.RAW_DTYPE), True)
+            stages["cpu:read+raw"] = pf.busy_cpu_s
+        runner.close()
+    if scoped:  # the scoped runs' seconds count in "scope", as before
+        for k in ("", "cpu:"):
+            stages[k + "scope"] = stages.get(k + "scope", 0.0) + sum(stages.pop(k + "scope:" + n, 0.0) for n in scoped)
     stages["raw_buffer_bytes"] = float(builder.nbytes)
     stages["reconstruct_bytes"] = float(rec.nbytes)
     stages["pfn_map_bytes"] = float(pfns.nbytes)

@@ -246,17 +246,9 @@ class PfnMap:
     @classmethod
     def scan(cls, trace: Trace) -> PfnMap:
         """The map of every block a trace's pfn tables name (reads only their pfn, order and event columns)."""
-        s = e = np.zeros(0, np.int64)
-        cols = {"reclaim": ["pfn"], "page_cache": ["pfn", "order"], "page": ["pfn", "order"]}
-        cols["migrate"] = ["pfn", "order", "event"]
-        for i in range(trace.n_segments):
-            for name in PFN_TABLES:
-                files = trace.files.get(name, [])
-                if i >= len(files):
-                    continue
-                ns, ne = _blocks(trace.read_file(files[i], cols[name]), name, str(files[i]))
-                s, e = _merge(np.concatenate([s, ns]), np.concatenate([e, ne]))
-        return cls.from_blocks(s, e)
+        pfns = scan_maps(trace, cpus=False)[1]
+        assert pfns is not None
+        return pfns
 
     def _set(self, start: np.ndarray, end: np.ndarray, base: np.ndarray) -> None:
         o = np.argsort(start, kind="stable")
@@ -397,12 +389,51 @@ class CpuMap:
     @classmethod
     def scan(cls, trace: Trace) -> CpuMap:
         """The CPUs of every event table's ``cpu`` column and of ``CPU_COLUMNS`` (reads only those columns)."""
-        seen: list[np.ndarray] = []
+        cpus = scan_maps(trace, pfns=False)[0]
+        assert cpus is not None
+        return cpus
+
+
+#: the columns the pfn scan reads per ``PFN_TABLES`` table
+PFN_SCAN_COLUMNS = {
+    "reclaim": ["pfn"],
+    "page_cache": ["pfn", "order"],
+    "page": ["pfn", "order"],
+    "migrate": ["pfn", "order", "event"],
+}
+
+
+def _distinct(v: np.ndarray) -> np.ndarray:
+    """Distinct values of a CPU column (small non-negative ints: a bincount, not numpy 2's slow hashed unique)."""
+    if v.size == 0:
+        return v.astype(np.int64)
+    lo, hi = int(v.min()), int(v.max())
+    if lo < 0 or hi >= 1 << 20:
+        return np.unique(v).astype(np.int64)  # CpuMap refuses such ids with a clear message
+    return np.flatnonzero(np.bincount(v.astype(np.int64, copy=False), minlength=hi + 1))
+
+
+def scan_maps(trace: Trace, cpus: bool = True, pfns: bool = True) -> tuple[CpuMap | None, PfnMap | None]:
+    """``CpuMap.scan`` and ``PfnMap.scan`` in one pass: a pfn table's file is read once for both (its cpu and pfn
+    columns together), segment by segment; the pfn runs are merged file by file (memory: the runs, not the rows)."""
+    seen: list[np.ndarray] = []
+    s = e = np.zeros(0, np.int64)
+    for i in range(trace.n_segments):
         for name in EVENT_TABLES:
-            for f in trace.files.get(name, []):
-                t = trace.read_file(f, ["cpu", *CPU_COLUMNS.get(name, ())])
-                seen += [np.unique(col(t, c)) for c in t.column_names]
-        return cls(np.concatenate(seen) if seen else None, where=str(trace.path))
+            files = trace.files.get(name, [])
+            if i >= len(files):
+                continue
+            ccols = ["cpu", *CPU_COLUMNS.get(name, ())] if cpus else []
+            pcols = PFN_SCAN_COLUMNS.get(name, []) if pfns else []
+            if not ccols and not pcols:
+                continue
+            t = trace.read_file(files[i], [*ccols, *pcols])
+            seen += [_distinct(col(t, c)) for c in ccols]
+            if pcols:
+                ns, ne = _blocks(t, name, str(files[i]))
+                s, e = _merge(np.concatenate([s, ns]), np.concatenate([e, ne]))
+    cmap = CpuMap(np.concatenate(seen) if seen else None, where=str(trace.path)) if cpus else None
+    return cmap, PfnMap.from_blocks(s, e) if pfns else None
 
 
 @numba.njit(cache=True, nogil=True)

@@ -1154,7 +1154,7 @@ def end_of_trace(T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X):
 # The steps are inlined (inline="always") and the loop allocates nothing, so it runs without numba's reference
 # counting (_nrt=False): with it, every state array handed to a step was increfed and decrefed per row and the
 # reconstruct stage of bench/simulate_speed took twice as long as the single function it replaces.
-@numba.njit(cache=True, _nrt=False)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def reconstruct(
     raw,
     X,

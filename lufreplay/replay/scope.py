@@ -85,7 +85,7 @@ def _mm_in(mm, MM, in_scope):
     return mm >= 0 and mm < MM.shape[0] and _proc_in(MM[mm, 0], in_scope)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def scope_filter(mops, n, in_scope, MM, T, t_proc, out, elig):
     """Copy the target-scope ops of ``mops[:n]`` into ``out`` (module docstring); returns their count.
     ``elig`` (folios then pages by rejection reason, ``reconstruct.RS_FOLIOS``/``RS_PAGES`` layout, then batches)

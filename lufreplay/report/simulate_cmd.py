@@ -126,6 +126,7 @@ def simulate(
     cost: Path | None = None,
     progress: bool | None = False,
     scope: str | None = None,
+    jobs: int | None = None,
 ) -> Simulation:
     """Replay ``trace_path`` through ``models`` (default: all) with model options ``settings``.
 
@@ -133,7 +134,7 @@ def simulate(
     decision in the result; ``cost`` is a shootdown-cost profile (else the trace's, if any) for the ``cost``
     block; ``progress`` draws a bar on stderr (None: only on a terminal and after a couple of seconds).
     ``scope`` (host / target; None: the default, ``scope.choose_scope``) picks what ``vanilla`` and ``models``
-    show; ``doc["scope"]`` has both.
+    show; ``doc["scope"]`` has both. ``jobs``: threads the models run on (None: the usable CPUs; same results).
     """
     opts = parse_settings(settings)
     bad = check_option_values(opts)
@@ -154,7 +155,7 @@ def simulate(
     run = ["vanilla", *[m for m in requested if m != "vanilla"]]
     t0 = time.perf_counter()
     with ReplayProgress(trace, progress) as bar:
-        res = replay(trace, run, opts, decisions=decisions, progress=bar, scope_tgids=tgids)
+        res = replay(trace, run, opts, decisions=decisions, progress=bar, scope_tgids=tgids, jobs=jobs)
     dt = time.perf_counter() - t0
     doc = build(trace, res, opts, requested, dt)
     doc["options_auto"] = auto
@@ -241,6 +242,7 @@ def run_simulate(
     cost: Path | None = None,
     progress: bool | None = None,
     scope: str | None = None,
+    jobs: int | None = None,
 ) -> int:
     """The ``simulate`` command; returns the exit code (raises the Exit of a one-line error)."""
     console = make_console()
@@ -252,9 +254,11 @@ def run_simulate(
         return 0
     if out is not None and out.exists() and not out.is_dir():
         raise fail(f"--out {out}: exists and is not a directory", 2)
+    if jobs is not None and jobs < 1:
+        raise fail(f"--jobs {jobs}: expected a positive number of threads", 2)
     try:
         doc, res = simulate(
-            trace, models, settings, decisions=out is not None, cost=cost, progress=progress, scope=scope
+            trace, models, settings, decisions=out is not None, cost=cost, progress=progress, scope=scope, jobs=jobs
         )
     except (TraceError, OptionError, CostError) as e:
         raise fail(str(e), 2) from None
