@@ -40,6 +40,7 @@ from numba.extending import (
     unbox,
 )
 
+from lufreplay.model import kernels as K
 from lufreplay.model.kernels import popcount as _popcount64
 
 U64 = types.uint64
@@ -252,17 +253,29 @@ def _mark_word(x, base, g, done):
 
 
 @numba.njit(cache=True)
+def _add_word(acc, off, x):
+    c = 0
+    while x != 0:
+        if x & _U1:
+            acc[off + c] += 1
+        x >>= _U1
+        c += 1
+
+
+@numba.njit(cache=True)
 def _bit_word(c, k):
     return _U1 << np.uint64(c & 63) if (c >> 6) == k else np.uint64(0)
 
 
 _PRIMS: dict[int, dict[str, Any]] = {}
+#: the kernels.py functions that look inside a mask, built per width by :func:`primitives`
+PRIMITIVES = ("bit", "popcount", "notdone", "mark_done", "add_per_cpu", "opm", "set_targets")
 
 
 def primitives(w: int) -> dict[str, Any]:
-    """``U0`` (the empty mask), ``bit(c)``, ``popcount(m)``, ``notdone(mask, ugen, done)`` and
-    ``mark_done(mask, g, done)`` over ``w`` words, with the meaning of their uint64 namesakes in
-    ``model/kernels.py`` (``done`` indexed by CPU id). Built once per ``w``."""
+    """``U0`` (the empty mask) and :data:`PRIMITIVES` over ``w`` words, with the meaning of their uint64
+    namesakes in ``model/kernels.py`` (``done`` indexed by CPU id; ``opm`` reads a ``(w,)`` mask field of a
+    record, ``set_targets`` writes a decision record's). Built once per ``w``."""
     if w in _PRIMS:
         return _PRIMS[w]
 
@@ -273,12 +286,18 @@ def primitives(w: int) -> dict[str, Any]:
         f"def bit(c):\n    return {tup(lambda k: f'_bit_word(c, {k})')}\n"
         f"def popcount(m):\n    return {' + '.join(f'_pc(m[{k}])' for k in range(w))}\n"
         f"def notdone(mask, ugen, done):\n    return {tup(lambda k: f'_notdone_word(mask[{k}], {64 * k}, ugen, done)')}\n"
-        "def mark_done(mask, g, done):\n" + "".join(f"    _mark_word(mask[{k}], {64 * k}, g, done)\n" for k in range(w))
+        "def mark_done(mask, g, done):\n"
+        + "".join(f"    _mark_word(mask[{k}], {64 * k}, g, done)\n" for k in range(w))
+        + "def add_per_cpu(acc, off, m):\n"
+        + "".join(f"    _add_word(acc, off + {64 * k}, m[{k}])\n" for k in range(w))
+        + f"def opm(x):\n    return {tup(lambda k: f'x[{k}]')}\n"
+        + "def set_targets(r, v):\n    t = r['targets']\n"
+        + "".join(f"    t[{k}] = v[{k}]\n" for k in range(w))
     )
     ns: dict[str, Any] = {"_bit_word": _bit_word, "_pc": _popcount64, "_notdone_word": _notdone_word}
-    ns["_mark_word"] = _mark_word
+    ns["_mark_word"], ns["_add_word"] = _mark_word, _add_word
     exec(compile(src, f"<widemask W={w}>", "exec"), ns)  # unrolled: constant tuple indices only
-    out = {"U0": (np.uint64(0),) * w, **{n: numba.njit(ns[n]) for n in ("bit", "popcount", "notdone", "mark_done")}}
+    out = {"U0": (np.uint64(0),) * w, **{n: numba.njit(ns[n]) for n in PRIMITIVES}}
     _PRIMS[w] = out
     return out
 
@@ -293,6 +312,27 @@ def specialise(fn: Any, overrides: dict[str, Any]) -> Any:
     return numba.njit(**opts)(pytypes.FunctionType(py.__code__, g, py.__name__, py.__defaults__, py.__closure__))
 
 
+_KERNELS: dict[int, pytypes.ModuleType] = {}
+
+
+def kernels(w: int) -> pytypes.ModuleType:
+    """``model/kernels.py`` for ``w``-word masks: the primitives, the accumulator layout for 64·w CPUs
+    (``acc_layout``) and the flush accounting compiled against them."""
+    if w in _KERNELS:
+        return _KERNELS[w]
+    g: dict[str, Any] = {**primitives(w), **K.acc_layout(64 * w)}
+    g["log_decision"] = specialise(K.log_decision, g)
+    for name in ("account_flush", "add_history", "add_request"):
+        g[name] = specialise(getattr(K, name), g)
+    _KERNELS[w] = module_with(K, **g)
+    return _KERNELS[w]
+
+
+def wide_dtype(dtype: np.dtype, fields: tuple[str, ...], w: int) -> np.dtype:
+    """``dtype`` with each of ``fields`` (uint64 masks) widened to ``w`` words."""
+    return np.dtype([(n, (dtype[n], (w,)) if n in fields else dtype[n]) for n in dtype.names or ()])
+
+
 def module_with(module: pytypes.ModuleType, **attrs: Any) -> pytypes.ModuleType:
     """A copy of ``module`` with some attributes replaced (numba resolves ``module.name`` at compile time, so a
     specialised function sees the replaced ones)."""
@@ -302,4 +342,4 @@ def module_with(module: pytypes.ModuleType, **attrs: Any) -> pytypes.ModuleType:
     return m
 
 
-__all__ = ["MaskArray", "module_with", "primitives", "specialise", "words"]
+__all__ = ["PRIMITIVES", "MaskArray", "kernels", "module_with", "primitives", "specialise", "wide_dtype", "words"]
