@@ -14,9 +14,13 @@ from scenarios import random_scenario
 from lufreplay.model import kernels as K
 from lufreplay.model import luf_v12 as V
 from lufreplay.model import ops as O
+from lufreplay.model import pcpfifo as F
 from lufreplay.model import rmap, vanilla, widemask
+from lufreplay.model import rules as P
 from lufreplay.model import state as S
+from lufreplay.model.luf_v12 import LufV12
 from lufreplay.model.options import parse_settings
+from lufreplay.model.reference import Decision, ReferenceLufV12, fast_decisions
 from lufreplay.model.widemask import PRIMITIVES, MaskArray, module_with, primitives, specialise, words
 from lufreplay.replay.engine import replay
 from lufreplay.trace.reader import open_trace
@@ -205,3 +209,89 @@ def test_vanilla_core_compiled_for_wide_masks_matches_uint64(tmp_path: Path, w: 
     assert np.array_equal(decw["cpu"], np.where(dec1["cpu"] >= 0, lut[np.maximum(dec1["cpu"], 0)], dec1["cpu"]))
     for n in ("ts", "kind", "cause", "ipis", "op"):
         assert np.array_equal(decw[n], dec1[n]), n
+
+
+#: run_luf_v12's array arguments that hold masks, and those indexed by CPU
+_MASKS = {"SU", "MMB_mask", "ASB_mask", "KEY_mask", "sh_mask", "hist_mask", "req_mask", "OBM"}
+_PER_CPU = {"done", "strikes", "FH"}
+
+
+def _luf_args(m: LufV12, ops: np.ndarray, w: int) -> tuple[object, ...]:
+    """run_luf_v12's arguments, as ``LufV12._run`` passes them, for ``w``-word masks (w = 1: the model's own)."""
+    st, pg = m.st, m.pages
+    names = ["SC", "SU", "done", "MMB_mask", "MMB_ugen", "ASB_mask", "ASB_ugen", "KEY_mask", "KEY_ugen"]
+    names += ["task_key", "task_anon_key", "strikes", "buf", "state", "key", "stamp", "unmap_ts", "unmap_task"]
+    names += ["sh_mask", "sh_ugen", "acc", "tl", "dec", "nlog", "hist_g", "hist_ts", "hist_mask", "req_ts"]
+    names += ["req_ugen", "req_mask", "req_pages", "OB", "OBM", "obfree", "FH", "OBS", "pobl"]
+    arrays = [*st.head(), st.KEY_mask, st.KEY_ugen, st.task_key, st.task_anon_key, st.strikes, st.buf]
+    arrays += [pg.state, pg.key, pg.stamp, pg.unmap_ts, pg.unmap_task, pg.sh_mask, pg.sh_ugen, m.acc, m.tl]
+    arrays += [*m.logs.args(), *st.obl.args()]
+    if w == 1:
+        return (ops, len(ops), m.Y, *arrays)
+    out: list[object] = []
+    for name, a in zip(names, arrays, strict=True):
+        if name in _MASKS:
+            out.append(MaskArray.zeros(len(a), w))
+        elif name in _PER_CPU:
+            b = np.repeat(a[:1], 64 * w, axis=0)  # every CPU starts as CPU 0 does
+            out.append(b)
+        elif name == "acc":
+            out.append(np.zeros(K.acc_layout(64 * w)["ACC_SIZE"], np.int64))
+        elif name == "dec":
+            out.append(np.zeros(len(a), widemask.wide_dtype(O.DEC_DTYPE, ("targets",), w)))
+        else:
+            out.append(a.copy())
+    return (ops, len(ops), m.Y, *out)
+
+
+def _wide_cpuset(words_: np.ndarray) -> frozenset[int]:
+    return frozenset(64 * k + c for k, x in enumerate(words_.tolist()) for c in range(64) if x >> c & 1)
+
+
+@pytest.mark.parametrize("seed", [3, 8])
+def test_luf_v12_core_on_cpu_ids_up_to_300_matches_the_reference(tmp_path: Path, seed: int) -> None:
+    """A random 12-CPU trace's model ops with CPU c moved to 25c + 3 (ids up to 278: 5-word masks): luf-v12's core,
+    compiled from its own source for 5 words, makes the decisions of the reference (CPU sets) on the moved ops,
+    and the uint64 core's decisions on the original ops, moved."""
+    w = 5
+    s = random_scenario(random.Random(seed), 100, 12, kept=True)
+    opts = parse_settings([])
+    res = replay(open_trace(s.write(tmp_path / "t")), ["luf-v12"], opts, keep_ops=True, decisions=True)
+    ops = np.concatenate(res.ops)
+    lut = np.array([25 * c + 3 if c < 12 else c for c in range(64)], np.int64)  # CPUs 12-63 never appear
+    wide = np.zeros(len(ops), widemask.wide_dtype(O.MOP_DTYPE, ("mask", "mask2"), w))
+    for n in O.MOP_DTYPE.names or ():
+        wide[n] = _spread(ops[n], list(lut), w) if n in ("mask", "mask2") else ops[n]
+    wide["cpu"] = np.where(ops["cpu"] >= 0, lut[np.maximum(ops["cpu"], 0)], ops["cpu"])
+    m = LufV12(opts, res.models["luf-v12"].Y, res.tl, res.ncpu, True)
+    m.pages.ensure(res.pfns.limit, exact=True)
+    m.ensure(len(res.ids.task) + 1, len(res.ids.mm) + 1, len(res.ids.mapping) + 1, len(ops))
+    m.logs.ensure(len(ops) + 16, True)
+    args = _luf_args(m, wide, w)
+    core = widemask.modules([K, F, P, rmap, V], w)[V.__name__].run_luf_v12
+    assert core(*args) == -1 and args[3 + 20][K.O_VIOL] == 0  # type: ignore[index]  # no safety violation
+    dec, nlog = args[3 + 22], args[3 + 23]
+    got = [
+        Decision(
+            int(r["ts"]),
+            O.DECISION_KIND[r["kind"]],
+            O.CAUSES[r["cause"]],
+            int(r["cpu"]),
+            _wide_cpuset(r["targets"]),
+            int(r["op"]),
+        )
+        for r in dec[: nlog[K.L_DEC]]  # type: ignore[index]
+        if r["kind"] in (O.D_PERFORMED, O.D_DEFERRED)
+    ]
+    ref = ReferenceLufV12(opts)
+    names = O.MOP_DTYPE.names or ()
+    for row in wide.tolist():
+        r = dict(zip(names, row, strict=True))
+        r["mask"], r["mask2"] = (sum(int(x) << (64 * k) for k, x in enumerate(r[f])) for f in ("mask", "mask2"))
+        ref.step(r)
+    assert got == ref.decisions and len(got) > 30 and max(max(d.targets, default=0) for d in got) > 200
+    moved = [
+        d._replace(cpu=int(lut[d.cpu]) if d.cpu >= 0 else d.cpu, targets=frozenset(int(lut[c]) for c in d.targets))
+        for d in fast_decisions(res.models["luf-v12"].decisions_array())
+    ]
+    assert got == moved

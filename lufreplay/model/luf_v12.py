@@ -285,7 +285,7 @@ def run_luf_v12(
             SU[COVERED] |= SU[LUF_MASK]
             SU[LUF_MASK] = U0
         elif op == O.M_BATCH:  # 3. batch_flush: fold_unmap_luf + try_to_unmap_flush
-            d, nl = rmap.batch_split(r["mask"], Y[Y_UNEXPLAINED_FLUSH] != 0, SU)
+            d, nl = rmap.batch_split(K.opm(r["mask"]), Y[Y_UNEXPLAINED_FLUSH] != 0, SU)
             _settle(
                 ts, cpu, task, luf, SC, done, buf, pstate, pkey, sh_mask, sh_ugen, pobl, OB, acc, tl, dec, nlog,
                 hist_g, hist_ts, hist_mask, op,
@@ -314,10 +314,10 @@ def run_luf_v12(
             rmap.batch_done(SU)
         elif op == O.M_RFLUSH:  # recorded flushes LUF leaves alone (immediate, zap, batched_pending, ...)
             cause = r["sub"]
-            tg = rmap.recorded_flush(ts, cpu, task, cause, r["mask"], r["flags"], op, acc, tl, dec, nlog)
+            tg = rmap.recorded_flush(ts, cpu, task, cause, K.opm(r["mask"]), r["flags"], op, acc, tl, dec, nlog)
             credit = U0
             if cause == O.C_BATCHED_PENDING:  # 12. F9 marks ugen_done for mm_cpumask
-                credit = r["mask2"]
+                credit = K.opm(r["mask2"])
                 acc[_mi(O.K_R6_CREDITS_OTHER_MM)] += popcount(np.uint64(r["pfn"]))
             elif Y[Y_CREDIT_NATURAL] != 0 and (r["flags"] & 2):
                 credit = tg

@@ -52,7 +52,7 @@ def rmap_walk(mops, i, nops, large, fold, kept_joins, need_pfn, SC, SU, buf, MMB
             flags = r["flags"]
             if flags & O.PTE_UNBATCHED:
                 continue  # flushed at once (ptep_clear_flush): a recorded flush carries its IPIs
-            m = r["mask"]
+            m = K.opm(r["mask"])
             if flags & O.PTE_WRITABLE:
                 SC[S.CAN_LUF] = 0  # a writable PTE makes the whole folio non-LUF
             if SC[S.CAN_LUF] == 0:

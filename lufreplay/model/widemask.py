@@ -29,6 +29,7 @@ from typing import Any
 import numba
 import numpy as np
 from numba.core import cgutils, types
+from numba.core.registry import CPUDispatcher as Dispatcher
 from numba.extending import (
     NativeValue,
     intrinsic,
@@ -272,6 +273,23 @@ _PRIMS: dict[int, dict[str, Any]] = {}
 PRIMITIVES = ("bit", "popcount", "notdone", "mark_done", "add_per_cpu", "opm", "set_targets")
 
 
+def _either_width(wide_popcount: Any) -> Any:
+    """popcount of a W-word mask or of a plain uint64 (a count kept in an int field, e.g. R6's credited CPUs)."""
+
+    def stub(m):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    @overload(stub)
+    def _ov(m):  # type: ignore[no-untyped-def]
+        if isinstance(m, types.Integer):
+            return lambda m: _popcount64(m)
+        if _is_mask(m):
+            return lambda m: wide_popcount(m)
+        return None
+
+    return numba.njit(lambda m: stub(m))
+
+
 def primitives(w: int) -> dict[str, Any]:
     """``U0`` (the empty mask) and :data:`PRIMITIVES` over ``w`` words, with the meaning of their uint64
     namesakes in ``model/kernels.py`` (``done`` indexed by CPU id; ``opm`` reads a ``(w,)`` mask field of a
@@ -298,6 +316,7 @@ def primitives(w: int) -> dict[str, Any]:
     ns["_mark_word"], ns["_add_word"] = _mark_word, _add_word
     exec(compile(src, f"<widemask W={w}>", "exec"), ns)  # unrolled: constant tuple indices only
     out = {"U0": (np.uint64(0),) * w, **{n: numba.njit(ns[n]) for n in PRIMITIVES}}
+    out["popcount"] = _either_width(out["popcount"])
     _PRIMS[w] = out
     return out
 
@@ -328,6 +347,39 @@ def kernels(w: int) -> pytypes.ModuleType:
     return _KERNELS[w]
 
 
+def modules(mods: list[pytypes.ModuleType], w: int) -> dict[str, pytypes.ModuleType]:
+    """Copies of ``mods`` (model modules, callees first or not: globals are bound before anything compiles) whose
+    njit functions are compiled for ``w``-word masks: every function of theirs gets ``U0``, the primitives and the
+    accumulator layout of 64·w CPUs, and sees the copies of the other modules and of the functions it imported
+    from them. Keyed by module name."""
+    base: dict[str, Any] = {**primitives(w), **K.acc_layout(64 * w)}
+    names = {m.__name__ for m in mods}
+    copies = {m.__name__: pytypes.ModuleType(m.__name__ + "_wide") for m in mods}
+    gl: dict[str, dict[str, Any]] = {}
+    wide: dict[int, Any] = {}
+    for m in mods:
+        g = gl[m.__name__] = dict(m.__dict__)
+        for name, v in m.__dict__.items():
+            if isinstance(v, Dispatcher) and v.py_func.__module__ == m.__name__:
+                if name in base:
+                    wide[id(v)] = base[name]
+                else:
+                    py = v.py_func
+                    opts = {k: x for k, x in v.targetoptions.items() if k not in ("cache", "nopython")}
+                    fn = pytypes.FunctionType(py.__code__, g, py.__name__, py.__defaults__, py.__closure__)
+                    wide[id(v)] = numba.njit(**opts)(fn)
+    for m in mods:
+        g = gl[m.__name__]
+        for name, v in list(g.items()):
+            if isinstance(v, pytypes.ModuleType) and v.__name__ in names:
+                g[name] = copies[v.__name__]
+            elif isinstance(v, Dispatcher) and id(v) in wide:
+                g[name] = wide[id(v)]
+        g.update(base)
+        copies[m.__name__].__dict__.update({k: x for k, x in g.items() if not k.startswith("__")})
+    return copies
+
+
 def wide_dtype(dtype: np.dtype, fields: tuple[str, ...], w: int) -> np.dtype:
     """``dtype`` with each of ``fields`` (uint64 masks) widened to ``w`` words."""
     return np.dtype([(n, (dtype[n], (w,)) if n in fields else dtype[n]) for n in dtype.names or ()])
@@ -342,4 +394,14 @@ def module_with(module: pytypes.ModuleType, **attrs: Any) -> pytypes.ModuleType:
     return m
 
 
-__all__ = ["PRIMITIVES", "MaskArray", "kernels", "module_with", "primitives", "specialise", "wide_dtype", "words"]
+__all__ = [
+    "PRIMITIVES",
+    "MaskArray",
+    "kernels",
+    "module_with",
+    "modules",
+    "primitives",
+    "specialise",
+    "wide_dtype",
+    "words",
+]
