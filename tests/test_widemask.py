@@ -248,7 +248,7 @@ def _wide_cpuset(words_: np.ndarray) -> frozenset[int]:
     return frozenset(64 * k + c for k, x in enumerate(words_.tolist()) for c in range(64) if x >> c & 1)
 
 
-@pytest.mark.parametrize("seed", [3, 8])
+@pytest.mark.parametrize("seed", [3])
 def test_luf_v12_core_on_cpu_ids_up_to_300_matches_the_reference(tmp_path: Path, seed: int) -> None:
     """A random 12-CPU trace's model ops with CPU c moved to 25c + 3 (ids up to 278: 5-word masks): luf-v12's core,
     compiled from its own source for 5 words, makes the decisions of the reference (CPU sets) on the moved ops,

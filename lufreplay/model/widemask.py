@@ -13,10 +13,11 @@ module makes the *unchanged* source of a model function run on W-word masks:
 * :func:`specialise` compiles a copy of an njit function with some of its globals replaced (``U0``, the
   primitives, or a module holding other specialised functions).
 
-W = 1 keeps today's compiled code: the originals are used as they are, and only W > 1 compiles copies. The cost
-of the copies grows with W, not with the host's CPU count (``bench/wide_masks``). What is left before the models
-can use it: the model ops' and decision records' mask fields, the per-CPU sections of the accumulator (sized for
-64 CPUs), the reconstructor's masks, and the Python code that reads masks (stale windows, decision files).
+W = 1 keeps today's compiled code: the originals are used as they are, and only W > 1 compiles copies
+(:func:`modules` for a whole core: luf-v12's and vanilla's compile unchanged; the cores read an op's mask through
+``kernels.opm`` and write a decision's targets through ``kernels.set_targets``, records get W-word fields with
+:func:`wide_dtype`). The cost of the copies grows with W, not with the host's CPU count (``bench/wide_masks``).
+Not wired into the replay yet: what is left is listed in docs/simulate.md "Any CPU count".
 """
 
 from __future__ import annotations
