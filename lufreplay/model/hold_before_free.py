@@ -73,7 +73,7 @@ def run_hbf(
             i = j
             continue
         i += 1
-        SC[S.LAZY] = np.int64(rmap.lazy_now(r, cpu, lazy_flush))
+        SU[S.LAZY_MASK] = rmap.lazy_now(r, cpu, lazy_flush)
         if op == O.M_KEEP:
             rmap.reclaim_keep_unbatched(SC, SU)
         elif op == O.M_BATCH:
@@ -92,7 +92,7 @@ def run_hbf(
                         sh_mask[p] = U0
                         sh_ugen[p] = 0
             if nl != U0:
-                K.account_flush(ts, cpu, task, rmap.sent(nl, SC), O.C_BATCH_NONLUF, op, -1, acc, tl, dec, nlog)
+                K.account_flush(ts, cpu, task, rmap.sent(nl, SU), O.C_BATCH_NONLUF, op, -1, acc, tl, dec, nlog)
             if d != U0:
                 g = rmap.open_generation(d, SC, SU)
                 rmap.defer(ts, cpu, task, d, op, acc, dec, nlog)

@@ -33,35 +33,57 @@ M2 = np.uint64(0x3333333333333333)
 M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
 H01 = np.uint64(0x0101010101010101)
 
-# Layout of a model's int64 accumulator vector ``acc`` (offsets are compile-time constants for numba).
-O_IPIS = 0
-O_EVENTS = O_IPIS + NCAUSE
-O_LOCAL = O_EVENTS + NCAUSE
-O_PERCPU = O_LOCAL + NCAUSE
-O_MISC = O_PERCPU + MAX_CPUS
-O_HOOK_CALLS = O_MISC + NMISC
-O_HOOK_NOIPI = O_HOOK_CALLS + 8
-O_TL = O_HOOK_NOIPI + 8
-O_HELD_TL = O_TL + TIMELINE_BINS
-O_FID_REC = O_HELD_TL + TIMELINE_BINS
-O_FID_EXPL = O_FID_REC + NCAUSE
-O_FID_PRED = O_FID_EXPL + NCAUSE
 RD_BINS = 36  # realloc delay: 4 bins per decade from 1 µs to 100 s, plus under/overflow
-O_RD = O_FID_PRED + NCAUSE
-O_REC_PERCPU = O_RD + RD_BINS  # recorded (vanilla): remote shootdowns received per CPU
-O_REC_EVENTS = O_REC_PERCPU + MAX_CPUS  # recorded flush events per cause
-O_REC_TL = O_REC_EVENTS + NCAUSE  # recorded remote shootdowns per timeline bin
-O_VIOL = O_REC_TL + TIMELINE_BINS  # safety violations (count, pfn, ts)
-# vanilla rebuild, per target CPU: recorded shootdowns it explains, and rebuilt ones that were really sent
-O_FID_EXPL_CPU = O_VIOL + 4
-O_FID_MATCH_CPU = O_FID_EXPL_CPU + MAX_CPUS
-# vanilla rebuild: predicted IPIs of batch flushes that reached no CPU although the kernel traced sending (every
-# remote target skipped: lazy, or a preempted vCPU under KVM PV flush), and of flushes with no remote CPU at all;
-# then the predicted targets (not lazy in the model) that a flush with a traced send did not reach (PV-skip
-# candidates, vanilla.pv_skip_candidates)
-O_FID_SKIPPED = O_FID_MATCH_CPU + MAX_CPUS
-O_FID_PV = O_FID_SKIPPED + 2
-ACC_SIZE = O_FID_PV + 1
+
+
+def acc_layout(max_cpus: int) -> dict[str, int]:
+    """Offsets of a model's int64 accumulator vector ``acc`` for masks over ``max_cpus`` CPUs (the module's
+    ``O_*`` constants are the 64-CPU layout: compile-time constants for numba)."""
+    o: dict[str, int] = {}
+    at = 0
+
+    def put(name: str, size: int) -> None:
+        nonlocal at
+        o[name] = at
+        at += size
+
+    put("O_IPIS", NCAUSE)
+    put("O_EVENTS", NCAUSE)
+    put("O_LOCAL", NCAUSE)
+    put("O_PERCPU", max_cpus)
+    put("O_MISC", NMISC)
+    put("O_HOOK_CALLS", 8)
+    put("O_HOOK_NOIPI", 8)
+    put("O_TL", TIMELINE_BINS)
+    put("O_HELD_TL", TIMELINE_BINS)
+    put("O_FID_REC", NCAUSE)
+    put("O_FID_EXPL", NCAUSE)
+    put("O_FID_PRED", NCAUSE)
+    put("O_RD", RD_BINS)
+    put("O_REC_PERCPU", max_cpus)  # recorded (vanilla): remote shootdowns received per CPU
+    put("O_REC_EVENTS", NCAUSE)  # recorded flush events per cause
+    put("O_REC_TL", TIMELINE_BINS)  # recorded remote shootdowns per timeline bin
+    put("O_VIOL", 4)  # safety violations (count, pfn, ts)
+    # vanilla rebuild, per target CPU: recorded shootdowns it explains, and rebuilt ones that were really sent
+    put("O_FID_EXPL_CPU", max_cpus)
+    put("O_FID_MATCH_CPU", max_cpus)
+    # vanilla rebuild: predicted IPIs of batch flushes that reached no CPU although the kernel traced sending (every
+    # remote target skipped: lazy, or a preempted vCPU under KVM PV flush), and of flushes with no remote CPU at all;
+    # then the predicted targets (not lazy in the model) that a flush with a traced send did not reach (PV-skip
+    # candidates, vanilla.pv_skip_candidates)
+    put("O_FID_SKIPPED", 2)
+    put("O_FID_PV", 1)
+    o["ACC_SIZE"] = at
+    return o
+
+
+_L = acc_layout(MAX_CPUS)
+O_IPIS, O_EVENTS, O_LOCAL, O_PERCPU = _L["O_IPIS"], _L["O_EVENTS"], _L["O_LOCAL"], _L["O_PERCPU"]
+O_MISC, O_HOOK_CALLS, O_HOOK_NOIPI, O_TL = _L["O_MISC"], _L["O_HOOK_CALLS"], _L["O_HOOK_NOIPI"], _L["O_TL"]
+O_HELD_TL, O_FID_REC, O_FID_EXPL, O_FID_PRED = _L["O_HELD_TL"], _L["O_FID_REC"], _L["O_FID_EXPL"], _L["O_FID_PRED"]
+O_RD, O_REC_PERCPU, O_REC_EVENTS, O_REC_TL = _L["O_RD"], _L["O_REC_PERCPU"], _L["O_REC_EVENTS"], _L["O_REC_TL"]
+O_VIOL, O_FID_EXPL_CPU, O_FID_MATCH_CPU = _L["O_VIOL"], _L["O_FID_EXPL_CPU"], _L["O_FID_MATCH_CPU"]
+O_FID_SKIPPED, O_FID_PV, ACC_SIZE = _L["O_FID_SKIPPED"], _L["O_FID_PV"], _L["ACC_SIZE"]
 
 # Log vector ``nlog``: [decisions written, stale requests written, done-history entries written, decision capacity]
 L_DEC, L_REQ, L_HIST = 0, 1, 2
@@ -76,6 +98,18 @@ def bit(c):
 def carries_lazy(op):
     """Model ops at which a LUF model may flush deferred work: their ``mask2`` holds the CPUs lazy at the op."""
     return op == M_KEEP or op == M_FREE or op == M_TAKE or op == M_ALLOC or op == M_HOOK or op == M_RECLAIM_BEGIN
+
+
+@numba.njit(cache=True)
+def opm(x):
+    """A mask field of a model-op record as a mask (the identity here; a W-word load in ``widemask``)."""
+    return x
+
+
+@numba.njit(cache=True)
+def set_targets(r, targets):
+    """Store a decision record's target mask (a W-word store in ``widemask``)."""
+    r["targets"] = targets
 
 
 @numba.njit(cache=True)
@@ -155,7 +189,7 @@ def account_flush(ts, cpu, task, targets, cause, op, pfn, acc, tl, dec, nlog):
         if b >= TIMELINE_BINS:
             b = TIMELINE_BINS - 1
         acc[O_TL + b] += n
-    if targets & bit(cpu):
+    if (targets & bit(cpu)) != U0:
         acc[O_LOCAL + cause] += 1
     log_decision(ts, 0, cause, cpu, task, targets, n, op, pfn, dec, nlog)
     return n
@@ -171,7 +205,7 @@ def log_decision(ts, kind, cause, cpu, task, targets, ipis, op, pfn, dec, nlog):
         r["cause"] = cause
         r["cpu"] = cpu
         r["task"] = task
-        r["targets"] = targets
+        set_targets(r, targets)
         r["ipis"] = ipis
         r["op"] = op
         r["pfn"] = pfn

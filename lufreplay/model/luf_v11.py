@@ -66,13 +66,13 @@ def run_luf_v11(
             )
             continue
         i += 1
-        SC[S.LAZY] = np.int64(rmap.lazy_now(r, cpu, lazy_flush))
+        SU[S.LAZY_MASK] = rmap.lazy_now(r, cpu, lazy_flush)
         if op == O.M_KEEP:  # kept folio: everything accumulated is flushed with the batch
             rmap.reclaim_keep_unbatched(SC, SU)
         elif op == O.M_BATCH:
             d, nl = rmap.batch_split(r["mask"], Y[S.Y_UNEXPLAINED_FLUSH] != 0, SU)
             if nl != U0:
-                K.account_flush(ts, cpu, task, rmap.sent(nl, SC), O.C_BATCH_NONLUF, op, -1, acc, tl, dec, nlog)
+                K.account_flush(ts, cpu, task, rmap.sent(nl, SU), O.C_BATCH_NONLUF, op, -1, acc, tl, dec, nlog)
             g = np.int64(0)
             if d != U0:
                 g = rmap.open_generation(d, SC, SU)

@@ -25,7 +25,7 @@ from lufreplay.model.rmap import luf_flush, owe
 from lufreplay.model.state import (
     COVERED,
     KCTR,
-    LAZY,
+    LAZY_MASK,
     LUF_MASK,
     NBUF,
     NONLUF_MASK,
@@ -134,7 +134,7 @@ def _take_buddy(
     target_mask = SU[ZB_MASK]
     ugen = SC[Z_LUFUGEN]
     n = luf_flush(
-        ts, cpu, task, target_mask, ugen, O.C_ALLOC_BUDDY_EPOCH, op, pfn, SC, done, acc, tl, dec, nlog, hist_g,
+        ts, cpu, task, target_mask, ugen, O.C_ALLOC_BUDDY_EPOCH, op, pfn, SC, SU, done, acc, tl, dec, nlog, hist_g,
         hist_ts, hist_mask,
     )  # fmt: skip
     acc[_mi(O.K_EPOCH_CLOSES)] += 1
@@ -186,7 +186,7 @@ def _to_buddy(p, key, sh_m, sh_u, luf, SC, SU, KEY_mask, KEY_ugen, pstate, pkey,
 
 
 @numba.njit(cache=True)
-def _f1(ts, cpu, task, mask, ugen, can_sd, op, pfn, max_strikes, SC, done, strikes, acc, tl, dec, nlog, hist_g,
+def _f1(ts, cpu, task, mask, ugen, can_sd, op, pfn, max_strikes, SC, SU, done, strikes, acc, tl, dec, nlog, hist_g,
         hist_ts, hist_mask):  # fmt: skip
     """F1 on one pcp takeoff: 0 = free pass, 1 = flushed (returns its IPIs in [1]), 2 = skipped (no-shootdown)."""
     target = notdone(mask, ugen, done)
@@ -196,7 +196,24 @@ def _f1(ts, cpu, task, mask, ugen, can_sd, op, pfn, max_strikes, SC, done, strik
         return 0, 0
     if can_sd:
         n = luf_flush(
-            ts, cpu, task, mask, ugen, O.C_ALLOC_PCP, op, pfn, SC, done, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask
+            ts,
+            cpu,
+            task,
+            mask,
+            ugen,
+            O.C_ALLOC_PCP,
+            op,
+            pfn,
+            SC,
+            SU,
+            done,
+            acc,
+            tl,
+            dec,
+            nlog,
+            hist_g,
+            hist_ts,
+            hist_mask,
         )
         acc[_mi(O.K_ALLOC_WITH_FLUSH)] += 1
         acc[_mi(O.K_PAID_IN_ALLOC_FLUSHES)] += 1
@@ -211,7 +228,7 @@ def _f1(ts, cpu, task, mask, ugen, can_sd, op, pfn, max_strikes, SC, done, strik
 
 
 @numba.njit(cache=True)
-def _settle(ts, cpu, task, luf, SC, done, buf, pstate, pkey, sh_mask, sh_ugen, pobl, OB, acc, tl, dec, nlog,
+def _settle(ts, cpu, task, luf, SC, SU, done, buf, pstate, pkey, sh_mask, sh_ugen, pobl, OB, acc, tl, dec, nlog,
             hist_g, hist_ts, hist_mask, op):  # fmt: skip
     """Pages about to be keyed again that the model still holds pending: the trace re-used them without a
     recorded allocation (a lost event, or a no-shootdown allocation the model served with another page).
@@ -230,7 +247,7 @@ def _settle(ts, cpu, task, luf, SC, done, buf, pstate, pkey, sh_mask, sh_ugen, p
                 if target != U0:
                     cause = O.C_ALLOC_BUDDY_EPOCH if (st == P_BUDDY_LUF or st == P_TAKEN) else O.C_ALLOC_PCP
                     luf_flush(
-                        ts, cpu, task, sh_mask[p], sh_ugen[p], cause, op, p, SC, done, acc, tl, dec, nlog, hist_g,
+                        ts, cpu, task, sh_mask[p], sh_ugen[p], cause, op, p, SC, SU, done, acc, tl, dec, nlog, hist_g,
                         hist_ts, hist_mask,
                     )  # fmt: skip
                 sh_mask[p] = U0
@@ -264,10 +281,10 @@ def run_luf_v12(
             )
             continue
         i += 1
-        SC[LAZY] = np.int64(rmap.lazy_now(r, cpu, lazy_flush))
+        SU[LAZY_MASK] = rmap.lazy_now(r, cpu, lazy_flush)
         if op == O.M_KEEP:  # 4. reclaim_keep (F11): key the work so far and flush it at once
             _settle(
-                ts, cpu, task, luf, SC, done, buf, pstate, pkey, sh_mask, sh_ugen, pobl, OB, acc, tl, dec, nlog,
+                ts, cpu, task, luf, SC, SU, done, buf, pstate, pkey, sh_mask, sh_ugen, pobl, OB, acc, tl, dec, nlog,
                 hist_g, hist_ts, hist_mask, op,
             )  # fmt: skip
             d = SU[LUF_MASK] & ~SU[NONLUF_MASK]
@@ -278,7 +295,7 @@ def run_luf_v12(
                     req_ts, req_ugen, req_mask, req_pages, nlog,
                 )  # fmt: skip
                 luf_flush(
-                    ts, cpu, task, KEY_mask[k], KEY_ugen[k], O.C_RECLAIM_KEEP, op, r["pfn"], SC, done, acc, tl, dec,
+                    ts, cpu, task, KEY_mask[k], KEY_ugen[k], O.C_RECLAIM_KEEP, op, r["pfn"], SC, SU, done, acc, tl, dec,
                     nlog, hist_g, hist_ts, hist_mask,
                 )  # fmt: skip
             else:
@@ -289,9 +306,9 @@ def run_luf_v12(
             SU[COVERED] |= SU[LUF_MASK]
             SU[LUF_MASK] = U0
         elif op == O.M_BATCH:  # 3. batch_flush: fold_unmap_luf + try_to_unmap_flush
-            d, nl = rmap.batch_split(r["mask"], Y[Y_UNEXPLAINED_FLUSH] != 0, SU)
+            d, nl = rmap.batch_split(K.opm(r["mask"]), Y[Y_UNEXPLAINED_FLUSH] != 0, SU)
             _settle(
-                ts, cpu, task, luf, SC, done, buf, pstate, pkey, sh_mask, sh_ugen, pobl, OB, acc, tl, dec, nlog,
+                ts, cpu, task, luf, SC, SU, done, buf, pstate, pkey, sh_mask, sh_ugen, pobl, OB, acc, tl, dec, nlog,
                 hist_g, hist_ts, hist_mask, op,
             )  # fmt: skip
             k = 0
@@ -300,7 +317,7 @@ def run_luf_v12(
                 rmap.defer(ts, cpu, task, d, op, acc, dec, nlog)
             if nl != U0:
                 rmap.flush(
-                    ts, cpu, task, nl, O.C_BATCH_NONLUF, op, -1, SC, done, acc, tl, dec, nlog, hist_g, hist_ts,
+                    ts, cpu, task, nl, O.C_BATCH_NONLUF, op, -1, SC, SU, done, acc, tl, dec, nlog, hist_g, hist_ts,
                     hist_mask,
                 )  # fmt: skip
             _key_buffer(
@@ -312,16 +329,16 @@ def run_luf_v12(
                 task_anon_key[task] = k if (r["flags"] & O.B_ANON_UNKNOWN_PFN) else 0
             if (r["flags"] & O.B_MEMFAIL) and k != 0:  # F12
                 luf_flush(
-                    ts, cpu, task, KEY_mask[k], KEY_ugen[k], O.C_MEMFAIL, op, r["pfn"], SC, done, acc, tl, dec, nlog,
+                    ts, cpu, task, KEY_mask[k], KEY_ugen[k], O.C_MEMFAIL, op, r["pfn"], SC, SU, done, acc, tl, dec, nlog,
                     hist_g, hist_ts, hist_mask,
                 )  # fmt: skip
             rmap.batch_done(SU)
         elif op == O.M_RFLUSH:  # recorded flushes LUF leaves alone (immediate, zap, batched_pending, ...)
             cause = r["sub"]
-            tg = rmap.recorded_flush(ts, cpu, task, cause, r["mask"], r["flags"], op, acc, tl, dec, nlog)
+            tg = rmap.recorded_flush(ts, cpu, task, cause, K.opm(r["mask"]), r["flags"], op, acc, tl, dec, nlog)
             credit = U0
             if cause == O.C_BATCHED_PENDING:  # 12. F9 marks ugen_done for mm_cpumask
-                credit = r["mask2"]
+                credit = K.opm(r["mask2"])
                 acc[_mi(O.K_R6_CREDITS_OTHER_MM)] += popcount(np.uint64(r["pfn"]))
             elif Y[Y_CREDIT_NATURAL] != 0 and (r["flags"] & 2):
                 credit = tg
@@ -433,7 +450,7 @@ def run_luf_v12(
             taken = True
             if pending_pcp:
                 res, n = _f1(
-                    ts, cpu, task, mask, ugen, can_sd, op, pfn, max_strikes, SC, done, strikes, acc, tl, dec, nlog,
+                    ts, cpu, task, mask, ugen, can_sd, op, pfn, max_strikes, SC, SU, done, strikes, acc, tl, dec, nlog,
                     hist_g, hist_ts, hist_mask,
                 )  # fmt: skip
                 if res == 2:
@@ -496,7 +513,7 @@ def run_luf_v12(
             rmap.count_hook(h, target_mask != U0, acc)
             if target_mask != U0:
                 luf_flush(
-                    ts, cpu, task, target_mask, ugen + 1, O.HOOK_CAUSE[h], op, r["pfn"], SC, done, acc, tl, dec, nlog,
+                    ts, cpu, task, target_mask, ugen + 1, O.HOOK_CAUSE[h], op, r["pfn"], SC, SU, done, acc, tl, dec, nlog,
                     hist_g, hist_ts, hist_mask,
                 )  # fmt: skip
     return -1

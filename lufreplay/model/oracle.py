@@ -61,7 +61,7 @@ def run_oracle(
             )
             continue
         i += 1
-        SC[S.LAZY] = np.int64(rmap.lazy_now(r, cpu, lazy_flush))
+        SU[S.LAZY_MASK] = rmap.lazy_now(r, cpu, lazy_flush)
         skipped = U0
         if op == O.M_KEEP:
             rmap.reclaim_keep_unbatched(SC, SU)
@@ -72,7 +72,7 @@ def run_oracle(
             u = SC[S.G]
             if nl != U0:
                 flush(
-                    ts, cpu, task, nl, O.C_BATCH_NONLUF, op, -1, SC, done, acc, tl, dec, nlog, hist_g, hist_ts,
+                    ts, cpu, task, nl, O.C_BATCH_NONLUF, op, -1, SC, SU, done, acc, tl, dec, nlog, hist_g, hist_ts,
                     hist_mask,
                 )  # fmt: skip
             if d != U0:
@@ -145,7 +145,23 @@ def run_oracle(
                     sh_ugen[p] = 0
             if target != U0:
                 flush(
-                    ts, cpu, task, target, O.C_REALLOC, op, -1, SC, done, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask
+                    ts,
+                    cpu,
+                    task,
+                    target,
+                    O.C_REALLOC,
+                    op,
+                    -1,
+                    SC,
+                    SU,
+                    done,
+                    acc,
+                    tl,
+                    dec,
+                    nlog,
+                    hist_g,
+                    hist_ts,
+                    hist_mask,
                 )
                 acc[K.O_MISC + O.K_ALLOC_WITH_FLUSH] += 1
             elif op == O.M_ALLOC:
@@ -157,7 +173,7 @@ def run_oracle(
             rmap.count_hook(h, target != U0, acc)
             if target != U0:
                 flush(
-                    ts, cpu, task, target, O.HOOK_CAUSE[h], op, -1, SC, done, acc, tl, dec, nlog, hist_g, hist_ts,
+                    ts, cpu, task, target, O.HOOK_CAUSE[h], op, -1, SC, SU, done, acc, tl, dec, nlog, hist_g, hist_ts,
                     hist_mask,
                 )  # fmt: skip
         # flushes no scheme pays an IPI for: this CPU, running a LUF point (batch end, F11, takeoff, hook, reclaim

@@ -52,7 +52,7 @@ def rmap_walk(mops, i, nops, large, fold, kept_joins, need_pfn, SC, SU, buf, MMB
             flags = r["flags"]
             if flags & O.PTE_UNBATCHED:
                 continue  # flushed at once (ptep_clear_flush): a recorded flush carries its IPIs
-            m = r["mask"]
+            m = K.opm(r["mask"])
             if flags & O.PTE_WRITABLE:
                 SC[S.CAN_LUF] = 0  # a writable PTE makes the whole folio non-LUF
             if SC[S.CAN_LUF] == 0:
@@ -143,7 +143,7 @@ def retire(ts, mask, SC, done, hist_g, hist_ts, hist_mask, nlog):
 
 @numba.njit(cache=True, _nrt=False)
 def lazy_now(r, cpu, at_flush):
-    """§9.7 (``clip_to_recorded=false``): the remote CPUs a flush sent by op ``r`` skips, set in ``SC[LAZY]`` for
+    """§9.7 (``clip_to_recorded=false``): the remote CPUs a flush sent by op ``r`` skips, set in ``SU[LAZY_MASK]`` for
     each op. A batch's own flush skips what its recorded flush did not reach (lazy or PV-preempted right then: the
     trace's own answer); any later flush (F1/F2 takeoff, F3-F13, F11) the CPUs lazy at its op (``mask2``, stamped
     by the reconstructor, replay/cpustate.settle). With clipping the masks already left them out: none."""
@@ -151,29 +151,29 @@ def lazy_now(r, cpu, at_flush):
         return U0
     op = r["op"]
     if op == O.M_BATCH:
-        return ~(r["mask"] | K.bit(cpu))
+        return ~(K.opm(r["mask"]) | K.bit(cpu))
     if K.carries_lazy(op):
-        return r["mask2"] & ~K.bit(cpu)
+        return K.opm(r["mask2"]) & ~K.bit(cpu)
     return U0
 
 
 @numba.njit(cache=True, _nrt=False)
-def sent(target, SC):
+def sent(target, SU):
     """The CPUs of ``target`` a flush really interrupts: arch_tlbbatch_flush skips lazy CPUs (should_flush_tlb);
     they are still marked done (luf-model §9.7: a lazy CPU reloads its TLB when it switches back)."""
-    return target & ~np.uint64(SC[S.LAZY])
+    return target & ~SU[S.LAZY_MASK]
 
 
 @numba.njit(cache=True, _nrt=False)
-def flush(ts, cpu, task, target, cause, op, pfn, SC, done, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask):
+def flush(ts, cpu, task, target, cause, op, pfn, SC, SU, done, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask):
     """Send a flush to ``target`` (minus the lazy CPUs) and retire all of it. Returns the remote IPIs."""
-    n = K.account_flush(ts, cpu, task, sent(target, SC), cause, op, pfn, acc, tl, dec, nlog)
+    n = K.account_flush(ts, cpu, task, sent(target, SU), cause, op, pfn, acc, tl, dec, nlog)
     retire(ts, target, SC, done, hist_g, hist_ts, hist_mask, nlog)
     return n
 
 
 @numba.njit(cache=True, _nrt=False)
-def luf_flush(ts, cpu, task, mask, ugen, cause, op, pfn, SC, done, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask):
+def luf_flush(ts, cpu, task, mask, ugen, cause, op, pfn, SC, SU, done, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask):
     """The shared pattern of every luf_flush_* helper (§4): diet by ugen, flush what is left, mark it done."""
     target = K.notdone(mask, ugen, done)
     if target == U0:
@@ -181,7 +181,7 @@ def luf_flush(ts, cpu, task, mask, ugen, cause, op, pfn, SC, done, acc, tl, dec,
             acc[K.O_MISC + O.K_RETIRED_BY_DONE] += K.popcount(mask & ~K.bit(cpu))
             K.log_decision(ts, 2, cause, cpu, task, mask, 0, op, pfn, dec, nlog)
         return 0
-    n = flush(ts, cpu, task, target, cause, op, pfn, SC, done, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask)
+    n = flush(ts, cpu, task, target, cause, op, pfn, SC, SU, done, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask)
     acc[K.O_MISC + O.K_FLUSHED_CPU_SLOTS] += n
     acc[K.O_MISC + O.K_RETIRED_BY_DONE] += K.popcount(mask & ~target & ~K.bit(cpu))
     return n
@@ -201,7 +201,7 @@ def flush_pending(ts, cpu, task, cause, op, SC, SU, done, acc, tl, dec, nlog, hi
     if SC[S.GEN_DONE] >= SC[S.G]:
         return 0
     m = SU[S.PMASK]
-    n = K.account_flush(ts, cpu, task, sent(m, SC), cause, op, -1, acc, tl, dec, nlog)
+    n = K.account_flush(ts, cpu, task, sent(m, SU), cause, op, -1, acc, tl, dec, nlog)
     SC[S.GEN_DONE] = SC[S.G]
     mark(SC[S.G], ts, m, done, hist_g, hist_ts, hist_mask, nlog)
     SU[S.PMASK] = U0

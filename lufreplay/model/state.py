@@ -165,16 +165,17 @@ class LufBatches:
 # ---- the one state layout of every model core ------------------------------------------------------------
 # int64 scalars (``SC``). Shared: G (the ugen / generation counter), the folio being walked (CAN_LUF, CUR_*) and
 # the number of buffered eligible folios (NBUF). luf-v12: the key counter and the zone (§8.1); luf-v11 and
-# hold-before-free: GEN_DONE (the generation the last full flush reached) and HELD (pages held). LAZY: the
-# remote CPUs a flush sent by the current op skips (uint64 bits; rmap.lazy_now, §9.7).
+# hold-before-free: GEN_DONE (the generation the last full flush reached) and HELD (pages held).
 (G, CAN_LUF, CUR_PFN, CUR_ORDER, CUR_TS, NBUF, KCTR, Z_OPEN, Z_DONE, Z_LUFUGEN, NR_LUF, Z_DONE_TS, Z_PREV_DONE,
- POOL_UGEN, GEN_DONE, HELD, LAZY) = range(17)  # fmt: skip
-NSC = 17
+ POOL_UGEN, GEN_DONE, HELD) = range(16)  # fmt: skip
+NSC = 16
 # uint64 scalars (``SU``): the open batch (LUF_MASK, NONLUF_MASK, FOLIO_RO: the ro PTEs of the folio being
 # walked; COVERED: LUF work F11 already flushed this batch), luf-v12's zone batch and pend pool debt, the pending
-# mask of luf-v11 / hold-before-free (PMASK) and vanilla's union of the batch's PTE targets (BATCH_ALL).
-LUF_MASK, NONLUF_MASK, FOLIO_RO, COVERED, ZB_MASK, POOL_MASK, PMASK, BATCH_ALL = range(8)
-NSU = 8
+# mask of luf-v11 / hold-before-free (PMASK), vanilla's union of the batch's PTE targets (BATCH_ALL) and the
+# remote CPUs a flush sent by the current op skips (LAZY_MASK: rmap.lazy_now, §9.7; a mask, so that it can be W
+# words wide like the others, model/widemask.py).
+LUF_MASK, NONLUF_MASK, FOLIO_RO, COVERED, ZB_MASK, POOL_MASK, PMASK, BATCH_ALL, LAZY_MASK = range(9)
+NSU = 9
 NKEYS = 65536
 #: the parts of the state a model uses (a part it does not use stays zero-size)
 USE_KEYS, USE_BATCHES, USE_TASKS, USE_FIFO, USE_BUF = 1, 2, 4, 8, 16

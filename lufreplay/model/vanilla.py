@@ -31,6 +31,7 @@ from lufreplay.model.kernels import (
     account_flush,
     add_per_cpu,
     bit,
+    opm,
     popcount,
     timeline_bin,
 )
@@ -65,11 +66,11 @@ def run_vanilla(mops, nops, SU, free_ts, acc, tl, dec, nlog):
         op = r["op"]
         if op == O.M_PTE:
             if (r["flags"] & O.PTE_UNBATCHED) == 0:
-                SU[BATCH_ALL] |= r["mask2"]
+                SU[BATCH_ALL] |= opm(r["mask2"])
         elif op == O.M_BATCH:
             cpu = r["cpu"]
-            R = r["mask"]
-            pred = SU[BATCH_ALL] & ~bit(cpu) & ~r["mask2"]  # mask2: the CPUs lazy at this flush
+            R = opm(r["mask"])
+            pred = SU[BATCH_ALL] & ~bit(cpu) & ~opm(r["mask2"])  # mask2: the CPUs lazy at this flush
             cb = O.C_BATCH
             _recorded(r["ts"], R, r["aux"], cb, acc, tl)
             acc[O_FID_EXPL + cb] += popcount(pred & R)
@@ -85,13 +86,13 @@ def run_vanilla(mops, nops, SU, free_ts, acc, tl, dec, nlog):
         elif op == O.M_RFLUSH:
             cause = r["sub"]
             cpu = r["cpu"]
-            _recorded(r["ts"], r["mask"], r["aux"], cause, acc, tl)
+            _recorded(r["ts"], opm(r["mask"]), r["aux"], cause, acc, tl)
             acc[O_FID_PRED + cause] += r["aux"]
             if cause != O.C_OTHER and cause != O.C_BATCH_UNSEEN:
                 acc[O_FID_EXPL + cause] += r["aux"]
-                add_per_cpu(acc, O_FID_EXPL_CPU, r["mask"])
-            add_per_cpu(acc, O_FID_MATCH_CPU, r["mask"])  # passed through: sent as recorded
-            recorded_flush(r["ts"], cpu, r["task"], cause, r["mask"], r["flags"], op, acc, tl, dec, nlog)
+                add_per_cpu(acc, O_FID_EXPL_CPU, opm(r["mask"]))
+            add_per_cpu(acc, O_FID_MATCH_CPU, opm(r["mask"]))  # passed through: sent as recorded
+            recorded_flush(r["ts"], cpu, r["task"], cause, opm(r["mask"]), r["flags"], op, acc, tl, dec, nlog)
         elif op == O.M_FREE:
             pfn = r["pfn"]
             for p in range(pfn, pfn + (np.int64(1) << r["order"])):
