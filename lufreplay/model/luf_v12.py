@@ -196,25 +196,9 @@ def _f1(ts, cpu, task, mask, ugen, can_sd, op, pfn, max_strikes, SC, SU, done, s
         return 0, 0
     if can_sd:
         n = luf_flush(
-            ts,
-            cpu,
-            task,
-            mask,
-            ugen,
-            O.C_ALLOC_PCP,
-            op,
-            pfn,
-            SC,
-            SU,
-            done,
-            acc,
-            tl,
-            dec,
-            nlog,
-            hist_g,
-            hist_ts,
+            ts, cpu, task, mask, ugen, O.C_ALLOC_PCP, op, pfn, SC, SU, done, acc, tl, dec, nlog, hist_g, hist_ts,
             hist_mask,
-        )
+        )  # fmt: skip
         acc[_mi(O.K_ALLOC_WITH_FLUSH)] += 1
         acc[_mi(O.K_PAID_IN_ALLOC_FLUSHES)] += 1
         strikes[cpu] = 0

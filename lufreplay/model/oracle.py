@@ -145,24 +145,9 @@ def run_oracle(
                     sh_ugen[p] = 0
             if target != U0:
                 flush(
-                    ts,
-                    cpu,
-                    task,
-                    target,
-                    O.C_REALLOC,
-                    op,
-                    -1,
-                    SC,
-                    SU,
-                    done,
-                    acc,
-                    tl,
-                    dec,
-                    nlog,
-                    hist_g,
-                    hist_ts,
+                    ts, cpu, task, target, O.C_REALLOC, op, -1, SC, SU, done, acc, tl, dec, nlog, hist_g, hist_ts,
                     hist_mask,
-                )
+                )  # fmt: skip
                 acc[K.O_MISC + O.K_ALLOC_WITH_FLUSH] += 1
             elif op == O.M_ALLOC:
                 acc[K.O_MISC + O.K_ALLOC_CLEAN] += 1
