@@ -151,6 +151,27 @@ STREAM = ["--memory-limit", "64M", "--segment-seconds", "0.5", "--workload", "mm
 STREAM += ["--file-size", "128M", "--sparse"]
 
 
+def _record_stream(out: Path, tmp_path: Path, start_new_session: bool = False) -> subprocess.Popen[bytes]:
+    """`record` of a long mmap-stream workload (data files in ``tmp_path``) into ``out``."""
+    return subprocess.Popen(
+        [*RECORD, "-o", str(out), *STREAM, "--dir", str(tmp_path)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=start_new_session,
+    )
+
+
+def _last_word(err: str) -> str:
+    """The recorder's last line, checked to be the last of stderr: the workload's own progress lines share it, the
+    recorder's other lines (those it prefixes) may only be warnings (e.g. counted losses), and no process may
+    print a traceback."""
+    lines = [x for x in err.splitlines() if x.startswith("lufreplay: ")]
+    assert "Traceback" not in err and all(x.startswith("lufreplay: warning: ") for x in lines[:-1]), err
+    assert lines and err.splitlines()[-1] == lines[-1], err
+    return lines[-1]
+
+
 def _members(cg: Path) -> list[int]:
     f = cg / "cgroup.procs"
     return [int(x) for x in f.read_text().split()] if f.exists() else []
@@ -160,13 +181,7 @@ def test_ctrl_c_to_the_process_group_stops_and_finalises(tmp_path: Path) -> None
     """kill -INT -PGID, as a terminal's Ctrl-C: the Python workload and its helpers stop without a traceback, the
     recorder finalises every segment and says so in one line, and nothing is left behind."""
     out = tmp_path / "t"
-    rec = subprocess.Popen(
-        [*RECORD, "-o", str(out), *STREAM, "--dir", str(tmp_path)],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # its own process group, as a shell job
-    )
+    rec = _record_stream(out, tmp_path, start_new_session=True)  # its own process group, as a shell job
     cg = _memroot() / f"lufreplay-rec-{rec.pid}"
     members: list[int] = []
     try:
@@ -178,12 +193,7 @@ def test_ctrl_c_to_the_process_group_stops_and_finalises(tmp_path: Path) -> None
         _, err_b = rec.communicate(timeout=600)
     err = err_b.decode()
     assert rec.returncode == 0, err
-    # One line of the recorder says what happened; its others may only be warnings (e.g. counted losses).
-    # The workload's own progress lines share stderr; no process may print a traceback.
-    lines = [x for x in err.splitlines() if x.startswith("lufreplay: ")]
-    assert "Traceback" not in err and all(x.startswith("lufreplay: warning: ") for x in lines[:-1]), err
-    assert lines[-1].startswith("lufreplay: interrupted: the command was stopped; recorded "), err
-    assert err.splitlines()[-1] == lines[-1], err  # and it is the last word
+    assert _last_word(err).startswith("lufreplay: interrupted: the command was stopped; recorded "), err
     _leftovers(out, rec.pid)
     for pid in members:
         _wait_for(lambda pid=pid: not _alive(pid), 30, f"workload process {pid} to die")
@@ -201,19 +211,12 @@ def test_disk_full_stops_cleanly_and_keeps_committed_segments(tmp_path: Path) ->
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
     try:
         out = mnt / "t"
-        rec = subprocess.Popen(
-            [*RECORD, "-o", str(out), *STREAM, "--dir", str(tmp_path)],
-            env=ENV,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        _, err = rec.communicate(timeout=900)
-        # the workload's own progress lines share stderr: the recorder's lines are those it prefixes
-        lines = [x for x in err.splitlines() if x.startswith("lufreplay: ")]
-        assert rec.returncode == 1 and all(x.startswith("lufreplay: warning: ") for x in lines[:-1]), err
-        assert lines[-1].startswith("lufreplay: error: ") and err.splitlines()[-1] == lines[-1], err
-        assert "no space left on device; recording stopped" in err and "Traceback" not in err
+        rec = _record_stream(out, tmp_path)
+        _, err_b = rec.communicate(timeout=900)
+        err = err_b.decode()
+        assert rec.returncode == 1, err
+        assert _last_word(err).startswith("lufreplay: error: "), err
+        assert "no space left on device; recording stopped" in err
         committed = len(list((out / schema.COMMIT_DIR).glob(schema.COMMIT_GLOB)))
         assert committed >= 1 and f"{committed} committed segment(s) kept" in err
         _leftovers(out, rec.pid)
