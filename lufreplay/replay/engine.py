@@ -49,6 +49,7 @@ from lufreplay.replay.rawops import (
     scan_maps,
 )
 from lufreplay.replay.rawops import col as _col
+from lufreplay.trace import perturb
 from lufreplay.trace.reader import Trace
 
 __all__ = ["COLUMNS", "EVENT_TABLES", "KIND", "CpuMap", "IdMap", "Ids", "PfnMap", "ReplayResult", "raw_ops", "replay"]
@@ -476,7 +477,9 @@ def replay(
     tl = np.array([t0, max(1, (t1 - t0) // O.TIMELINE_BINS + 1)], np.int64)
     ids = Ids()
     maps = MapsIndex(trace, ids)
-    rec = Reconstructor(opts, ncpu, maps, SC.target_tgids(trace), SC.recorder_tgid(trace), nbuf=2 if jobs > 1 else 1)
+    rec = Reconstructor(
+        opts, ncpu, maps, SC.target_tgids(trace), perturb.recorder_tgid(trace.meta), nbuf=2 if jobs > 1 else 1
+    )
     Y = model_options(opts, ncpu)
     pfns = scanned[1] or PfnMap()
     models = {n: MODELS[n](opts, Y, tl, ncpu, decisions) for n in model_names}

@@ -28,7 +28,6 @@ import numpy as np
 
 from lufreplay.model import ops as O
 from lufreplay.replay.rawops import IdMap
-from lufreplay.trace import perturb
 from lufreplay.trace.reader import Trace
 
 SCOPES = ("host", "target")
@@ -54,11 +53,6 @@ def target_tgids(trace: Trace) -> set[int] | None:
                 if e == 0 and c > 0 and int(p) in seeds:
                     seeds.add(int(c))
     return seeds
-
-
-def recorder_tgid(trace: Trace) -> int | None:
-    """The recorder's own process (meta.json ``recorder.tgid``; traces before it have none)."""
-    return perturb.recorder_tgid(trace.meta)
 
 
 def in_scope_procs(procs: IdMap, tgids: set[int]) -> np.ndarray:
