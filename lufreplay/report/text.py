@@ -127,7 +127,7 @@ def render(doc: dict[str, Any], console: Console) -> None:
     if sc.get("shown") == "host" and tel:
         t.caption += (
             f"; the traced command's own: {tel['eligible_pages']:,} of {tel['pages']:,} pages eligible"
-            f" ({_share(tel['eligible_pages'], tel['pages'])})"
+            f" ({_fmt_pct(100.0 * tel['eligible_pages'] / tel['pages'] if tel['pages'] else None)})"
         )
     console.print(t)
 
@@ -348,7 +348,3 @@ def _precision_line(fid: dict[str, Any]) -> str:
         + (f"; per CPU rebuilt/recorded: {cpus}" if cpus else "")
         + "."
     )
-
-
-def _share(num: int, den: int) -> str:
-    return f"{100.0 * num / den:.1f} %" if den else "—"
