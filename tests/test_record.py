@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+from edges import assert_edges_explained
 
 from lufreplay import open_trace, schema
 from lufreplay.capture import calibrate, decode, probes, recorder
@@ -142,10 +143,9 @@ def test_stream_recording_is_complete_and_reconciles(stream_trace) -> None:
     sd = t.pandas("shootdown")
     recorded = np.bincount(sd["target_cpu"].to_numpy(), minlength=len(tlb))
     assert tlb.sum() > 100
-    # Those the reads of /proc/interrupts leave on either side explain the rest (see test_info): 2 per CPU of slack.
+    # Those the reads of /proc/interrupts leave on either side explain the rest (see test_info).
     assert np.all(np.abs(recorded - tlb) <= np.maximum(0.01 * tlb, 16)), (recorded, tlb)
-    edges = reconcile(t)["tlb_shootdowns"]["read_edges"]
-    assert max(abs(u) for u in edges["unexplained"]) <= 2, edges
+    assert_edges_explained(reconcile(t)["tlb_shootdowns"]["read_edges"])
     assert sd["callsite"].str.contains(r"\+0x").all()
 
     # IPIs (format 2): every row lists its target CPUs, as many as it counts, each a CPU of this host.
