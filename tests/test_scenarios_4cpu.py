@@ -223,6 +223,33 @@ def test_dirty_writeback_f13_keyed_pages_untouched(tmp_path: Path) -> None:
     check(s, tmp_path, expect)
 
 
+def test_dirty_writeback_f13_after_new_unmaps(tmp_path: Path) -> None:
+    """F13 after the task unmapped another folio since its last flush (batch 1, key1 = {0,1,2}, nothing freed
+    yet): that flush was not the pageout's try_to_unmap_flush_dirty (vanilla sent none before the pageout: no dirty
+    PTE in the open batch), so it is not marked. Batch 2 (folio 1002 of A) then ends with its own flush: key2 =
+    {0,1,2}. B re-allocates 1000 on CPU3.
+    - posted: the pageout sends nothing; F1 pays key1: IPIs to 0, 1, 2.
+    - last_key: the pageout flushes the task's last key (key1) from CPU0; key2 is newer than that flush, but the
+      allocation reaches key1 (1000, freed first), done: a free pass."""
+    s = Scenario(4)
+    quad_setup(s)
+    t = reclaim_batch(s, T1, [(1000, [MM_A])], [1, 2], free=False)
+    s.reclaim_folio(t, 0, *A, 1002, [MM_A], index=1002 % 256)
+    s.reclaim(t + 10, 0, *A, 12, 1005)
+    s.batch_flush(t + 20, 0, *A, [1, 2])
+    s.free(t + 40, 0, *A, 1000)
+    s.free(t + 42, 0, *A, 1002)
+    s.reclaim(t + 50, 0, *A, 3)
+    s.alloc(T_ALLOC, 3, *B, 1000)
+
+    def expect(ch: dict[str, str]) -> list[Row]:
+        if ch["dirty_writeback"] == "posted":
+            return [D(0, 0, 1, 2), D(0, 0, 1, 2), P("alloc_pcp", 3, 0, 1, 2)]
+        return [D(0, 0, 1, 2), P("dirty_writeback", 0, 0, 1, 2), D(0, 0, 1, 2)]
+
+    check(s, tmp_path, expect)
+
+
 def _two_keys_on_cpu0_pcp(s: Scenario) -> None:
     """key1 = {0,1,2} (folio of A, freed first), key2 = {3} (folio of C, freed second), both on CPU0's pcp list."""
     quad_setup(s)
