@@ -260,11 +260,14 @@ class Scenario:
         return Path(path)
 
 
-def random_scenario(rng: Any, n_steps: int = 60, nr_cpus: int = 3, kept: bool = False) -> Scenario:
+def random_scenario(
+    rng: Any, n_steps: int = 60, nr_cpus: int = 3, kept: bool = False, dirty_flush: bool = False
+) -> Scenario:
     """A random but well-formed trace: processes on CPUs, reclaim and migration batches, frees, pcp drains, buddy
     takes, allocations (some atomic), faults, file writes/truncates, zaps, mprotects, writebacks, kthread switches.
-    ``kept``: some reclaim batches end with a file folio unmapped but not deleted (F11); off by default so the
-    traces of existing seeds do not change."""
+    ``kept``: some reclaim batches end with a file folio unmapped but not deleted (F11); ``dirty_flush``: some
+    batch flushes are followed at once by the pageout of a dirty folio (try_to_unmap_flush_dirty, §9.4). Both off
+    by default so the traces of existing seeds do not change."""
     s = Scenario(nr_cpus)
     procs = [(100 + 10 * k, 0xA0 + k) for k in range(3)]  # (tgid, mm_id)
     inos = [100, 101]
@@ -320,6 +323,9 @@ def random_scenario(rng: Any, n_steps: int = 60, nr_cpus: int = 3, kept: bool = 
             targets = sorted(rng.sample([x for x in range(nr_cpus) if x != c], rng.randint(0, nr_cpus - 1)))
             s.batch_flush(t, c, pid, tgid, targets)
             t += 20
+            if dirty_flush and rng.random() < 0.3:  # the flush was try_to_unmap_flush_dirty before this pageout
+                s.reclaim(t, c, pid, tgid, 12, folios[-1][0] if folios else -1)
+                t += 5
             for pfn, order in folios:
                 s.free(t, c, pid, tgid, pfn, order, source=1)
                 freed.append((pfn, order))

@@ -147,11 +147,12 @@ def test_oracle_is_a_floor_on_the_host_traces(trace: Path) -> None:
 @pytest.mark.parametrize("trace", GUEST, ids=lambda p: p.name)
 def test_many_cpu_trace_replays_safely_within_the_bound(trace: Path) -> None:
     """The test-bed traces (4 and 8 vCPUs) through every model, by default (luf-v12 as posted, luf-v12-intended
-    beside it) and with ``hooks=intended``: the recorded side is the kernel's per-CPU count, no model is unsafe, and
+    beside it) and with the intended §9 choices (``hooks``, ``keep``, ``dirty_writeback``): the recorded side is the kernel's per-CPU count, no model is unsafe, and
     the oracle is a floor for every LUF model that pays the hooks."""
     info = json.loads(lr("info", str(trace), "--json").stdout)
     nr_cpus = info["meta"]["host"]["nr_cpus"]
-    for extra in ([], ["--set", "hooks=intended"]):
+    intended = ["--set", "hooks=intended", "--set", "keep=key_only", "--set", "dirty_writeback=last_key"]
+    for extra in ([], intended):
         r = lr("simulate", str(trace), "--json", *extra)
         assert r.returncode == 0, r.stderr
         doc = json.loads(r.stdout)
@@ -171,7 +172,7 @@ def test_many_cpu_trace_replays_safely_within_the_bound(trace: Path) -> None:
         # a floor for the schemes that pay the hooks; luf-v12 as posted skips them (F3-F8/F10 inert) and can go
         # below it (guest4-mixed: the writer's write_begin and write faults)
         _oracle_is_a_floor(models, ["luf-v12"] if extra else [])
-        if extra:  # with hooks=intended the two luf-v12 rows are the same model
+        if extra:  # with every §9 choice at its intended value the two luf-v12 rows are the same model
             assert models["luf-v12"] == models["luf-v12-intended"]
         fid = doc["fidelity"]
         assert fid["rebuilt"] == models["vanilla"]["remote_shootdowns"]

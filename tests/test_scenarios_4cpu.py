@@ -22,7 +22,14 @@ from pathlib import Path
 from scenarios import A1, A2, MM_A, MM_C, MM_E, RO_FILE, A, B, C, Scenario, quad_setup, reclaim_batch, run
 
 from lufreplay.model.options import parse_settings
-from lufreplay.model.reference import FAST_PATH_CHOICES, SPEC_CHOICES, Decision, ReferenceLufV12, fast_decisions
+from lufreplay.model.reference import (
+    FAST_PATH_CHOICES,
+    INTENDED_CHOICES,
+    SPEC_CHOICES,
+    Decision,
+    ReferenceLufV12,
+    fast_decisions,
+)
 from lufreplay.replay.engine import replay
 from lufreplay.trace.reader import open_trace
 
@@ -51,7 +58,7 @@ def ipis(rows: list[Row]) -> int:
 
 
 #: §9 choices of the reference that the fast path has as a model option (reference choice -> option name)
-FAST_PATH_OPTIONS = {"hooks": "hooks"}
+FAST_PATH_OPTIONS = {"hooks": "hooks", "keep": "keep", "dirty_writeback": "dirty_writeback"}
 ALL_CHOICES = [dict(zip(SPEC_CHOICES, v, strict=True)) for v in itertools.product(*SPEC_CHOICES.values())]
 
 
@@ -60,7 +67,10 @@ def check(s: Scenario, tmp: Path, expect: Expect, settings: list[str] | None = N
     sets = settings or []
     path = s.write(tmp / f"t{len(list(tmp.glob('t*')))}")
     opts = parse_settings(sets)
-    res = replay(open_trace(path), ["luf-v12"], opts, keep_ops=True, decisions=True)
+    res = replay(open_trace(path), ["luf-v12", "luf-v12-intended"], opts, keep_ops=True, decisions=True)
+    # luf-v12-intended is the fast path with every §9 choice at its intended value, whatever the options say
+    intended = fast_decisions(res.models["luf-v12-intended"].decisions_array())
+    assert view(intended) == expect(INTENDED_CHOICES), sets
     for choices in ALL_CHOICES:
         ref = ReferenceLufV12(opts, **choices)
         for ops in res.ops:
@@ -129,9 +139,10 @@ def test_kept_folio_f11(tmp_path: Path) -> None:
     """F11 (§8.2.4, §9.3), unknown_rw=eligible so the kept folio (no page-cache row) counts as read-only. Walk:
     folio 1000 (A, RO) LUF {0,1,2}; folio 1001 (E, RW) NONLUF {1,3}; kept folio (A) LUF {0,1,2}. At the keep,
     fold_unmap_luf: D = {0,2} = key1, flushed at once (fresh ugen: no CPU can be done already).
-    - key_only (fast path): the keep flushes {0,2}; the batch then flushes NONLUF {1,3}.
-    - posted: luf_flush → try_to_unmap_flush also sends the pending tlb_ubc: one flush {0,1,2,3}; the batch then
-      has nothing left. Either way the re-allocation of 1000 (key1, done) is a free pass."""
+    - key_only (intended): the keep flushes {0,2}; the batch then flushes NONLUF {1,3}.
+    - posted (luf-v12 default): luf_flush → try_to_unmap_flush also sends the pending tlb_ubc: one flush
+      {0,1,2,3}; the batch then has nothing left. Either way the re-allocation of 1000 (key1, done) is a free
+      pass."""
     s = Scenario(4)
     quad_setup(s)
     reclaim_batch(s, T1, [(1000, [MM_A]), (1001, [MM_E])], [1, 2, 3], kept_mm=MM_A)
@@ -147,16 +158,60 @@ def test_kept_folio_f11(tmp_path: Path) -> None:
     check(s, tmp_path, same([P("batch_nonluf", 0, 0, 1, 2, 3)]))
 
 
-def test_dirty_writeback_f13(tmp_path: Path) -> None:
-    """F13: pageout of a dirty folio after the batch (key1 = {0,1,2}).
-    - last_key (fast path, §8.2.5 "everything pending for the task"): the task's key is flushed from CPU0.
-    - posted (§9.4): try_to_unmap_flush_dirty only flushes the open batch, never keyed pages: nothing; B's
-      re-allocation on CPU3 then pays key1."""
+def test_kept_folio_f11_key_0(tmp_path: Path) -> None:
+    """F11 with nothing to key (§9.3 "key 0 still runs try_to_unmap_flush()"), unknown_rw=eligible. Walk: folio
+    1001 (E, RW) NONLUF {1,3}; kept folio of C (RO) LUF {3}. fold_unmap_luf: D = {3} \\ {1,3} = {}: key 0.
+    - posted: luf_flush(0) still runs try_to_unmap_flush(): the pending NONLUF {1,3} is sent at the keep, from
+      CPU0; the batch's own flush then has nothing left to send.
+    - key_only: nothing at the keep; the batch flushes NONLUF {1,3}."""
+    s = Scenario(4)
+    quad_setup(s)
+    reclaim_batch(s, T1, [(1001, [MM_E])], [1, 3], kept_mm=MM_C)
+
+    def expect(ch: dict[str, str]) -> list[Row]:
+        if ch["keep"] == "posted":
+            return [P("reclaim_keep", 0, 1, 3)]
+        return [P("batch_nonluf", 0, 1, 3)]
+
+    check(s, tmp_path, expect, ["unknown_rw=eligible"])
+
+
+def test_dirty_writeback_f13_after_its_flush(tmp_path: Path) -> None:
+    """F13 where vanilla's try_to_unmap_flush_dirty flushed: the recorded batch flush (CPU0 → {1,2,3}) is followed
+    by the task's pageout row, nothing in between. Batch: folio 1000 (A, RO) LUF {0,1,2}; folio 1001 (E, RW)
+    NONLUF {1,3}.
+    - posted (§9.4, luf-v12 default): that flush is try_to_unmap_flush_dirty(), which folds tlb_ubc_luf into
+      tlb_ubc: NONLUF {1,3} and the LUF part {0,2} are both sent there (no key: fold_unmap_luf does not run).
+      The pageout sends nothing more; B's re-allocation of 1000 on CPU3 is clean.
+    - last_key (§8.2.5, intended): the batch keys D = {0,2} and flushes {1,3}; the pageout flushes the task's
+      last key {0,2} from CPU0; the re-allocation is then a free pass. Same IPIs, one deferral more."""
+    s = Scenario(4)
+    quad_setup(s)
+    t = reclaim_batch(s, T1, [(1000, [MM_A]), (1001, [MM_E])], [1, 2, 3], free=False)
+    s.reclaim(t, 0, *A, 12, 1001)
+    s.free(t + 10, 0, *A, 1000)
+    s.reclaim(t + 20, 0, *A, 3)
+    s.alloc(T_ALLOC, 3, *B, 1000)
+
+    def expect(ch: dict[str, str]) -> list[Row]:
+        if ch["dirty_writeback"] == "posted":
+            return [P("batch_nonluf", 0, 1, 3), P("dirty_writeback", 0, 0, 2)]
+        return [D(0, 0, 2), P("batch_nonluf", 0, 1, 3), P("dirty_writeback", 0, 0, 2)]
+
+    check(s, tmp_path, expect)
+
+
+def test_dirty_writeback_f13_keyed_pages_untouched(tmp_path: Path) -> None:
+    """F13 where vanilla's try_to_unmap_flush_dirty sent nothing: the batch (key1 = {0,1,2}) ended with its frees,
+    then a dirty folio that no batched PTE mapped is written (no recorded flush before the pageout row).
+    - posted (§9.4): the open batch is empty and keyed pages are never touched: nothing; B's re-allocation of
+      1000 on CPU3 pays key1, IPIs to 0, 1, 2.
+    - last_key: the pageout flushes the task's last key {0,1,2} from CPU0; the re-allocation is a free pass."""
     s = Scenario(4)
     quad_setup(s)
     t = reclaim_batch(s, T1, [(1000, [MM_A])], [1, 2], free=False)
-    s.reclaim(t, 0, *A, 12, 1000)
-    s.free(t + 10, 0, *A, 1000)
+    s.free(t, 0, *A, 1000)
+    s.reclaim(t + 10, 0, *A, 12, 1005)
     s.reclaim(t + 20, 0, *A, 3)
     s.alloc(T_ALLOC, 3, *B, 1000)
 
@@ -164,6 +219,33 @@ def test_dirty_writeback_f13(tmp_path: Path) -> None:
         if ch["dirty_writeback"] == "posted":
             return [D(0, 0, 1, 2), P("alloc_pcp", 3, 0, 1, 2)]
         return [D(0, 0, 1, 2), P("dirty_writeback", 0, 0, 1, 2)]
+
+    check(s, tmp_path, expect)
+
+
+def test_dirty_writeback_f13_after_new_unmaps(tmp_path: Path) -> None:
+    """F13 after the task unmapped another folio since its last flush (batch 1, key1 = {0,1,2}, nothing freed
+    yet): that flush was not the pageout's try_to_unmap_flush_dirty (vanilla sent none before the pageout: no dirty
+    PTE in the open batch), so it is not marked. Batch 2 (folio 1002 of A) then ends with its own flush: key2 =
+    {0,1,2}. B re-allocates 1000 on CPU3.
+    - posted: the pageout sends nothing; F1 pays key1: IPIs to 0, 1, 2.
+    - last_key: the pageout flushes the task's last key (key1) from CPU0; key2 is newer than that flush, but the
+      allocation reaches key1 (1000, freed first), done: a free pass."""
+    s = Scenario(4)
+    quad_setup(s)
+    t = reclaim_batch(s, T1, [(1000, [MM_A])], [1, 2], free=False)
+    s.reclaim_folio(t, 0, *A, 1002, [MM_A], index=1002 % 256)
+    s.reclaim(t + 10, 0, *A, 12, 1005)
+    s.batch_flush(t + 20, 0, *A, [1, 2])
+    s.free(t + 40, 0, *A, 1000)
+    s.free(t + 42, 0, *A, 1002)
+    s.reclaim(t + 50, 0, *A, 3)
+    s.alloc(T_ALLOC, 3, *B, 1000)
+
+    def expect(ch: dict[str, str]) -> list[Row]:
+        if ch["dirty_writeback"] == "posted":
+            return [D(0, 0, 1, 2), D(0, 0, 1, 2), P("alloc_pcp", 3, 0, 1, 2)]
+        return [D(0, 0, 1, 2), P("dirty_writeback", 0, 0, 1, 2), D(0, 0, 1, 2)]
 
     check(s, tmp_path, expect)
 

@@ -2,8 +2,8 @@
 
 Compared on decisions (model/reference.py ``Decision``): for every event, the set of CPUs each flush went to
 and the set of CPUs each batch deferred, in order, not on private counters. The reference runs with the §9
-choices the fast path implements today (``FAST_PATH_CHOICES``); the hand-worked scenarios
-(test_scenarios_4cpu.py) cover the other choices.
+choices the options select (``hooks``, ``keep``, ``dirty_writeback``, each value drawn), and with the intended
+ones against luf-v12-intended; the hand-worked scenarios (test_scenarios_4cpu.py) give the expected answers.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from scenarios import random_scenario
 
 from lufreplay.model import ops as O
 from lufreplay.model.options import parse_settings
-from lufreplay.model.reference import ReferenceLufV12, fast_decisions
+from lufreplay.model.reference import INTENDED_CHOICES, ReferenceLufV12, fast_decisions
 from lufreplay.replay.engine import replay
 from lufreplay.report.simulate_cmd import simulate
 from lufreplay.trace.reader import open_trace
@@ -34,6 +34,16 @@ SETTINGS = st.sampled_from(
         ["clip_to_recorded=false", "unexplained_targets=defer", "pcp_strikes=1"],
         ["shared_writable_vma=readonly", "mm_cpumask=window"],
         ["non_luf_ok=false", "unknown_rw=eligible"],
+    ]
+)
+# the §9 choices the fast path has as options (luf-model.md §9.1, §9.3, §9.4): each value, and all intended at once
+SPEC = st.sampled_from(
+    [
+        [],
+        ["keep=key_only"],
+        ["dirty_writeback=last_key"],
+        ["hooks=intended"],
+        ["hooks=intended", "keep=key_only", "dirty_writeback=last_key"],
     ]
 )
 # the allocation policy and the large-folio exclusion change the most state: every combination is drawn
@@ -52,19 +62,31 @@ DEFERRABLE = O.DEFERRABLE_CAUSES
     sets=SETTINGS,
     policy=POLICY,
     kept=st.booleans(),
+    dirty=st.booleans(),
+    spec=SPEC,
 )
 def test_fast_path_decisions_match_reference(
-    seed: int, n_steps: int, nr_cpus: int, sets: list[str], policy: tuple[str, str], kept: bool
+    seed: int,
+    n_steps: int,
+    nr_cpus: int,
+    sets: list[str],
+    policy: tuple[str, str],
+    kept: bool,
+    dirty: bool,
+    spec: list[str],
 ) -> None:
-    s = random_scenario(random.Random(seed), n_steps, nr_cpus, kept=kept)
+    s = random_scenario(random.Random(seed), n_steps, nr_cpus, kept=kept, dirty_flush=dirty)
     with tempfile.TemporaryDirectory() as d:
         path = s.write(Path(d) / "t")
-        opts = parse_settings([*sets, f"alloc_order={policy[0]}", f"large_folios={policy[1]}"])
-        res = replay(open_trace(path), ["luf-v12"], opts, keep_ops=True, decisions=True)
-    ref = ReferenceLufV12(opts)
+        opts = parse_settings([*sets, *spec, f"alloc_order={policy[0]}", f"large_folios={policy[1]}"])
+        res = replay(open_trace(path), ["luf-v12", "luf-v12-intended"], opts, keep_ops=True, decisions=True)
+    ref = ReferenceLufV12(opts)  # the §9 choices from the options
+    intended = ReferenceLufV12(opts, **INTENDED_CHOICES)
     for ops in res.ops:
         ref.run(ops)
+        intended.run(ops)
     assert fast_decisions(res.models["luf-v12"].decisions_array()) == ref.decisions
+    assert fast_decisions(res.models["luf-v12-intended"].decisions_array()) == intended.decisions
     assert ref.violations == []  # the reference's own shadow check agrees that the model is safe
 
 

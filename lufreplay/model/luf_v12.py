@@ -46,8 +46,10 @@ from lufreplay.model.state import (
     USE_TASKS,
     Y_ALLOC_LUF,
     Y_CREDIT_NATURAL,
+    Y_DIRTY_POSTED,
     Y_EPOCH_LAT_NS,
     Y_HOOKS_POSTED,
+    Y_KEEP_POSTED,
     Y_LARGE_ELIG,
     Y_LAZY_AT_FLUSH,
     Y_NON_LUF_OK,
@@ -255,6 +257,8 @@ def run_luf_v12(
     large = Y[Y_LARGE_ELIG] != 0
     lazy_flush = Y[Y_LAZY_AT_FLUSH] != 0
     hooks_posted = Y[Y_HOOKS_POSTED] != 0
+    keep_posted = Y[Y_KEEP_POSTED] != 0
+    dirty_posted = Y[Y_DIRTY_POSTED] != 0
     i = 0
     while i < nops:
         r = mops[i]
@@ -272,20 +276,22 @@ def run_luf_v12(
                 hist_g, hist_ts, hist_mask, op,
             )  # fmt: skip
             d = SU[LUF_MASK] & ~SU[NONLUF_MASK]
+            k = 0
             if d != U0:
                 k = _new_key(d, SC, KEY_mask, KEY_ugen, done, acc)
-                _key_buffer(
-                    k, d, task, SC, KEY_ugen, buf, pstate, pkey, punmap_ts, punmap_task, sh_mask, sh_ugen, acc,
-                    req_ts, req_ugen, req_mask, req_pages, nlog,
+            _key_buffer(
+                k, d, task, SC, KEY_ugen, buf, pstate, pkey, punmap_ts, punmap_task, sh_mask, sh_ugen, acc, req_ts,
+                req_ugen, req_mask, req_pages, nlog,
+            )  # fmt: skip
+            if keep_posted:
+                _keep_posted(
+                    ts, cpu, task, k, op, r["pfn"], SC, SU, done, KEY_mask, acc, tl, dec, nlog, hist_g, hist_ts,
+                    hist_mask,
                 )  # fmt: skip
+            elif k != 0:
                 luf_flush(
                     ts, cpu, task, KEY_mask[k], KEY_ugen[k], O.C_RECLAIM_KEEP, op, r["pfn"], SC, SU, done, acc, tl, dec,
                     nlog, hist_g, hist_ts, hist_mask,
-                )  # fmt: skip
-            else:
-                _key_buffer(
-                    0, U0, task, SC, KEY_ugen, buf, pstate, pkey, punmap_ts, punmap_task, sh_mask, sh_ugen, acc,
-                    req_ts, req_ugen, req_mask, req_pages, nlog,
                 )  # fmt: skip
             SU[COVERED] |= SU[LUF_MASK]
             SU[LUF_MASK] = U0
@@ -295,13 +301,23 @@ def run_luf_v12(
                 ts, cpu, task, luf, SC, SU, done, buf, pstate, pkey, sh_mask, sh_ugen, pobl, OB, acc, tl, dec, nlog,
                 hist_g, hist_ts, hist_mask, op,
             )  # fmt: skip
+            # §9.4 dirty_writeback=posted: this recorded flush is try_to_unmap_flush_dirty, which folds the LUF work
+            # into tlb_ubc and flushes it: no key
+            dirty = dirty_posted and (r["flags"] & O.B_DIRTY) != 0
             k = 0
-            if d != U0:
+            if d != U0 and not dirty:
                 k = _new_key(d, SC, KEY_mask, KEY_ugen, done, acc)
                 rmap.defer(ts, cpu, task, d, op, acc, dec, nlog)
             if nl != U0:
                 rmap.flush(
                     ts, cpu, task, nl, O.C_BATCH_NONLUF, op, -1, SC, SU, done, acc, tl, dec, nlog, hist_g, hist_ts,
+                    hist_mask,
+                )  # fmt: skip
+            if dirty and d != U0:
+                # one try_to_unmap_flush in the kernel; logged as a second flush so that the LUF part counts under
+                # F13 (nl and d are disjoint and nothing happens in between: the same IPIs and done[] order)
+                rmap.flush(
+                    ts, cpu, task, d, O.C_DIRTY_WRITEBACK, op, -1, SC, SU, done, acc, tl, dec, nlog, hist_g, hist_ts,
                     hist_mask,
                 )  # fmt: skip
             _key_buffer(
@@ -487,6 +503,8 @@ def run_luf_v12(
         elif op == O.M_HOOK:  # 9.-13. hooks F3-F13
             h = r["sub"]
             scope = P.hook_scope(h, (r["flags"] & 1) != 0, P.LUF_V12, hooks_posted)
+            if P.dirty_wb_at_batch(h, dirty_posted):
+                scope = 0
             target_mask, ugen = P.batch_target(
                 scope, r["mm"], r["mapping"], MMB_mask, MMB_ugen, ASB_mask, ASB_ugen, done
             )
@@ -501,6 +519,22 @@ def run_luf_v12(
                     hist_g, hist_ts, hist_mask,
                 )  # fmt: skip
     return -1
+
+
+@numba.njit(cache=True)
+def _keep_posted(ts, cpu, task, k, op, pfn, SC, SU, done, KEY_mask, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask):
+    """§9.3 keep=posted: luf_flush(key) folds the key's batch into tlb_ubc with no diet and runs
+    try_to_unmap_flush(), which sends the pass's pending non-LUF work too, key 0 or not."""
+    key_mask = KEY_mask[k] if k != 0 else U0
+    target = key_mask | SU[NONLUF_MASK]
+    SU[COVERED] |= SU[NONLUF_MASK]
+    SU[NONLUF_MASK] = U0
+    if target != U0:
+        rmap.flush(
+            ts, cpu, task, target, O.C_RECLAIM_KEEP, op, pfn, SC, SU, done, acc, tl, dec, nlog, hist_g, hist_ts,
+            hist_mask,
+        )  # fmt: skip
+        acc[_mi(O.K_FLUSHED_CPU_SLOTS)] += popcount(rmap.sent(key_mask, SU) & ~K.bit(cpu))
 
 
 @numba.njit(cache=True)
@@ -526,7 +560,8 @@ def _key_buffer(
 
 
 class LufV12(Model):
-    """LUF RFC v12 as the posted code runs it by default (``hooks=posted``, luf-model.md §9.1)."""
+    """LUF RFC v12 as the posted code runs it by default (``hooks``, ``keep``, ``dirty_writeback`` = posted,
+    luf-model.md §9.1, §9.3, §9.4)."""
 
     name = "luf-v12"
 
@@ -557,15 +592,19 @@ class LufV12(Model):
 
 
 class LufV12Intended(LufV12):
-    """LUF RFC v12 as the cover letter intends it: the F3-F8/F10 hooks flush the mm/mapping batches
-    (``hooks=intended`` whatever the option says), shown beside the posted code's figures."""
+    """LUF RFC v12 as the cover letter intends it, whatever the options say: the F3-F8/F10 hooks flush the
+    mm/mapping batches (``hooks=intended``), F11 flushes its key only (``keep=key_only``), F13 the task's last key
+    (``dirty_writeback=last_key``); shown beside the posted code's figures."""
 
     name = "luf-v12-intended"
 
     def __init__(self, opts: dict, Y: np.ndarray, tl: np.ndarray, ncpu: int, decisions: bool) -> None:
         Y = Y.copy()
         Y[Y_HOOKS_POSTED] = 0.0
-        super().__init__({**opts, "hooks": "intended"}, Y, tl, ncpu, decisions)
+        Y[Y_KEEP_POSTED] = 0.0
+        Y[Y_DIRTY_POSTED] = 0.0
+        intended = {"hooks": "intended", "keep": "key_only", "dirty_writeback": "last_key"}
+        super().__init__({**opts, **intended}, Y, tl, ncpu, decisions)
 
 
 __all__ = ["LufV12", "LufV12Intended", "SafetyViolation", "run_luf_v12"]

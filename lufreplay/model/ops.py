@@ -87,6 +87,10 @@ MOP_DTYPE = np.dtype(
 
 PTE_WRITABLE, PTE_UNBATCHED, PTE_EXACT, PTE_INFERRED = 1, 2, 4, 8  # provenance: neither bit = unknown
 B_MIGRATION, B_MEMFAIL, B_ANON_UNKNOWN_PFN = 1, 2, 4
+# M_BATCH flag: the task's next row after this recorded flush is its pageout of a dirty folio, i.e. the flush is
+# vanilla's try_to_unmap_flush_dirty (a dirty PTE was cleared in the open batch; luf-model §9.4, option
+# dirty_writeback)
+B_DIRTY = 8
 # M_RFLUSH flags: the sender flushed locally too; a full flush; no mm (local tlb_flush reason 2, TLB_LOCAL_SHOOTDOWN:
 # flush_tlb_func with info->mm == NULL, the signature of arch_tlbbatch_flush)
 RF_LOCAL, RF_FULL, RF_MM_NULL = 1, 2, 4

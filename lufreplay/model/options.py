@@ -127,6 +127,25 @@ OPTIONS: tuple[Option, ...] = (
         ("posted", "intended"),
     ),
     Option(
+        "keep",
+        "posted",
+        "luf-v12 F11, reclaim could not free an eligible folio: 'posted' = as the v12 code does,"
+        " luf_flush(fold_unmap_luf()) ends in try_to_unmap_flush(), which also sends the pass's pending non-LUF work"
+        " (tlb_ubc), even when no key was made; 'key_only' = only the new key is flushed, the non-LUF work waits for"
+        " the batch flush (the cover letter's F11; the luf-v12-intended model always does) [C, §9.3]",
+        ("posted", "key_only"),
+    ),
+    Option(
+        "dirty_writeback",
+        "posted",
+        "luf-v12 F13, reclaim writes a dirty folio: 'posted' = as the v12 code does, try_to_unmap_flush_dirty() flushes"
+        " the open batch, its LUF work included, and only when a dirty PTE was cleared in it: the batch whose recorded"
+        " flush the pageout row closes (vanilla's own try_to_unmap_flush_dirty) is flushed whole instead of keyed, and"
+        " keyed pages are never touched; 'last_key' = the pageout flushes the task's last key (§8.2.5 'everything"
+        " pending for the task'; the luf-v12-intended model always does) [C, §9.4]",
+        ("posted", "last_key"),
+    ),
+    Option(
         "oracle_local_flushes",
         True,
         "oracle: a CPU that runs a LUF point (batch end, takeoff, hook) flushes its own TLB there with no IPI, so it"

@@ -6,23 +6,28 @@ what the trace shows, and logs every decision as ``Decision`` rows (the set of C
 CPUs each batch deferred), which the tests compare with the fast path's ``Model.decisions_array()``.
 
 Each point where the posted v12 code and the cover letter disagree (§9) is an explicit option, ``SPEC_CHOICES``;
-the first value of each is what the fast path does today:
+the first value of each is what the posted code does, the fast path's luf-v12 default (the fast path has each as
+a model option of the same name; luf-v12-intended takes the second value of each):
 
 - ``hooks``: ``posted`` (§9.1: the batches never get ``flush_required``, so F3–F7 and F10 send nothing; the
   caller's own tlb_ubc is empty at hook time) or ``intended`` (§8.2.9–13: they flush the mm/mapping batch).
-- ``keep``: ``key_only`` (F11 flushes the new key only; the pending non-LUF work waits for the batch flush) or
-  ``posted`` (§9.3 / §8.2.4: ``luf_flush(fold_unmap_luf())`` runs ``try_to_unmap_flush()``, which also flushes
-  the whole pending non-LUF work, even with key 0).
-- ``dirty_writeback``: ``last_key`` (F13 flushes the key of the task's last batch: §8.2.5 "everything pending for
-  the task") or ``posted`` (§9.4: only the *open* batch, never already-keyed pages; the open batch's PTEs reach the
-  model only at its flush, so nothing is flushed at the hook).
+- ``keep``: ``posted`` (§9.3 / §8.2.4: ``luf_flush(fold_unmap_luf())`` folds the new key's batch into tlb_ubc with
+  no diet and runs ``try_to_unmap_flush()``, which also flushes the whole pending non-LUF work, even with key 0)
+  or ``key_only`` (F11 flushes the new key only; the pending non-LUF work waits for the batch flush).
+- ``dirty_writeback``: ``posted`` (§9.4: ``try_to_unmap_flush_dirty()`` flushes the *open* batch, LUF work
+  included, only when a dirty PTE was cleared in it, and never already-keyed pages. The trace shows when it
+  flushed: vanilla's own call is the recorded batch flush the pageout row closes, a BATCH op marked ``B_DIRTY``
+  by the reconstructor; that batch's LUF part is flushed with it instead of keyed, and the pageout hook itself
+  does nothing) or ``last_key`` (F13 flushes the key of the task's last batch: §8.2.5 "everything pending for
+  the task").
 
 The other §9 points are model options both implementations share: §9.5 pcp tail placement and tail drains
 (``alloc_order=luf``), §9.6 clean free_list first (``non_luf_ok``: one switch, free-list lengths are not traced),
 §9.7 lazy CPUs filtered at the flush (default: a key holds the whole mm_cpumask union and a flush skips the CPUs
 lazy when it is sent, which ``flush`` reads from the op that sends it) or at the unmap (``clip_to_recorded``), §9.8 who may shoot down
 (``atomic_no_shootdown``, decided by the reconstructor). Not modelled: §9.2 (a reclaim pass's two folio batches
-filling independently): the model ops carry vanilla's flush points but no pass end.
+filling independently): the model ops carry vanilla's flush points but not which folios the kernel freed into
+which folio batch (docs/simulate.md says why and bounds it).
 
 Replay conventions that are not LUF rules (docs/simulate.md): the unexplained-target rule at a batch, the
 ``alloc_order=luf`` pcp obligations (oldest keyed page of the CPU's list consumed first, newest drained first,
@@ -40,13 +45,15 @@ import numpy as np
 
 from lufreplay.model import ops as O
 
-#: §9 choices the reference exposes; the first value of each is the fast path's behaviour today.
+#: §9 choices the reference exposes; the first value of each is the posted code's (luf-v12's defaults), the second
+#: the intended design's (luf-v12-intended). The fast path has each as a model option of the same name.
 SPEC_CHOICES: dict[str, tuple[str, ...]] = {
     "hooks": ("posted", "intended"),
-    "keep": ("key_only", "posted"),
-    "dirty_writeback": ("last_key", "posted"),
+    "keep": ("posted", "key_only"),
+    "dirty_writeback": ("posted", "last_key"),
 }
 FAST_PATH_CHOICES = {k: v[0] for k, v in SPEC_CHOICES.items()}
+INTENDED_CHOICES = {k: v[1] for k, v in SPEC_CHOICES.items()}
 
 LUF_UGEN_INIT = 2  # §2.1: the counter starts at 2; done[] starts at LUF_UGEN_INIT - 1
 
@@ -134,8 +141,9 @@ class ReferenceLufV12:
     name = "luf-v12-reference"
 
     def __init__(self, opts: dict[str, Any], **choices: str) -> None:
-        self.choice = dict(FAST_PATH_CHOICES)
-        for k, v in choices.items():
+        # the §9 choices: the model options of the same name, unless given here
+        self.choice = {k: opts.get(k, v) for k, v in FAST_PATH_CHOICES.items()}
+        for k, v in {**self.choice, **choices}.items():
             if k not in SPEC_CHOICES or v not in SPEC_CHOICES[k]:
                 raise ValueError(f"reference choice {k}={v!r}: expected one of {SPEC_CHOICES.get(k)}")
             self.choice[k] = v
@@ -289,11 +297,21 @@ class ReferenceLufV12:
         if self.unexplained_flush:  # convention: recorded targets no PTE explains are flushed, not deferred
             p.nonluf |= cpuset(r["mask"]) - (p.luf | p.nonluf | p.flushed_early)
         self.settle_reused(ts, cpu, p, op)
-        key, d = self.fold_unmap_luf(p)
-        if d:
-            self.decisions.append(Decision(ts, "deferred", "batch", cpu, frozenset(d), op))
-        if p.nonluf:
-            self.flush(ts, cpu, p.nonluf, "batch_nonluf", op)
+        if self.choice["dirty_writeback"] == "posted" and r["flags"] & O.B_DIRTY:
+            # §9.4: this flush is try_to_unmap_flush_dirty(): tlb_ubc_luf is folded into tlb_ubc and flushed with
+            # it (fold_unmap_luf does not run), so the batch's folios leave with no key. One flush in the kernel,
+            # two here so that the LUF part counts under F13 (disjoint sets, nothing in between)
+            key, d = 0, p.luf - p.nonluf
+            if p.nonluf:
+                self.flush(ts, cpu, p.nonluf, "batch_nonluf", op)
+            if d:
+                self.flush(ts, cpu, d, "dirty_writeback", op)
+        else:
+            key, d = self.fold_unmap_luf(p)
+            if d:
+                self.decisions.append(Decision(ts, "deferred", "batch", cpu, frozenset(d), op))
+            if p.nonluf:
+                self.flush(ts, cpu, p.nonluf, "batch_nonluf", op)
         self.free_eligible(p, key, d)
         if task >= 0:
             self.last_key[task] = key
@@ -309,11 +327,15 @@ class ReferenceLufV12:
         self.settle_reused(ts, cpu, p, op)
         key, d = self.fold_unmap_luf(p)
         self.free_eligible(p, key, d)
-        target = self.diet(self.KEY[key].cpus, self.KEY[key].ugen) if key else set()
-        if self.choice["keep"] == "posted":  # try_to_unmap_flush(): tlb_ubc (non-LUF) goes too, key 0 or not
+        if self.choice["keep"] == "posted":
+            # luf_flush(key): fold_batch(tlb_ubc, &luf_batch[key]) with no diet, then try_to_unmap_flush(): tlb_ubc
+            # (the non-LUF work) goes too, key 0 or not
+            target = set(self.KEY[key].cpus) if key else set()
             target |= p.nonluf
             p.flushed_early |= p.nonluf
             p.nonluf = set()
+        else:  # the cover letter's luf_flush_* pattern: diet by the key's ugen (fresh: nothing is done yet)
+            target = self.diet(self.KEY[key].cpus, self.KEY[key].ugen) if key else set()
         if target:
             self.flush(ts, cpu, target, "reclaim_keep", op)
         p.flushed_early |= p.luf
@@ -322,7 +344,7 @@ class ReferenceLufV12:
     def dirty_writeback(self, r: dict[str, Any]) -> None:
         """§8.2.5 / F13 (choice ``dirty_writeback``)."""
         if self.choice["dirty_writeback"] == "posted":
-            return  # §9.4: keyed pages are never touched; the open batch is not visible yet
+            return  # §9.4: keyed pages are never touched; the open batch was flushed at its B_DIRTY BATCH
         key = self.last_key.get(r["task"], 0) if r["task"] >= 0 else 0
         if key:
             self.luf_flush(r["ts"], r["cpu"], self.KEY[key].cpus, self.KEY[key].ugen, "dirty_writeback", r["op"])
@@ -584,6 +606,7 @@ def fast_decisions(dec: np.ndarray) -> list[Decision]:
 
 __all__ = [
     "FAST_PATH_CHOICES",
+    "INTENDED_CHOICES",
     "SPEC_CHOICES",
     "Decision",
     "LufBatch",

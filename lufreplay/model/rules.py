@@ -27,6 +27,14 @@ def hook_inert(h, posted):
 
 
 @numba.njit(cache=True, _nrt=False)
+def dirty_wb_at_batch(h, posted):
+    """§9.4 ``dirty_writeback=posted``: try_to_unmap_flush_dirty() flushes only the open batch, at the recorded
+    flush it is (a BATCH op marked B_DIRTY, run_luf_v12), so the pageout itself (F13) flushes no keyed page.
+    ``last_key``: F13 flushes the task's last key (hook_scope)."""
+    return posted and h == O.H_DIRTY_WB
+
+
+@numba.njit(cache=True, _nrt=False)
 def hook_scope(h, write, model, posted):
     """F3-F13: what hook ``h`` flushes in ``model`` (``write``: a write fault). luf-v12 and the oracle flush the
     pending work of the mm (S_MM) and/or the file mapping (S_MAPPING), F13 the task's last key (S_TASK_KEY);

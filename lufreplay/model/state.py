@@ -45,8 +45,10 @@ PAGE_STATE_NAMES = (
     Y_HOOKS_POSTED,
     Y_LAZY_AT_FLUSH,
     Y_ORACLE_LOCAL,
-) = range(14)
-NY = 14
+    Y_KEEP_POSTED,
+    Y_DIRTY_POSTED,
+) = range(16)
+NY = 16
 
 BYTES_PER_PAGE = 1 + 4 + 8 + 8 + 4 + 8 + 8
 
@@ -67,6 +69,8 @@ def model_options(opts: dict[str, Any], ncpu: int) -> np.ndarray:
     y[Y_HOOKS_POSTED] = 1.0 if opts.get("hooks") == "posted" else 0.0
     y[Y_LAZY_AT_FLUSH] = 0.0 if opts["clip_to_recorded"] else 1.0
     y[Y_ORACLE_LOCAL] = 1.0 if opts["oracle_local_flushes"] else 0.0
+    y[Y_KEEP_POSTED] = 1.0 if opts.get("keep") == "posted" else 0.0
+    y[Y_DIRTY_POSTED] = 1.0 if opts.get("dirty_writeback") == "posted" else 0.0
     return y
 
 

@@ -1083,7 +1083,32 @@ def reclaim_row(r, T, pool, nxt, S, out, RS, X):
             close_batch(task, ts, r["cpu"], U0, 0, 0, T, pool, nxt, S, out, RS, X)
         T[task, T_CTX] = 0
     elif sub == 12:
+        if not _has_batch(task, T):  # unmaps since the last flush: that flush was not this pageout's
+            _mark_dirty_flush(task, out, S)
         emit(out, S, ts, O.M_HOOK, O.H_DIRTY_WB, r["cpu"], task, -1, -1, r["a"], 0, 0, U0, U0, 0)
+
+
+#: how far back (model ops of other tasks) a pageout row looks for its task's batch flush
+DIRTY_LOOKBACK = 256
+
+
+@numba.njit(cache=True, inline="always")
+def _mark_dirty_flush(task, out, S):
+    """A pageout of a dirty folio: shrink_folio_list ran try_to_unmap_flush_dirty() right before it. If that flushed
+    (a dirty PTE was cleared in the open batch) the trace shows it as the recorded batch flush the pageout row
+    itself closed: the task's last model op but allocations (writepage may allocate) is then its BATCH (a flush
+    that closed otherwise, e.g. the free batch filling, is followed by the task's FREE ops). Mark it B_DIRTY
+    (luf-model §9.4: the posted code flushes the open batch's LUF work there too). The caller checks that the
+    task unmapped nothing since (its unmaps wait in the pool, not in ``out``)."""
+    j = S[S_NOUT] - 1
+    lo = max(np.int64(0), j - DIRTY_LOOKBACK)
+    while j >= lo:
+        q = out[j]
+        if q["task"] == task and q["op"] != O.M_ALLOC and q["op"] != O.M_TAKE and q["op"] != O.M_DRAIN:
+            if q["op"] == O.M_BATCH and (q["flags"] & O.B_MIGRATION) == 0:
+                q["flags"] |= O.B_DIRTY
+            return
+        j -= 1
 
 
 @numba.njit(cache=True)
