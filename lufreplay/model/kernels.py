@@ -252,7 +252,8 @@ _ = NMISC  # re-exported for the layout above
 def resolve_stale(req_ugen, req_mask, hist_g, hist_ts, hist_mask, ncpu):
     """For each request, the time its last owing CPU reached done >= ugen (-1 if not yet): the covering flush.
 
-    The history is in flush order, so each CPU's (g, ts) sequence is increasing and can be binary-searched."""
+    The history is in flush order, so each CPU's (g, ts) sequence is increasing and can be binary-searched. The
+    folios of one batch make consecutive requests with the same (ugen, mask): their answer is computed once."""
     nh = hist_g.shape[0]
     counts = np.zeros(ncpu + 1, np.int64)
     for i in range(nh):
@@ -279,6 +280,9 @@ def resolve_stale(req_ugen, req_mask, hist_g, hist_ts, hist_mask, ncpu):
             c += 1
     out = np.empty(req_ugen.shape[0], np.int64)
     for r in range(req_ugen.shape[0]):
+        if r > 0 and req_ugen[r] == req_ugen[r - 1] and req_mask[r] == req_mask[r - 1]:
+            out[r] = out[r - 1]
+            continue
         cover = np.int64(0)
         m = req_mask[r]
         c = 0
@@ -296,3 +300,32 @@ def resolve_stale(req_ugen, req_mask, hist_g, hist_ts, hist_mask, ncpu):
             c += 1
         out[r] = cover
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def fold_stale(req_ts, req_ugen, req_mask, req_pages, hist_g, hist_ts, hist_mask, ncpu, edges, hist_counts, prod, keep):
+    """Resolve stale-window requests (:func:`resolve_stale`) and fold the covered ones into the histogram
+    ``hist_counts`` (bins: ``searchsorted(edges, w, "right")``, weighted by pages). Writes ``w * pages`` of the
+    covered requests, in request order, to ``prod`` (the caller sums it with numpy, as before: the same float sum)
+    and ``keep[r]`` = request r is still open. Returns (covered requests, their pages, their largest w in s)."""
+    cover = resolve_stale(req_ugen, req_mask, hist_g, hist_ts, hist_mask, ncpu)
+    n = 0
+    pages = np.int64(0)
+    mx = 0.0
+    for r in range(cover.shape[0]):
+        if cover[r] < 0:
+            keep[r] = True
+            continue
+        keep[r] = False
+        d = cover[r] - req_ts[r]
+        if d < 0:
+            d = 0
+        w = d / 1e9
+        pg = req_pages[r]
+        pages += pg
+        prod[n] = w * np.float64(pg)
+        if n == 0 or w > mx:
+            mx = w
+        hist_counts[np.searchsorted(edges, w, side="right")] += pg
+        n += 1
+    return n, pages, mx
