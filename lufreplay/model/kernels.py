@@ -312,6 +312,8 @@ def fold_stale(req_ts, req_ugen, req_mask, req_pages, hist_g, hist_ts, hist_mask
     n = 0
     pages = np.int64(0)
     mx = 0.0
+    ne = edges.shape[0]
+    b = -1  # the last request's bin: the folios of one batch mostly share it
     for r in range(cover.shape[0]):
         if cover[r] < 0:
             keep[r] = True
@@ -326,6 +328,8 @@ def fold_stale(req_ts, req_ugen, req_mask, req_pages, hist_g, hist_ts, hist_mask
         prod[n] = w * np.float64(pg)
         if n == 0 or w > mx:
             mx = w
-        hist_counts[np.searchsorted(edges, w, side="right")] += pg
+        if not (b >= 0 and (b == 0 or edges[b - 1] <= w) and (b == ne or w < edges[b])):
+            b = np.searchsorted(edges, w, side="right")
+        hist_counts[b] += pg
         n += 1
     return n, pages, mx
