@@ -22,7 +22,7 @@ from lufreplay.model.kernels import U0
 from lufreplay.model.state import GEN_DONE, HELD, P_HELD, P_NONE, G
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _release(ts, cpu, task, cause, op, SC, SU, done, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask):
     """Flush everything held and give the held pages back to the allocator."""
     if SC[GEN_DONE] >= SC[G]:
@@ -33,7 +33,7 @@ def _release(ts, cpu, task, cause, op, SC, SU, done, acc, tl, dec, nlog, hist_g,
     return n
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _hold(d, g, SC, buf, pstate, pstamp, sh_mask, sh_ugen, acc, req_ts, req_ugen, req_mask, req_pages, nlog):
     """The batch's eligible folios are held (generation ``g``, debt ``d``) instead of freed."""
     for b in range(SC[S.NBUF]):

@@ -89,30 +89,30 @@ O_FID_SKIPPED, O_FID_PV, ACC_SIZE = _L["O_FID_SKIPPED"], _L["O_FID_PV"], _L["ACC
 L_DEC, L_REQ, L_HIST = 0, 1, 2
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def bit(c):
     return U1 << np.uint64(c)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def carries_lazy(op):
     """Model ops at which a LUF model may flush deferred work: their ``mask2`` holds the CPUs lazy at the op."""
     return op == M_KEEP or op == M_FREE or op == M_TAKE or op == M_ALLOC or op == M_HOOK or op == M_RECLAIM_BEGIN
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def opm(x):
     """A mask field of a model-op record as a mask (the identity here; a W-word load in ``widemask``)."""
     return x
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def set_targets(r, targets):
     """Store a decision record's target mask (a W-word store in ``widemask``)."""
     r["targets"] = targets
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def popcount(x):
     x = x - ((x >> U1) & M1)
     x = (x & M2) + ((x >> np.uint64(2)) & M2)
@@ -120,7 +120,7 @@ def popcount(x):
     return np.int64((x * H01) >> np.uint64(56))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def notdone(mask, ugen, done):
     """arch_tlbbatch_diet: the CPUs of ``mask`` whose done stamp is still below ``ugen``."""
     out = U0
@@ -135,7 +135,7 @@ def notdone(mask, ugen, done):
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def mark_done(mask, g, done):
     """Raise done[c] to ``g`` for every CPU of ``mask`` (never lowers it)."""
     m = mask
@@ -148,13 +148,13 @@ def mark_done(mask, g, done):
         c += 1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def folio_begin_ok(sub, large):
     """FOLIO_BEGIN: the folio may be LUF'd (no static exclusion; large folios allowed with large_folios=eligible)."""
     return sub == 0 or (large and sub == J_LARGE_FOLIO)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def folio_end_reason(sub, aux, large):
     """FOLIO_END: the rejection reason the model uses (aux = the reason without the large-folio exclusion)."""
     if large and sub == J_LARGE_FOLIO:
@@ -162,7 +162,7 @@ def folio_end_reason(sub, aux, large):
     return sub
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def add_per_cpu(acc, off, m):
     """One count per CPU of mask ``m`` in the per-CPU counters starting at ``acc[off]``."""
     c = 0
@@ -173,7 +173,7 @@ def add_per_cpu(acc, off, m):
         c += 1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def account_flush(ts, cpu, task, targets, cause, op, pfn, acc, tl, dec, nlog):
     """Count one flush to ``targets`` sent by ``cpu``: remote IPIs per cause and per target CPU, local flush,
     timeline bin, and (if a decision log is attached) one ``performed`` row. Returns the remote IPI count."""
@@ -195,7 +195,7 @@ def account_flush(ts, cpu, task, targets, cause, op, pfn, acc, tl, dec, nlog):
     return n
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def log_decision(ts, kind, cause, cpu, task, targets, ipis, op, pfn, dec, nlog):
     i = nlog[L_DEC]
     if i < dec.shape[0]:
@@ -212,7 +212,7 @@ def log_decision(ts, kind, cause, cpu, task, targets, ipis, op, pfn, dec, nlog):
         nlog[L_DEC] = i + 1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def add_history(g, ts, mask, hist_g, hist_ts, hist_mask, nlog):
     """Remember that CPUs ``mask`` became done up to ``g`` at ``ts`` (stale-window resolution)."""
     i = nlog[L_HIST]
@@ -223,7 +223,7 @@ def add_history(g, ts, mask, hist_g, hist_ts, hist_mask, nlog):
         nlog[L_HIST] = i + 1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def add_request(ts, ugen, mask, pages, req_ts, req_ugen, req_mask, req_pages, nlog):
     """A LUF'd folio: ``pages`` pages unmapped at ``ts`` whose stale entries on ``mask`` need done >= ``ugen``."""
     i = nlog[L_REQ]
@@ -235,7 +235,7 @@ def add_request(ts, ugen, mask, pages, req_ts, req_ugen, req_mask, req_pages, nl
         nlog[L_REQ] = i + 1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def timeline_bin(ts, tl):
     b = (ts - tl[0]) // tl[1]
     if b < 0:
@@ -252,7 +252,8 @@ _ = NMISC  # re-exported for the layout above
 def resolve_stale(req_ugen, req_mask, hist_g, hist_ts, hist_mask, ncpu):
     """For each request, the time its last owing CPU reached done >= ugen (-1 if not yet): the covering flush.
 
-    The history is in flush order, so each CPU's (g, ts) sequence is increasing and can be binary-searched."""
+    The history is in flush order, so each CPU's (g, ts) sequence is increasing and can be binary-searched. The
+    folios of one batch make consecutive requests with the same (ugen, mask): their answer is computed once."""
     nh = hist_g.shape[0]
     counts = np.zeros(ncpu + 1, np.int64)
     for i in range(nh):
@@ -279,6 +280,9 @@ def resolve_stale(req_ugen, req_mask, hist_g, hist_ts, hist_mask, ncpu):
             c += 1
     out = np.empty(req_ugen.shape[0], np.int64)
     for r in range(req_ugen.shape[0]):
+        if r > 0 and req_ugen[r] == req_ugen[r - 1] and req_mask[r] == req_mask[r - 1]:
+            out[r] = out[r - 1]
+            continue
         cover = np.int64(0)
         m = req_mask[r]
         c = 0
@@ -296,3 +300,36 @@ def resolve_stale(req_ugen, req_mask, hist_g, hist_ts, hist_mask, ncpu):
             c += 1
         out[r] = cover
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def fold_stale(req_ts, req_ugen, req_mask, req_pages, hist_g, hist_ts, hist_mask, ncpu, edges, hist_counts, prod, keep):
+    """Resolve stale-window requests (:func:`resolve_stale`) and fold the covered ones into the histogram
+    ``hist_counts`` (bins: ``searchsorted(edges, w, "right")``, weighted by pages). Writes ``w * pages`` of the
+    covered requests, in request order, to ``prod`` (the caller sums it with numpy, as before: the same float sum)
+    and ``keep[r]`` = request r is still open. Returns (covered requests, their pages, their largest w in s)."""
+    cover = resolve_stale(req_ugen, req_mask, hist_g, hist_ts, hist_mask, ncpu)
+    n = 0
+    pages = np.int64(0)
+    mx = 0.0
+    ne = edges.shape[0]
+    b = -1  # the last request's bin: the folios of one batch mostly share it
+    for r in range(cover.shape[0]):
+        if cover[r] < 0:
+            keep[r] = True
+            continue
+        keep[r] = False
+        d = cover[r] - req_ts[r]
+        if d < 0:
+            d = 0
+        w = d / 1e9
+        pg = req_pages[r]
+        pages += pg
+        prod[n] = w * np.float64(pg)
+        if n == 0 or w > mx:
+            mx = w
+        if not (b >= 0 and (b == 0 or edges[b - 1] <= w) and (b == ne or w < edges[b])):
+            b = np.searchsorted(edges, w, side="right")
+        hist_counts[b] += pg
+        n += 1
+    return n, pages, mx

@@ -26,7 +26,7 @@ from lufreplay.model.pcpfifo import OB_KEY, OB_UGEN, ob_release, orphan
 from lufreplay.model.rmap import flush_pending, owe
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _settle(p, ts, cpu, task, st, luf, op, SC, SU, done, pstamp, sh_mask, sh_ugen, pobl, OB, acc, tl, dec, nlog,
             hist_g, hist_ts, hist_mask):  # fmt: skip
     """A page the model still holds pending was re-used by the trace without a recorded allocation: a pcp
@@ -41,7 +41,7 @@ def _settle(p, ts, cpu, task, st, luf, op, SC, SU, done, pstamp, sh_mask, sh_uge
         flush_pending(ts, cpu, task, cause, op, SC, SU, done, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _paid(acc):
     acc[K.O_MISC + O.K_ALLOC_WITH_FLUSH] += 1
     acc[K.O_MISC + O.K_PAID_IN_ALLOC_FLUSHES] += 1

@@ -65,12 +65,12 @@ from lufreplay.model.state import (
 )
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _mi(name_idx):
     return K.O_MISC + name_idx
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _new_key(mask, SC, KEY_mask, KEY_ugen, done, acc):
     """fold_unmap_luf step 2: next 16-bit key (0 skipped), merge into a live slot, fresh ugen."""
     SC[KCTR] = (SC[KCTR] + 1) & 0xFFFF
@@ -90,7 +90,7 @@ def _new_key(mask, SC, KEY_mask, KEY_ugen, done, acc):
     return k
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _take_buddy(
     ts, cpu, task, pfn, order, can_sd, luf, non_luf_ok, SC, SU, done, pstate, pstamp, punmap_task, acc, tl, dec,
     nlog, hist_g, hist_ts, hist_mask, lat_ns, op,
@@ -168,7 +168,7 @@ def _take_buddy(
     return True
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _to_buddy(p, key, sh_m, sh_u, luf, SC, SU, KEY_mask, KEY_ugen, pstate, pkey, pstamp, acc):
     """§8.2.7: a page with a key enters buddy: the zone batch absorbs the key, the page gets the open stamp.
     With alloc_order=luf its shadow debt joins the zone's pend pool (checked when the pool is spliced back)."""
@@ -187,7 +187,7 @@ def _to_buddy(p, key, sh_m, sh_u, luf, SC, SU, KEY_mask, KEY_ugen, pstate, pkey,
             SC[POOL_UGEN] = sh_u
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _f1(ts, cpu, task, mask, ugen, can_sd, op, pfn, max_strikes, SC, SU, done, strikes, acc, tl, dec, nlog, hist_g,
         hist_ts, hist_mask):  # fmt: skip
     """F1 on one pcp takeoff: 0 = free pass, 1 = flushed (returns its IPIs in [1]), 2 = skipped (no-shootdown)."""
@@ -213,7 +213,7 @@ def _f1(ts, cpu, task, mask, ugen, can_sd, op, pfn, max_strikes, SC, SU, done, s
     return 2, 0
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _settle(ts, cpu, task, luf, SC, SU, done, buf, pstate, pkey, sh_mask, sh_ugen, pobl, OB, acc, tl, dec, nlog,
             hist_g, hist_ts, hist_mask, op):  # fmt: skip
     """Pages about to be keyed again that the model still holds pending: the trace re-used them without a
@@ -521,7 +521,7 @@ def run_luf_v12(
     return -1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _keep_posted(ts, cpu, task, k, op, pfn, SC, SU, done, KEY_mask, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask):
     """§9.3 keep=posted: luf_flush(key) folds the key's batch into tlb_ubc with no diet and runs
     try_to_unmap_flush(), which sends the pass's pending non-LUF work too, key 0 or not."""
@@ -537,7 +537,7 @@ def _keep_posted(ts, cpu, task, k, op, pfn, SC, SU, done, KEY_mask, acc, tl, dec
         acc[_mi(O.K_FLUSHED_CPU_SLOTS)] += popcount(rmap.sent(key_mask, SU) & ~K.bit(cpu))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _key_buffer(
     k, d, task, SC, KEY_ugen, buf, pstate, pkey, punmap_ts, punmap_task, sh_mask, sh_ugen, acc, req_ts, req_ugen,
     req_mask, req_pages, nlog,

@@ -177,7 +177,7 @@ def run_oracle(
     return -1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _owing(mask, done, owed):
     """The CPUs of ``mask`` that still owe a flush."""
     out = U0
@@ -191,7 +191,7 @@ def _owing(mask, done, owed):
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _pending_remote(r, cpu, luf, done, FH, OB, OBM, pobl, sh_mask, sh_ugen):
     """Whether handing out the block of ALLOC/TAKE ``r`` needs an IPI: what it owes (for an order-0 pcp
     allocation under alloc_order=luf, the oldest pending page of the CPU's list) on a CPU other than ``cpu``."""

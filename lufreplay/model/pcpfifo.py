@@ -70,7 +70,7 @@ class Obligations:
         return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def ob_new(key, mask, ugen, task, pfn, OB, OBM, free, OBS):
     """A new (unlinked) obligation."""
     if OBS[OBS_NFREE] > 0:
@@ -91,7 +91,7 @@ def ob_new(key, mask, ugen, task, pfn, OB, OBM, free, OBS):
     return i
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def ob_release(i, OB, free, OBS):
     free[OBS[OBS_NFREE]] = i
     OBS[OBS_NFREE] += 1
@@ -100,7 +100,7 @@ def ob_release(i, OB, free, OBS):
     OB[i, OB_CPU] = -1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def fifo_push(i, cpu, OB, FH):
     """Append obligation ``i`` at the tail of ``cpu``'s FIFO (newest)."""
     t = FH[cpu, FH_TAIL]
@@ -115,7 +115,7 @@ def fifo_push(i, cpu, OB, FH):
     FH[cpu, FH_COUNT] += 1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def fifo_unlink(i, OB, FH):
     c = OB[i, OB_CPU]
     p = OB[i, OB_PREV]
@@ -134,7 +134,7 @@ def fifo_unlink(i, OB, FH):
     OB[i, OB_CPU] = -1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def relabel(taken, own, pfn, OB, pobl):
     """The model hands out obligation ``taken`` where the trace handed out ``pfn`` (label of ``own``): the pfn
     that labelled ``taken`` (still free in the trace) now labels ``own``; ``pfn`` labels nothing."""
@@ -146,7 +146,7 @@ def relabel(taken, own, pfn, OB, pobl):
     pobl[pfn] = -1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def orphan(p, OB, pobl):
     """The trace re-used pfn ``p`` while the model keeps its obligation free: the obligation loses its label."""
     i = pobl[p]

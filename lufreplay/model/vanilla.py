@@ -39,7 +39,7 @@ from lufreplay.model.rmap import recorded_flush
 from lufreplay.model.state import BATCH_ALL
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _recorded(ts, R, n, cause, acc, tl):
     """What the kernel really did: the recorded targets of one flush event."""
     acc[O_FID_REC + cause] += n
@@ -49,7 +49,7 @@ def _recorded(ts, R, n, cause, acc, tl):
     add_per_cpu(acc, O_REC_PERCPU, R)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def pv_skip_candidates(pred, R, sent):
     """Rebuilt targets of a batched flush whose send was traced (reason 4) that the kernel did not reach, though
     the model has them running a task (not lazy). ``should_flush_tlb`` IPIs every such CPU (``info->mm == NULL``:
