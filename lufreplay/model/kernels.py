@@ -113,6 +113,32 @@ def set_targets(r, targets):
 
 
 @numba.njit(cache=True)
+def set_mask(r, m):
+    """Store a model-op record's ``mask`` (a W-word store in ``widemask``)."""
+    r["mask"] = m
+
+
+@numba.njit(cache=True)
+def set_mask2(r, m):
+    """Store a model-op record's ``mask2`` (a W-word store in ``widemask``)."""
+    r["mask2"] = m
+
+
+@numba.njit(cache=True)
+def owing(mask, done, owed):
+    """The CPUs of ``mask`` that still owe a flush: ``done[c] < owed[c]``."""
+    out = U0
+    m = mask
+    c = 0
+    while m != U0:
+        if (m & U1) and done[c] < owed[c]:
+            out |= bit(c)
+        m >>= U1
+        c += 1
+    return out
+
+
+@numba.njit(cache=True)
 def popcount(x):
     x = x - ((x >> U1) & M1)
     x = (x & M2) + ((x >> np.uint64(2)) & M2)
@@ -294,5 +320,58 @@ def resolve_stale(req_ugen, req_mask, hist_g, hist_ts, hist_mask, ncpu):
                     cover = ts_by[k]
             m >>= U1
             c += 1
+        out[r] = cover
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _cpu_list(row, ncpu, out):
+    """The CPUs of a W-word mask ``row`` below ``ncpu`` into ``out``; returns how many."""
+    n = 0
+    for k in range(row.shape[0]):
+        m = row[k]
+        c = 64 * k
+        while m != U0 and c < ncpu:
+            if m & U1:
+                out[n] = c
+                n += 1
+            m >>= U1
+            c += 1
+    return n
+
+
+@numba.njit(cache=True, nogil=True)
+def resolve_stale_wide(req_ugen, req_mask, hist_g, hist_ts, hist_mask, ncpu):
+    """:func:`resolve_stale` for W-word masks (``(n, W)`` uint64 rows)."""
+    nh = hist_g.shape[0]
+    cpus = np.empty(64 * max(hist_mask.shape[1], req_mask.shape[1]), np.int64)
+    counts = np.zeros(ncpu + 1, np.int64)
+    for i in range(nh):
+        for j in range(_cpu_list(hist_mask[i], ncpu, cpus)):
+            counts[cpus[j] + 1] += 1
+    start = np.cumsum(counts)
+    fill = start[:ncpu].copy()
+    g_by = np.empty(max(start[ncpu], 1), np.int64)
+    ts_by = np.empty(max(start[ncpu], 1), np.int64)
+    for i in range(nh):
+        for j in range(_cpu_list(hist_mask[i], ncpu, cpus)):
+            c = cpus[j]
+            g_by[fill[c]] = hist_g[i]
+            ts_by[fill[c]] = hist_ts[i]
+            fill[c] += 1
+    out = np.empty(req_ugen.shape[0], np.int64)
+    for r in range(req_ugen.shape[0]):
+        cover = np.int64(0)
+        for j in range(_cpu_list(req_mask[r], cpus.shape[0], cpus)):
+            c = cpus[j]
+            if c >= ncpu:  # no history beyond the model's CPUs: never covered (as in resolve_stale)
+                cover = -1
+                break
+            k = start[c] + np.searchsorted(g_by[start[c] : start[c + 1]], req_ugen[r])
+            if k >= start[c + 1]:
+                cover = -1
+                break
+            if ts_by[k] > cover:
+                cover = ts_by[k]
         out[r] = cover
     return out
