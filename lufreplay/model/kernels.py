@@ -1,6 +1,7 @@
 """Small numba helpers shared by the reconstructor and the model cores: CPU-mask algebra and flush accounting.
 
-CPU masks are uint64 bitsets, so at most 64 CPUs are modelled (ops.MAX_CPUS). Every flush a model performs goes
+CPU masks are uint64 bitsets here (64 CPUs, ops.MAX_CPUS); ``model/widemask.py`` compiles the same functions for
+W-word masks (64·W CPUs), replacing the primitives that look inside a mask. Every flush a model performs goes
 through :func:`account_flush`, which is where remote IPIs are counted under exactly one cause; that is what makes
 ``by_cause`` sum to the totals.
 """
@@ -110,6 +111,51 @@ def opm(x):
 def set_targets(r, targets):
     """Store a decision record's target mask (a W-word store in ``widemask``)."""
     r["targets"] = targets
+
+
+#: False in the uint64 code, True in the W-word copies (``widemask.primitives``): a constant numba folds, so code
+#: may pick a word-wise form for W words while the uint64 form stays as it is
+WIDE = False
+
+
+@numba.njit(cache=True)
+def word(m, k):
+    """Word ``k`` of mask ``m`` (CPUs 64k..64k+63): ``m`` itself here."""
+    return m
+
+
+@numba.njit(cache=True)
+def rows_eq_word(T, col, value, n, k):
+    """Word ``k`` of the mask of the rows ``c < n`` with ``T[c, col] == value``."""
+    x = U0
+    for c in range(64 * k, min(n, 64 * k + 64)):
+        if T[c, col] == value:
+            x |= U1 << np.uint64(c - 64 * k)
+    return x
+
+
+@numba.njit(cache=True)
+def recent_word(last, row, t, window, n, k):
+    """Word ``k`` of the mask of the CPUs ``c < n`` with ``last[row, c] > 0`` and, unless ``window`` < 0,
+    ``t - last[row, c] <= window``."""
+    x = U0
+    for c in range(64 * k, min(n, 64 * k + 64)):
+        lr = last[row, c]
+        if lr > 0 and (window < 0 or t - lr <= window):
+            x |= U1 << np.uint64(c - 64 * k)
+    return x
+
+
+@numba.njit(cache=True)
+def rows_eq(T, col, value, n):
+    """The mask of the rows ``c < n`` with ``T[c, col] == value``, built a word at a time (``widemask``)."""
+    return rows_eq_word(T, col, value, n, 0)
+
+
+@numba.njit(cache=True)
+def recent(last, row, t, window, n):
+    """:func:`recent_word` over the whole mask, a word at a time (``widemask``)."""
+    return recent_word(last, row, t, window, n, 0)
 
 
 @numba.njit(cache=True)
@@ -375,3 +421,9 @@ def resolve_stale_wide(req_ugen, req_mask, hist_g, hist_ts, hist_mask, ncpu):
                 cover = ts_by[k]
         out[r] = cover
     return out
+
+
+def layout_of(acc: np.ndarray) -> dict[str, int]:
+    """The :func:`acc_layout` an accumulator vector was made for (its size says how many CPUs its masks hold)."""
+    fixed = ACC_SIZE - 4 * MAX_CPUS  # four blocks are per CPU
+    return acc_layout((acc.shape[0] - fixed) // 4)

@@ -43,7 +43,7 @@ RAW_DTYPE = np.dtype(
     #           mask2 = CPUs lazy at the flush, order = 1 if the kernel traced remote_send_ipi (a remote CPU in
     #           its cpumask)
     M_RFLUSH,  # a recorded flush LUF leaves alone: sub = cause, mask = targets, aux = shootdown rows,
-    #            mask2 = CPUs credited (F9), pfn = credited CPUs running another mm (R6), flags RF_*
+    #            mask2 = CPUs credited (F9), pfn = how many of them run another mm (R6), flags RF_*
     M_LFLUSH,  # a full local flush (task switch): only the oracle uses it
     M_FREE,  # free(page): pfn, order, sub = PAGE_SOURCE
     M_DRAIN,  # pcp_drain(page)
