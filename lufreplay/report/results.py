@@ -18,6 +18,7 @@ from lufreplay.model import ops as O
 from lufreplay.model.kernels import layout_of
 from lufreplay.model.options import DEFAULTS
 from lufreplay.model.vanilla import realloc_bin_edges
+from lufreplay.model.widemask import words
 from lufreplay.replay import reconstruct as RC
 from lufreplay.replay.engine import ReplayResult
 from lufreplay.trace.reader import Trace
@@ -231,7 +232,7 @@ def build(
         "model_ops": res.model_ops,
         "seconds": round(elapsed_s, 3),
         "events_per_s": round(res.raw_events / elapsed_s) if elapsed_s > 0 else None,
-        "max_cpus": O.MAX_CPUS,
+        "max_cpus": 64 * words(res.ncpu),  # the CPUs the models' masks hold: 64 per word
     }
     return doc
 
