@@ -24,6 +24,7 @@ for the reconstructor); docs/simulate.md "Any CPU count".
 from __future__ import annotations
 
 import operator
+import threading
 import types as pytypes
 from collections.abc import Callable
 from typing import Any
@@ -406,6 +407,7 @@ def modules(mods: list[pytypes.ModuleType], w: int) -> dict[str, pytypes.ModuleT
 
 
 _CORES: dict[tuple[str, int], dict[str, pytypes.ModuleType]] = {}
+_CORES_LOCK = threading.Lock()
 
 
 def core(fn: Any, w: int) -> Any:
@@ -418,8 +420,9 @@ def core(fn: Any, w: int) -> Any:
 
     mod = sys.modules[fn.__module__]
     key = (mod.__name__, w)
-    if key not in _CORES:
-        _CORES[key] = modules([K, pcpfifo, rules, rmap, mod], w)
+    with _CORES_LOCK:  # models start on a thread pool: luf-v12 and luf-v12-intended share one copy
+        if key not in _CORES:
+            _CORES[key] = modules([K, pcpfifo, rules, rmap, mod], w)
     return getattr(_CORES[key][mod.__name__], fn.__name__)
 
 
