@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-MAX_CPUS = 64  # CPU masks are uint64 bitsets
+MAX_CPUS = 64  # CPUs of one mask word: a uint64 (more involved CPUs take W-word masks, model/widemask.py)
 
 # ---- raw ops (one per trace row) -----------------------------------------------------------------
 R_TLB, R_SD, R_RECLAIM, R_UNMAP, R_PCDEL, R_MIG, R_PAGE, R_FAULT, R_SYSCALL, R_FILE, R_SCHED, R_PROC, R_MM = range(13)

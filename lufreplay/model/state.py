@@ -3,7 +3,9 @@
 Per tracked page a model keeps (``PageState``): state (1 B), key (4 B), zone stamp (8 B), unmap time (8 B),
 unmapping task (4 B), and the shadow debt used by the safety check: CPUs owed (8 B) and the request ugen (8 B)
 — 41 bytes per page id. The engine replays compact pfn ids (``replay.rawops.PfnMap``: one id per page the trace
-touches), so the arrays follow the pages touched, not the host's pfn range.
+touches), so the arrays follow the pages touched, not the host's pfn range. With W-word masks (more than 64
+involved CPUs, model/widemask.py) every mask is 8·W bytes: the CPUs owed per page, and the mask arrays
+(``masks``: ``MaskArray``s), whose per-CPU companions (``done``, ``strikes``) have 64·W entries.
 """
 
 from __future__ import annotations
