@@ -695,9 +695,11 @@ def legacy_columns(name: str, columns: list[str] | None, version: int) -> list[s
 
 
 def mask_to_cpus(mask: np.ndarray) -> pa.ListArray:
-    """uint64 CPU bitmaps (CPUs 0-63) → lists of CPU ids, ascending."""
+    """uint64 CPU bitmaps (CPUs 0-63), or rows of W words (word k: CPUs 64k..64k+63) → lists of CPU ids,
+    ascending."""
     m = np.ascontiguousarray(mask, np.uint64)
-    bits = np.unpackbits(m.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little").astype(bool)
+    nbytes = 8 * (m.shape[1] if m.ndim == 2 else 1)
+    bits = np.unpackbits(m.view(np.uint8).reshape(m.shape[0], nbytes), axis=1, bitorder="little").astype(bool)
     rows, cpus = np.nonzero(bits)  # row-major: ascending CPU within each row
     offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(m)))]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(cpus.astype(np.uint16)))

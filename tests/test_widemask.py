@@ -14,14 +14,12 @@ from scenarios import random_scenario
 from lufreplay.model import kernels as K
 from lufreplay.model import luf_v12 as V
 from lufreplay.model import ops as O
-from lufreplay.model import pcpfifo as F
 from lufreplay.model import rmap, vanilla, widemask
-from lufreplay.model import rules as P
 from lufreplay.model import state as S
 from lufreplay.model.luf_v12 import LufV12
 from lufreplay.model.options import parse_settings
 from lufreplay.model.reference import Decision, ReferenceLufV12, fast_decisions
-from lufreplay.model.widemask import PRIMITIVES, MaskArray, module_with, primitives, specialise, words
+from lufreplay.model.widemask import MaskArray, module_with, primitives, specialise, words
 from lufreplay.replay.engine import replay
 from lufreplay.trace.reader import open_trace
 
@@ -156,16 +154,6 @@ def test_model_functions_compiled_for_wide_masks_match_uint64(w: int) -> None:
     assert base[7][K.O_MISC + V.O.K_KEY_MERGES] == 0  # 3,000 keys: no slot re-use on either side
 
 
-def _vanilla_core(w: int) -> object:
-    """vanilla's numba core compiled for ``w``-word masks: its own source, with the W-word kernels."""
-    kw = widemask.kernels(w)
-    g = {n: getattr(kw, n) for n in (*PRIMITIVES, "U0", "account_flush")} | K.acc_layout(64 * w)
-    g["_recorded"] = specialise(vanilla._recorded, g)
-    g["pv_skip_candidates"] = specialise(vanilla.pv_skip_candidates, g)
-    g["recorded_flush"] = specialise(rmap.recorded_flush, {"K": kw, "U0": kw.U0})
-    return specialise(vanilla.run_vanilla, g)
-
-
 def _run_vanilla(core: object, ops: np.ndarray, w: int, n_pfn: int, tl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     acc = np.zeros(K.acc_layout(64 * w)["ACC_SIZE"], np.int64)
     su = np.zeros(S.NSU, np.uint64) if w == 1 else MaskArray.zeros(S.NSU, w)
@@ -190,7 +178,8 @@ def test_vanilla_core_compiled_for_wide_masks_matches_uint64(tmp_path: Path, w: 
     for n in O.MOP_DTYPE.names or ():
         wide[n] = _spread(ops[n], list(lut), w) if n in ("mask", "mask2") else ops[n]
     wide["cpu"] = np.where(ops["cpu"] >= 0, lut[np.maximum(ops["cpu"], 0)], ops["cpu"])
-    got, decw = _run_vanilla(_vanilla_core(w), wide, w, res.pfns.limit, res.tl)
+    # the replay's own copy (widemask.core: shared with tests/test_wide_replay.py's 4096-CPU run, compiled once)
+    got, decw = _run_vanilla(widemask.core(vanilla.run_vanilla, w), wide, w, res.pfns.limit, res.tl)
     a, b = K.acc_layout(64), K.acc_layout(64 * w)
     per_cpu = ("O_PERCPU", "O_REC_PERCPU", "O_FID_EXPL_CPU", "O_FID_MATCH_CPU")
     ends = sorted(a.values())
@@ -269,7 +258,7 @@ def test_luf_v12_core_on_cpu_ids_up_to_300_matches_the_reference(tmp_path: Path,
     m.ensure(len(res.ids.task) + 1, len(res.ids.mm) + 1, len(res.ids.mapping) + 1, len(ops))
     m.logs.ensure(len(ops) + 16, True)
     args = _luf_args(m, wide, w)
-    core = widemask.modules([K, F, P, rmap, V], w)[V.__name__].run_luf_v12
+    core = widemask.core(V.run_luf_v12, w)  # the replay's copy (shared with tests/test_wide_replay.py)
     assert core(*args) == -1 and args[3 + 20][K.O_VIOL] == 0  # type: ignore[index]  # no safety violation
     dec, nlog = args[3 + 22], args[3 + 23]
     got = [

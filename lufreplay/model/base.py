@@ -7,29 +7,12 @@ from typing import Any
 
 import numpy as np
 
+from lufreplay.model import kernels as K
 from lufreplay.model import ops as O
-from lufreplay.model.kernels import (
-    L_DEC,
-    L_HIST,
-    L_REQ,
-    O_EVENTS,
-    O_FID_EXPL,
-    O_FID_PRED,
-    O_FID_REC,
-    O_HELD_TL,
-    O_HOOK_CALLS,
-    O_HOOK_NOIPI,
-    O_IPIS,
-    O_LOCAL,
-    O_MISC,
-    O_PERCPU,
-    O_RD,
-    O_TL,
-    O_VIOL,
-    RD_BINS,
-    fold_stale,
-)
-from lufreplay.model.state import Logs, ModelState, PageState, new_acc
+from lufreplay.model import widemask
+from lufreplay.model.kernels import L_DEC, L_HIST, L_REQ, RD_BINS, fold_stale, resolve_stale_wide
+from lufreplay.model.state import Logs, ModelState, PageState, dec_dtype, new_acc
+from lufreplay.model.widemask import MaskArray
 
 # stale-window histogram: 10 bins per decade from 100 ns to 1000 s
 SW_EDGES = np.logspace(-7, 3, 101)
@@ -56,15 +39,16 @@ class StaleWindow:
 
     def feed(self, logs: Logs, ncpu: int) -> None:
         nr, nh = int(logs.nlog[L_REQ]), int(logs.nlog[L_HIST])
-        new = (logs.req_ts[:nr], logs.req_ugen[:nr], logs.req_mask[:nr], logs.req_pages[:nr])
-        # no open request left from before (the usual case): the log's own arrays, not a copy (_resolve keeps only
-        # copies of what stays open)
-        self.req = (
-            new if self.req[0].size == 0 else tuple(np.concatenate([a, b]) for a, b in zip(self.req, new, strict=True))
+        rm, hm = (m.data if isinstance(m, MaskArray) else m for m in (logs.req_mask, logs.hist_mask))
+        if logs.w > 1 and self.req[2].ndim == 1:  # W-word masks: (n, W) rows
+            self.req = (*self.req[:2], np.zeros((0, logs.w), np.uint64), self.req[3])
+            self.hist = (*self.hist[:2], np.zeros((0, logs.w), np.uint64))
+        self.req = tuple(
+            np.concatenate([a, b[:nr]])
+            for a, b in zip(self.req, (logs.req_ts, logs.req_ugen, rm, logs.req_pages), strict=True)
         )  # type: ignore[assignment]
         self.hist = tuple(
-            np.concatenate([a, b[:nh]])
-            for a, b in zip(self.hist, (logs.hist_g, logs.hist_ts, logs.hist_mask), strict=True)
+            np.concatenate([a, b[:nh]]) for a, b in zip(self.hist, (logs.hist_g, logs.hist_ts, hm), strict=True)
         )  # type: ignore[assignment]
         self._resolve(ncpu)
 
@@ -73,20 +57,35 @@ class StaleWindow:
         if rts.size == 0:
             return
         hg, hts, hmask = self.hist
-        # one numba pass (resolution, histogram, max); the float sum stays numpy's, so the mean is bit-for-bit the
-        # same as summing the covered requests' w * pages with numpy
-        prod = np.empty(rts.size, np.float64)
-        unresolved = np.empty(rts.size, np.bool_)
-        n, pages, mx = fold_stale(
-            rts, rug, rmask, rpages, hg, hts, hmask, ncpu, SW_EDGES, self.hist_counts, prod, unresolved
-        )
-        if n:
-            self.count += int(pages)
-            self.sum_s += float(prod[:n].sum())
-            self.max_s = max(self.max_s, float(mx))
-        if n == rts.size:  # the usual case: every request is covered
-            self.req = tuple(a[:0].copy() for a in self.req)  # type: ignore[assignment]
-        else:
+        if rmask.ndim == 1:
+            # one numba pass (resolution, histogram, max); the float sum stays numpy's, so the mean is bit-for-bit the
+            # same as summing the covered requests' w * pages with numpy
+            prod = np.empty(rts.size, np.float64)
+            unresolved = np.empty(rts.size, np.bool_)
+            n, pages, mx = fold_stale(
+                rts, rug, rmask, rpages, hg, hts, hmask, ncpu, SW_EDGES, self.hist_counts, prod, unresolved
+            )
+            if n:
+                self.count += int(pages)
+                self.sum_s += float(prod[:n].sum())
+                self.max_s = max(self.max_s, float(mx))
+            if n == rts.size:  # the usual case: every request is covered
+                self.req = tuple(a[:0].copy() for a in self.req)  # type: ignore[assignment]
+            else:
+                self.req = tuple(a[unresolved] for a in self.req)  # type: ignore[assignment]
+        else:  # W-word masks (more than 64 CPUs)
+            cover = resolve_stale_wide(rug, rmask, hg, hts, hmask, ncpu)
+            done = cover >= 0
+            if done.any():
+                w = np.maximum(cover[done] - rts[done], 0) / 1e9
+                pages = rpages[done]
+                self.count += int(pages.sum())
+                self.sum_s += float((w * pages).sum())
+                self.max_s = max(self.max_s, float(w.max()))
+                self.hist_counts += np.bincount(
+                    np.searchsorted(SW_EDGES, w, side="right"), weights=pages, minlength=self.hist_counts.size
+                ).astype(np.int64)
+            unresolved = ~done
             self.req = tuple(a[unresolved] for a in self.req)  # type: ignore[assignment]
         if self.req[0].size:
             keep = hg >= self.req[1].min()
@@ -128,14 +127,18 @@ class Model:
         self.tl = tl
         self.ncpu = ncpu
         self.decisions = decisions
-        self.acc = new_acc()
-        self.pages = PageState()
-        self.logs = Logs(1024, decisions)
+        #: words of the CPU masks (model/widemask.py): 1 (uint64, the original cores) up to 64 involved CPUs
+        self.w = widemask.words(ncpu)
+        #: the accumulator layout of ``acc`` (``kernels.acc_layout`` for 64·w CPUs)
+        self.L = K.acc_layout(64 * self.w)
+        self.acc = new_acc(self.L["ACC_SIZE"])
+        self.pages = PageState(self.w)
+        self.logs = Logs(1024, decisions, self.w)
         self.stale = StaleWindow()
         self.decision_chunks: list[np.ndarray] = []
         #: the real pfn of one of the model's pfns (the engine replays compact ids: ``PfnMap.real_one``)
         self.pfn_of: Callable[[int], int] = int
-        self.st = ModelState(self.uses)
+        self.st = ModelState(self.uses, self.w)
         self.init_state()
 
     def __getattr__(self, name: str) -> Any:
@@ -147,6 +150,11 @@ class Model:
 
     def init_state(self) -> None:
         pass
+
+    def core(self, fn: Any) -> Any:
+        """The numba core ``fn`` for this model's mask width: ``fn`` itself at one word, else its W-word copy
+        (``widemask.core``: compiled on first use, once per process and width)."""
+        return fn if self.w == 1 else widemask.core(fn, self.w)
 
     def ensure(self, n_task: int, n_mm: int, n_map: int, n_ops: int) -> None:
         self.st.ensure(n_task, n_mm, n_map, n_ops, self.pages.n)
@@ -160,9 +168,10 @@ class Model:
         self.ensure(sizes[0], sizes[1], sizes[2], n)
         self.logs.ensure(n + 16, self.decisions)
         stop = self._run(mops, n)
-        if stop >= 0 or self.acc[O_VIOL] > 0:
+        v = self.L["O_VIOL"]
+        if stop >= 0 or self.acc[v] > 0:
             raise SafetyViolation(
-                f"{self.name}: pfn {self.pfn_of(int(self.acc[O_VIOL + 1]))} re-allocated at ts {int(self.acc[O_VIOL + 2])} ns while a CPU"
+                f"{self.name}: pfn {self.pfn_of(int(self.acc[v + 1]))} re-allocated at ts {int(self.acc[v + 2])} ns while a CPU"
                 " still owed a flush for it (model bug)"
             )
         self.stale.feed(self.logs, self.ncpu)
@@ -171,7 +180,11 @@ class Model:
 
     # ---- results --------------------------------------------------------------------------------------------
     def counts(self) -> dict[str, Any]:
-        a = self.acc
+        a, L = self.acc, self.L
+        O_IPIS, O_EVENTS, O_LOCAL, O_PERCPU = L["O_IPIS"], L["O_EVENTS"], L["O_LOCAL"], L["O_PERCPU"]
+        O_MISC = L["O_MISC"]
+        O_HOOK_CALLS, O_HOOK_NOIPI, O_TL, O_HELD_TL = L["O_HOOK_CALLS"], L["O_HOOK_NOIPI"], L["O_TL"], L["O_HELD_TL"]
+        O_FID_REC, O_FID_EXPL, O_FID_PRED, O_RD = L["O_FID_REC"], L["O_FID_EXPL"], L["O_FID_PRED"], L["O_RD"]
         by_cause = {
             c: int(a[O_IPIS + i]) for i, c in enumerate(O.CAUSES) if a[O_IPIS + i] or a[O_EVENTS + i] or a[O_LOCAL + i]
         }
@@ -206,5 +219,5 @@ class Model:
 
     def decisions_array(self) -> np.ndarray:
         if not self.decision_chunks:
-            return np.zeros(0, O.DEC_DTYPE)
+            return np.zeros(0, dec_dtype(self.w))
         return np.concatenate(self.decision_chunks)

@@ -77,7 +77,7 @@ def run_hbf(
         if op == O.M_KEEP:
             rmap.reclaim_keep_unbatched(SC, SU)
         elif op == O.M_BATCH:
-            d, nl = rmap.batch_split(r["mask"], Y[S.Y_UNEXPLAINED_FLUSH] != 0, SU)
+            d, nl = rmap.batch_split(K.opm(r["mask"]), Y[S.Y_UNEXPLAINED_FLUSH] != 0, SU)
             for b in range(SC[S.NBUF]):  # a pfn unmapped again: its old debt is settled, or it was re-used held
                 for p in range(buf[b, 0], buf[b, 0] + (np.int64(1) << buf[b, 1])):
                     if sh_mask[p] == U0:
@@ -105,7 +105,7 @@ def run_hbf(
             SC[S.NBUF] = 0
             rmap.batch_done(SU)
         elif op == O.M_RFLUSH:
-            rmap.recorded_flush(ts, cpu, task, r["sub"], r["mask"], r["flags"], op, acc, tl, dec, nlog)
+            rmap.recorded_flush(ts, cpu, task, r["sub"], K.opm(r["mask"]), r["flags"], op, acc, tl, dec, nlog)
         elif op == O.M_RECLAIM_BEGIN:
             if Y[S.Y_HBF_RECLAIM] != 0 and SC[HELD] > 0:
                 _release(
@@ -154,4 +154,4 @@ class HoldBeforeFree(Model):
     def _run(self, mops: np.ndarray, n: int) -> int:
         st, pg = self.st, self.pages
         args = (*st.head(), st.buf, pg.state, pg.stamp, pg.sh_mask, pg.sh_ugen, self.acc, self.tl)
-        return run_hbf(mops, n, self.Y, *args, *self.logs.args())
+        return self.core(run_hbf)(mops, n, self.Y, *args, *self.logs.args())

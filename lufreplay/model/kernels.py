@@ -1,6 +1,7 @@
 """Small numba helpers shared by the reconstructor and the model cores: CPU-mask algebra and flush accounting.
 
-CPU masks are uint64 bitsets, so at most 64 CPUs are modelled (ops.MAX_CPUS). Every flush a model performs goes
+CPU masks are uint64 bitsets here (64 CPUs, ops.MAX_CPUS); ``model/widemask.py`` compiles the same functions for
+W-word masks (64·W CPUs), replacing the primitives that look inside a mask. Every flush a model performs goes
 through :func:`account_flush`, which is where remote IPIs are counted under exactly one cause; that is what makes
 ``by_cause`` sum to the totals.
 """
@@ -110,6 +111,77 @@ def opm(x):
 def set_targets(r, targets):
     """Store a decision record's target mask (a W-word store in ``widemask``)."""
     r["targets"] = targets
+
+
+#: False in the uint64 code, True in the W-word copies (``widemask.primitives``): a constant numba folds, so code
+#: may pick a word-wise form for W words while the uint64 form stays as it is
+WIDE = False
+
+
+@numba.njit(cache=True, _nrt=False)
+def word(m, k):
+    """Word ``k`` of mask ``m`` (CPUs 64k..64k+63): ``m`` itself here."""
+    return m
+
+
+@numba.njit(cache=True, _nrt=False)
+def rows_eq_word(T, col, value, n, k):
+    """Word ``k`` of the mask of the rows ``c < n`` with ``T[c, col] == value``."""
+    x = U0
+    for c in range(64 * k, min(n, 64 * k + 64)):
+        if T[c, col] == value:
+            x |= U1 << np.uint64(c - 64 * k)
+    return x
+
+
+@numba.njit(cache=True, _nrt=False)
+def recent_word(last, row, t, window, n, k):
+    """Word ``k`` of the mask of the CPUs ``c < n`` with ``last[row, c] > 0`` and, unless ``window`` < 0,
+    ``t - last[row, c] <= window``."""
+    x = U0
+    for c in range(64 * k, min(n, 64 * k + 64)):
+        lr = last[row, c]
+        if lr > 0 and (window < 0 or t - lr <= window):
+            x |= U1 << np.uint64(c - 64 * k)
+    return x
+
+
+@numba.njit(cache=True, _nrt=False)
+def rows_eq(T, col, value, n):
+    """The mask of the rows ``c < n`` with ``T[c, col] == value``, built a word at a time (``widemask``)."""
+    return rows_eq_word(T, col, value, n, 0)
+
+
+@numba.njit(cache=True, _nrt=False)
+def recent(last, row, t, window, n):
+    """:func:`recent_word` over the whole mask, a word at a time (``widemask``)."""
+    return recent_word(last, row, t, window, n, 0)
+
+
+@numba.njit(cache=True, _nrt=False)
+def set_mask(r, m):
+    """Store a model-op record's ``mask`` (a W-word store in ``widemask``)."""
+    r["mask"] = m
+
+
+@numba.njit(cache=True, _nrt=False)
+def set_mask2(r, m):
+    """Store a model-op record's ``mask2`` (a W-word store in ``widemask``)."""
+    r["mask2"] = m
+
+
+@numba.njit(cache=True, _nrt=False)
+def owing(mask, done, owed):
+    """The CPUs of ``mask`` that still owe a flush: ``done[c] < owed[c]``."""
+    out = U0
+    m = mask
+    c = 0
+    while m != U0:
+        if (m & U1) and done[c] < owed[c]:
+            out |= bit(c)
+        m >>= U1
+        c += 1
+    return out
 
 
 @numba.njit(cache=True, _nrt=False)
@@ -333,3 +405,62 @@ def fold_stale(req_ts, req_ugen, req_mask, req_pages, hist_g, hist_ts, hist_mask
         hist_counts[b] += pg
         n += 1
     return n, pages, mx
+
+
+@numba.njit(cache=True, _nrt=False)
+def _cpu_list(row, ncpu, out):
+    """The CPUs of a W-word mask ``row`` below ``ncpu`` into ``out``; returns how many."""
+    n = 0
+    for k in range(row.shape[0]):
+        m = row[k]
+        c = 64 * k
+        while m != U0 and c < ncpu:
+            if m & U1:
+                out[n] = c
+                n += 1
+            m >>= U1
+            c += 1
+    return n
+
+
+@numba.njit(cache=True, nogil=True)
+def resolve_stale_wide(req_ugen, req_mask, hist_g, hist_ts, hist_mask, ncpu):
+    """:func:`resolve_stale` for W-word masks (``(n, W)`` uint64 rows)."""
+    nh = hist_g.shape[0]
+    cpus = np.empty(64 * max(hist_mask.shape[1], req_mask.shape[1]), np.int64)
+    counts = np.zeros(ncpu + 1, np.int64)
+    for i in range(nh):
+        for j in range(_cpu_list(hist_mask[i], ncpu, cpus)):
+            counts[cpus[j] + 1] += 1
+    start = np.cumsum(counts)
+    fill = start[:ncpu].copy()
+    g_by = np.empty(max(start[ncpu], 1), np.int64)
+    ts_by = np.empty(max(start[ncpu], 1), np.int64)
+    for i in range(nh):
+        for j in range(_cpu_list(hist_mask[i], ncpu, cpus)):
+            c = cpus[j]
+            g_by[fill[c]] = hist_g[i]
+            ts_by[fill[c]] = hist_ts[i]
+            fill[c] += 1
+    out = np.empty(req_ugen.shape[0], np.int64)
+    for r in range(req_ugen.shape[0]):
+        cover = np.int64(0)
+        for j in range(_cpu_list(req_mask[r], cpus.shape[0], cpus)):
+            c = cpus[j]
+            if c >= ncpu:  # no history beyond the model's CPUs: never covered (as in resolve_stale)
+                cover = -1
+                break
+            k = start[c] + np.searchsorted(g_by[start[c] : start[c + 1]], req_ugen[r])
+            if k >= start[c + 1]:
+                cover = -1
+                break
+            if ts_by[k] > cover:
+                cover = ts_by[k]
+        out[r] = cover
+    return out
+
+
+def layout_of(acc: np.ndarray) -> dict[str, int]:
+    """The :func:`acc_layout` an accumulator vector was made for (its size says how many CPUs its masks hold)."""
+    fixed = ACC_SIZE - 4 * MAX_CPUS  # four blocks are per CPU
+    return acc_layout((acc.shape[0] - fixed) // 4)

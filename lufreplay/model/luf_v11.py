@@ -70,7 +70,7 @@ def run_luf_v11(
         if op == O.M_KEEP:  # kept folio: everything accumulated is flushed with the batch
             rmap.reclaim_keep_unbatched(SC, SU)
         elif op == O.M_BATCH:
-            d, nl = rmap.batch_split(r["mask"], Y[S.Y_UNEXPLAINED_FLUSH] != 0, SU)
+            d, nl = rmap.batch_split(K.opm(r["mask"]), Y[S.Y_UNEXPLAINED_FLUSH] != 0, SU)
             if nl != U0:
                 K.account_flush(ts, cpu, task, rmap.sent(nl, SU), O.C_BATCH_NONLUF, op, -1, acc, tl, dec, nlog)
             g = np.int64(0)
@@ -107,7 +107,7 @@ def run_luf_v11(
                 )
             rmap.batch_done(SU)
         elif op == O.M_RFLUSH:
-            rmap.recorded_flush(ts, cpu, task, r["sub"], r["mask"], r["flags"], op, acc, tl, dec, nlog)
+            rmap.recorded_flush(ts, cpu, task, r["sub"], K.opm(r["mask"]), r["flags"], op, acc, tl, dec, nlog)
         elif op == O.M_FREE:
             pfn = r["pfn"]
             order = r["order"]
@@ -228,7 +228,7 @@ class LufV11(Model):
 
     def _run(self, mops: np.ndarray, n: int) -> int:
         st, pg = self.st, self.pages
-        return run_luf_v11(
+        return self.core(run_luf_v11)(
             mops, n, self.Y, *st.head(), st.task_anon_key, st.buf, pg.state, pg.key, pg.stamp, pg.sh_mask, pg.sh_ugen,
             self.acc, self.tl, *self.logs.args(), *st.obl.args(),
         )  # fmt: skip

@@ -339,7 +339,7 @@ def run_luf_v12(
             credit = U0
             if cause == O.C_BATCHED_PENDING:  # 12. F9 marks ugen_done for mm_cpumask
                 credit = K.opm(r["mask2"])
-                acc[_mi(O.K_R6_CREDITS_OTHER_MM)] += popcount(np.uint64(r["pfn"]))
+                acc[_mi(O.K_R6_CREDITS_OTHER_MM)] += r["pfn"]  # the reconstructor counted them
             elif Y[Y_CREDIT_NATURAL] != 0 and (r["flags"] & 2):
                 credit = tg
             if credit != U0:
@@ -574,7 +574,7 @@ class LufV12(Model):
 
     def _run(self, mops: np.ndarray, n: int) -> int:
         st, pg = self.st, self.pages
-        return run_luf_v12(
+        return self.core(run_luf_v12)(
             mops, n, self.Y, *st.head(), st.KEY_mask, st.KEY_ugen, st.task_key, st.task_anon_key, st.strikes, st.buf,
             pg.state, pg.key, pg.stamp, pg.unmap_ts, pg.unmap_task, pg.sh_mask, pg.sh_ugen, self.acc, self.tl,
             *self.logs.args(), *st.obl.args(),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-MAX_CPUS = 64  # CPU masks are uint64 bitsets
+MAX_CPUS = 64  # CPUs of one mask word: a uint64 (more involved CPUs take W-word masks, model/widemask.py)
 
 # ---- raw ops (one per trace row) -----------------------------------------------------------------
 R_TLB, R_SD, R_RECLAIM, R_UNMAP, R_PCDEL, R_MIG, R_PAGE, R_FAULT, R_SYSCALL, R_FILE, R_SCHED, R_PROC, R_MM = range(13)
@@ -43,7 +43,7 @@ RAW_DTYPE = np.dtype(
     #           mask2 = CPUs lazy at the flush, order = 1 if the kernel traced remote_send_ipi (a remote CPU in
     #           its cpumask)
     M_RFLUSH,  # a recorded flush LUF leaves alone: sub = cause, mask = targets, aux = shootdown rows,
-    #            mask2 = CPUs credited (F9), pfn = credited CPUs running another mm (R6), flags RF_*
+    #            mask2 = CPUs credited (F9), pfn = how many of them run another mm (R6), flags RF_*
     M_LFLUSH,  # a full local flush (task switch): only the oracle uses it
     M_FREE,  # free(page): pfn, order, sub = PAGE_SOURCE
     M_DRAIN,  # pcp_drain(page)

@@ -66,8 +66,8 @@ def run_oracle(
         if op == O.M_KEEP:
             rmap.reclaim_keep_unbatched(SC, SU)
         elif op == O.M_BATCH:
-            d, nl = rmap.batch_split(r["mask"], Y[S.Y_UNEXPLAINED_FLUSH] != 0, SU)
-            skipped = (d | nl) & ~(r["mask"] | K.bit(cpu))  # what the trace says the batch's flush skipped
+            d, nl = rmap.batch_split(K.opm(r["mask"]), Y[S.Y_UNEXPLAINED_FLUSH] != 0, SU)
+            skipped = (d | nl) & ~(K.opm(r["mask"]) | K.bit(cpu))  # what the trace says the batch's flush skipped
             SC[S.G] += 1
             u = SC[S.G]
             if nl != U0:
@@ -89,7 +89,7 @@ def run_oracle(
             SC[S.NBUF] = 0
             rmap.batch_done(SU)
         elif op == O.M_RFLUSH:
-            tg = rmap.recorded_flush(ts, cpu, task, r["sub"], r["mask"], r["flags"], op, acc, tl, dec, nlog)
+            tg = rmap.recorded_flush(ts, cpu, task, r["sub"], K.opm(r["mask"]), r["flags"], op, acc, tl, dec, nlog)
             if r["flags"] & 2:  # a full flush: those CPUs hold no stale entry any more
                 rmap.retire(ts, tg, SC, done, hist_g, hist_ts, hist_mask, nlog)
         elif op == O.M_LFLUSH:
@@ -168,27 +168,13 @@ def run_oracle(
         if local and (op == O.M_BATCH or K.carries_lazy(op)) and op != O.M_FREE:
             free = K.bit(cpu)
         if lazy_flush and K.carries_lazy(op):
-            free |= r["mask2"]
+            free |= K.opm(r["mask2"])
         elif lazy_flush and op == O.M_BATCH:
             free |= skipped
-        free = _owing(free, done, owed)
+        free = K.owing(free, done, owed)
         if free != U0:
             rmap.retire(ts, free, SC, done, hist_g, hist_ts, hist_mask, nlog)
     return -1
-
-
-@numba.njit(cache=True, _nrt=False)
-def _owing(mask, done, owed):
-    """The CPUs of ``mask`` that still owe a flush."""
-    out = U0
-    m = mask
-    c = 0
-    while m != U0:
-        if (m & K.U1) and done[c] < owed[c]:
-            out |= K.bit(c)
-        m >>= K.U1
-        c += 1
-    return out
 
 
 @numba.njit(cache=True, _nrt=False)
@@ -217,7 +203,7 @@ class Oracle(Model):
 
     def _run(self, mops: np.ndarray, n: int) -> int:
         args = (*self.st.head(), self.st.buf, self.pages.sh_mask, self.pages.sh_ugen, self.acc, self.tl)
-        return run_oracle(mops, n, self.Y, *args, *self.logs.args(), *self.st.obl.args(), self.owed)
+        return self.core(run_oracle)(mops, n, self.Y, *args, *self.logs.args(), *self.st.obl.args(), self.owed)
 
     def init_state(self) -> None:
         self.owed = np.zeros(self.st.done.shape[0], np.int64)  # per CPU: the newest ugen it owes

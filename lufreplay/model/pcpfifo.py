@@ -18,8 +18,12 @@ Table layout (``OB`` int64 rows + ``OBM`` uint64 shadow masks); ``FH[cpu] = (hea
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba
 import numpy as np
+
+from lufreplay.model.widemask import MaskArray
 
 OB_KEY, OB_UGEN, OB_TASK, OB_PFN, OB_NEXT, OB_PREV, OB_CPU = range(7)
 NOB = 7
@@ -30,11 +34,11 @@ OBS_TOP, OBS_NFREE, OBS_LIVE = range(3)
 class Obligations:
     """The obligation table, the per-CPU FIFOs and the pfn → obligation labels of one model."""
 
-    def __init__(self) -> None:
+    def __init__(self, w: int = 1) -> None:
         self.OB = np.zeros((0, NOB), np.int64)
-        self.OBM = np.zeros(0, np.uint64)
+        self.OBM: Any = np.zeros(0, np.uint64) if w == 1 else MaskArray.zeros(0, w)
         self.free = np.zeros(0, np.int64)
-        self.FH = np.full((64, 3), -1, np.int64)
+        self.FH = np.full((64 * w, 3), -1, np.int64)  # per CPU: as many as the masks hold
         self.FH[:, FH_COUNT] = 0
         self.OBS = np.zeros(3, np.int64)
         self.pobl = np.zeros(0, np.int32)
@@ -50,8 +54,12 @@ class Obligations:
             n = max(int(1.25 * need), int(self.OB.shape[0] * 1.5))  # headroom: the next segment needs as much
             ob = np.zeros((n, NOB), np.int64)
             ob[: self.OB.shape[0]] = self.OB
-            obm = np.zeros(n, np.uint64)
-            obm[: self.OBM.shape[0]] = self.OBM
+            if isinstance(self.OBM, MaskArray):
+                obm: Any = MaskArray.zeros(n, self.OBM.width)
+                obm.data[: len(self.OBM.data)] = self.OBM.data
+            else:
+                obm = np.zeros(n, np.uint64)
+                obm[: self.OBM.shape[0]] = self.OBM
             fr = np.zeros(n, np.int64)
             fr[: self.free.shape[0]] = self.free
             self.OB, self.OBM, self.free = ob, obm, fr

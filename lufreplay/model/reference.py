@@ -567,7 +567,11 @@ class ReferenceLufV12:
     def run(self, mops: np.ndarray) -> None:
         names = O.MOP_DTYPE.names
         for row in mops.tolist():
-            self.step(dict(zip(names, row, strict=True)))
+            r = dict(zip(names, row, strict=True))
+            for f in ("mask", "mask2"):
+                if not isinstance(r[f], int):  # W-word masks: one Python int, as the reference's sets need
+                    r[f] = sum(int(x) << (64 * k) for k, x in enumerate(r[f]))
+            self.step(r)
 
     def step(self, r: dict[str, Any]) -> None:
         self.op = r
@@ -599,6 +603,8 @@ def fast_decisions(dec: np.ndarray) -> list[Decision]:
     out = []
     for row in dec.tolist():
         ts, kind, cause, cpu, _task, targets, _ipis, op, _pfn = row
+        if not isinstance(targets, int):  # W words (model/widemask.py): word k holds CPUs 64k..64k+63
+            targets = sum(int(x) << (64 * k) for k, x in enumerate(targets))
         if kind in (O.D_PERFORMED, O.D_DEFERRED):
             out.append(Decision(ts, O.DECISION_KIND[kind], O.CAUSES[cause], cpu, cpuset(targets), op))
     return out

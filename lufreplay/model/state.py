@@ -3,7 +3,9 @@
 Per tracked page a model keeps (``PageState``): state (1 B), key (4 B), zone stamp (8 B), unmap time (8 B),
 unmapping task (4 B), and the shadow debt used by the safety check: CPUs owed (8 B) and the request ugen (8 B)
 — 41 bytes per page id. The engine replays compact pfn ids (``replay.rawops.PfnMap``: one id per page the trace
-touches), so the arrays follow the pages touched, not the host's pfn range.
+touches), so the arrays follow the pages touched, not the host's pfn range. With W-word masks (more than 64
+involved CPUs, model/widemask.py) every mask is 8·W bytes: the CPUs owed per page, and the mask arrays
+(``masks``: ``MaskArray``s), whose per-CPU companions (``done``, ``strikes``) have 64·W entries.
 """
 
 from __future__ import annotations
@@ -15,6 +17,21 @@ import numpy as np
 from lufreplay.model import ops as O
 from lufreplay.model.kernels import ACC_SIZE
 from lufreplay.model.pcpfifo import Obligations
+from lufreplay.model.widemask import MaskArray, wide_dtype
+
+#: a CPU-mask array: uint64 at one word, else a ``MaskArray`` (model/widemask.py)
+Masks = np.ndarray | MaskArray
+
+
+def masks(n: int, w: int) -> Masks:
+    """``n`` empty CPU masks of ``w`` words."""
+    return np.zeros(n, np.uint64) if w == 1 else MaskArray.zeros(n, w)
+
+
+def dec_dtype(w: int) -> np.dtype:
+    """The decision record of a ``w``-word model."""
+    return O.DEC_DTYPE if w == 1 else wide_dtype(O.DEC_DTYPE, ("targets",), w)
+
 
 # page states (luf-model.md §8.1)
 P_NONE, P_UNMAPPED, P_PCP_CLEAN, P_PCP_LUF, P_BUDDY_CLEAN, P_BUDDY_LUF, P_TAKEN, P_HELD = range(8)
@@ -77,14 +94,14 @@ def model_options(opts: dict[str, Any], ncpu: int) -> np.ndarray:
 class PageState:
     """Per-page arrays indexed by (compact) pfn, grown on demand to cover the largest id seen."""
 
-    def __init__(self) -> None:
+    def __init__(self, w: int = 1) -> None:
         self.n = 0
         self.state = np.zeros(0, np.uint8)
         self.key = np.zeros(0, np.int32)
         self.stamp = np.zeros(0, np.int64)
         self.unmap_ts = np.zeros(0, np.int64)
         self.unmap_task = np.zeros(0, np.int32)
-        self.sh_mask = np.zeros(0, np.uint64)
+        self.sh_mask = masks(0, w)
         self.sh_ugen = np.zeros(0, np.int64)
 
     def ensure(self, n: int, exact: bool = False) -> None:
@@ -93,24 +110,29 @@ class PageState:
         if not exact:
             n = max(n, int(self.n * 1.5), 1024)
         for name in ("state", "key", "stamp", "unmap_ts", "unmap_task", "sh_mask", "sh_ugen"):
-            old = getattr(self, name)
-            new = np.zeros(n, old.dtype)
-            new[: old.shape[0]] = old
-            setattr(self, name, new)
+            setattr(self, name, grow(getattr(self, name), n, exact=True))
         self.n = n
 
     @property
     def nbytes(self) -> int:
         return sum(
-            getattr(self, k).nbytes for k in ("state", "key", "stamp", "unmap_ts", "unmap_task", "sh_mask", "sh_ugen")
+            _nbytes(getattr(self, k)) for k in ("state", "key", "stamp", "unmap_ts", "unmap_task", "sh_mask", "sh_ugen")
         )
 
 
-def grow(a: np.ndarray, n: int, fill: int = 0) -> np.ndarray:
-    """``a`` extended to at least ``n`` rows (first axis), new rows = ``fill``."""
+def _nbytes(a: Masks) -> int:
+    return int(a.data.nbytes if isinstance(a, MaskArray) else a.nbytes)
+
+
+def grow(a: Any, n: int, fill: int = 0, exact: bool = False) -> Any:
+    """``a`` (an array or a ``MaskArray``) extended to at least ``n`` rows (first axis), new rows = ``fill``;
+    ``exact``: to ``n`` rows, no headroom."""
+    if isinstance(a, MaskArray):
+        return a if len(a.data) >= n else MaskArray(grow(a.data, n, fill, exact))
     if a.shape[0] >= n:
         return a
-    n = max(n, int(a.shape[0] * 1.5), 16)
+    if not exact:
+        n = max(n, int(a.shape[0] * 1.5), 16)
     # zeros: calloc'd pages cost nothing until touched (the op buffers are sized for the worst case)
     new = np.zeros((n, *a.shape[1:]), a.dtype) if fill == 0 else np.full((n, *a.shape[1:]), fill, dtype=a.dtype)
     new[: a.shape[0]] = a
@@ -120,16 +142,19 @@ def grow(a: np.ndarray, n: int, fill: int = 0) -> np.ndarray:
 class Logs:
     """Per-run buffers: decisions (only with --out), stale-window requests and done history."""
 
-    def __init__(self, capacity: int, decisions: bool) -> None:
+    def __init__(self, capacity: int, decisions: bool, w: int = 1) -> None:
         # only the first nlog[...] entries are ever read, so the buffers need no zeroing
-        self.dec = np.empty(3 * capacity if decisions else 0, O.DEC_DTYPE)
+        self.w = w
+        self.dec = np.empty(3 * capacity if decisions else 0, dec_dtype(w))
         self.req_ts = np.empty(capacity, np.int64)
         self.req_ugen = np.empty(capacity, np.int64)
-        self.req_mask = np.empty(capacity, np.uint64)
+        self.req_mask = np.empty(capacity, np.uint64) if w == 1 else MaskArray(np.empty((capacity, w), np.uint64))
         self.req_pages = np.empty(capacity, np.int64)
         self.hist_g = np.empty(2 * capacity, np.int64)
         self.hist_ts = np.empty(2 * capacity, np.int64)
-        self.hist_mask = np.empty(2 * capacity, np.uint64)
+        self.hist_mask = (
+            np.empty(2 * capacity, np.uint64) if w == 1 else MaskArray(np.empty((2 * capacity, w), np.uint64))
+        )
         self.nlog = np.zeros(4, np.int64)
 
     def args(self) -> tuple[np.ndarray, ...]:
@@ -140,23 +165,23 @@ class Logs:
     def ensure(self, capacity: int, decisions: bool) -> None:
         """Room for ``capacity`` ops: requests ≤ 1 per op, history ≤ 2 per op, decisions ≤ 3 per op."""
         if self.req_ts.shape[0] < capacity:
-            self.__init__(max(capacity, 2 * self.req_ts.shape[0]), decisions)  # type: ignore[misc]
+            self.__init__(max(capacity, 2 * self.req_ts.shape[0]), decisions, self.w)  # type: ignore[misc]
         elif decisions and self.dec.shape[0] < 3 * capacity:
-            self.dec = np.empty(3 * capacity, O.DEC_DTYPE)
+            self.dec = np.empty(3 * capacity, dec_dtype(self.w))
         self.nlog[:] = 0
 
 
-def new_acc() -> np.ndarray:
-    return np.zeros(ACC_SIZE, np.int64)
+def new_acc(size: int = ACC_SIZE) -> np.ndarray:
+    return np.zeros(size, np.int64)
 
 
 class LufBatches:
     """``mm->luf_batch`` and ``address_space->luf_batch`` (luf-model §2.3): {mask, ugen} per dense mm / mapping id."""
 
-    def __init__(self) -> None:
-        self.MMB_mask = np.zeros(0, np.uint64)
+    def __init__(self, w: int = 1) -> None:
+        self.MMB_mask = masks(0, w)
         self.MMB_ugen = np.zeros(0, np.int64)
-        self.ASB_mask = np.zeros(0, np.uint64)
+        self.ASB_mask = masks(0, w)
         self.ASB_ugen = np.zeros(0, np.int64)
 
     def ensure(self, n_mm: int, n_map: int) -> None:
@@ -189,20 +214,20 @@ class ModelState:
     """Every array and scalar vector any model core uses, as one struct of arrays; a core gets the fields unpacked
     (numba passes each array as its own argument, which keeps calls cheap)."""
 
-    def __init__(self, uses: int) -> None:
+    def __init__(self, uses: int, w: int = 1) -> None:
         self.uses = uses
         self.SC = np.zeros(NSC, np.int64)
-        self.SU = np.zeros(NSU, np.uint64)
-        self.done = np.zeros(64, np.int64)
-        self.strikes = np.zeros(64, np.int64)
+        self.SU = masks(NSU, w)
+        self.done = np.zeros(64 * w, np.int64)  # per CPU: as many as the masks hold
+        self.strikes = np.zeros(64 * w, np.int64)
         nk = NKEYS if uses & USE_KEYS else 0
-        self.KEY_mask = np.zeros(nk, np.uint64)  # luf-v12: KEY[k] = {mask, ugen}
+        self.KEY_mask = masks(nk, w)  # luf-v12: KEY[k] = {mask, ugen}
         self.KEY_ugen = np.zeros(nk, np.int64)
-        self.batches = LufBatches()
+        self.batches = LufBatches(w)
         self.task_key = np.zeros(0, np.int64)  # luf-v12: the key of each task's last batch (F13)
         self.task_anon_key = np.zeros(0, np.int64)  # key (v12) or generation (v11) of anon folios with no pfn
         self.buf = np.zeros((0, 3), np.int64)  # eligible folios of the open batch: pfn, order, unmap ts
-        self.obl = Obligations()
+        self.obl = Obligations(w)
 
     def head(self) -> tuple[np.ndarray, ...]:
         """The first state arguments of every LUF core: SC, SU, done and the mm / mapping batches."""

@@ -120,7 +120,7 @@ class Vanilla(Model):
 
     def _run(self, mops: np.ndarray, n: int) -> int:
         lg = self.logs
-        return run_vanilla(mops, n, self.st.SU, self.pages.unmap_ts, self.acc, self.tl, lg.dec, lg.nlog)
+        return self.core(run_vanilla)(mops, n, self.st.SU, self.pages.unmap_ts, self.acc, self.tl, lg.dec, lg.nlog)
 
 
 def realloc_bin_edges() -> list[float]:

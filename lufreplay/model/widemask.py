@@ -1,4 +1,4 @@
-"""W-word CPU masks for the numba model code: the groundwork of design (b) for more than 64 involved CPUs.
+"""W-word CPU masks for the numba model code: how the replay handles more than 64 involved CPUs (design (b)).
 
 Today every CPU set in the models is one uint64. A replay once per 64-CPU slice is not exact for LUF
 (``bench/cpu_partition``, docs/simulate.md "Any CPU count"), so more CPUs need wider masks in one replay. This
@@ -14,15 +14,17 @@ module makes the *unchanged* source of a model function run on W-word masks:
   primitives, or a module holding other specialised functions).
 
 W = 1 keeps today's compiled code: the originals are used as they are, and only W > 1 compiles copies
-(:func:`modules` for a whole core: luf-v12's and vanilla's compile unchanged; the cores read an op's mask through
+(:func:`modules` for a whole core: every model's and the reconstructor's compile unchanged; they read an op's mask through
 ``kernels.opm`` and write a decision's targets through ``kernels.set_targets``, records get W-word fields with
 :func:`wide_dtype`). The cost of the copies grows with W, not with the host's CPU count (``bench/wide_masks``).
-Not wired into the replay yet: what is left is listed in docs/simulate.md "Any CPU count".
+The engine uses them for a trace of more than 64 involved CPUs (``core`` for the models, ``engine.recon_kernels``
+for the reconstructor); docs/simulate.md "Any CPU count".
 """
 
 from __future__ import annotations
 
 import operator
+import threading
 import types as pytypes
 from collections.abc import Callable
 from typing import Any
@@ -255,6 +257,19 @@ def _mark_word(x, base, g, done):
 
 
 @numba.njit(cache=True)
+def _owing_word(x, base, done, owed):
+    o = np.uint64(0)
+    c = 0
+    while x != 0:
+        if x & _U1:
+            if done[base + c] < owed[base + c]:
+                o |= _U1 << np.uint64(c)
+        x >>= _U1
+        c += 1
+    return o
+
+
+@numba.njit(cache=True)
 def _add_word(acc, off, x):
     c = 0
     while x != 0:
@@ -271,7 +286,10 @@ def _bit_word(c, k):
 
 _PRIMS: dict[int, dict[str, Any]] = {}
 #: the kernels.py functions that look inside a mask, built per width by :func:`primitives`
-PRIMITIVES = ("bit", "popcount", "notdone", "mark_done", "add_per_cpu", "opm", "set_targets")
+PRIMITIVES = (
+    "bit", "popcount", "notdone", "mark_done", "add_per_cpu", "opm", "set_targets", "set_mask", "set_mask2", "owing",
+    "word", "rows_eq", "recent",
+)  # fmt: skip
 
 
 def _either_width(wide_popcount: Any) -> Any:
@@ -310,13 +328,20 @@ def primitives(w: int) -> dict[str, Any]:
         + "def add_per_cpu(acc, off, m):\n"
         + "".join(f"    _add_word(acc, off + {64 * k}, m[{k}])\n" for k in range(w))
         + f"def opm(x):\n    return {tup(lambda k: f'x[{k}]')}\n"
-        + "def set_targets(r, v):\n    t = r['targets']\n"
-        + "".join(f"    t[{k}] = v[{k}]\n" for k in range(w))
+        + "".join(
+            f"def {fn}(r, v):\n    t = r['{field}']\n" + "".join(f"    t[{k}] = v[{k}]\n" for k in range(w))
+            for fn, field in (("set_targets", "targets"), ("set_mask", "mask"), ("set_mask2", "mask2"))
+        )
+        + f"def owing(mask, done, owed):\n    return {tup(lambda k: f'_owing_word(mask[{k}], {64 * k}, done, owed)')}\n"
+        + "def word(m, k):\n    return m[k]\n"
+        + f"def rows_eq(T, col, value, n):\n    return {tup(lambda k: f'_rows_eq_word(T, col, value, n, {k})')}\n"
+        + f"def recent(last, row, t, window, n):\n    return {tup(lambda k: f'_recent_word(last, row, t, window, n, {k})')}\n"
     )
     ns: dict[str, Any] = {"_bit_word": _bit_word, "_pc": _popcount64, "_notdone_word": _notdone_word}
-    ns["_mark_word"], ns["_add_word"] = _mark_word, _add_word
+    ns["_mark_word"], ns["_add_word"], ns["_owing_word"] = _mark_word, _add_word, _owing_word
+    ns["_rows_eq_word"], ns["_recent_word"] = K.rows_eq_word, K.recent_word
     exec(compile(src, f"<widemask W={w}>", "exec"), ns)  # unrolled: constant tuple indices only
-    out = {"U0": (np.uint64(0),) * w, **{n: numba.njit(ns[n]) for n in PRIMITIVES}}
+    out = {"U0": (np.uint64(0),) * w, "WIDE": True, **{n: numba.njit(ns[n]) for n in PRIMITIVES}}
     out["popcount"] = _either_width(out["popcount"])
     _PRIMS[w] = out
     return out
@@ -381,6 +406,26 @@ def modules(mods: list[pytypes.ModuleType], w: int) -> dict[str, pytypes.ModuleT
     return copies
 
 
+_CORES: dict[tuple[str, int], dict[str, pytypes.ModuleType]] = {}
+_CORES_LOCK = threading.Lock()
+
+
+def core(fn: Any, w: int) -> Any:
+    """The ``w``-word copy of a model's njit core ``fn`` (e.g. ``luf_v12.run_luf_v12``): its module compiled by
+    :func:`modules` with the shared model modules (kernels, pcpfifo, rules, rmap). One copy per module and width
+    per process (numba compiles it at its first call; not cached on disk)."""
+    import sys
+
+    from lufreplay.model import pcpfifo, rmap, rules
+
+    mod = sys.modules[fn.__module__]
+    key = (mod.__name__, w)
+    with _CORES_LOCK:  # models start on a thread pool: luf-v12 and luf-v12-intended share one copy
+        if key not in _CORES:
+            _CORES[key] = modules([K, pcpfifo, rules, rmap, mod], w)
+    return getattr(_CORES[key][mod.__name__], fn.__name__)
+
+
 def wide_dtype(dtype: np.dtype, fields: tuple[str, ...], w: int) -> np.dtype:
     """``dtype`` with each of ``fields`` (uint64 masks) widened to ``w`` words."""
     return np.dtype([(n, (dtype[n], (w,)) if n in fields else dtype[n]) for n in dtype.names or ()])
@@ -398,6 +443,7 @@ def module_with(module: pytypes.ModuleType, **attrs: Any) -> pytypes.ModuleType:
 __all__ = [
     "PRIMITIVES",
     "MaskArray",
+    "core",
     "kernels",
     "module_with",
     "modules",

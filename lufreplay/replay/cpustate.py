@@ -34,8 +34,9 @@ from __future__ import annotations
 import re
 
 import numba
+import numpy as np
 
-from lufreplay.model.kernels import U0, bit, carries_lazy
+from lufreplay.model.kernels import U0, U1, WIDE, bit, carries_lazy, opm, recent, rows_eq, set_mask2, word
 
 K_UNKNOWN, K_USER, K_KTHREAD = 0, 1, 2
 MASK_KEPT, MASK_SWITCH, MASK_WINDOW = 0, 1, 2
@@ -94,6 +95,8 @@ def loaded_cpus(mm, MM, ncpu, CPU, c_loaded):
     owner = MM[mm, 0]
     if owner < 0:
         return m
+    if WIDE:  # a word at a time: OR-ing bit(c) per CPU would cost O(ncpu · W)
+        return rows_eq(CPU, c_loaded, owner + 1, ncpu)
     for c in range(ncpu):
         if CPU[c, c_loaded] == owner + 1:
             m |= bit(c)
@@ -103,6 +106,8 @@ def loaded_cpus(mm, MM, ncpu, CPU, c_loaded):
 @numba.njit(cache=True)
 def lazy_cpus(ncpu, CPU, c_lazy):
     """The CPUs in lazy-TLB mode now: a batched flush sent now skips them."""
+    if WIDE:  # as in loaded_cpus (C_LAZY is 0 or 1)
+        return rows_eq(CPU, c_lazy, 1, ncpu)
     m = U0
     for c in range(ncpu):
         if CPU[c, c_lazy] != 0:
@@ -116,6 +121,8 @@ def cpumask_of(mm, t, mode, trim_ns, ncpu, MM, CPU, c_loaded, last_run):
     m = loaded_cpus(mm, MM, ncpu, CPU, c_loaded)
     if mm < 0 or mode == MASK_SWITCH:
         return m
+    if WIDE:  # a word at a time, as in loaded_cpus
+        return m | recent(last_run, mm, t, -1 if mode == MASK_KEPT else trim_ns, ncpu)
     for c in range(ncpu):
         lr = last_run[mm, c]
         if lr > 0 and (mode == MASK_KEPT or t - lr <= trim_ns):
@@ -128,6 +135,16 @@ def _wrong_cpu(mm, R, ncpu, MM, CPU, c_loaded, last_run):
     """A flush of ``mm`` reached the CPUs ``R``: those running another mm drop out of its mask (WRONG_CPU)."""
     owner = MM[mm, 0]
     if owner < 0:
+        return
+    if WIDE:  # the bits of R a word at a time, not bit(c) per CPU
+        for k in range((ncpu + 63) // 64):
+            x = word(R, k)  # a uint64 (U0 is a W-word mask here)
+            c = 64 * k
+            while x != np.uint64(0):
+                if (x & U1) and CPU[c, c_loaded] != owner + 1:
+                    last_run[mm, c] = 0
+                x >>= U1
+                c += 1
         return
     for c in range(ncpu):
         if (R & bit(c)) != U0 and CPU[c, c_loaded] != owner + 1:
@@ -153,16 +170,16 @@ def settle(
         op = r["op"]
         if op == batch_op:
             if r["order"] == 0:
-                r["mask2"] = lz
+                set_mask2(r, lz)
         elif carries_lazy(op):
-            r["mask2"] = lz  # a LUF flush sent here skips them (model/rmap.lazy_now, luf-model §9.7)
-        elif r["op"] == rflush_op and mode == MASK_KEPT and r["mask"] != U0:
+            set_mask2(r, lz)  # a LUF flush sent here skips them (model/rmap.lazy_now, luf-model §9.7)
+        elif r["op"] == rflush_op and mode == MASK_KEPT and opm(r["mask"]) != U0:
             mm = r["mm"]
             task = r["task"]
             if mm < 0 and task >= 0 and T[task, t_kind] == K_USER and T[task, t_proc] >= 0:
                 mm = PROC_MMA[T[task, t_proc]]
             if mm >= 0:
-                _wrong_cpu(mm, r["mask"], ncpu, MM, CPU, c_loaded, last_run)
+                _wrong_cpu(mm, opm(r["mask"]), ncpu, MM, CPU, c_loaded, last_run)
     return hi
 
 

@@ -5,7 +5,8 @@ touches, per-task/mm/mapping arrays, carried across segments). pfns are remapped
 built by a scan of the pfn columns before the replay), so the per-page arrays do not follow the host's pfn
 range; pfns that leave the simulator (``--out`` decisions, error messages) are mapped back. ``maps`` and ``mm``
 are small user-side tables and are loaded whole up front. CPUs are relabelled densely (``CpuMap``, built by a scan
-of the cpu columns): the models run on the CPUs the trace involves (at most 64), whatever the host's CPU count, and
+of the cpu columns): the models run on the CPUs the trace involves, whatever the host's CPU count (masks of
+W = ceil(involved / 64) words: the uint64 code at W = 1, W-word copies beyond, ``model/widemask.py``), and
 ``ReplayResult.cpus`` maps their per-CPU outputs back to the real CPU ids. The per-segment buffers (raw ops, model ops) are reused from one segment
 to the next, so their size follows the largest segment, not the trace. By default the next segment is read and
 turned into raw ops in a second thread while the current one is replayed (``prefetch``), and the models run in
@@ -27,10 +28,12 @@ import numpy as np
 import pyarrow as pa
 
 from lufreplay import schema
-from lufreplay.model import MODELS
+from lufreplay.model import MODELS, widemask
+from lufreplay.model import kernels as K
 from lufreplay.model import ops as O
 from lufreplay.model.base import Model
 from lufreplay.model.state import grow, model_options
+from lufreplay.replay import cpustate as CS
 from lufreplay.replay import reconstruct as RC
 from lufreplay.replay import scope as SC
 from lufreplay.replay.cpustate import MASK_MODES
@@ -106,6 +109,24 @@ class MapsIndex:
         self.pr_hi = np.searchsorted(sp, np.arange(nproc), side="right").astype(np.int64)
 
 
+def mop_dtype(w: int) -> np.dtype:
+    """The model-op record of ``w``-word masks (``O.MOP_DTYPE`` at one word)."""
+    return O.MOP_DTYPE if w == 1 else widemask.wide_dtype(O.MOP_DTYPE, ("mask", "mask2"), w)
+
+
+_WIDE_RC: dict[int, Any] = {}
+
+
+def recon_kernels(w: int) -> Any:
+    """The reconstructor module for ``w``-word masks: ``reconstruct`` itself at one word, else a copy compiled by
+    ``widemask.modules`` (with cpustate and the kernels; once per process and width, not cached on disk)."""
+    if w == 1:
+        return RC
+    if w not in _WIDE_RC:
+        _WIDE_RC[w] = widemask.modules([K, CS, RC], w)[RC.__name__]
+    return _WIDE_RC[w]
+
+
 def recon_options(opts: dict[str, Any], ncpu: int) -> np.ndarray:
     x = np.zeros(RC.NX, np.float64)
     x[RC.X_TRIM_NS] = float(opts["mm_cpumask_trim_s"]) * 1e9
@@ -136,23 +157,28 @@ class Reconstructor:
         nbuf: int = 1,
     ) -> None:
         self.X = recon_options(opts, ncpu)
+        #: mask words (model/widemask.py), CPU rows of the per-CPU tables (64 per word) and the op record
+        self.w = widemask.words(ncpu)
+        rows = 64 * self.w
+        self.dtype = mop_dtype(self.w)
+        self.rc = recon_kernels(self.w)
         self.maps = maps
         #: the processes whose faults and syscalls the trace holds (the target's); None: every user process but
         #: the recorder (``recorder_tgid``, meta.json ``recorder.tgid``), which the probes never trace
         self.traced_tgids = traced_tgids
         self.recorder_tgid = recorder_tgid
         self.T = np.zeros((0, RC.NT), np.int64)
-        self.CPU = np.zeros((O.MAX_CPUS, RC.NC), np.int64)
+        self.CPU = np.zeros((rows, RC.NC), np.int64)
         self.CPU[:, RC.C_CUR_MM] = -1
         self.CPU[:, RC.C_CUR_TASK] = -1
-        self.CPUM = np.zeros(O.MAX_CPUS, np.uint64)
+        self.CPUM = np.zeros(2 * rows, np.uint64) if self.w == 1 else widemask.MaskArray.zeros(2 * rows, self.w)
         self.MM = np.zeros((0, 2), np.int64)
-        self.LAST_RUN = np.zeros((0, O.MAX_CPUS), np.int64)
+        self.LAST_RUN = np.zeros((0, rows), np.int64)
         self.PROC_MM = np.zeros(0, np.int64)
-        self.pool = np.zeros(0, O.MOP_DTYPE)
+        self.pool = np.zeros(0, self.dtype)
         self.nxt = np.zeros(0, np.int64)
         #: output buffers used in turn: the models may still read the last ``nbuf - 1`` results
-        self.outs = [np.zeros(0, O.MOP_DTYPE) for _ in range(nbuf)]
+        self.outs = [np.zeros(0, self.dtype) for _ in range(nbuf)]
         self.turn = 0
         self.S = np.zeros(RC.NS, np.int64)
         self.S[RC.S_FREE] = -1
@@ -184,7 +210,7 @@ class Reconstructor:
             return
         # headroom, so that segments of about the same size do not each grow (and copy) the pool again
         new_cap = max(cap * 2, int(1.25 * (live + need)) + 1024)
-        pool = np.zeros(new_cap, O.MOP_DTYPE)  # calloc: slots cost no RSS until pool_new hands them out
+        pool = np.zeros(new_cap, self.dtype)  # calloc: slots cost no RSS until pool_new hands them out
         pool.view(np.uint8)[: self.pool.nbytes] = self.pool.view(np.uint8)  # a structured copy goes row by row
         nxt = np.empty(new_cap, np.int64)
         nxt[:cap] = self.nxt
@@ -198,21 +224,21 @@ class Reconstructor:
         """Model ops of one segment: a view of a buffer reused ``nbuf`` calls later (copy it to keep it)."""
         self._grow_tables(ids)
         self._grow_pool(3 * raw.shape[0] + 16)
-        need = 4 * raw.shape[0] + int(self.S[RC.S_POOL_LIVE]) + 4 * O.MAX_CPUS + 64
+        need = 4 * raw.shape[0] + int(self.S[RC.S_POOL_LIVE]) + 4 * self.CPU.shape[0] + 64
         k = self.turn
         self.turn = (k + 1) % len(self.outs)
         if self.outs[k].shape[0] < need:
-            self.outs[k] = np.empty(int(1.25 * need), O.MOP_DTYPE)
+            self.outs[k] = np.empty(int(1.25 * need), self.dtype)
         out = self.outs[k]
         self.S[RC.S_NOUT] = 0
         m = self.maps
-        RC.reconstruct(
+        self.rc.reconstruct(
             raw, self.X, self.T, self.CPU, self.CPUM, self.MM, self.LAST_RUN, self.PROC_MM, self.pool, self.nxt,
             self.S, out, self.RS, m.pr_lo, m.pr_hi, m.sn_ts, m.sn_lo, m.sn_hi, m.mp_start, m.mp_end, m.mp_off,
             m.mp_map, m.mp_flags, final,
         )  # fmt: skip
         n = int(self.S[RC.S_NOUT])
-        RC.untraced_senders(out, n, self.T, self._traced(ids))
+        self.rc.untraced_senders(out, n, self.T, self._traced(ids))
         return out[:n]
 
     def _traced(self, ids: Ids) -> np.ndarray:
@@ -255,6 +281,7 @@ def nr_cpus(trace: Trace, footers: Footers | None = None) -> int:
 def model_cpus(trace: Trace) -> tuple[CpuMap, int]:
     """The dense CPU map of a trace and the CPU count the models run on (the CPUs involved, at least 1)."""
     cpus = CpuMap.scan(trace)
+    cpus.limit = 64 * widemask.words(cpus.n)  # the rows of the reconstructor's per-CPU tables
     return cpus, max(cpus.n, 1)
 
 
@@ -472,6 +499,8 @@ def replay(
     scanned = scan_maps(trace, pfns=pfn_scan)  # one read of the cpu and pfn columns
     cpus = scanned[0] or CpuMap()
     ncpu = max(cpus.n, 1)
+    # the masks are sized for the CPUs the scan found (64 per word); a segment naming more is refused (CpuMap)
+    cpus.limit = 64 * widemask.words(ncpu)
     t_cpus = time.perf_counter() - t
     t0, t1 = footers.t0, footers.t1
     tl = np.array([t0, max(1, (t1 - t0) // O.TIMELINE_BINS + 1)], np.int64)
@@ -484,7 +513,7 @@ def replay(
     pfns = scanned[1] or PfnMap()
     models = {n: MODELS[n](opts, Y, tl, ncpu, decisions) for n in model_names}
     scoped = {n: MODELS[n](opts, Y, tl, ncpu, False) for n in model_names} if scope_tgids is not None else {}
-    scope_bufs = [np.empty(0, O.MOP_DTYPE) for _ in range(2 if jobs > 1 else 1)]
+    scope_bufs = [np.empty(0, rec.dtype) for _ in range(2 if jobs > 1 else 1)]
     scope_elig = np.zeros(2 * RC.NREJ + 1, np.int64)  # scope.scope_filter's layout
     for m in (*models.values(), *scoped.values()):
         m.pfn_of = pfns.real_one
@@ -516,7 +545,7 @@ def replay(
             t, c = time.perf_counter(), time.thread_time()
             b = n_seg % len(scope_bufs)
             if scope_bufs[b].shape[0] < mops.shape[0]:
-                scope_bufs[b] = np.empty(int(1.25 * mops.shape[0]) + 16, O.MOP_DTYPE)
+                scope_bufs[b] = np.empty(int(1.25 * mops.shape[0]) + 16, rec.dtype)
             ins = SC.in_scope_procs(ids.proc, scope_tgids or set())
             k = SC.scope_filter(mops, mops.shape[0], ins, rec.MM, rec.T, RC.T_PROC, scope_bufs[b], scope_elig)
             stages["scope"] = stages.get("scope", 0.0) + time.perf_counter() - t

@@ -9,8 +9,8 @@ row order, exactly as a stable sort of the concatenated tables would.
 pfns are remapped to compact ids here (``PfnMap``), before the reconstruction and the models see them, so that
 the models' per-page arrays follow the pages the trace touches, not the host's pfn range. CPUs likewise
 (``CpuMap``): the CPUs a trace involves get dense ids 0..n-1 in ascending order, so a trace of CPUs 0 and 100 of a
-200-CPU host replays as one of CPUs 0 and 1, and the models' uint64 CPU masks cover any host of at most 64
-involved CPUs.
+200-CPU host replays as one of CPUs 0 and 1, and the models' CPU masks are as wide as the CPUs involved (one
+uint64 up to 64, W words up to 64·W: model/widemask.py), whatever the host's CPU count.
 """
 
 from __future__ import annotations
@@ -336,13 +336,15 @@ class CpuMap:
     """Real CPU id ↔ dense model CPU id, for the CPUs a trace involves (ascending: dense order = real order).
 
     ``scan`` reads the ``cpu`` column of every event table the replay reads, and ``shootdown.target_cpu``.
-    A CPU the scan did not see (segments not from the scanned files) gets the next id. More than
-    ``O.MAX_CPUS`` involved CPUs is a TraceError: the models' CPU masks are uint64.
+    A CPU the scan did not see (segments not from the scanned files) gets the next id, within ``limit``
+    (the CPUs the models' masks hold); a CPU id of ``schema.MAX_NR_CPUS`` or more is a TraceError.
     """
 
     def __init__(self, real: np.ndarray | list[int] | None = None, where: str = "trace") -> None:
         r = np.unique(np.asarray(real if real is not None else [], np.int64))
         self.where = where
+        #: the most CPUs the map may hold (the engine sets the models' mask size once the scan is done)
+        self.limit = schema.MAX_NR_CPUS
         self.real = np.zeros(0, np.int64)
         self._lut = np.full(0, -1, np.int64)
         self._add(r)
@@ -353,11 +355,10 @@ class CpuMap:
 
     def _add(self, new: np.ndarray) -> None:
         real = np.concatenate([self.real, new.astype(np.int64)])
-        if real.size > O.MAX_CPUS:
-            ids = np.sort(real)
+        if real.size > self.limit:
             raise TraceError(
-                f"{self.where}: {real.size} CPUs take part (ids {int(ids[0])}..{int(ids[-1])}); the models replay at"
-                f" most {O.MAX_CPUS} involved CPUs per trace (uint64 CPU masks), whatever the host's CPU count"
+                f"{self.where}: CPU {int(new.max())} takes part but the scan of the trace found only"
+                f" {self.real.size} CPUs; the models' CPU masks were sized for {self.limit}"
             )
         if new.size and int(new.max()) >= schema.MAX_NR_CPUS:
             raise TraceError(f"{self.where}: CPU id {int(new.max())} is beyond {schema.MAX_NR_CPUS - 1}")
@@ -616,9 +617,9 @@ def _fields(name: str, t: pa.Table, ids: Ids, cpus: CpuMap | None = None) -> dic
 
 
 @numba.njit(cache=True, nogil=True)
-def _scatter(out, pos, kind, ts, cpu, task, proc, sub, a, b, c, d, e):  # type: ignore[no-untyped-def]
-    """Write one table's rows to their sorted places ``pos`` of ``out``; empty arrays mean 0."""
-    max_cpu = O.MAX_CPUS - 1
+def _scatter(out, pos, kind, max_cpu, ts, cpu, task, proc, sub, a, b, c, d, e):  # type: ignore[no-untyped-def]
+    """Write one table's rows to their sorted places ``pos`` of ``out``; empty arrays mean 0. CPU ids are capped at
+    ``max_cpu``, the last row of the reconstructor's per-CPU tables."""
     for i in range(pos.shape[0]):
         r = out[pos[i]]
         r["ts"] = ts[i]
@@ -684,10 +685,14 @@ class RawBuilder:
         pos[order] = np.arange(n, dtype=np.int64)
         del order
         off = 0
+        # the reconstructor's per-CPU tables have 64 rows per mask word (the engine sets the map's limit to them)
+        max_cpu = (
+            self.cpus.limit if self.cpus is not None and self.cpus.limit < schema.MAX_NR_CPUS else O.MAX_CPUS
+        ) - 1
         for kind, f in parts:
             m = f["ts"].size
             g = {k: _i64(f, k) for k in ("ts", "cpu", "task", "proc", "sub", "a", "b", "c", "d", "e")}
-            _scatter(out, pos[off : off + m], kind, *g.values())
+            _scatter(out, pos[off : off + m], kind, max_cpu, *g.values())
             off += m
         return out
 

@@ -39,7 +39,7 @@ import numba
 import numpy as np
 
 from lufreplay.model import ops as O
-from lufreplay.model.kernels import U0, U1, bit
+from lufreplay.model.kernels import U0, U1, bit, opm, set_mask, set_mask2, word
 from lufreplay.replay import cpustate as CS
 
 # ---- per-task columns of T ------------------------------------------------------------------------------
@@ -64,8 +64,9 @@ NT = 23
 C_OPEN, C_TASK, C_N, C_TS, C_LOCAL, C_FULL, C_CUR_TASK, C_CUR_MM, C_PROC, C_PAGES = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9
 C_LOADED, C_LAZY = 10, 11  # the mm loaded (process + 1) and lazy-TLB mode (lufreplay.replay.cpustate)
 C_SENT = 12  # the open flush traced reason 4 (remote_send_ipi, before lazy/PV filtering)
-C_LAZY_AT = 13  # the CPUs lazy at that reason 4 (uint64 bits in an int64): should_flush_tlb reads them right then
-NC = 14
+NC = 13
+# CPUM (CPU masks, 2 rows per CPU): row c = the targets of CPU c's open recorded flush; row ncpu + c = the CPUs lazy
+# at its reason 4 (should_flush_tlb reads them right then), ncpu = the rows of CPU
 # ---- scalars S --------------------------------------------------------------------------------------------
 S_FREE, S_NOUT, S_POOL_LIVE, S_LAST_TS = 0, 1, 2, 3
 S_STAMPED = 4  # BATCH ops of ``out`` before this index carry their lazy set (cpustate.settle)
@@ -208,8 +209,8 @@ def pool_new(pool, nxt, S):
     r["pfn"] = -1
     r["order"] = 0
     r["flags"] = 0
-    r["mask"] = U0
-    r["mask2"] = U0
+    set_mask(r, U0)
+    set_mask2(r, U0)
     r["aux"] = 0
     return i
 
@@ -244,8 +245,8 @@ def emit(out, S, ts, op, sub, cpu, task, mm, mapping, pfn, order, flags, mask, m
     r["pfn"] = pfn
     r["order"] = order
     r["flags"] = flags
-    r["mask"] = mask
-    r["mask2"] = mask2
+    set_mask(r, mask)
+    set_mask2(r, mask2)
     r["aux"] = aux
     S[S_NOUT] = j + 1
 
@@ -400,10 +401,10 @@ def close_batch(task, ts, sender, R, nrows, local, T, pool, nxt, S, out, RS, X):
             # migration: the recorded targets are the evidence (set_migration_pte has no mm; the exact tier's mm
             # joins the mm's LUF batch, the masks stay the recorded ones)
             if r["mm"] < 0 or mig:
-                r["mask2"] = allowed
+                set_mask2(r, allowed)
                 if not flushed:
                     r["flags"] |= O.PTE_UNBATCHED
-            r["mask"] = (r["mask2"] & allowed) if clip else r["mask2"]
+            set_mask(r, (opm(r["mask2"]) & allowed) if clip else opm(r["mask2"]))
         elif r["op"] == O.M_FOLIO_END and (r["flags"] & FE_MIG):
             _finish_mig_folio(r, flushed, RS, X)
         emit(
@@ -419,8 +420,8 @@ def close_batch(task, ts, sender, R, nrows, local, T, pool, nxt, S, out, RS, X):
             r["pfn"],
             r["order"],
             r["flags"],
-            r["mask"],
-            r["mask2"],
+            opm(r["mask"]),
+            opm(r["mask2"]),
             r["aux"],
         )
         j = nxt[i]
@@ -479,7 +480,7 @@ def close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X, nx_set=
             if sent != 0:
                 # the lazy set when the IPIs went out, not when the group closed (the sender's next row may come
                 # ms later, after other CPUs switched): cpustate.settle leaves it
-                b["mask2"] = np.uint64(CPU[c, C_LAZY_AT])
+                set_mask2(b, CPUM[CPU.shape[0] + c])
         return
     if local == 2:
         cause = O.C_BATCH_UNSEEN if in_ctx else O.C_OTHER
@@ -515,7 +516,7 @@ def _emit_context_flush(ts, c, task, R, n, flags, pages, T, CPU, MM, PROC_MMA, o
     cause = O.C_OTHER
     mm = -1
     credit = U0
-    other_mm = 0
+    other_mm = 0  # how many credited CPUs run another mm (R6): a count, for any CPU count
     if task >= 0 and ts <= T[task, T_SYS_UNTIL]:
         nr = T[task, T_SYS_NR]
         proc = T[task, T_PROC]
@@ -525,13 +526,14 @@ def _emit_context_flush(ts, c, task, R, n, flags, pages, T, CPU, MM, PROC_MMA, o
                 cause = O.C_BATCHED_PENDING
                 MM[mm, 1] = 0
                 credit = R | bit(c)
-                m = R
-                k = 0
-                while m != U0:
-                    if (m & U1) and CPU[k, C_CUR_MM] != mm:
-                        other_mm |= 1 << k
-                    m >>= U1
-                    k += 1
+                for w in range(CPU.shape[0] // 64):  # the bits of R, a word at a time
+                    m = word(R, w)  # a uint64 (U0 is a W-word mask in the W-word copy)
+                    k = 64 * w
+                    while m != np.uint64(0):
+                        if (m & U1) and CPU[k, C_CUR_MM] != mm:
+                            other_mm += 1
+                        m >>= U1
+                        k += 1
             elif nr != SYS_MPROTECT:
                 cause = O.C_ZAP
     elif task >= 0 and pages == 1 and (flags & 2) == 0 and T[task, T_CTX] == 0:
@@ -638,7 +640,7 @@ def tlb_flush_row(r, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X):
             close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
         _open_group(c, r["task"], r["ts"], pages, CPU)
         CPU[c, C_SENT] = 1
-        CPU[c, C_LAZY_AT] = np.int64(CS.lazy_cpus(np.int64(X[X_NCPU]), CPU, C_LAZY))
+        CPUM[CPU.shape[0] + c] = CS.lazy_cpus(np.int64(X[X_NCPU]), CPU, C_LAZY)
     elif sub == 2 or sub == 3:
         if CPU[c, C_OPEN] != 0:
             if pages == -1:
@@ -658,7 +660,7 @@ def shootdown_row(r, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X):
     c = r["cpu"]
     task = r["task"]
     tgt = r["a"]
-    if tgt < 0 or tgt >= 64:
+    if tgt < 0 or tgt >= CPU.shape[0]:
         return
     if CPU[c, C_OPEN] != 0 and ((CPUM[c] & bit(tgt)) != U0 or CPU[c, C_TASK] != task):
         close_group(c, T, CPU, CPUM, MM, PROC_MMA, pool, nxt, S, out, RS, X)
@@ -741,9 +743,10 @@ def unmap_pte(r, T, CPU, MM, LAST_RUN, PROC_MMA, pool, nxt, S, out, RS, X):
         q["flags"] = fl
         q["aux"] = 1
         settle_lazy(S, CPU, T, PROC_MMA, MM, LAST_RUN, X, out)
-        q["mask2"] = CS.cpumask_of(
+        m2 = CS.cpumask_of(
             mm, ts, np.int64(X[X_CPUMASK]), np.int64(X[X_TRIM_NS]), np.int64(X[X_NCPU]), MM, CPU, C_LOADED, LAST_RUN
         )
+        set_mask2(q, m2)
         if mm >= 0 and MM[mm, 0] < 0 and not unb:
             RS[RS_PTE_NO_OWNER] += 1
         list_append(T, task, T_PEND_HEAD, T_PEND_TAIL, p, nxt)

@@ -15,18 +15,10 @@ from typing import Any
 import numpy as np
 
 from lufreplay.model import ops as O
-from lufreplay.model.kernels import (
-    O_FID_EXPL_CPU,
-    O_FID_MATCH_CPU,
-    O_FID_PV,
-    O_FID_SKIPPED,
-    O_PERCPU,
-    O_REC_EVENTS,
-    O_REC_PERCPU,
-    O_REC_TL,
-)
+from lufreplay.model.kernels import layout_of
 from lufreplay.model.options import DEFAULTS
 from lufreplay.model.vanilla import realloc_bin_edges
+from lufreplay.model.widemask import words
 from lufreplay.replay import reconstruct as RC
 from lufreplay.replay.engine import ReplayResult
 from lufreplay.trace.reader import Trace
@@ -82,6 +74,8 @@ def build(
     ncpu = res.ncpu
     van = res.models["vanilla"]
     va = van.acc
+    lay = layout_of(va)  # the models' mask width sets where the per-CPU blocks end
+    O_REC_EVENTS, O_REC_PERCPU, O_REC_TL = lay["O_REC_EVENTS"], lay["O_REC_PERCPU"], lay["O_REC_TL"]
     vc = van.counts()
     fid = vc["fidelity"]
     rec_by_cause = {c: int(fid["recorded"][i]) for i, c in enumerate(O.CAUSES) if fid["recorded"][i]}
@@ -238,7 +232,7 @@ def build(
         "model_ops": res.model_ops,
         "seconds": round(elapsed_s, 3),
         "events_per_s": round(res.raw_events / elapsed_s) if elapsed_s > 0 else None,
-        "max_cpus": O.MAX_CPUS,
+        "max_cpus": 64 * words(res.ncpu),  # the CPUs the models' masks hold: 64 per word
     }
     return doc
 
@@ -264,6 +258,9 @@ def precision(fid: dict[str, np.ndarray], va: np.ndarray, ncpu: int, real: np.nd
     matched[O.C_BATCH] = expl[O.C_BATCH]  # a batch's targets are predicted: only those really reached match
     out = _scores(float(rec.sum()), float(expl.sum()), float(pred.sum()), float(matched.sum()))
     out["rebuilt"] = int(pred.sum())
+    lay = layout_of(va)
+    O_FID_SKIPPED, O_REC_PERCPU, O_FID_EXPL_CPU = lay["O_FID_SKIPPED"], lay["O_REC_PERCPU"], lay["O_FID_EXPL_CPU"]
+    O_PERCPU, O_FID_MATCH_CPU = lay["O_PERCPU"], lay["O_FID_MATCH_CPU"]
     # the rebuilt batch targets the kernel did not reach, where the trace says why
     out["batch_not_recorded"] = {
         "total": int(pred[O.C_BATCH] - expl[O.C_BATCH]),
@@ -287,7 +284,7 @@ def pv_flush_estimate(rebuilt: int, recorded: int, va: np.ndarray, meta: dict[st
     """The rebuilt batch targets that a flush with a traced send did not reach while the model had them running a
     task (vanilla.pv_skip_candidates): what KVM's PV flush skips when the vCPU is preempted, if the recorded host
     had it (meta host.hypervisor.pv_tlb_flush). Reported beside the rebuild, never taken out of it."""
-    n = int(va[O_FID_PV])
+    n = int(va[layout_of(va)["O_FID_PV"]])
     host = meta.get("host")
     hv = host.get("hypervisor") if isinstance(host, dict) else None
     hv = hv if isinstance(hv, dict) else {}

@@ -60,7 +60,7 @@ def list_options_table(console: Console) -> None:
 
 
 def mask_cpus(masks: np.ndarray, real: np.ndarray) -> pa.ListArray:
-    """Model CPU masks (uint64, bit i = model CPU i) → lists of real CPU ids, ascending."""
+    """Model CPU masks (uint64 or rows of W words, bit i = model CPU i) → lists of real CPU ids, ascending."""
     lists = schema.mask_to_cpus(np.asarray(masks).astype(np.uint64))
     flat = np.asarray(lists.values.to_numpy(zero_copy_only=False), np.int64)
     return pa.ListArray.from_arrays(lists.offsets, pa.array(real[flat].astype(np.uint16), pa.uint16()))
