@@ -32,10 +32,12 @@ runner = CliRunner()
 _WRITTEN = {"format", "format_version", "segments", "rows", "complete", "segment_manifests"}
 
 
-def relabel(src: Path, dst: Path, cpu_of: dict[int, int], nr_cpus: int) -> Path:
+def relabel(src: Path, dst: Path, cpu_of: dict[int, int], nr_cpus: int, idle: tuple[int, ...] = ()) -> Path:
     """A copy of trace ``src`` recorded on CPUs ``cpu_of[c]`` of an ``nr_cpus``-CPU host: every CPU column, the
     ipi target lists, host.nr_cpus, and the per-CPU counters (rows for every CPU of the host, as
-    /proc/interrupts has; 0 for the CPUs the original host did not have)."""
+    /proc/interrupts has; 0 for the CPUs the original host did not have). CPUs ``idle`` take part by idling:
+    one idle-to-idle switch each at the first context switch of the trace (they load no mm and are never a
+    target, so they change nothing the models do)."""
     tr = open_trace(src)
     lut = np.full(max(cpu_of) + 1, -1, np.int64)
     for a, b in cpu_of.items():
@@ -68,11 +70,21 @@ def relabel(src: Path, dst: Path, cpu_of: dict[int, int], nr_cpus: int) -> Path:
                 t = t.set_column(t.column_names.index("targets"), t.schema.field("targets"), new)
             if name == "counters":
                 t = _all_cpus(t, nr_cpus)
+            if name == "sched" and i == 0 and idle:
+                t = _with_idle(t, idle)
             w.add(name, t)
         if i < tr.n_segments - 1:
             w.rotate()
     w.close()
     return dst
+
+
+def _with_idle(t: pa.Table, idle: tuple[int, ...]) -> pa.Table:
+    """``t`` (a sched table) with an idle-to-idle switch on each CPU of ``idle`` at its first row's time."""
+    first = t.slice(0, 1).to_pylist()[0]
+    rows = [{**first, "cpu": c, "pid": 0, "tgid": 0, "next_pid": 0, "prev_kthread": False} for c in idle]
+    extra = pa.Table.from_pylist(rows, schema=t.schema)
+    return pa.concat_tables([extra, t])
 
 
 def _all_cpus(t: pa.Table, nr_cpus: int) -> pa.Table:

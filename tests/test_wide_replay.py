@@ -29,6 +29,7 @@ from lufreplay.trace.reader import open_trace
 
 runner = CliRunner()
 HOST = 4096
+REPO = Path(__file__).resolve().parent.parent
 #: the 12 CPUs of the original spread over the host (every word of a 5-word mask gets some)
 SPREAD = [25 * c + 3 for c in range(12)]
 
@@ -128,6 +129,29 @@ def _by_cause_and_cpu(decisions: list[Any]) -> tuple[Counter[str], Counter[int]]
             cause[d.cause] += len(remote)
             cpu.update(remote)
     return cause, cpu
+
+
+def test_bundled_trace_spread_over_300_cpus_gives_its_results(tmp_path: Path) -> None:
+    """A real trace (bundled mmap-stream, 2 CPUs) relabelled to CPUs 3 and 2,900 of a 4096-CPU host with 298
+    more CPUs idling (300 involved: 5-word masks) gives every model's counts per cause and per CPU, the
+    rebuilt vanilla's fidelity, eligibility, stale windows and timelines of the original, moved."""
+    from test_cpus import relabel
+
+    src = REPO / "traces" / "mmap-stream"
+    lut = [3, 2900]
+    idle = tuple(c for c in range(299) if c not in lut)  # 298 CPUs
+    dst = relabel(src, tmp_path / "spread", dict(enumerate(lut)), HOST, idle)
+    a, ra = simulate(src)
+    b, rb = simulate(dst)
+    assert ra.ncpu == 2 and rb.ncpu == 300 and rb.models["luf-v12"].w == 5
+    exp = _moved(a, lut, HOST)
+    for k in ("vanilla", "models", "eligibility", "realloc_delay", "timeline", "losses"):
+        assert exp[k] == b[k], k
+    fid = {k: v for k, v in b["fidelity"].items() if k != "per_cpu"}
+    assert fid == {k: v for k, v in exp["fidelity"].items() if k != "per_cpu"}
+    assert [p for p in b["fidelity"]["per_cpu"] if p["cpu"] in lut] == exp["fidelity"]["per_cpu"]
+    assert a["replay"]["model_ops"] == b["replay"]["model_ops"]
+    assert a["vanilla"]["remote_shootdowns"] > 1000 and b["models"]["luf-v12"]["per_cpu"][2900] > 0
 
 
 def test_300_cpu_trace_makes_the_reference_decisions(tmp_path: Path) -> None:
