@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from scenarios import Scenario, random_scenario
+from test_cpus import _expected, relabel
 from typer.testing import CliRunner
 
 from lufreplay.cli import app
@@ -55,19 +56,7 @@ def spread(s: Scenario, lut: list[int], nr_cpus: int, idle: list[int]) -> Scenar
 
 def _moved(doc: dict[str, Any], lut: list[int], nr_cpus: int) -> dict[str, Any]:
     """``doc`` with every per-CPU output moved to CPU ``lut[c]`` of an ``nr_cpus``-CPU host."""
-    d = copy.deepcopy(doc)
-
-    def move(v: list[int]) -> list[int]:
-        out = [0] * nr_cpus
-        for c, x in enumerate(v):
-            out[lut[c]] = x
-        return out
-
-    d["vanilla"]["per_cpu"] = move(d["vanilla"]["per_cpu"])
-    for m in d["models"].values():
-        m["per_cpu"] = move(m["per_cpu"])
-    d["fidelity"]["per_cpu"] = [{**p, "cpu": lut[p["cpu"]]} for p in d["fidelity"]["per_cpu"]]
-    return d
+    return _expected(doc, dict(enumerate(lut)), nr_cpus)
 
 
 def _decisions(res: Any) -> dict[str, list[tuple[Any, ...]]]:
@@ -135,8 +124,6 @@ def test_bundled_trace_spread_over_300_cpus_gives_its_results(tmp_path: Path) ->
     """A real trace (bundled mmap-stream, 2 CPUs) relabelled to CPUs 3 and 2,900 of a 4096-CPU host with 298
     more CPUs idling (300 involved: 5-word masks) gives every model's counts per cause and per CPU, the
     rebuilt vanilla's fidelity, eligibility, stale windows and timelines of the original, moved."""
-    from test_cpus import relabel
-
     src = REPO / "traces" / "mmap-stream"
     lut = [3, 2900]
     idle = tuple(c for c in range(299) if c not in lut)  # 298 CPUs
