@@ -50,33 +50,38 @@ def _hold(d, g, SC, buf, pstate, pstamp, sh_mask, sh_ugen, acc, req_ts, req_ugen
         acc[K.O_MISC + O.K_HELD_PAGES_MAX] = SC[HELD]
 
 
-@numba.njit(cache=True, nogil=True)
+# only folios whose pfn is known can be held (others flush normally); a kept folio is flushed with the batch
+WALK = rmap.W_NEED_PFN | rmap.W_KEEP_UNBATCHED
+
+
+@numba.njit(cache=True, _nrt=False)
+def _held_tl(ts, SC, acc, tl):
+    """The held-pages timeline: the most pages held in ``ts``'s bin."""
+    b = K.timeline_bin(ts, tl)
+    if SC[HELD] > acc[K.O_HELD_TL + b]:
+        acc[K.O_HELD_TL + b] = SC[HELD]
+
+
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _walk(mops, i, nops, Y, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen, acc, tl):
+    """:func:`rmap.next_op`; the held-pages timeline sees every op it walked too."""
+    j = rmap.next_op(mops, i, nops, Y, WALK, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen)
+    for k in range(i, j):
+        _held_tl(mops[k]["ts"], SC, acc, tl)
+    return j
+
+
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def run_hbf(
     mops, nops, Y, SC, SU, done, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen, buf, pstate, pstamp, sh_mask, sh_ugen, acc,
     tl, dec, nlog, hist_g, hist_ts, hist_mask, req_ts, req_ugen, req_mask, req_pages,
 ):  # fmt: skip
     max_held = np.int64(Y[S.Y_HBF_MAX])
-    large = Y[S.Y_LARGE_ELIG] != 0
-    lazy_flush = Y[S.Y_LAZY_AT_FLUSH] != 0
-    i = 0
+    i = _walk(mops, 0, nops, Y, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen, acc, tl)
     while i < nops:
         r = mops[i]
         op, ts, cpu, task = r["op"], r["ts"], r["cpu"], r["task"]
-        if op <= O.M_FOLIO_END:  # only folios whose pfn is known can be held; others flush normally
-            j = rmap.rmap_walk(
-                mops, i, nops, large, False, False, True, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen
-            )
-            for k in range(i, j):  # the held-pages timeline sees every op
-                b = K.timeline_bin(mops[k]["ts"], tl)
-                if SC[HELD] > acc[K.O_HELD_TL + b]:
-                    acc[K.O_HELD_TL + b] = SC[HELD]
-            i = j
-            continue
-        i += 1
-        SU[S.LAZY_MASK] = rmap.lazy_now(r, cpu, lazy_flush)
-        if op == O.M_KEEP:
-            rmap.reclaim_keep_unbatched(SC, SU)
-        elif op == O.M_BATCH:
+        if op == O.M_BATCH:
             d, nl = rmap.batch_split(K.opm(r["mask"]), Y[S.Y_UNEXPLAINED_FLUSH] != 0, SU)
             for b in range(SC[S.NBUF]):  # a pfn unmapped again: its old debt is settled, or it was re-used held
                 for p in range(buf[b, 0], buf[b, 0] + (np.int64(1) << buf[b, 1])):
@@ -129,7 +134,7 @@ def run_hbf(
                 acc[K.O_MISC + O.K_ALLOC_CLEAN] += 1
                 for p in range(pfn, pfn + npg):
                     if not rmap.safety(p, ts, done, sh_mask, sh_ugen, acc):
-                        return i - 1  # the op that broke the invariant
+                        return i  # the op that broke the invariant
                     pstate[p] = P_NONE
         elif op == O.M_HOOK:
             h = r["sub"]
@@ -139,9 +144,8 @@ def run_hbf(
                     ts, cpu, task, O.HOOK_CAUSE[h], op, SC, SU, done, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask
                 )
             rmap.count_hook(h, n != 0, acc)
-        b = K.timeline_bin(ts, tl)
-        if SC[HELD] > acc[K.O_HELD_TL + b]:
-            acc[K.O_HELD_TL + b] = SC[HELD]
+        _held_tl(ts, SC, acc, tl)
+        i = _walk(mops, i + 1, nops, Y, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen, acc, tl)
     return -1
 
 

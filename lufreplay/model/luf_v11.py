@@ -25,6 +25,8 @@ from lufreplay.model.kernels import U0
 from lufreplay.model.pcpfifo import OB_KEY, OB_UGEN, ob_release, orphan
 from lufreplay.model.rmap import flush_pending, owe
 
+WALK = rmap.W_KEEP_UNBATCHED  # no mm / mapping batches; a kept folio is non-LUF at once, its LUF work flushed
+
 
 @numba.njit(cache=True, _nrt=False)
 def _settle(p, ts, cpu, task, st, luf, op, SC, SU, done, pstamp, sh_mask, sh_ugen, pobl, OB, acc, tl, dec, nlog,
@@ -47,29 +49,82 @@ def _paid(acc):
     acc[K.O_MISC + O.K_PAID_IN_ALLOC_FLUSHES] += 1
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _on_alloc(
+    r, op, ts, cpu, task, luf, Y, SC, SU, done, pstate, pkey, pstamp, sh_mask, sh_ugen, acc, tl, dec, nlog, hist_g,
+    hist_ts, hist_mask, OB, OBM, obfree, FH, OBS, pobl,
+):  # fmt: skip
+    """TAKE / ALLOC (v11's check_luf_flush at takeoff): a pending page handed out flushes the whole pending
+    generation (under alloc_order=luf a pcp page: the oldest of the CPU's list). False: the safety invariant broke."""
+    pfn = r["pfn"]
+    order = r["order"]
+    npg = np.int64(1) << order
+    need = False
+    pcp = False
+    can = (r["flags"] & 1) != 0 or Y[S.Y_V11_ATOMIC] != 0
+    if luf and op == O.M_ALLOC and order == 0 and pstate[pfn] == S.P_PCP_LUF:
+        own = np.int64(pobl[pfn])
+        tk = rmap.fifo_head(cpu, own, FH)  # the oldest pending page of this pcp
+        if OB[tk, OB_KEY] > SC[S.GEN_DONE]:
+            if not can:
+                acc[K.O_MISC + O.K_PCP_SKIPS] += 1
+                orphan(pfn, OB, pobl)  # the trace's page left; the obligation stays free
+                pstate[pfn] = S.P_NONE
+                pkey[pfn] = 0
+                return True
+            flush_pending(
+                ts, cpu, task, O.C_ALLOC_PCP, op, SC, SU, done, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask
+            )
+            _paid(acc)
+        else:
+            acc[K.O_MISC + O.K_ALLOC_CLEAN] += 1
+        if not rmap.fifo_alloc(tk, own, pfn, True, ts, done, OB, OBM, obfree, OBS, FH, pobl, acc):
+            return False  # the invariant broke
+        pstate[pfn] = S.P_NONE
+        pkey[pfn] = 0
+        return True
+    if luf:
+        for p in range(pfn, pfn + npg):
+            if pstate[p] == S.P_PCP_LUF:  # met outside the FIFO path: it carries its own obligation again
+                pstamp[p] = rmap.ob_back(p, OB, OBM, obfree, FH, OBS, pobl, sh_mask, sh_ugen)
+    for p in range(pfn, pfn + npg):
+        st = pstate[p]
+        if st == S.P_PCP_LUF or st == S.P_BUDDY_LUF or (st == S.P_UNMAPPED and pkey[p] != 0):
+            if pstamp[p] > SC[S.GEN_DONE]:
+                need = True
+                pcp = pcp or st != S.P_BUDDY_LUF
+    if need:
+        if not can:
+            acc[K.O_MISC + O.K_PCP_SKIPS if pcp else K.O_MISC + O.K_BUDDY_REFUSALS] += 1
+            return True
+        cause = O.C_ALLOC_PCP if pcp else O.C_ALLOC_BUDDY_EPOCH
+        flush_pending(ts, cpu, task, cause, op, SC, SU, done, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask)
+        _paid(acc)
+    elif op == O.M_ALLOC:
+        acc[K.O_MISC + O.K_ALLOC_CLEAN] += 1
+    for p in range(pfn, pfn + npg):
+        if op == O.M_TAKE:
+            pstate[p] = S.P_PCP_CLEAN if (r["flags"] & O.A_REFILL) else S.P_TAKEN
+        else:
+            if not rmap.safety(p, ts, done, sh_mask, sh_ugen, acc):
+                return False  # the invariant broke
+            pstate[p] = S.P_NONE
+            pkey[p] = 0
+    return True
+
+
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def run_luf_v11(
     mops, nops, Y, SC, SU, done, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen, task_anon, buf, pstate, pkey, pstamp,
     sh_mask, sh_ugen, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask, req_ts, req_ugen, req_mask, req_pages, OB, OBM,
     obfree, FH, OBS, pobl,
 ):  # fmt: skip
     luf = Y[S.Y_ALLOC_LUF] != 0
-    large = Y[S.Y_LARGE_ELIG] != 0
-    lazy_flush = Y[S.Y_LAZY_AT_FLUSH] != 0
-    i = 0
+    i = rmap.next_op(mops, 0, nops, Y, WALK, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen)
     while i < nops:
         r = mops[i]
         op, ts, cpu, task = r["op"], r["ts"], r["cpu"], r["task"]
-        if op <= O.M_FOLIO_END:  # no mm / mapping batches; a kept folio is non-LUF at once
-            i = rmap.rmap_walk(
-                mops, i, nops, large, False, False, False, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen
-            )
-            continue
-        i += 1
-        SU[S.LAZY_MASK] = rmap.lazy_now(r, cpu, lazy_flush)
-        if op == O.M_KEEP:  # kept folio: everything accumulated is flushed with the batch
-            rmap.reclaim_keep_unbatched(SC, SU)
-        elif op == O.M_BATCH:
+        if op == O.M_BATCH:
             d, nl = rmap.batch_split(K.opm(r["mask"]), Y[S.Y_UNEXPLAINED_FLUSH] != 0, SU)
             if nl != U0:
                 K.account_flush(ts, cpu, task, rmap.sent(nl, SU), O.C_BATCH_NONLUF, op, -1, acc, tl, dec, nlog)
@@ -155,60 +210,11 @@ def run_luf_v11(
                 elif pstate[p] == S.P_PCP_CLEAN:
                     pstate[p] = S.P_BUDDY_CLEAN
         elif op == O.M_TAKE or op == O.M_ALLOC:
-            pfn = r["pfn"]
-            order = r["order"]
-            npg = np.int64(1) << order
-            need = False
-            pcp = False
-            can = (r["flags"] & 1) != 0 or Y[S.Y_V11_ATOMIC] != 0
-            if luf and op == O.M_ALLOC and order == 0 and pstate[pfn] == S.P_PCP_LUF:
-                own = np.int64(pobl[pfn])
-                tk = rmap.fifo_head(cpu, own, FH)  # the oldest pending page of this pcp
-                if OB[tk, OB_KEY] > SC[S.GEN_DONE]:
-                    if not can:
-                        acc[K.O_MISC + O.K_PCP_SKIPS] += 1
-                        orphan(pfn, OB, pobl)  # the trace's page left; the obligation stays free
-                        pstate[pfn] = S.P_NONE
-                        pkey[pfn] = 0
-                        continue
-                    flush_pending(
-                        ts, cpu, task, O.C_ALLOC_PCP, op, SC, SU, done, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask
-                    )
-                    _paid(acc)
-                else:
-                    acc[K.O_MISC + O.K_ALLOC_CLEAN] += 1
-                if not rmap.fifo_alloc(tk, own, pfn, True, ts, done, OB, OBM, obfree, OBS, FH, pobl, acc):
-                    return i - 1  # the op that broke the invariant
-                pstate[pfn] = S.P_NONE
-                pkey[pfn] = 0
-                continue
-            if luf:
-                for p in range(pfn, pfn + npg):
-                    if pstate[p] == S.P_PCP_LUF:  # met outside the FIFO path: it carries its own obligation again
-                        pstamp[p] = rmap.ob_back(p, OB, OBM, obfree, FH, OBS, pobl, sh_mask, sh_ugen)
-            for p in range(pfn, pfn + npg):
-                st = pstate[p]
-                if st == S.P_PCP_LUF or st == S.P_BUDDY_LUF or (st == S.P_UNMAPPED and pkey[p] != 0):
-                    if pstamp[p] > SC[S.GEN_DONE]:
-                        need = True
-                        pcp = pcp or st != S.P_BUDDY_LUF
-            if need:
-                if not can:
-                    acc[K.O_MISC + O.K_PCP_SKIPS if pcp else K.O_MISC + O.K_BUDDY_REFUSALS] += 1
-                    continue
-                cause = O.C_ALLOC_PCP if pcp else O.C_ALLOC_BUDDY_EPOCH
-                flush_pending(ts, cpu, task, cause, op, SC, SU, done, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask)
-                _paid(acc)
-            elif op == O.M_ALLOC:
-                acc[K.O_MISC + O.K_ALLOC_CLEAN] += 1
-            for p in range(pfn, pfn + npg):
-                if op == O.M_TAKE:
-                    pstate[p] = S.P_PCP_CLEAN if (r["flags"] & O.A_REFILL) else S.P_TAKEN
-                else:
-                    if not rmap.safety(p, ts, done, sh_mask, sh_ugen, acc):
-                        return i - 1  # the op that broke the invariant
-                    pstate[p] = S.P_NONE
-                    pkey[p] = 0
+            if not _on_alloc(
+                r, op, ts, cpu, task, luf, Y, SC, SU, done, pstate, pkey, pstamp, sh_mask, sh_ugen, acc, tl, dec, nlog,
+                hist_g, hist_ts, hist_mask, OB, OBM, obfree, FH, OBS, pobl,
+            ):  # fmt: skip
+                return i  # the op that broke the invariant
         elif op == O.M_HOOK:
             h = r["sub"]
             n = 0
@@ -217,6 +223,7 @@ def run_luf_v11(
                     ts, cpu, task, O.HOOK_CAUSE[h], op, SC, SU, done, acc, tl, dec, nlog, hist_g, hist_ts, hist_mask
                 )
             rmap.count_hook(h, n != 0, acc)
+        i = rmap.next_op(mops, i + 1, nops, Y, WALK, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen)
     return -1
 
 

@@ -25,7 +25,6 @@ from lufreplay.model.rmap import luf_flush, owe
 from lufreplay.model.state import (
     COVERED,
     KCTR,
-    LAZY_MASK,
     LUF_MASK,
     NBUF,
     NONLUF_MASK,
@@ -50,8 +49,6 @@ from lufreplay.model.state import (
     Y_EPOCH_LAT_NS,
     Y_HOOKS_POSTED,
     Y_KEEP_POSTED,
-    Y_LARGE_ELIG,
-    Y_LAZY_AT_FLUSH,
     Y_NON_LUF_OK,
     Y_PCP_STRIKES,
     Y_UNEXPLAINED_FLUSH,
@@ -63,6 +60,9 @@ from lufreplay.model.state import (
     ZB_MASK,
     G,
 )
+
+# folio_begin, 1. unmap_pte, 2. end_folio_unmap: mm / mapping batches; a kept folio joins the LUF part (4. settles it)
+WALK = rmap.W_FOLD | rmap.W_KEPT_JOINS
 
 
 @numba.njit(cache=True, _nrt=False)
@@ -244,7 +244,7 @@ def _settle(ts, cpu, task, luf, SC, SU, done, buf, pstate, pkey, sh_mask, sh_uge
                 pstate[p] = P_NONE
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def run_luf_v12(
     mops, nops, Y, SC, SU, done, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen, KEY_mask, KEY_ugen, task_key, task_anon_key,
     strikes, buf, pstate, pkey, pstamp, punmap_ts, punmap_task, sh_mask, sh_ugen, acc, tl, dec, nlog,
@@ -254,22 +254,13 @@ def run_luf_v12(
     max_strikes = np.int64(Y[Y_PCP_STRIKES])
     luf = Y[Y_ALLOC_LUF] != 0
     non_luf_ok = Y[Y_NON_LUF_OK] != 0
-    large = Y[Y_LARGE_ELIG] != 0
-    lazy_flush = Y[Y_LAZY_AT_FLUSH] != 0
     hooks_posted = Y[Y_HOOKS_POSTED] != 0
     keep_posted = Y[Y_KEEP_POSTED] != 0
     dirty_posted = Y[Y_DIRTY_POSTED] != 0
-    i = 0
+    i = rmap.next_op(mops, 0, nops, Y, WALK, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen)
     while i < nops:
         r = mops[i]
         op, ts, cpu, task = r["op"], r["ts"], r["cpu"], r["task"]
-        if op <= O.M_FOLIO_END:  # folio_begin, 1. unmap_pte, 2. end_folio_unmap: a kept folio joins the LUF part
-            i = rmap.rmap_walk(
-                mops, i, nops, large, True, True, False, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen
-            )
-            continue
-        i += 1
-        SU[LAZY_MASK] = rmap.lazy_now(r, cpu, lazy_flush)
         if op == O.M_KEEP:  # 4. reclaim_keep (F11): key the work so far and flush it at once
             _settle(
                 ts, cpu, task, luf, SC, SU, done, buf, pstate, pkey, sh_mask, sh_ugen, pobl, OB, acc, tl, dec, nlog,
@@ -473,33 +464,33 @@ def run_luf_v12(
                     ts, cpu, task, pfn, order, can_sd, luf, non_luf_ok, SC, SU, done, pstate, pstamp, punmap_task,
                     acc, tl, dec, nlog, hist_g, hist_ts, hist_mask, lat_ns, op,
                 )  # fmt: skip
-            if not taken:
+            if not taken:  # recorded: this block stays free and pending in the model; a clean page served the caller
                 if luf:  # the trace's page left; its obligation stays free in the model, unlabelled
                     for p in range(pfn, pfn + npg):
                         if pstate[p] == P_PCP_LUF:
                             orphan(p, OB, pobl)
                             pstate[p] = P_NONE
                             pkey[p] = 0
-                continue  # recorded: this block stays free and pending in the model; a clean page served the caller
-            if not pending_pcp and not pending_buddy:
-                acc[_mi(O.K_ALLOC_CLEAN)] += 1
-            if fifo:
-                if not rmap.fifo_alloc(taken_ob, own, pfn, True, ts, done, OB, OBM, obfree, OBS, FH, pobl, acc):
-                    return i - 1  # the op that broke the invariant
-                pstate[pfn] = P_NONE
-                pkey[pfn] = 0
-                continue
-            for p in range(pfn, pfn + npg):
-                if pstate[p] == P_BUDDY_LUF:
-                    pstate[p] = P_BUDDY_CLEAN
-                if luf and pstate[p] == P_PCP_LUF:  # a keyed page inside a larger block: its own obligation
-                    own = np.int64(pobl[p])
-                    if not rmap.fifo_alloc(own, own, p, False, ts, done, OB, OBM, obfree, OBS, FH, pobl, acc):
-                        return i - 1  # the op that broke the invariant
-                elif not rmap.safety(p, ts, done, sh_mask, sh_ugen, acc):
-                    return i - 1  # the op that broke the invariant
-                pstate[p] = P_NONE
-                pkey[p] = 0
+            else:
+                if not pending_pcp and not pending_buddy:
+                    acc[_mi(O.K_ALLOC_CLEAN)] += 1
+                if fifo:
+                    if not rmap.fifo_alloc(taken_ob, own, pfn, True, ts, done, OB, OBM, obfree, OBS, FH, pobl, acc):
+                        return i  # the op that broke the invariant
+                    pstate[pfn] = P_NONE
+                    pkey[pfn] = 0
+                else:
+                    for p in range(pfn, pfn + npg):
+                        if pstate[p] == P_BUDDY_LUF:
+                            pstate[p] = P_BUDDY_CLEAN
+                        if luf and pstate[p] == P_PCP_LUF:  # a keyed page inside a larger block: its own obligation
+                            own = np.int64(pobl[p])
+                            if not rmap.fifo_alloc(own, own, p, False, ts, done, OB, OBM, obfree, OBS, FH, pobl, acc):
+                                return i  # the op that broke the invariant
+                        elif not rmap.safety(p, ts, done, sh_mask, sh_ugen, acc):
+                            return i  # the op that broke the invariant
+                        pstate[p] = P_NONE
+                        pkey[p] = 0
         elif op == O.M_HOOK:  # 9.-13. hooks F3-F13
             h = r["sub"]
             scope = P.hook_scope(h, (r["flags"] & 1) != 0, P.LUF_V12, hooks_posted)
@@ -518,6 +509,7 @@ def run_luf_v12(
                     ts, cpu, task, target_mask, ugen + 1, O.HOOK_CAUSE[h], op, r["pfn"], SC, SU, done, acc, tl, dec, nlog,
                     hist_g, hist_ts, hist_mask,
                 )  # fmt: skip
+        i = rmap.next_op(mops, i + 1, nops, Y, WALK, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen)
     return -1
 
 

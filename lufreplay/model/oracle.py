@@ -40,28 +40,23 @@ from lufreplay.model.kernels import U0
 from lufreplay.model.pcpfifo import OB_UGEN, ob_release, orphan
 from lufreplay.model.rmap import flush, owe
 
+# as luf-v12: mm / mapping batches; a kept folio joins the LUF part (its KEEP op settles it)
+WALK = rmap.W_FOLD | rmap.W_KEPT_JOINS
 
-@numba.njit(cache=True, nogil=True)
+
+@numba.njit(cache=True, nogil=True, _nrt=False)
 def run_oracle(
     mops, nops, Y, SC, SU, done, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen, buf, sh_mask, sh_ugen, acc, tl, dec, nlog,
     hist_g, hist_ts, hist_mask, req_ts, req_ugen, req_mask, req_pages, OB, OBM, obfree, FH, OBS, pobl, owed,
 ):  # fmt: skip
     luf = Y[S.Y_ALLOC_LUF] != 0
     non_luf_ok = Y[S.Y_NON_LUF_OK] != 0
-    large = Y[S.Y_LARGE_ELIG] != 0
     lazy_flush = Y[S.Y_LAZY_AT_FLUSH] != 0
     local = Y[S.Y_ORACLE_LOCAL] != 0
-    i = 0
+    i = rmap.next_op(mops, 0, nops, Y, WALK, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen)
     while i < nops:
         r = mops[i]
         op, ts, cpu, task = r["op"], r["ts"], r["cpu"], r["task"]
-        if op <= O.M_FOLIO_END:  # as luf-v12: mm / mapping batches, a kept folio joins the LUF part (KEEP settles it)
-            i = rmap.rmap_walk(
-                mops, i, nops, large, True, True, False, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen
-            )
-            continue
-        i += 1
-        SU[S.LAZY_MASK] = rmap.lazy_now(r, cpu, lazy_flush)
         skipped = U0
         if op == O.M_KEEP:
             rmap.reclaim_keep_unbatched(SC, SU)
@@ -174,6 +169,7 @@ def run_oracle(
         free = K.owing(free, done, owed)
         if free != U0:
             rmap.retire(ts, free, SC, done, hist_g, hist_ts, hist_mask, nlog)
+        i = rmap.next_op(mops, i + 1, nops, Y, WALK, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen)
     return -1
 
 

@@ -12,7 +12,9 @@ Every function takes only the arrays it needs as separate arguments: numba passe
 a record of all of them would be flattened into hundreds of arguments at each call (see bench/state_record). And
 every function is compiled without NRT (``_nrt=False``: none allocates), so a call costs no reference counting of
 its array arguments: with it (plain calls, or numba-level ``inline="always"``, which copies the arguments into new
-variables) the atomic increments made the cores 1.3-4x slower, since several of these run for every op.
+variables) the atomic increments made the cores 1.3-4x slower, since several of these run for every op. The cores
+are compiled without NRT as well (nothing in them allocates), which is what lets :func:`next_op`, the loop head
+they share, be inlined at no cost.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ from lufreplay.model import pcpfifo as F
 from lufreplay.model import state as S
 
 U0 = K.U0
+
+# what a core's rmap walk does beyond the common part (next_op's ``walk``: a module constant of each core)
+W_FOLD = 1  # keep mm / mapping batches (fold_luf_batch)
+W_KEPT_JOINS = 2  # a kept folio's ro PTEs join the LUF part; the core's KEEP op settles them
+W_NEED_PFN = 4  # a folio with no known pfn is not deferred
+W_KEEP_UNBATCHED = 8  # a KEEP op is settled in the walk: reclaim_keep_unbatched
 
 
 # ---- the rmap walk ---------------------------------------------------------------------------------------------
@@ -84,6 +92,41 @@ def rmap_walk(mops, i, nops, large, fold, kept_joins, need_pfn, SC, SU, buf, MMB
                 buf[b, 2] = SC[S.CUR_TS]
                 SC[S.NBUF] = b + 1
     return i
+
+
+@numba.njit(cache=True, _nrt=False, inline="always")
+def next_op(mops, i, nops, Y, walk, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen):
+    """The shared head of every LUF core's loop, called for op 0 and at the end of each op: from op ``i`` walk
+    the rmap ops (:func:`walk_ops`, called only for a run of them), then set the lazy CPUs of the op that follows
+    (:func:`lazy_now`). Returns the index of that op, the next the core handles (``nops``: the end). Inlined into
+    the core (``inline="always"``; the cores are compiled without NRT too): a call per op with its dozen array
+    arguments made the luf-v12 core 19 % slower. A core's loop therefore has no ``continue``."""
+    if i < nops and walks(mops[i]["op"], walk):
+        i = walk_ops(mops, i, nops, Y, walk, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen)
+    if i < nops:
+        r = mops[i]
+        SU[S.LAZY_MASK] = lazy_now(r, r["cpu"], Y[S.Y_LAZY_AT_FLUSH] != 0)
+    return i
+
+
+@numba.njit(cache=True, _nrt=False)
+def walks(op, walk):
+    """Whether op code ``op`` belongs to the rmap walk (:func:`walk_ops`) of a core with walk flags ``walk``."""
+    return op <= O.M_FOLIO_END or ((walk & W_KEEP_UNBATCHED) != 0 and op == O.M_KEEP)
+
+
+@numba.njit(cache=True, _nrt=False)
+def walk_ops(mops, i, nops, Y, walk, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen):
+    """The run of rmap ops from ``i`` (:func:`rmap_walk`; with ``W_KEEP_UNBATCHED`` a KEEP too,
+    :func:`reclaim_keep_unbatched`); returns the index of the first op after it."""
+    large = Y[S.Y_LARGE_ELIG] != 0
+    fold, kept, need_pfn = (walk & W_FOLD) != 0, (walk & W_KEPT_JOINS) != 0, (walk & W_NEED_PFN) != 0
+    while True:
+        i = rmap_walk(mops, i, nops, large, fold, kept, need_pfn, SC, SU, buf, MMB_mask, MMB_ugen, ASB_mask, ASB_ugen)
+        if i == nops or not (walk & W_KEEP_UNBATCHED) or mops[i]["op"] != O.M_KEEP:
+            return i
+        reclaim_keep_unbatched(SC, SU)
+        i += 1
 
 
 @numba.njit(cache=True, _nrt=False)
