@@ -10,7 +10,7 @@ import numpy as np
 from lufreplay.model import kernels as K
 from lufreplay.model import ops as O
 from lufreplay.model import widemask
-from lufreplay.model.kernels import L_DEC, L_HIST, L_REQ, RD_BINS, fold_stale, resolve_stale_wide
+from lufreplay.model.kernels import L_DEC, L_HIST, L_REQ, RD_BINS, fold_stale, resolve_stale, resolve_stale_wide
 from lufreplay.model.state import Logs, ModelState, PageState, dec_dtype, new_acc
 from lufreplay.model.widemask import MaskArray
 
@@ -43,10 +43,11 @@ class StaleWindow:
         if logs.w > 1 and self.req[2].ndim == 1:  # W-word masks: (n, W) rows
             self.req = (*self.req[:2], np.zeros((0, logs.w), np.uint64), self.req[3])
             self.hist = (*self.hist[:2], np.zeros((0, logs.w), np.uint64))
-        self.req = tuple(
-            np.concatenate([a, b[:nr]])
-            for a, b in zip(self.req, (logs.req_ts, logs.req_ugen, rm, logs.req_pages), strict=True)
-        )  # type: ignore[assignment]
+        new = (logs.req_ts[:nr], logs.req_ugen[:nr], rm[:nr], logs.req_pages[:nr])
+        if self.req[0].size == 0:  # nothing carried over: views of the logs (_resolve keeps only copies)
+            self.req = new
+        else:
+            self.req = tuple(np.concatenate([a, b]) for a, b in zip(self.req, new, strict=True))  # type: ignore[assignment]
         self.hist = tuple(
             np.concatenate([a, b[:nh]]) for a, b in zip(self.hist, (logs.hist_g, logs.hist_ts, hm), strict=True)
         )  # type: ignore[assignment]
@@ -55,37 +56,23 @@ class StaleWindow:
     def _resolve(self, ncpu: int) -> None:
         rts, rug, rmask, rpages = self.req
         if rts.size == 0:
+            self.req = tuple(a[:0].copy() for a in self.req)  # type: ignore[assignment]
             return
         hg, hts, hmask = self.hist
-        if rmask.ndim == 1:
-            # one numba pass (resolution, histogram, max); the float sum stays numpy's, so the mean is bit-for-bit the
-            # same as summing the covered requests' w * pages with numpy
-            prod = np.empty(rts.size, np.float64)
-            unresolved = np.empty(rts.size, np.bool_)
-            n, pages, mx = fold_stale(
-                rts, rug, rmask, rpages, hg, hts, hmask, ncpu, SW_EDGES, self.hist_counts, prod, unresolved
-            )
-            if n:
-                self.count += int(pages)
-                self.sum_s += float(prod[:n].sum())
-                self.max_s = max(self.max_s, float(mx))
-            if n == rts.size:  # the usual case: every request is covered
-                self.req = tuple(a[:0].copy() for a in self.req)  # type: ignore[assignment]
-            else:
-                self.req = tuple(a[unresolved] for a in self.req)  # type: ignore[assignment]
-        else:  # W-word masks (more than 64 CPUs)
-            cover = resolve_stale_wide(rug, rmask, hg, hts, hmask, ncpu)
-            done = cover >= 0
-            if done.any():
-                w = np.maximum(cover[done] - rts[done], 0) / 1e9
-                pages = rpages[done]
-                self.count += int(pages.sum())
-                self.sum_s += float((w * pages).sum())
-                self.max_s = max(self.max_s, float(w.max()))
-                self.hist_counts += np.bincount(
-                    np.searchsorted(SW_EDGES, w, side="right"), weights=pages, minlength=self.hist_counts.size
-                ).astype(np.int64)
-            unresolved = ~done
+        resolve = resolve_stale if rmask.ndim == 1 else resolve_stale_wide  # W-word masks: more than 64 CPUs
+        cover = resolve(rug, rmask, hg, hts, hmask, ncpu)
+        # one numba pass (histogram, max); the float sum stays numpy's, so the mean is bit-for-bit the same as
+        # summing the covered requests' w * pages with numpy
+        prod = np.empty(rts.size, np.float64)
+        unresolved = np.empty(rts.size, np.bool_)
+        n, pages, mx = fold_stale(rts, rpages, cover, SW_EDGES, self.hist_counts, prod, unresolved)
+        if n:
+            self.count += int(pages)
+            self.sum_s += float(prod[:n].sum())
+            self.max_s = max(self.max_s, float(mx))
+        if n == rts.size:  # the usual case: every request is covered
+            self.req = tuple(a[:0].copy() for a in self.req)  # type: ignore[assignment]
+        else:
             self.req = tuple(a[unresolved] for a in self.req)  # type: ignore[assignment]
         if self.req[0].size:
             keep = hg >= self.req[1].min()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba.core import types
+from numba.extending import overload
 
 from lufreplay.model.ops import (
     M_ALLOC,
@@ -33,6 +35,19 @@ M1 = np.uint64(0x5555555555555555)
 M2 = np.uint64(0x3333333333333333)
 M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
 H01 = np.uint64(0x0101010101010101)
+
+
+def cpu_ugen(ugen, c):  # type: ignore[no-untyped-def]
+    """In numba code: the ugen CPU ``c`` must reach, ``ugen[c]`` for an array of one per CPU, else ``ugen``."""
+    raise NotImplementedError("numba only")
+
+
+@overload(cpu_ugen, jit_options={"_nrt": False})
+def _cpu_ugen(ugen, c):  # type: ignore[no-untyped-def]
+    if isinstance(ugen, types.Array):
+        return lambda ugen, c: ugen[c]
+    return lambda ugen, c: ugen
+
 
 RD_BINS = 36  # realloc delay: 4 bins per decade from 1 µs to 100 s, plus under/overflow
 
@@ -173,15 +188,7 @@ def set_mask2(r, m):
 @numba.njit(cache=True, _nrt=False)
 def owing(mask, done, owed):
     """The CPUs of ``mask`` that still owe a flush: ``done[c] < owed[c]``."""
-    out = U0
-    m = mask
-    c = 0
-    while m != U0:
-        if (m & U1) and done[c] < owed[c]:
-            out |= bit(c)
-        m >>= U1
-        c += 1
-    return out
+    return notdone(mask, owed, done)
 
 
 @numba.njit(cache=True, _nrt=False)
@@ -194,13 +201,14 @@ def popcount(x):
 
 @numba.njit(cache=True, _nrt=False)
 def notdone(mask, ugen, done):
-    """arch_tlbbatch_diet: the CPUs of ``mask`` whose done stamp is still below ``ugen``."""
+    """arch_tlbbatch_diet: the CPUs of ``mask`` whose done stamp is still below ``ugen`` (one ugen for all, or an
+    array of one per CPU: :func:`owing`)."""
     out = U0
     m = mask
     c = 0
     while m != U0:
         if m & U1:
-            if done[c] < ugen:
+            if done[c] < cpu_ugen(ugen, c):
                 out |= bit(c)
         m >>= U1
         c += 1
@@ -375,12 +383,12 @@ def resolve_stale(req_ugen, req_mask, hist_g, hist_ts, hist_mask, ncpu):
 
 
 @numba.njit(cache=True, nogil=True)
-def fold_stale(req_ts, req_ugen, req_mask, req_pages, hist_g, hist_ts, hist_mask, ncpu, edges, hist_counts, prod, keep):
-    """Resolve stale-window requests (:func:`resolve_stale`) and fold the covered ones into the histogram
-    ``hist_counts`` (bins: ``searchsorted(edges, w, "right")``, weighted by pages). Writes ``w * pages`` of the
-    covered requests, in request order, to ``prod`` (the caller sums it with numpy, as before: the same float sum)
-    and ``keep[r]`` = request r is still open. Returns (covered requests, their pages, their largest w in s)."""
-    cover = resolve_stale(req_ugen, req_mask, hist_g, hist_ts, hist_mask, ncpu)
+def fold_stale(req_ts, req_pages, cover, edges, hist_counts, prod, keep):
+    """Fold the stale-window requests ``cover`` resolved (:func:`resolve_stale`, :func:`resolve_stale_wide`) into
+    the histogram ``hist_counts`` (bins: ``searchsorted(edges, w, "right")``, weighted by pages). Writes
+    ``w * pages`` of the covered requests, in request order, to ``prod`` (the caller sums it with numpy: the same
+    float sum as numpy over the covered requests) and ``keep[r]`` = request r is still open. Returns (covered
+    requests, their pages, their largest w in s)."""
     n = 0
     pages = np.int64(0)
     mx = 0.0

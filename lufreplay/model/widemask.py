@@ -238,7 +238,7 @@ def _notdone_word(x, base, ugen, done):
     c = 0
     while x != 0:
         if x & _U1:
-            if done[base + c] < ugen:
+            if done[base + c] < K.cpu_ugen(ugen, base + c):  # one ugen, or owing's one per CPU
                 o |= _U1 << np.uint64(c)
         x >>= _U1
         c += 1
@@ -254,19 +254,6 @@ def _mark_word(x, base, g, done):
                 done[base + c] = g
         x >>= _U1
         c += 1
-
-
-@numba.njit(cache=True)
-def _owing_word(x, base, done, owed):
-    o = np.uint64(0)
-    c = 0
-    while x != 0:
-        if x & _U1:
-            if done[base + c] < owed[base + c]:
-                o |= _U1 << np.uint64(c)
-        x >>= _U1
-        c += 1
-    return o
 
 
 @numba.njit(cache=True)
@@ -332,13 +319,13 @@ def primitives(w: int) -> dict[str, Any]:
             f"def {fn}(r, v):\n    t = r['{field}']\n" + "".join(f"    t[{k}] = v[{k}]\n" for k in range(w))
             for fn, field in (("set_targets", "targets"), ("set_mask", "mask"), ("set_mask2", "mask2"))
         )
-        + f"def owing(mask, done, owed):\n    return {tup(lambda k: f'_owing_word(mask[{k}], {64 * k}, done, owed)')}\n"
+        + f"def owing(mask, done, owed):\n    return {tup(lambda k: f'_notdone_word(mask[{k}], {64 * k}, owed, done)')}\n"
         + "def word(m, k):\n    return m[k]\n"
         + f"def rows_eq(T, col, value, n):\n    return {tup(lambda k: f'_rows_eq_word(T, col, value, n, {k})')}\n"
         + f"def recent(last, row, t, window, n):\n    return {tup(lambda k: f'_recent_word(last, row, t, window, n, {k})')}\n"
     )
     ns: dict[str, Any] = {"_bit_word": _bit_word, "_pc": _popcount64, "_notdone_word": _notdone_word}
-    ns["_mark_word"], ns["_add_word"], ns["_owing_word"] = _mark_word, _add_word, _owing_word
+    ns["_mark_word"], ns["_add_word"] = _mark_word, _add_word
     ns["_rows_eq_word"], ns["_recent_word"] = K.rows_eq_word, K.recent_word
     exec(compile(src, f"<widemask W={w}>", "exec"), ns)  # unrolled: constant tuple indices only
     out = {"U0": (np.uint64(0),) * w, "WIDE": True, **{n: numba.njit(ns[n]) for n in PRIMITIVES}}
@@ -373,11 +360,24 @@ def kernels(w: int) -> pytypes.ModuleType:
     return _KERNELS[w]
 
 
+_COPIES: dict[tuple[tuple[str, ...], int], dict[str, pytypes.ModuleType]] = {}
+_COPIES_LOCK = threading.Lock()
+
+
 def modules(mods: list[pytypes.ModuleType], w: int) -> dict[str, pytypes.ModuleType]:
     """Copies of ``mods`` (model modules, callees first or not: globals are bound before anything compiles) whose
     njit functions are compiled for ``w``-word masks: every function of theirs gets ``U0``, the primitives and the
     accumulator layout of 64·w CPUs, and sees the copies of the other modules and of the functions it imported
-    from them. Keyed by module name."""
+    from them. Keyed by module name; one set of copies per list of modules and width per process (numba compiles
+    each function at its first call; not cached on disk)."""
+    key = (tuple(m.__name__ for m in mods), w)
+    with _COPIES_LOCK:  # models start on a thread pool: luf-v12 and luf-v12-intended share one copy
+        if key not in _COPIES:
+            _COPIES[key] = _copy_modules(mods, w)
+    return _COPIES[key]
+
+
+def _copy_modules(mods: list[pytypes.ModuleType], w: int) -> dict[str, pytypes.ModuleType]:
     base: dict[str, Any] = {**primitives(w), **K.acc_layout(64 * w)}
     names = {m.__name__ for m in mods}
     copies = {m.__name__: pytypes.ModuleType(m.__name__ + "_wide") for m in mods}
@@ -406,10 +406,6 @@ def modules(mods: list[pytypes.ModuleType], w: int) -> dict[str, pytypes.ModuleT
     return copies
 
 
-_CORES: dict[tuple[str, int], dict[str, pytypes.ModuleType]] = {}
-_CORES_LOCK = threading.Lock()
-
-
 def core(fn: Any, w: int) -> Any:
     """The ``w``-word copy of a model's njit core ``fn`` (e.g. ``luf_v12.run_luf_v12``): its module compiled by
     :func:`modules` with the shared model modules (kernels, pcpfifo, rules, rmap). One copy per module and width
@@ -419,11 +415,7 @@ def core(fn: Any, w: int) -> Any:
     from lufreplay.model import pcpfifo, rmap, rules
 
     mod = sys.modules[fn.__module__]
-    key = (mod.__name__, w)
-    with _CORES_LOCK:  # models start on a thread pool: luf-v12 and luf-v12-intended share one copy
-        if key not in _CORES:
-            _CORES[key] = modules([K, pcpfifo, rules, rmap, mod], w)
-    return getattr(_CORES[key][mod.__name__], fn.__name__)
+    return getattr(modules([K, pcpfifo, rules, rmap, mod], w)[mod.__name__], fn.__name__)
 
 
 def wide_dtype(dtype: np.dtype, fields: tuple[str, ...], w: int) -> np.dtype:

@@ -114,17 +114,10 @@ def mop_dtype(w: int) -> np.dtype:
     return O.MOP_DTYPE if w == 1 else widemask.wide_dtype(O.MOP_DTYPE, ("mask", "mask2"), w)
 
 
-_WIDE_RC: dict[int, Any] = {}
-
-
 def recon_kernels(w: int) -> Any:
     """The reconstructor module for ``w``-word masks: ``reconstruct`` itself at one word, else a copy compiled by
     ``widemask.modules`` (with cpustate and the kernels; once per process and width, not cached on disk)."""
-    if w == 1:
-        return RC
-    if w not in _WIDE_RC:
-        _WIDE_RC[w] = widemask.modules([K, CS, RC], w)[RC.__name__]
-    return _WIDE_RC[w]
+    return RC if w == 1 else widemask.modules([K, CS, RC], w)[RC.__name__]
 
 
 def recon_options(opts: dict[str, Any], ncpu: int) -> np.ndarray:
