@@ -362,9 +362,9 @@ TLB_FLUSH = _table(
 )
 SHOOTDOWN = _table(
     "shootdown",
-    "Remote TLB shootdowns: csd:csd_queue_cpu with func == the kernel's TLB flush function (flush_tlb_func on x86). One row per target CPU; the authoritative remote count (matches the TLB row of /proc/interrupts).",
+    "Remote TLB shootdowns: csd:csd_queue_cpu with func == the kernel's TLB flush function (flush_tlb_func on x86). One row per target CPU; the authoritative remote count (matches the TLB row of /proc/interrupts). On kernels without csd:csd_queue_cpu (before 6.7) a kprobe on the flush function writes the same rows from the receiving CPU (meta.json `shootdown_source`): the sender's CPU and task, 1 ns after its TLB_REMOTE_SEND_IPI tlb_flush row, no call site.",
     _c("target_cpu", pa.uint16(), "CPU that will run the flush", hi=NR_CPUS),
-    _c("callsite", pa.string(), "symbol+offset of the queueing call site"),
+    _c("callsite", pa.string(), "symbol+offset of the queueing call site (empty from the kprobe source)"),
 )
 IPI = _table(
     "ipi",
@@ -789,6 +789,11 @@ def markdown() -> str:
         " were not compiled in, so their events are missing from the table they feed (`probes.<kind>.absent`"
         " says which kind; e.g. 6.12 has no `vmscan:mm_vmscan_reclaim_pages`, `thp:set_migration_pmd`,"
         " `thp:remove_migration_pmd`).",
+        "",
+        "`meta.json` `shootdown_source` says where the `shootdown` rows came from and whether they are exact:"
+        " `csd:csd_queue_cpu` (6.7 and later), `kprobe:flush_tlb_func` (earlier kernels with kprobes and their"
+        " own headers: each call another CPU initiated, as the receiving CPU counts it in /proc/interrupts), or"
+        " `null` with the reason (no remote shootdowns were recorded).",
         "",
         "`meta.json` `recorder` names the recorder's process (`tgid`: the probes never trace its faults and"
         " syscalls) and says what recording cost: `cpu_ns` and `max_rss_kb` (getrusage, whole run,"

@@ -19,6 +19,8 @@
  *   LR_WAKE_RECORDS   records one CPU may add since the consumer's last drain before it wakes the consumer
  *   LR_MASK_WORDS     u64 words of a cpumask on this host (nr_cpu_ids / 64, rounded up; 1 up to 64 CPUs)
  *   LR_EXACT          defined: the exact tier's kprobes (end of this file) are compiled in
+ *   LR_SHOOT          defined: remote shootdowns from the flush function on the receiving CPU, for kernels
+ *                     without csd:csd_queue_cpu (end of this file); LR_SHOOT_FENTRY: by fentry, else a kprobe
  *   LR_NO_<group>__<name>  defined: this kernel has no such tracepoint; its probe is left out (bcc
  *                     cannot compile a TRACEPOINT_PROBE without the tracepoint's format file)
  */
@@ -153,13 +155,14 @@ static __always_inline void count_self_shootdown(void)
         sr->shootdowns++;
 }
 
-static __always_inline void emit_at(struct lr_rec *r, u16 kind, u64 ts)
+/* One record of task ``pt`` (pid_tgid) on CPU ``cpu`` at ``ts``: another CPU's event when a probe emits on its
+ * behalf (the receiving side of a shootdown, where the kernel has no csd:csd_queue_cpu). */
+static __always_inline void emit_as(struct lr_rec *r, u16 kind, u64 ts, u64 pt, u32 cpu)
 {
-    u64 pt = bpf_get_current_pid_tgid();
     r->ts = ts;
     r->pid = (u32)pt;
     r->tgid = pt >> 32;
-    r->cpu = bpf_get_smp_processor_id();
+    r->cpu = cpu;
     r->kind = kind;
     /* The consumer polls on a timer and is never woken per record: a woken recorder would pull an idle
      * CPU out of lazy-TLB mode and make it receive the very shootdowns being counted. Only a CPU whose
@@ -175,6 +178,11 @@ static __always_inline void emit_at(struct lr_rec *r, u16 kind, u64 ts)
         if (v)
             (*v)++;
     }
+}
+
+static __always_inline void emit_at(struct lr_rec *r, u16 kind, u64 ts)
+{
+    emit_as(r, kind, ts, bpf_get_current_pid_tgid(), bpf_get_smp_processor_id());
 }
 
 static __always_inline void emit(struct lr_rec *r, u16 kind)
@@ -228,6 +236,34 @@ static __always_inline void ctx_end(void)
  * that the kernel skips for recursion is always such a nested, IRQ-context (receiving-side) event. */
 #define TLB_REASON_REMOTE_SHOOTDOWN 1
 #define TLB_REASON_REMOTE_WRONG_CPU 5
+#define TLB_REASON_REMOTE_SEND_IPI 4
+
+#ifdef LR_SHOOT
+/* Where the kernel has no csd:csd_queue_cpu (before 6.7: 6.1 LTS), remote shootdowns are counted where the
+ * kernel counts them (irq_tlb_count, the TLB row of /proc/interrupts): in the flush function on the receiving
+ * CPU, for each call another CPU initiated (kprobe at the end of this file). The sender is the task whose
+ * TLB_REMOTE_SEND_IPI tlb_flush row its CPU emitted last: native_flush_tlb_multi traces that row, then queues
+ * the calls and waits for every one of them, so no other flush of that CPU comes between. */
+struct sender_t {
+    u64 ts; /* the send row's timestamp */
+    u64 pt; /* the sender's pid_tgid */
+};
+BPF_ARRAY(shoot_from, struct sender_t, LR_MASK_WORDS * 64);
+BPF_ARRAY(self_sent, u64, LR_MASK_WORDS * 64); /* per sending CPU: the recorder's own remote shootdowns */
+
+static __always_inline void note_sender(u32 reason, u64 ts)
+{
+    if (reason != TLB_REASON_REMOTE_SEND_IPI)
+        return;
+    u32 cpu = bpf_get_smp_processor_id();
+    struct sender_t s = {};
+    s.ts = ts;
+    s.pt = bpf_get_current_pid_tgid();
+    shoot_from.update(&cpu, &s);
+}
+#else
+#define note_sender(reason, ts)
+#endif
 
 #ifndef LR_MASK_WORDS
 #define LR_MASK_WORDS 1
@@ -277,9 +313,11 @@ RAW_TRACEPOINT_PROBE(tlb_flush)
     if (reason == TLB_REASON_REMOTE_SHOOTDOWN || reason == TLB_REASON_REMOTE_WRONG_CPU)
         return 0;
     struct lr_rec r = {};
+    u64 ts = bpf_ktime_get_ns();
     r.a = reason;
     r.b = ctx->args[1];
-    emit(&r, K_TLB_FLUSH);
+    emit_at(&r, K_TLB_FLUSH, ts);
+    note_sender(reason, ts);
     return 0;
 }
 #endif
@@ -340,9 +378,11 @@ TRACEPOINT_PROBE(tlb, tlb_flush)
     if (reason == TLB_REASON_REMOTE_SHOOTDOWN || reason == TLB_REASON_REMOTE_WRONG_CPU)
         return 0;
     struct lr_rec r = {};
+    u64 ts = bpf_ktime_get_ns();
     r.a = reason;
     r.b = args->pages;
-    emit(&r, K_TLB_FLUSH);
+    emit_at(&r, K_TLB_FLUSH, ts);
+    note_sender(reason, ts);
     return 0;
 }
 #endif
@@ -1461,4 +1501,51 @@ int lr_ex_walk_ret(struct pt_regs *ctx)
     emit(&r, K_PTE_EXACT);
     return 0;
 }
+#endif
+
+/* Compiled in with LR_SHOOT only (see note_sender): a kernel without csd:csd_queue_cpu, with fentry or kprobes and
+ * headers of the running kernel (the flush_tlb_info offset). One record per remote call of the flush function,
+ * written as the sender's csd_queue_cpu record would be: the sender's CPU and task, 1 ns after its send row,
+ * a = the receiving CPU, b = 0 (no call site). fentry (LR_SHOOT_FENTRY, attached by bcc as it loads) is
+ * preferred: a trampoline skips a run only while the same program runs on that CPU, where a kprobe is skipped
+ * whenever any kprobe or classic-tracepoint program is running there (the IPI interrupts it). */
+#ifdef LR_SHOOT
+#include <asm/tlbflush.h>
+
+static __always_inline int shoot_recv(const struct flush_tlb_info *f)
+{
+    if (!recording())
+        return 0;
+    u32 from = 0;
+    bpf_probe_read_kernel(&from, sizeof(from), &f->initiating_cpu);
+    u32 me = bpf_get_smp_processor_id();
+    if (from == me)
+        return 0; /* the sender's own call: a local flush */
+    struct lr_rec r = {};
+    r.a = me;
+    struct sender_t *s = shoot_from.lookup(&from);
+    if (!s || !s->ts) {
+        emit_as(&r, K_CSD_QUEUE_CPU, bpf_ktime_get_ns(), 0, from); /* a send before the recording began */
+        return 0;
+    }
+    if ((u32)(s->pt >> 32) == LR_SELF_TGID) {
+        u64 *n = self_sent.lookup(&from);
+        if (n)
+            lock_xadd(n, 1);
+    }
+    emit_as(&r, K_CSD_QUEUE_CPU, s->ts + 1, s->pt, from);
+    return 0;
+}
+
+int lr_shoot_recv(struct pt_regs *ctx)
+{
+    return shoot_recv((const struct flush_tlb_info *)PT_REGS_PARM1(ctx));
+}
+
+#ifdef LR_SHOOT_FENTRY
+KFUNC_PROBE(flush_tlb_func, void *info)
+{
+    return shoot_recv((const struct flush_tlb_info *)info);
+}
+#endif
 #endif

@@ -28,6 +28,7 @@ log() { printf '[testbed %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
 # The data disk: an ext4 image kept in the cache (the workloads' files persist across boots).
 disk="$cache/data.img"
+mkdir -p "$cache"
 if [ ! -f "$disk" ]; then
     log "creating data disk $disk (8 GiB sparse ext4)"
     truncate -s 8G "$disk.tmp"

@@ -3,8 +3,9 @@
 `lufreplay info --json` / `lufreplay simulate --json` printed on the host) and check it.
 
 Usage: summarize.py OUTDIR [--check]. With --check the exit status is 1 when the run is not a good
-recording: record failed, the kernel is not the 6.12 guest's, the shootdowns do not reconcile with the
-guest's /proc/interrupts within 1 %, or too little reclaim happened to mean anything.
+recording: record failed, the trace's kernel is not the guest's, a tracepoint that kernel series lacks is not
+listed as absent, the shootdowns do not come from an exact source or do not reconcile with the guest's
+/proc/interrupts within 1 %, or too little reclaim happened to mean anything.
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ import json
 import sys
 from pathlib import Path
 
-#: A tracepoint every 6.12 lacks (the thp:*_migration_pmd ones exist only with THP migration configured).
-MISSING_ON_6_12 = {"vmscan:mm_vmscan_reclaim_pages"}
+#: Per kernel series, tracepoints it lacks (the thp:*_migration_pmd ones exist only with THP migration
+#: configured); 6.1 has no csd:csd_queue_cpu, so its shootdowns come from the flush function's kprobe.
+MISSING = {
+    "6.12": {"vmscan:mm_vmscan_reclaim_pages"},
+    "6.1": {"vmscan:mm_vmscan_reclaim_pages", "csd:csd_queue_cpu", "ipi:ipi_send_cpu", "ipi:ipi_send_cpumask"},
+}
 
 
 def tlb_row(path: Path) -> list[int]:
@@ -46,6 +51,7 @@ def main(argv: list[str]) -> int:
         "record_wall_s": float(guest.get("record_wall_s", "nan")),
         "events": meta.get("events"),
         "probes_absent": meta.get("probes_absent"),
+        "shootdown_source": (meta.get("shootdown_source") or {}).get("source"),
         "recorded_shootdowns": recorded,
         "recorded_per_cpu": tlb["recorded"],
         "proc_interrupts_window_per_cpu": tlb["proc_interrupts"],
@@ -67,10 +73,17 @@ def main(argv: list[str]) -> int:
     bad = []
     if guest.get("record_rc") != "0" or not meta.get("complete"):
         bad.append(f"record failed (rc {guest.get('record_rc')})")
-    if not str(guest.get("kernel", "")).startswith("6.12"):
-        bad.append(f"kernel {guest.get('kernel')} is not 6.12")
-    if not MISSING_ON_6_12 <= set(meta.get("probes_absent") or []):
-        bad.append(f"probes_absent {meta.get('probes_absent')} does not list what 6.12 lacks")
+    kernel = str(guest.get("kernel", ""))
+    release = ((meta.get("host") or {}).get("uname") or {}).get("release")
+    if release != kernel:
+        bad.append(f"the trace's kernel {release} is not the guest's {kernel}")
+    series = ".".join(kernel.split(".")[:2])
+    if series not in MISSING:
+        bad.append(f"kernel {kernel}: not a test-bed series ({', '.join(MISSING)})")
+    elif not MISSING[series] <= set(meta.get("probes_absent") or []):
+        bad.append(f"probes_absent {meta.get('probes_absent')} does not list what {series} lacks")
+    if not (meta.get("shootdown_source") or {}).get("exact"):
+        bad.append(f"shootdowns not from an exact source: {meta.get('shootdown_source')}")
     if tlb["max_rel_error"] is None or tlb["max_rel_error"] > 0.01:
         bad.append(f"shootdowns do not reconcile with /proc/interrupts: {tlb['recorded']} vs {tlb['proc_interrupts']}")
     if recorded < 100 or not line["reclaimed_pages"]:

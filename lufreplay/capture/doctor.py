@@ -268,8 +268,21 @@ def families(det: dict[str, Any]) -> list[dict[str, Any]]:
     tp_family("tlb_flush", "TLB flushes (sender side: reason, pages)")
     full, _, _ = have("shootdown")
     fa = det.get("flush_tlb_func") is not None
+    sk = det.get("shoot_probe", {})
+    # the probes record would use, best first, that the trials did not see fail
+    sk_probes = [p for p in sk.get("probes") or [] if det["attach"].get(p, {}).get("ok") is not False]
     if full and fa:
         add("remote shootdowns (targets)", EXACT, attach("shootdown"), "csd:csd_queue_cpu func == flush_tlb_func")
+    elif sk.get("ok") and sk_probes:
+        add(
+            "remote shootdowns (targets)",
+            EXACT if sk_probes[0] == "fentry" else INFERRED,
+            sk_probes[0],
+            f"{sk_probes[0]}:{sk.get('function')} on the receiving CPU + tlb:tlb_flush TLB_REMOTE_SEND_IPI",
+            "kernel lacks csd:csd_queue_cpu: each remote call of the flush function, as /proc/interrupts counts it"
+            + ("" if sk_probes[0] == "fentry" else "; a kprobe misses IPIs that land while another BPF program runs"),
+            "" if sk_probes[0] == "fentry" else "fentry (kernel BTF) would count every one",
+        )
     elif full or have("ipi")[1]:
         add(
             "remote shootdowns (targets)",
@@ -280,7 +293,15 @@ def families(det: dict[str, Any]) -> list[dict[str, Any]]:
             FIX_ROOT if not fa else "kernel lacks csd:csd_queue_cpu",
         )
     else:
-        add("remote shootdowns (targets)", MISSING, "-", "csd:csd_queue_cpu", "", "kernel lacks csd/ipi tracepoints")
+        add(
+            "remote shootdowns (targets)",
+            MISSING,
+            "-",
+            "csd:csd_queue_cpu",
+            "",
+            "kernel lacks csd/ipi tracepoints; kprobes and the running kernel's headers would count them on the "
+            f"receiving CPU ({sk.get('reason') or 'not checked'})",
+        )
     tp_family("ipi", "IPIs sent")
     tp_family("reclaim", "reclaim context (memcg, direct, node, kswapd, proactive/DAMON)")
     tp_family("unmap", "unmapped mm inside reclaim/migration", "mm from rss_stat decrements")

@@ -284,6 +284,7 @@ def detect(trials: bool = True) -> dict[str, Any]:
         det.update(_symbols_facts())
         det["interrupts_rows"] = sorted(k for k in _safe(procfs.read_interrupts, {}) if not k.isdigit())
         det["exact_tier"] = _safe(_exact_tier, {"ok": False, "reason": "could not be checked"})
+        det["shoot_probe"] = _safe(_shoot_probe, {"ok": False, "reason": "could not be checked"})
         if futures:
             bcc = futures["bcc"].result()
             bpf = futures["bpf"].result()
@@ -327,6 +328,13 @@ def _exact_tier() -> dict[str, Any]:
     from lufreplay.capture import probes
 
     return probes.exact_tier()
+
+
+def _shoot_probe() -> dict[str, Any]:
+    """Whether ``record`` counts remote shootdowns in the flush function (fentry/kprobe; no csd:csd_queue_cpu)."""
+    from lufreplay.capture import probes
+
+    return probes.shoot_probe_check(probes.absent_tracepoints())
 
 
 def _safe(fn: Any, default: Any) -> Any:

@@ -235,6 +235,9 @@ class BuildOptions:
     nr_cpu_ids: int = field(default_factory=lambda: nr_cpu_ids())
     #: Compile in and attach the exact tier's kprobes (``exact_tier`` said this kernel allows them).
     exact: bool = False
+    #: Where the kernel has no csd:csd_queue_cpu, remote shootdowns from the flush function on the receiving
+    #: CPU (``shoot_probe_check``): "fentry" or "kprobe"; "" = not compiled in.
+    shoot_probe: str = ""
 
     @property
     def raw_page(self) -> bool:
@@ -264,6 +267,10 @@ def cflags(opts: BuildOptions) -> list[str]:
     flags += [f"-D{absent_flag(tp)}=1" for tp in opts.absent]
     if opts.exact:
         flags.append("-DLR_EXACT=1")
+    if opts.shoot_probe:
+        flags.append("-DLR_SHOOT=1")
+    if opts.shoot_probe == "fentry":
+        flags.append("-DLR_SHOOT_FENTRY=1")
     return flags
 
 
@@ -334,6 +341,80 @@ def exact_tier(symbols: Any = None) -> dict[str, Any]:
     return out
 
 
+#: The programs that count remote shootdowns on kernels without csd:csd_queue_cpu (probes/lufreplay.bpf.c):
+#: fentry first (a trampoline skips a run only if the same program is running on that CPU), else a kprobe
+#: (skipped, uncounted before 6.7, whenever any kprobe or classic-tracepoint BPF program is running on that CPU).
+SHOOT_KPROBE_PROG = "lr_shoot_recv"
+SHOOT_FENTRY_PROG = "kfunc__flush_tlb_func"
+SHOOT_TRACEPOINT = "csd:csd_queue_cpu"
+#: Where the kernel's BTF lives: fentry needs it.
+VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
+
+
+def shoot_probe_check(absent: tuple[str, ...], symbols: Any = None) -> dict[str, Any]:
+    """Where the kernel has no csd:csd_queue_cpu (before 6.7), can remote shootdowns come from the flush
+    function on the receiving CPU? Needs fentry (BTF) or kprobes, the function as a symbol and the running
+    kernel's headers (the probe reads ``flush_tlb_info.initiating_cpu``). ``probes`` lists what to try, best
+    first; ``record`` falls back along it, then to the tracepoint-only program, if one does not load or attach."""
+    from lufreplay.capture import features, procfs
+
+    func = FLUSH_FUNC.get(os.uname().machine, "flush_tlb_func")
+    out: dict[str, Any] = {
+        "ok": False,
+        "needed": SHOOT_TRACEPOINT in absent,
+        "function": func,
+        "probes": [],
+        "reason": None,
+    }
+    if not out["needed"]:
+        out["reason"] = f"not needed: the kernel has {SHOOT_TRACEPOINT}"
+        return out
+    tfs = features.tracefs_path(mount=False)
+    if func == "flush_tlb_func" and VMLINUX_BTF.exists():
+        out["probes"].append("fentry")
+    if KPROBE_PMU.exists() or (tfs is not None and (tfs / "kprobe_events").exists()):
+        out["probes"].append("kprobe")
+    if not out["probes"]:
+        out["reason"] = "this kernel offers no kprobes (CONFIG_KPROBES=n) and no BTF for fentry"
+        return out
+    try:
+        syms = symbols if symbols is not None else procfs.Symbols()
+        if func not in syms:
+            out["reason"] = f"no symbol for {func}"
+            return out
+    except OSError as e:
+        out["reason"] = f"cannot read /proc/kallsyms ({e.strerror})"
+        return out
+    if features.kernel_headers().get("matches") is not True:
+        out["reason"] = "the kernel headers bcc compiles against are not the running kernel's (struct offsets)"
+        return out
+    out["ok"] = True
+    return out
+
+
+def shootdown_source(opts: BuildOptions, check: dict[str, Any] | None) -> dict[str, Any]:
+    """``meta.shootdown_source``: where the shootdown table's rows came from and how exact they are."""
+    func = FLUSH_FUNC.get(os.uname().machine, "flush_tlb_func")
+    if SHOOT_TRACEPOINT not in opts.absent:
+        return {"source": SHOOT_TRACEPOINT, "exact": True, "note": f"one row per call queued with func == {func}"}
+    if opts.shoot_probe:
+        return {
+            "source": f"{opts.shoot_probe}:{func}",
+            "exact": opts.shoot_probe == "fentry",
+            "note": "one row per call another CPU initiated (flush_tlb_info.initiating_cpu), as the receiving CPU "
+            "counts it in /proc/interrupts; written as the sender's row, 1 ns after its TLB_REMOTE_SEND_IPI "
+            "tlb_flush row; no call site"
+            + (
+                ""
+                if opts.shoot_probe == "fentry"
+                else "; a kprobe run is skipped, uncounted, when the IPI lands while another kprobe or "
+                "classic-tracepoint BPF program runs on that CPU (8 % fewer than /proc/interrupts in a 6.1 guest)"
+            ),
+        }
+    why = (check or {}).get("reason") or "the probe did not load"
+    return {"source": None, "exact": False, "note": f"no remote shootdowns recorded: {SHOOT_TRACEPOINT} absent, {why}"}
+
+
 def exact_meta(opts: BuildOptions, check: dict[str, Any] | None, error: str | None = None) -> dict[str, Any]:
     """``meta.exact``: which tier recorded reclaim/migration PTE identity, with what, and why not the other."""
     if opts.exact:
@@ -379,10 +460,11 @@ def attach_types(raw_ipi: bool, raw_page: bool = False) -> dict[str, str]:
 
 
 def probes_meta(
-    raw_ipi: bool, raw_page: bool = False, absent: tuple[str, ...] = (), exact: bool = False
+    raw_ipi: bool, raw_page: bool = False, absent: tuple[str, ...] = (), exact: bool = False, shoot_probe: str = ""
 ) -> dict[str, dict[str, Any]]:
     """``meta.probes``: per raw kind, its tracepoints, the attach type used and the ones left out
-    (``absent``: this kernel lacks them); ``pte_exact`` (kprobes) when the exact tier was loaded."""
+    (``absent``: this kernel lacks them); ``pte_exact`` (kprobes) when the exact tier was loaded; with
+    ``shoot_probe`` the shootdown kind says it came from the flush function's fentry or kprobe instead."""
     at = attach_types(raw_ipi, raw_page)
     out: dict[str, dict[str, Any]] = {}
     for tp, kind in TRACEPOINTS.items():
@@ -399,6 +481,14 @@ def probes_meta(
         "table": "mm",
         "absent": [tp for tp in ("kmem:rss_stat",) if tp in absent],
     }
+    if shoot_probe:
+        func = FLUSH_FUNC.get(os.uname().machine, "flush_tlb_func")
+        out["csd_queue_cpu"] |= {
+            "attach": shoot_probe,
+            "via": f"{shoot_probe}:{func} (receiving CPU, flush_tlb_info.initiating_cpu) + tlb:tlb_flush "
+            "TLB_REMOTE_SEND_IPI",
+            "exactness": "each remote call of the flush function: what the kernel's TLB interrupt count counts",
+        }
     if exact:
         out["pte_exact"] = {
             "tracepoint": "page_vma_mapped_walk",
@@ -472,10 +562,15 @@ class LoadedProgram:
         """Per CPU, while recording: ns the recorder's own threads ran, their time slices, and the remote
         shootdowns they sent."""
         vals = self.bpf["self_run"].getvalue(ct.c_int(0))
+        sent = [int(v.shootdowns) for v in vals]
+        if self.opts.shoot_probe:  # counted by the receiving side, per sending CPU
+            for cpu, n in self.bpf["self_sent"].items():
+                if cpu.value < len(sent):
+                    sent[cpu.value] += int(n.value)
         return {
             "cpu_ns_per_cpu": [int(v.ns) for v in vals],
             "slices_per_cpu": [int(v.slices) for v in vals],
-            "shootdowns_sent_per_cpu": [int(v.shootdowns) for v in vals],
+            "shootdowns_sent_per_cpu": sent,
         }
 
     def run_stats(self) -> dict[str, dict[str, int]]:
@@ -509,23 +604,26 @@ class LoadedProgram:
         self.bpf.cleanup()
 
 
-def load(opts: BuildOptions) -> LoadedProgram:
+def load(opts: BuildOptions, shoot_fallback: tuple[str, ...] = ()) -> LoadedProgram:
     """Compile, load and attach. Raw tracepoints are tried first (IPI side, and the page allocator if
     calibrated); on failure the program is rebuilt with classic tracepoints (found by trying, never from
-    version strings). ``opts`` is left describing what was loaded."""
+    version strings). The shootdown probe of a kernel without csd:csd_queue_cpu is tried as ``opts.shoot_probe``,
+    then down ``shoot_fallback`` (e.g. fentry, then kprobe). ``opts`` is left describing what was loaded."""
     bcc = import_bcc()
     errors: list[str] = []
     page_pfn = opts.page_pfn
-    tries = [(opts.raw_ipi, page_pfn, opts.exact)]
-    if opts.exact:  # the exact tier is dropped first: the tracepoint tier is what every kernel runs
-        tries.append((opts.raw_ipi, page_pfn, False))
+    # the exact tier, then the shootdown probe (down ``shoot_fallback``), are dropped first: the tracepoint tier
+    # is what every kernel runs
+    shoots = list(dict.fromkeys((opts.shoot_probe, *shoot_fallback, "")))
+    exacts = (True, False) if opts.exact else (False,)
+    tries = [(opts.raw_ipi, page_pfn, ex, sh) for sh in shoots for ex in exacts]
     if page_pfn is not None:
-        tries.append((opts.raw_ipi, None, False))
+        tries.append((opts.raw_ipi, None, False, ""))
     if opts.raw_ipi:
-        tries.append((False, None, False))
+        tries.append((False, None, False, ""))
     exact_error = None
-    for raw, pfn, exact in tries:
-        opts.raw_ipi, opts.page_pfn, opts.exact = raw, pfn, exact
+    for raw, pfn, exact, shoot in tries:
+        opts.raw_ipi, opts.page_pfn, opts.exact, opts.shoot_probe = raw, pfn, exact, shoot
         bpf = None
         try:
             bpf = bcc.BPF(src_file=str(PROBE_SOURCE).encode(), cflags=cflags(opts))
@@ -533,13 +631,18 @@ def load(opts: BuildOptions) -> LoadedProgram:
                 _attach_nested(bcc, bpf, opts.absent)
             if opts.exact:
                 _attach_exact(bpf)
+            if opts.shoot_probe == "kprobe":  # fentry's program (kfunc__*) is attached by bcc when it loads
+                bpf.attach_kprobe(
+                    event=FLUSH_FUNC.get(os.uname().machine, "flush_tlb_func").encode(),
+                    fn_name=SHOOT_KPROBE_PROG.encode(),
+                )
             return LoadedProgram(bpf, opts, errors, exact_error)
         except Exception as e:  # bcc raises bare Exception for compile, load and attach failures
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             if exact:
                 exact_error = msg
             else:
-                errors.append(msg)
+                errors.append(f"{msg} (with the shootdown {shoot})" if shoot else msg)
             if bpf is not None:
                 bpf.cleanup()
     raise ProbeError(f"cannot load the BPF program: {(errors or [exact_error])[-1]}")

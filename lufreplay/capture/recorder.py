@@ -541,6 +541,9 @@ class Recorder:
         self.shootdown_cost: dict[str, Any] | None = None
         #: probes.exact_tier() of this kernel: whether the exact tier is compiled in, and why not
         self.exact_check: dict[str, Any] | None = None
+        #: probes.shoot_probe_check(): remote shootdowns from the flush function (no csd:csd_queue_cpu)
+        self.shoot_check: dict[str, Any] | None = None
+        self.shoot_fallback: tuple[str, ...] = ()
         self.usage: Any = None  # lufreplay.capture.perfcount.UsageSampler
         self.counter_events: list[str] = []
         self.usage_pids: list[int] = []
@@ -638,6 +641,10 @@ class Recorder:
         build.absent = probes.absent_tracepoints()
         self.exact_check = probes.exact_tier()
         build.exact = bool(self.exact_check["ok"])
+        self.shoot_check = probes.shoot_probe_check(build.absent)
+        shoot_chain = tuple(self.shoot_check["probes"]) if self.shoot_check["ok"] else ()
+        build.shoot_probe = shoot_chain[0] if shoot_chain else ""
+        self.shoot_fallback = shoot_chain[1:]
         if build.absent:
             sys.stderr.write(
                 f"lufreplay: warning: this kernel lacks {len(build.absent)} tracepoint(s), recorded without them: "
@@ -756,7 +763,7 @@ class Recorder:
         page_pfn["calibrate_s"] = round(time.monotonic() - t_cal, 3)
         t_load = time.monotonic()
         try:
-            self.prog = probes.load(build)
+            self.prog = probes.load(build, self.shoot_fallback)
         except probes.ProbeError as e:
             raise RecordError(str(e)) from None
         load_s = time.monotonic() - t_load
@@ -809,7 +816,10 @@ class Recorder:
                     "memory_limit": limit,
                     "memory_cgroup_version": self.cgroup.version if self.cgroup else None,
                 },
-                "probes": probes.probes_meta(build.raw_ipi, build.raw_page, build.absent, build.exact),
+                "probes": probes.probes_meta(
+                    build.raw_ipi, build.raw_page, build.absent, build.exact, build.shoot_probe
+                ),
+                "shootdown_source": probes.shootdown_source(build, self.shoot_check),
                 "exact": probes.exact_meta(build, self.exact_check, prog.exact_error),
                 "probes_absent": list(build.absent),
                 "page_pfn": page_pfn,

@@ -96,6 +96,7 @@ def build(
             "complete": trace.complete,
             "interrupted": trace.interruption(),
             "interrupted_message": trace.interruption_line(),
+            "shootdown_source": trace.shootdown_source(),
         },
         "input_warnings": trace.warnings.as_list(),
         "options": dict(opts),

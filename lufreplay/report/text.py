@@ -48,6 +48,11 @@ def render(doc: dict[str, Any], console: Console) -> None:
     )
     if tr.get("interrupted_message"):
         console.print(f"[bold red]warning: {escape(tr['interrupted_message'])}[/]")
+    src = tr.get("shootdown_source") or {}
+    if src.get("source") is None and src:
+        console.print(f"[bold red]warning: {escape(src['note'])}; the recorded count and avoided % mean nothing[/]")
+    elif src and not src.get("exact"):
+        console.print(f"[yellow]note: remote shootdowns from {src['source']}: {escape(src['note'])}[/]")
     for w in doc.get("input_warnings") or []:
         console.print(
             f"[yellow]warning: {escape(w['file'])}: {w['rows_skipped']} row(s) skipped ({w['column']} {w['why']})[/]"

@@ -338,6 +338,7 @@ def summarize(trace: Trace) -> dict[str, Any]:
         "recording": recording(trace),
         "recorder": recorder_usage(trace.meta),
         "recorder_induced": recorder_induced(trace),
+        "shootdown_source": trace.shootdown_source(),
         "meta": trace.meta,
         "counts": c,
         "losses": losses(trace, events),
@@ -472,6 +473,10 @@ def _print_human(doc: dict[str, Any], path: Path) -> None:
         con.print(escape(_recorder_line(doc["recorder"])))
     if doc.get("recorder_induced"):
         con.print(escape(recorder_induced_line(doc["recorder_induced"])))
+    src = doc.get("shootdown_source") or {}
+    if src.get("source") != "csd:csd_queue_cpu":  # say it where the kernel's tracepoint was missing
+        style = "bold red" if src.get("source") is None else ("green" if src.get("exact") else "yellow")
+        con.print(f"[{style}]remote shootdowns from {src.get('source')}: {escape(str(src.get('note')))}[/{style}]")
 
     counts_ = doc["counts"]
     t = Table(title="events per table")

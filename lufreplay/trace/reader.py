@@ -79,6 +79,21 @@ class Trace:
             out["repaired"] = self.meta["repaired"]
         return out
 
+    def shootdown_source(self) -> dict[str, Any]:
+        """Where the ``shootdown`` rows came from and whether they are exact (meta ``shootdown_source``; a trace
+        recorded before that key existed: from ``probes_absent``)."""
+        src = self.meta.get("shootdown_source")
+        if isinstance(src, dict):
+            return src
+        if "csd:csd_queue_cpu" in (self.meta.get("probes_absent") or []):
+            return {
+                "source": None,
+                "exact": False,
+                "note": "the recording kernel lacks csd:csd_queue_cpu and this recorder had no other source: "
+                "no remote shootdowns were recorded",
+            }
+        return {"source": "csd:csd_queue_cpu", "exact": True, "note": ""}
+
     def interruption_line(self) -> str | None:
         """One sentence for the first lines of info/simulate/report (None when the recording finished)."""
         i = self.interruption()
