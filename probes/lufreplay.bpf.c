@@ -18,6 +18,7 @@
  *   LR_SWP_PFN_BITS, LR_MIG_READ  migration-entry decoding constants (host-probing §4.5)
  *   LR_WAKE_RECORDS   records one CPU may add since the consumer's last drain before it wakes the consumer
  *   LR_MASK_WORDS     u64 words of a cpumask on this host (nr_cpu_ids / 64, rounded up; 1 up to 64 CPUs)
+ *   LR_NR_CPU_IDS     nr_cpu_ids of this host (CPU ids are below it)
  *   LR_EXACT          defined: the exact tier's kprobes (end of this file) are compiled in
  *   LR_SHOOT          defined: remote shootdowns from the flush function on the receiving CPU, for kernels
  *                     without csd:csd_queue_cpu (end of this file); LR_SHOOT_FENTRY: by fentry, else a kprobe
@@ -1521,6 +1522,14 @@ static __always_inline int shoot_recv(const struct flush_tlb_info *f)
     u32 me = bpf_get_smp_processor_id();
     if (from == me)
         return 0; /* the sender's own call: a local flush */
+    if (from >= LR_NR_CPU_IDS) {
+        /* not a CPU id: the offset is not this kernel's; counted as a loss rather than written as a bad row */
+        u32 k = K_CSD_QUEUE_CPU;
+        u64 *v = lost.lookup(&k);
+        if (v)
+            (*v)++;
+        return 0;
+    }
     struct lr_rec r = {};
     r.a = me;
     struct sender_t *s = shoot_from.lookup(&from);

@@ -256,6 +256,7 @@ def cflags(opts: BuildOptions) -> list[str]:
         f"-DLR_MIG_READ={opts.calibration['mig_read']}",
         f"-DLR_WAKE_RECORDS={wake_records(opts.rb_bytes)}ULL",
         f"-DLR_MASK_WORDS={(min(max(opts.nr_cpu_ids, 1), schema.MAX_NR_CPUS) + 63) // 64}",
+        f"-DLR_NR_CPU_IDS={min(max(opts.nr_cpu_ids, 1), schema.MAX_NR_CPUS)}",
     ]
     if opts.filter_tgid:
         flags.append("-DLR_FILTER=1")
