@@ -130,6 +130,7 @@ def test_info_json_reconciliation_math(tmp_path: Path) -> None:
         "recording",
         "recorder",
         "recorder_induced",
+        "shootdown_source",
         "meta",
         "counts",
         "losses",
@@ -137,6 +138,7 @@ def test_info_json_reconciliation_math(tmp_path: Path) -> None:
         "warnings",
     }
     assert doc["meta"]["run_id"] == "synthetic"
+    assert doc["shootdown_source"]["source"] == "csd:csd_queue_cpu"  # no probes_absent: the tracepoint's rows
     assert doc["recorder"] is None  # a synthetic trace says nothing about a recorder
 
     tlb = doc["reconciliation"]["tlb_shootdowns"]
