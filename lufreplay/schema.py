@@ -362,9 +362,9 @@ TLB_FLUSH = _table(
 )
 SHOOTDOWN = _table(
     "shootdown",
-    "Remote TLB shootdowns: csd:csd_queue_cpu with func == the kernel's TLB flush function (flush_tlb_func on x86). One row per target CPU; the authoritative remote count (matches the TLB row of /proc/interrupts). On kernels without csd:csd_queue_cpu (before 6.7) a kprobe on the flush function writes the same rows from the receiving CPU (meta.json `shootdown_source`): the sender's CPU and task, 1 ns after its TLB_REMOTE_SEND_IPI tlb_flush row, no call site.",
+    "Remote TLB shootdowns: csd:csd_queue_cpu with func == the kernel's TLB flush function (flush_tlb_func on x86). One row per target CPU; the authoritative remote count (matches the TLB row of /proc/interrupts). On kernels without csd:csd_queue_cpu (before 6.7) fentry or a kprobe on the flush function writes the same rows from the receiving CPU (meta.json `shootdown_source`): the sender's CPU and task, 1 ns after its TLB_REMOTE_SEND_IPI tlb_flush row, no call site.",
     _c("target_cpu", pa.uint16(), "CPU that will run the flush", hi=NR_CPUS),
-    _c("callsite", pa.string(), "symbol+offset of the queueing call site (empty from the kprobe source)"),
+    _c("callsite", pa.string(), "symbol+offset of the queueing call site (empty from the fentry/kprobe source)"),
 )
 IPI = _table(
     "ipi",
@@ -791,8 +791,9 @@ def markdown() -> str:
         " `thp:remove_migration_pmd`).",
         "",
         "`meta.json` `shootdown_source` says where the `shootdown` rows came from and whether they are exact:"
-        " `csd:csd_queue_cpu` (6.7 and later), `kprobe:flush_tlb_func` (earlier kernels with kprobes and their"
-        " own headers: each call another CPU initiated, as the receiving CPU counts it in /proc/interrupts), or"
+        " `csd:csd_queue_cpu` (6.7 and later), `fentry:flush_tlb_func` or `kprobe:flush_tlb_func` (earlier kernels"
+        " with their own headers: each call another CPU initiated, as the receiving CPU counts it in"
+        " /proc/interrupts; a kprobe misses some, `exact` false), or"
         " `null` with the reason (no remote shootdowns were recorded).",
         "",
         "`meta.json` `recorder` names the recorder's process (`tgid`: the probes never trace its faults and"

@@ -242,7 +242,7 @@ static __always_inline void ctx_end(void)
 #ifdef LR_SHOOT
 /* Where the kernel has no csd:csd_queue_cpu (before 6.7: 6.1 LTS), remote shootdowns are counted where the
  * kernel counts them (irq_tlb_count, the TLB row of /proc/interrupts): in the flush function on the receiving
- * CPU, for each call another CPU initiated (kprobe at the end of this file). The sender is the task whose
+ * CPU, for each call another CPU initiated (fentry or kprobe at the end of this file). The sender is the task whose
  * TLB_REMOTE_SEND_IPI tlb_flush row its CPU emitted last: native_flush_tlb_multi traces that row, then queues
  * the calls and waits for every one of them, so no other flush of that CPU comes between. */
 struct sender_t {

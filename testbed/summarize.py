@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 #: Per kernel series, tracepoints it lacks (the thp:*_migration_pmd ones exist only with THP migration
-#: configured); 6.1 has no csd:csd_queue_cpu, so its shootdowns come from the flush function's kprobe.
+#: configured); 6.1 has no csd:csd_queue_cpu, so its shootdowns come from the flush function (fentry/kprobe).
 MISSING = {
     "6.12": {"vmscan:mm_vmscan_reclaim_pages"},
     "6.1": {"vmscan:mm_vmscan_reclaim_pages", "csd:csd_queue_cpu", "ipi:ipi_send_cpu", "ipi:ipi_send_cpumask"},

@@ -299,8 +299,8 @@ def families(det: dict[str, Any]) -> list[dict[str, Any]]:
             "-",
             "csd:csd_queue_cpu",
             "",
-            "kernel lacks csd/ipi tracepoints; kprobes and the running kernel's headers would count them on the "
-            f"receiving CPU ({sk.get('reason') or 'not checked'})",
+            "kernel lacks csd/ipi tracepoints; fentry or kprobes and the running kernel's headers would count them "
+            f"on the receiving CPU ({sk.get('reason') or 'not checked'})",
         )
     tp_family("ipi", "IPIs sent")
     tp_family("reclaim", "reclaim context (memcg, direct, node, kswapd, proactive/DAMON)")

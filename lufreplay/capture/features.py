@@ -284,7 +284,7 @@ def detect(trials: bool = True) -> dict[str, Any]:
         det.update(_symbols_facts())
         det["interrupts_rows"] = sorted(k for k in _safe(procfs.read_interrupts, {}) if not k.isdigit())
         det["exact_tier"] = _safe(_exact_tier, {"ok": False, "reason": "could not be checked"})
-        det["shoot_probe"] = _safe(_shoot_probe, {"ok": False, "reason": "could not be checked"})
+        det["shoot_probe"] = _safe(lambda: _shoot_probe(tps), {"ok": False, "reason": "could not be checked"})
         if futures:
             bcc = futures["bcc"].result()
             bpf = futures["bpf"].result()
@@ -330,11 +330,12 @@ def _exact_tier() -> dict[str, Any]:
     return probes.exact_tier()
 
 
-def _shoot_probe() -> dict[str, Any]:
-    """Whether ``record`` counts remote shootdowns in the flush function (fentry/kprobe; no csd:csd_queue_cpu)."""
+def _shoot_probe(tps: dict[str, Any]) -> dict[str, Any]:
+    """Whether ``record`` counts remote shootdowns in the flush function (fentry/kprobe; no csd:csd_queue_cpu),
+    from the tracepoint formats ``detect`` already read."""
     from lufreplay.capture import probes
 
-    return probes.shoot_probe_check(probes.absent_tracepoints())
+    return probes.shoot_probe_check(tuple(tp for tp, v in tps.items() if not v["format"]))
 
 
 def _safe(fn: Any, default: Any) -> Any:

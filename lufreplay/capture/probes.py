@@ -41,6 +41,12 @@ BCC_PATH = "/usr/lib/python3/dist-packages"
 #: The TLB flush function whose csd_queue_cpu events are remote shootdowns, per architecture.
 FLUSH_FUNC = {"x86_64": "flush_tlb_func"}
 
+
+def flush_func_name() -> str:
+    """This machine's TLB flush function (x86's name where the architecture is not in ``FLUSH_FUNC``)."""
+    return FLUSH_FUNC.get(os.uname().machine, "flush_tlb_func")
+
+
 #: Every tracepoint the program attaches to, with the raw kind its records carry. The IPI-side ones and
 #: the page allocator ones may be attached as raw tracepoints (per-program recursion guard: an IRQ-context
 #: run is not skipped just because another BPF program was running on that CPU).
@@ -312,14 +318,21 @@ def absent_tracepoints() -> tuple[str, ...]:
     return tuple(tp for tp in TRACEPOINTS if features.tracepoint_format(tp) is None)
 
 
+def kprobes_offered() -> bool:
+    """Whether this kernel offers kprobes: the kprobe PMU (bcc's attach_kprobe) or tracefs kprobe_events."""
+    from lufreplay.capture import features  # features imports this module at load time
+
+    tfs = features.tracefs_path(mount=False)
+    return KPROBE_PMU.exists() or (tfs is not None and (tfs / "kprobe_events").exists())
+
+
 def exact_tier(symbols: Any = None) -> dict[str, Any]:
     """Can this kernel give the exact tier? Kprobes (the kprobe PMU or tracefs kprobe_events), each probed
     function as a symbol (not inlined), and kernel headers of the running kernel (the probes read structs).
     ``ok`` says whether ``record`` compiles the tier in; it still falls back if loading or attaching fails."""
     from lufreplay.capture import features, procfs
 
-    tfs = features.tracefs_path(mount=False)
-    kprobes = KPROBE_PMU.exists() or (tfs is not None and (tfs / "kprobe_events").exists())
+    kprobes = kprobes_offered()
     out: dict[str, Any] = {"ok": False, "kprobes": kprobes, "functions": {}, "headers_match": None, "reason": None}
     if not kprobes:
         out["reason"] = "this kernel offers no kprobes (CONFIG_KPROBES=n)"
@@ -342,11 +355,10 @@ def exact_tier(symbols: Any = None) -> dict[str, Any]:
     return out
 
 
-#: The programs that count remote shootdowns on kernels without csd:csd_queue_cpu (probes/lufreplay.bpf.c):
-#: fentry first (a trampoline skips a run only if the same program is running on that CPU), else a kprobe
+#: The kprobe program that counts remote shootdowns on kernels without csd:csd_queue_cpu (probes/lufreplay.bpf.c;
+#: its fentry twin, kfunc__flush_tlb_func, is attached by bcc as it loads): fentry first (a trampoline skips a run only if the same program is running on that CPU), else a kprobe
 #: (skipped, uncounted before 6.7, whenever any kprobe or classic-tracepoint BPF program is running on that CPU).
 SHOOT_KPROBE_PROG = "lr_shoot_recv"
-SHOOT_FENTRY_PROG = "kfunc__flush_tlb_func"
 SHOOT_TRACEPOINT = "csd:csd_queue_cpu"
 #: Where the kernel's BTF lives: fentry needs it.
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
@@ -359,7 +371,7 @@ def shoot_probe_check(absent: tuple[str, ...], symbols: Any = None) -> dict[str,
     first; ``record`` falls back along it, then to the tracepoint-only program, if one does not load or attach."""
     from lufreplay.capture import features, procfs
 
-    func = FLUSH_FUNC.get(os.uname().machine, "flush_tlb_func")
+    func = flush_func_name()
     out: dict[str, Any] = {
         "ok": False,
         "needed": SHOOT_TRACEPOINT in absent,
@@ -370,10 +382,9 @@ def shoot_probe_check(absent: tuple[str, ...], symbols: Any = None) -> dict[str,
     if not out["needed"]:
         out["reason"] = f"not needed: the kernel has {SHOOT_TRACEPOINT}"
         return out
-    tfs = features.tracefs_path(mount=False)
     if func == "flush_tlb_func" and VMLINUX_BTF.exists():
         out["probes"].append("fentry")
-    if KPROBE_PMU.exists() or (tfs is not None and (tfs / "kprobe_events").exists()):
+    if kprobes_offered():
         out["probes"].append("kprobe")
     if not out["probes"]:
         out["reason"] = "this kernel offers no kprobes (CONFIG_KPROBES=n) and no BTF for fentry"
@@ -395,7 +406,7 @@ def shoot_probe_check(absent: tuple[str, ...], symbols: Any = None) -> dict[str,
 
 def shootdown_source(opts: BuildOptions, check: dict[str, Any] | None) -> dict[str, Any]:
     """``meta.shootdown_source``: where the shootdown table's rows came from and how exact they are."""
-    func = FLUSH_FUNC.get(os.uname().machine, "flush_tlb_func")
+    func = flush_func_name()
     if SHOOT_TRACEPOINT not in opts.absent:
         return {"source": SHOOT_TRACEPOINT, "exact": True, "note": f"one row per call queued with func == {func}"}
     if opts.shoot_probe:
@@ -483,7 +494,7 @@ def probes_meta(
         "absent": [tp for tp in ("kmem:rss_stat",) if tp in absent],
     }
     if shoot_probe:
-        func = FLUSH_FUNC.get(os.uname().machine, "flush_tlb_func")
+        func = flush_func_name()
         out["csd_queue_cpu"] |= {
             "attach": shoot_probe,
             "via": f"{shoot_probe}:{func} (receiving CPU, flush_tlb_info.initiating_cpu) + tlb:tlb_flush "
@@ -634,7 +645,7 @@ def load(opts: BuildOptions, shoot_fallback: tuple[str, ...] = ()) -> LoadedProg
                 _attach_exact(bpf)
             if opts.shoot_probe == "kprobe":  # fentry's program (kfunc__*) is attached by bcc when it loads
                 bpf.attach_kprobe(
-                    event=FLUSH_FUNC.get(os.uname().machine, "flush_tlb_func").encode(),
+                    event=flush_func_name().encode(),
                     fn_name=SHOOT_KPROBE_PROG.encode(),
                 )
             return LoadedProgram(bpf, opts, errors, exact_error)

@@ -602,7 +602,7 @@ class Recorder:
         return self._syms
 
     def _flush_func(self) -> int:
-        name = probes.FLUSH_FUNC.get(os.uname().machine, "flush_tlb_func")
+        name = probes.flush_func_name()
         try:
             return self._symbols().address(name)
         except (KeyError, OSError) as e:
